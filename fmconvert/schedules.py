@@ -1,0 +1,383 @@
+"""Noise schedules as Gaussian paths  x = α(t)·x0 + σ(t)·ε.
+
+Every schedule here is a :class:`GaussianPath`: a time variable ``t`` with
+``α(t)``, ``σ(t)`` and their time derivatives, evaluated in float64. Two paths
+describe the same distributions at points of equal log-SNR ``λ = log(α/σ)``;
+:meth:`GaussianPath.time_at_log_snr` is the inverse that the adapters use to move
+between them. Convention everywhere: larger ``t`` is noisier.
+
+- :class:`DiscreteVPSchedule`: a DDPM-style schedule (ᾱ_n for n = 0..T−1, α = √ᾱ,
+  σ = √(1−ᾱ)), continuous in between by linear interpolation of λ, exact at the integers.
+- :class:`RectifiedFlow`: diffusers' FlowMatch convention, time s ∈ [0, 1], s = 1 noise,
+  α = 1 − s, σ = s, model timestep = num_train_timesteps·s; ``shift`` remaps uniform
+  sampling times as FlowMatchEulerDiscreteScheduler does.
+- :class:`CosinePath`: α = cos(πt/2), σ = sin(πt/2), t ∈ [0, 1].
+- :class:`VEPath`: EDM / variance-exploding sigmas, α = 1, σ = t ∈ [σ_min, σ_max].
+
+:func:`path_from_scheduler_config` reads a diffusers scheduler config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+F64 = torch.float64
+
+
+@dataclass
+class Point:
+    """A point on a Gaussian path: x = alpha·x0 + sigma·eps, with d/dt of both.
+
+    All fields are float64 tensors that broadcast against the sample.
+    """
+
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    d_alpha: torch.Tensor
+    d_sigma: torch.Tensor
+
+    def view_as_batch(self, ndim: int) -> "Point":
+        """Reshape per-sample values (B,) to (B, 1, ..., 1) for a sample with ``ndim`` dims."""
+        shape = (-1,) + (1,) * (ndim - 1)
+        return Point(*(v.reshape(shape) for v in (self.alpha, self.sigma, self.d_alpha, self.d_sigma)))
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """√(α² + σ²): the scale of x relative to a variance-preserving path at the same λ."""
+        return torch.sqrt(self.alpha**2 + self.sigma**2)
+
+
+def log_snr_of(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """λ = log(α/σ); +inf at σ = 0 (clean), −inf at α = 0 (pure noise)."""
+    return torch.log(alpha) - torch.log(sigma)
+
+
+def vp_point(log_snr: torch.Tensor, d_log_snr: torch.Tensor) -> Point:
+    """The variance-preserving point with log-SNR λ: α² = sigmoid(2λ), σ² = sigmoid(−2λ).
+
+    Since dα/dλ = α·σ² and dσ/dλ = −σ·α², the time derivatives follow from dλ/dt.
+    """
+    alpha = torch.sigmoid(2 * log_snr).sqrt()
+    sigma = torch.sigmoid(-2 * log_snr).sqrt()
+    return Point(alpha, sigma, alpha * sigma**2 * d_log_snr, -sigma * alpha**2 * d_log_snr)
+
+
+class GaussianPath:
+    """Base class. Subclasses define ``point``, ``time_at_log_snr`` and the time range."""
+
+    #: name used in configs (``to_config`` / ``path_from_config``)
+    kind: str = ""
+    #: the range of t the model was trained on (the adapters clamp to it)
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def point(self, t: torch.Tensor) -> Point:
+        raise NotImplementedError
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        p = self.point(t)
+        return log_snr_of(p.alpha, p.sigma)
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, snap_tol: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """The time t in [t_min, t_max] whose log-SNR is λ (clamped at the ends).
+
+        ``snap_tol`` is how far λ may be from a trained integer time of a discrete schedule
+        and still be taken as that time (the rounding of the caller's timestep); continuous
+        paths ignore it.
+        """
+        raise NotImplementedError
+
+    def model_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The timestep value the network was trained to receive at time t, in ``dtype``."""
+        return torch.as_tensor(t).to(dtype)
+
+    def time_from_model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        return timestep.to(F64)
+
+    def timestep_log_snr_resolution(self, timestep: torch.Tensor) -> torch.Tensor | float:
+        """How uncertain λ is because ``timestep`` arrived rounded to its dtype (0 = exact)."""
+        return 0.0
+
+    def to_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_config().items() if k != "kind" and k != "alphas_cumprod")
+        return f"{type(self).__name__}({args})"
+
+
+class DiscreteVPSchedule(GaussianPath):
+    """A discrete variance-preserving schedule: ᾱ_n for integer n = 0..T−1 (n = T−1 noisiest).
+
+    Between integers, λ(t) = log(α/σ) is interpolated linearly in t (as k-diffusion and
+    diffusers' ``_sigma_to_t`` do), so every integer is exact. Where the schedule has zero
+    terminal SNR (λ_{T−1} = −∞) the last interval is interpolated linearly in
+    s = σ/(α+σ) instead.
+    """
+
+    kind = "discrete_vp"
+
+    def __init__(self, alphas_cumprod: torch.Tensor | list[float]):
+        acp = torch.as_tensor(alphas_cumprod, dtype=F64).flatten()
+        if acp.numel() < 2 or not bool(((acp >= 0) & (acp <= 1)).all()):
+            raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1]")
+        if not bool((acp[1:] <= acp[:-1]).all()):
+            raise ValueError("alphas_cumprod must be non-increasing (timestep T-1 is the noisiest)")
+        self.alphas_cumprod = acp
+        self.num_train_timesteps = acp.numel()
+        self.t_min, self.t_max = 0.0, float(self.num_train_timesteps - 1)
+        self._lambdas = 0.5 * (torch.log(acp) - torch.log1p(-acp))
+        self.zero_terminal_snr = bool(acp[-1] == 0)
+        # knots where λ is finite; with zero terminal SNR the last one is −∞
+        self._finite = self.num_train_timesteps - 1 if self.zero_terminal_snr else self.num_train_timesteps
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> "DiscreteVPSchedule":
+        """ᾱ_n = Π_{i≤n}(1 − β_i), accumulated in the betas' dtype exactly as diffusers does."""
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
+        """Build from a diffusers scheduler config (beta_schedule, beta_start, beta_end,
+        trained_betas, num_train_timesteps, rescale_betas_zero_snr), reproducing diffusers'
+        float32 betas bit for bit."""
+        from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar, rescale_zero_terminal_snr
+
+        T = int(config.get("num_train_timesteps", 1000))
+        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+        schedule = config.get("beta_schedule", "linear")
+        if config.get("trained_betas") is not None:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+        elif schedule == "linear":
+            betas = torch.linspace(start, end, T, dtype=torch.float32)
+        elif schedule == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2
+        elif schedule == "squaredcos_cap_v2":
+            betas = betas_for_alpha_bar(T)
+        elif schedule == "sigmoid":
+            betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (end - start) + start
+        else:
+            raise ValueError(
+                f"unsupported beta_schedule {schedule!r}: supported are 'linear', 'scaled_linear', "
+                "'squaredcos_cap_v2', 'sigmoid', or trained_betas"
+            )
+        if config.get("rescale_betas_zero_snr", False):
+            betas = rescale_zero_terminal_snr(betas)
+        return cls.from_betas(betas)
+
+    def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = t.to(F64).clamp(self.t_min, self.t_max)
+        i = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        return i, t - i
+
+    def point(self, t: torch.Tensor) -> Point:
+        t = torch.as_tensor(t, dtype=F64)
+        lam = self._lambdas.to(t.device)
+        i, frac = self._segment(t)
+        lo, hi = lam[i], lam[i + 1]
+        if not self.zero_terminal_snr:
+            return vp_point(lo + frac * (hi - lo), hi - lo)
+        # last interval of a zero-terminal-SNR schedule: linear in s = σ/(α+σ)
+        last = i == self.num_train_timesteps - 2
+        p_lin = vp_point(torch.where(last, lo, lo + frac * (hi - lo)), torch.where(last, 0.0, hi - lo))
+        s0 = 1 / (1 + lo.exp())
+        s = s0 + frac * (1 - s0)
+        d_s = 1 - s0
+        # on the rectified path α_r = 1 − s, σ_r = s; VP-normalise and differentiate
+        n = torch.sqrt((1 - s) ** 2 + s**2)
+        d_n = (2 * s - 1) * d_s / n
+        alpha, sigma = (1 - s) / n, s / n
+        d_alpha = (-d_s * n - (1 - s) * d_n) / n**2
+        d_sigma = (d_s * n - s * d_n) / n**2
+        p_last = Point(alpha, sigma, d_alpha, d_sigma)
+        return Point(*(torch.where(last, a, b) for a, b in zip(
+            (p_last.alpha, p_last.sigma, p_last.d_alpha, p_last.d_sigma),
+            (p_lin.alpha, p_lin.sigma, p_lin.d_alpha, p_lin.d_sigma))))
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, snap_tol: torch.Tensor | float = 0.0) -> torch.Tensor:
+        lam = log_snr.to(F64)
+        knots = self._lambdas[: self._finite].to(lam.device)
+        desc = -knots  # increasing, for searchsorted
+        x = (-lam).clamp(desc[0], desc[-1])
+        j = torch.searchsorted(desc, x.contiguous(), right=False).clamp(1, self._finite - 1)
+        a, b = desc[j - 1], desc[j]
+        t = (j - 1).to(F64) + (x - a) / (b - a)
+        if self.zero_terminal_snr:
+            # beyond the last finite knot: linear in s up to s = 1 at t = T−1
+            s_last = 1 / (1 + knots[-1].exp())
+            s = 1 / (1 + lam.exp())
+            beyond = lam < knots[-1]
+            t = torch.where(beyond, (self._finite - 1) + (s - s_last) / (1 - s_last), t)
+        # snap to a trained integer time when λ is within the caller's rounding of its knot
+        n = t.round().long().clamp(0, self.num_train_timesteps - 1)
+        near = (lam - self._lambdas.to(lam.device)[n]).abs() <= snap_tol
+        near = near | ((lam == self._lambdas.to(lam.device)[n]))
+        return torch.where(near, n.to(F64), t)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
+
+
+class RectifiedFlow(GaussianPath):
+    """diffusers' FlowMatch convention: x_s = (1 − s)·x0 + s·ε, s ∈ [0, 1], s = 1 noise.
+
+    The network receives timestep = num_train_timesteps·s (float32, as
+    FlowMatchEulerDiscreteScheduler hands it over) and predicts the velocity
+    dx/ds = ε − x0. ``shift`` k does not change the path: it remaps uniform sampling
+    times u to s = k·u / (1 + (k − 1)·u), as the scheduler's ``shift`` does.
+    """
+
+    kind = "rectified_flow"
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.shift = float(shift)
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def point(self, t: torch.Tensor) -> Point:
+        s = torch.as_tensor(t, dtype=F64)
+        one = torch.ones_like(s)
+        return Point(1 - s, s, -one, one)
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(t, dtype=F64)
+        return torch.log1p(-s) - torch.log(s)
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, snap_tol: torch.Tensor | float = 0.0) -> torch.Tensor:
+        return torch.sigmoid(-log_snr.to(F64))  # s = σ/(α+σ) = 1/(1 + e^λ)
+
+    def shifted(self, u: torch.Tensor) -> torch.Tensor:
+        """s = k·u / (1 + (k − 1)·u): the sampling-time shift of FlowMatchEulerDiscreteScheduler."""
+        u = torch.as_tensor(u, dtype=F64)
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def model_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # in float32 exactly as diffusers computes it: sigmas.float() * num_train_timesteps
+        return torch.as_tensor(t).to(dtype) * self.num_train_timesteps
+
+    def time_from_model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (timestep.to(F64) / self.num_train_timesteps).clamp(0.0, 1.0)
+
+    def timestep_log_snr_resolution(self, timestep: torch.Tensor) -> torch.Tensor | float:
+        # a timestep rounded to its dtype has |δs| ≤ eps·s, so |δλ| = |δs|/(s(1−s)) ≤ eps/(1−s);
+        # allow 4× that for the float32 rounding of s before it was scaled
+        if not timestep.is_floating_point():
+            return 0.0
+        eps = torch.finfo(timestep.dtype).eps
+        s = self.time_from_model_timestep(timestep)
+        return 4 * eps / (1 - s).clamp_min(eps)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+
+
+class CosinePath(GaussianPath):
+    """α = cos(πt/2), σ = sin(πt/2), t ∈ [0, 1], t = 1 noise (variance preserving)."""
+
+    kind = "cosine"
+
+    def point(self, t: torch.Tensor) -> Point:
+        t = torch.as_tensor(t, dtype=F64)
+        h = math.pi / 2
+        return Point(torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t))
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, snap_tol: torch.Tensor | float = 0.0) -> torch.Tensor:
+        return torch.atan(torch.exp(-log_snr.to(F64))) * (2 / math.pi)  # tan(πt/2) = σ/α = e^{−λ}
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class VEPath(GaussianPath):
+    """Variance exploding / EDM sigmas: x = x0 + σ·ε, time t = σ ∈ [sigma_min, sigma_max]."""
+
+    kind = "ve"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0 <= sigma_min < sigma_max:
+            raise ValueError(f"need 0 <= sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.t_min, self.t_max = self.sigma_min, self.sigma_max
+
+    def point(self, t: torch.Tensor) -> Point:
+        t = torch.as_tensor(t, dtype=F64)
+        return Point(torch.ones_like(t), t, torch.zeros_like(t), torch.ones_like(t))
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, snap_tol: torch.Tensor | float = 0.0) -> torch.Tensor:
+        return torch.exp(-log_snr.to(F64)).clamp(self.sigma_min, self.sigma_max)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+_PATHS = {cls.kind: cls for cls in (DiscreteVPSchedule, RectifiedFlow, CosinePath, VEPath)}
+
+
+def path_from_config(config: Mapping[str, Any]) -> GaussianPath:
+    """Inverse of ``GaussianPath.to_config``."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    if kind not in _PATHS:
+        raise ValueError(f"unknown path kind {kind!r}: supported are {', '.join(_PATHS)}")
+    return _PATHS[kind](**config)
+
+
+#: diffusers schedulers whose config describes a discrete VP (beta) schedule
+VP_SCHEDULERS = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+    "SASolverScheduler", "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+)
+#: diffusers schedulers for flow-matching (rectified flow) models
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+#: schedulers that take prediction_type="flow_prediction" together with use_flow_sigmas=True
+FLOW_CAPABLE = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                "DEISMultistepScheduler", "SASolverScheduler")
+
+
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A config dict with ``_class_name`` from a diffusers scheduler or its config dict."""
+    if isinstance(scheduler, Mapping):
+        return dict(scheduler)
+    config = dict(scheduler.config)
+    config["_class_name"] = type(scheduler).__name__
+    return config
+
+
+def path_from_scheduler_config(scheduler: Any) -> tuple[GaussianPath, str]:
+    """The Gaussian path and prediction type a diffusers scheduler (or its config dict;
+    without ``_class_name`` taken as DDPMScheduler's) describes.
+
+    Returns ``(path, prediction_type)`` with prediction_type in diffusers' names
+    ("epsilon", "sample", "v_prediction", "flow_prediction"). Raises ValueError naming
+    the offending option for schedulers or settings fmconvert cannot map exactly.
+    """
+    from .predictions import canonical_prediction_type
+
+    config = scheduler_config(scheduler)
+    name = config.get("_class_name", "DDPMScheduler")
+    T = int(config.get("num_train_timesteps", 1000))
+    if name in FLOW_SCHEDULERS:
+        # (use_dynamic_shifting changes sampling times only, not the path)
+        return RectifiedFlow(shift=config.get("shift", 1.0), num_train_timesteps=T), "flow_prediction"
+    if name not in VP_SCHEDULERS:
+        raise ValueError(
+            f"unsupported scheduler {name!r}: supported are {', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}"
+        )
+    prediction = canonical_prediction_type(config.get("prediction_type", "epsilon"))
+    if prediction == "flow_prediction":
+        if not (name in FLOW_CAPABLE and config.get("use_flow_sigmas", False)):
+            raise ValueError(
+                f"{name} with prediction_type='flow_prediction' needs use_flow_sigmas=True "
+                "(with VP sigmas the flow output is misread); set use_flow_sigmas=True or use "
+                "FlowMatchEulerDiscreteScheduler"
+            )
+        return RectifiedFlow(shift=config.get("flow_shift", 1.0), num_train_timesteps=T), "flow_prediction"
+    return DiscreteVPSchedule.from_config(config), prediction
