@@ -1,0 +1,127 @@
+"""Solvers and grids on a field whose exact flow is known: data x0 ~ N(m, c²) per coordinate.
+
+On x_s = (1 − s)·x0 + s·ε the marginal is N((1 − s)·m, v(s)) with v = (1 − s)²c² + s², and
+the velocity is u(x, s) = −m + (v'(s) / 2v(s))·(x − (1 − s)·m). The ODE carries x_1 = z to
+x_0 = m + c·z exactly.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from fmconvert.grids import GRIDS, discrete_timesteps, time_grid
+from fmconvert.schedules import DiscreteVPSchedule, RectifiedFlow
+from fmconvert.solvers import SOLVERS, solve
+
+M, C = 0.7, 0.3
+
+
+def gaussian_velocity(x, s):
+    s = s.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    v = (1 - s) ** 2 * C**2 + s**2
+    dv = -2 * (1 - s) * C**2 + 2 * s
+    return -M + dv / (2 * v) * (x - (1 - s) * M)
+
+
+def final_error(solver, steps):
+    z = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    result = solve(gaussian_velocity, z, grid, solver)
+    return (result.x - (M + C * z)).abs().max().item(), result.nfe
+
+
+@pytest.mark.parametrize("solver, order, nfe_per_step", [
+    ("euler", 1, 1), ("ab2", 2, 1), ("midpoint", 2, 2), ("heun", 2, 2), ("rk4", 4, 4),
+])
+def test_convergence_order_and_nfe(solver, order, nfe_per_step):
+    e1, nfe1 = final_error(solver, 20)
+    e2, nfe2 = final_error(solver, 40)
+    measured = math.log2(e1 / e2)
+    # at least the nominal order (this linear field lets midpoint reach 3 and rk4 slightly over 4)
+    assert measured >= order - 0.3, f"{solver}: observed order {measured:.2f}"
+    if order == 1:
+        assert measured < 1.5
+    # heun takes a plain Euler step into s = 0, so one evaluation fewer
+    expected = 20 * nfe_per_step - (1 if solver == "heun" else 0)
+    assert nfe1 == expected and nfe2 == 2 * expected + (1 if solver == "heun" else 0)
+
+
+def test_dopri5_is_accurate_and_counts_its_evaluations():
+    pytest.importorskip("torchdiffeq")
+    z = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    result = solve(gaussian_velocity, z, torch.tensor([1.0, 0.0], dtype=torch.float64), "dopri5", rtol=1e-8, atol=1e-8)
+    assert (result.x - (M + C * z)).abs().max() < 1e-6
+    assert result.nfe > 6  # adaptive: counted, not assumed
+
+
+def test_nan_is_located():
+    def bad(x, s):
+        return torch.where(s.view(-1, 1) < 0.45, torch.nan, 1.0) * torch.ones_like(x)
+
+    result = solve(bad, torch.zeros(2, 3), torch.linspace(1, 0, 11, dtype=torch.float64), "euler")
+    assert result.first_bad_nfe == 6  # s = 0.4 is the 7th evaluation
+    assert solve(gaussian_velocity, torch.zeros(2, 3, dtype=torch.float64),
+                 torch.linspace(1, 0, 5, dtype=torch.float64), "euler").first_bad_nfe is None
+
+
+def test_unknown_solver_and_grid():
+    with pytest.raises(ValueError, match="unknown solver 'rk5'.*euler"):
+        solve(gaussian_velocity, torch.zeros(1, 1), torch.tensor([1.0, 0.0]), "rk5")
+    with pytest.raises(ValueError, match="unknown grid 'cubic'.*uniform"):
+        time_grid("cubic", 10)
+    with pytest.raises(ValueError, match="positive"):
+        time_grid("uniform", 0)
+
+
+# -- grids --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("steps", [7, 10, 50])
+def test_discrete_spacings_match_ddim(spacing, steps):
+    scheduler = DDIMScheduler(timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    assert np.array_equal(discrete_timesteps(spacing, steps, 1000), scheduler.timesteps.numpy())
+
+
+def test_trailing_grid_is_ddim_mapped_to_s():
+    schedule = DiscreteVPSchedule.from_config({"beta_schedule": "linear"})
+    grid = time_grid("trailing", 10, schedule)
+    p = schedule.point(torch.arange(999, 0, -100, dtype=torch.float64))
+    torch.testing.assert_close(grid[:-1], p.sigma / (p.alpha + p.sigma), rtol=1e-14, atol=0)
+    assert grid[-1] == 0
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flowmatch_grid_is_the_schedulers_default(shift):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(12)
+    ours = time_grid("flowmatch", 12, RectifiedFlow(), shift=shift)
+    torch.testing.assert_close(ours, scheduler.sigmas.to(torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", GRIDS)
+def test_every_grid_decreases_to_zero(kind):
+    schedule = DiscreteVPSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
+    grid = time_grid(kind, 13, schedule)
+    assert len(grid) == 14 and grid[-1] == 0 and bool((grid.diff() < 0).all()) and grid[0] <= 1
+
+
+def test_log_snr_grid_is_uniform_in_log_snr():
+    schedule = DiscreteVPSchedule.from_config({"beta_schedule": "linear"})
+    lam = RectifiedFlow().log_snr(time_grid("logsnr", 9, schedule)[:-1])
+    torch.testing.assert_close(lam.diff(), torch.full((8,), lam.diff()[0].item(), dtype=torch.float64))
+    torch.testing.assert_close(lam[[0, -1]], schedule.log_snr(torch.tensor([999.0, 0.0], dtype=torch.float64)))
+
+
+def test_flow_sources_have_no_discrete_spacing():
+    with pytest.raises(ValueError, match="discrete schedule"):
+        time_grid("trailing", 10, RectifiedFlow())
+    assert time_grid("karras", 10, RectifiedFlow())[0] < 1
+
+
+def test_all_solvers_registered():
+    assert set(SOLVERS) == {"euler", "heun", "midpoint", "rk4", "ab2", "dopri5"}
