@@ -4,6 +4,8 @@ Core modules: :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predi
 (prediction types through (x̂0, ε̂)), :mod:`fmconvert.adapters` (the diffusers modules).
 """
 
+__version__ = "0.1.0"
+
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter, reparameterize
 from .predictions import PREDICTION_TYPES, canonical_prediction_type, from_x0_eps, pf_ode_drift, to_x0_eps
 from .schedules import (
@@ -16,11 +18,10 @@ from .schedules import (
     path_from_config,
     path_from_scheduler_config,
 )
-
-__version__ = "0.1.0"
+from .pipelines import load
 
 __all__ = [
     "CosinePath", "DiffusionAdapter", "DiscreteVPSchedule", "GaussianPath", "PREDICTION_TYPES", "PathAdapter",
     "Point", "RectifiedFlow", "VEPath", "VelocityAdapter", "canonical_prediction_type", "from_x0_eps",
-    "path_from_config", "path_from_scheduler_config", "pf_ode_drift", "reparameterize", "to_x0_eps",
+    "load", "path_from_config", "path_from_scheduler_config", "pf_ode_drift", "reparameterize", "to_x0_eps",
 ]

@@ -170,9 +170,19 @@ class PathAdapter(ModelMixin, ConfigMixin):
         self.source_prediction = check_pair(self.source, source_prediction)
         self.target_prediction = check_pair(self.target, target_prediction)
         self.model = model if model is not None else _resolve_model_class(model_class).from_config(model_config)
+        # pipelines read the denoiser's config (sample_size, in_channels, ...): mirror it
+        own = set(inspect.signature(PathAdapter.__init__).parameters)
+        self.register_to_config(**{k: v for k, v in model_config.items() if k not in own})
         params = list(inspect.signature(self.model.forward).parameters)
         self._input_name = params[0]
         self._timestep_positional = len(params) > 1 and params[1] == "timestep"
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # the mirrored model config keys are derived from model_config, not init arguments
+        mirrored = set(config_dict.get("model_config", {})) - set(inspect.signature(PathAdapter.__init__).parameters)
+        config_dict = {k: v for k, v in config_dict.items() if k not in mirrored}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def _wrap(cls, model: ModelMixin, source: GaussianPath, source_prediction: str, target: GaussianPath,

@@ -45,3 +45,73 @@ def unet():
 @pytest.fixture
 def cond_unet():
     return make_cond_unet()
+
+
+def save_ddpm_folder(folder, seed: int = 0, scheduler=None):
+    """An unconditional DDPMPipeline folder (tiny UNet, DDPMScheduler linear betas, epsilon)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=make_unet(seed), scheduler=scheduler or DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def save_flow_folder(folder, seed: int = 5):
+    """An unconditional flow-matching pipeline folder: a tiny UNet read as a velocity field."""
+    from diffusers import DDPMPipeline, FlowMatchEulerDiscreteScheduler
+
+    DDPMPipeline(unet=make_unet(seed), scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(folder)
+    return folder
+
+
+def save_sd_folder(folder, seed: int = 0):
+    """A tiny StableDiffusionPipeline folder: character-level CLIP tokenizer written here,
+    1-layer CLIP text encoder, 2-block VAE, the tiny conditional UNet, DDIM scheduler."""
+    import json
+    import string
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    vocab_dir = folder.parent / f".{folder.name}-vocab"
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + " .,":
+        for token in (c, c + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    (vocab_dir / "vocab.json").write_text(json.dumps(vocab))
+    (vocab_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"), model_max_length=16)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=8, sample_size=16,
+    )
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              steps_offset=1)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=make_cond_unet(seed), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ddpm_folder(tmp_path_factory):
+    return save_ddpm_folder(tmp_path_factory.mktemp("src") / "ddpm")
+
+
+@pytest.fixture(scope="session")
+def flow_folder(tmp_path_factory):
+    return save_flow_folder(tmp_path_factory.mktemp("src") / "flow")
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    return save_sd_folder(tmp_path_factory.mktemp("src") / "sd")

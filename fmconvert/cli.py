@@ -1,0 +1,201 @@
+"""The command line: ``fmconvert wrap`` and ``fmconvert sample``.
+
+Conventions (as the ``hf`` CLI): ``--json`` prints one JSON object on stdout; logs and the
+progress bar (interactive terminals only) go to stderr. Exit codes: 0 done, 1 runtime
+error, 2 usage error; errors are one line, with the traceback only under FMCONVERT_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import FmconvertError, UsageError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    help="Convert diffusion models to flow-matching velocity fields and back, exactly; sample them with ODE solvers.",
+)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=2, default=str), flush=True)
+
+
+def handle_errors(command):
+    """One-line errors with the right exit code; tracebacks only with FMCONVERT_DEBUG=1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except FmconvertError as error:
+            if os.environ.get("FMCONVERT_DEBUG") == "1":
+                raise
+            log(f"error: {error}")
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            log("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get("FMCONVERT_DEBUG") == "1":
+                raise
+            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log(f"error: {type(error).__name__}: {text} (set FMCONVERT_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _choice(value: str, choices, option: str) -> str:
+    if value not in choices:
+        raise UsageError(f"unknown {option} '{value}': use one of {', '.join(choices)}")
+    return value
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _interactive(as_json: bool) -> bool:
+    """Progress bars only on an interactive stderr, and never with --json."""
+    interactive = not as_json and sys.stderr.isatty()
+    if os.environ.get("FMCONVERT_DEBUG") != "1":
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        if not interactive:
+            diffusers_logging.disable_progress_bar()
+    return interactive
+
+
+@app.command()
+@handle_errors
+def wrap(
+    source: str = typer.Argument(..., help="Hub id, local diffusers folder, or builtin:NAME."),
+    out: Path = typer.Option(..., "--out", "-o", help="The converted pipeline folder to write."),
+    to: str = typer.Option("velocity", help="velocity (for epsilon / v / sample sources), epsilon or v_prediction (for flow sources)."),
+    schedule: Optional[str] = typer.Option(None, help="Discrete target schedule for --to epsilon (default linear) / v_prediction (default cosine): cosine, linear, scaled_linear, or a scheduler_config.json."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (.bin/.ckpt): they can run code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the source."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """Convert SOURCE into a pipeline folder that stock diffusers loads."""
+    from .pipelines import TARGETS, inspect_source, load_denoiser, write_converted
+
+    _interactive(as_json)
+    _choice(to, TARGETS, "--to")
+    if out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    src = inspect_source(source, revision, allow_pickle, trust_remote_code)
+    log(f"loading {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")
+    model = load_denoiser(src, None, allow_pickle, trust_remote_code)
+    summary = write_converted(src, model, out, to, schedule, force)
+    if as_json:
+        emit_json(summary)
+    else:
+        log(f"wrote {summary['adapter']} + {summary['scheduler']} ({summary['pipeline_class']}) to {out}")
+
+
+@app.command()
+@handle_errors
+def sample(
+    model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
+    solver: str = typer.Option("euler", help="euler, heun, midpoint, rk4, ab2 (2nd-order multistep), dopri5 (adaptive)."),
+    grid: str = typer.Option("uniform", help="uniform, flowmatch (diffusers' default), trailing, leading, linspace, karras, logsnr."),
+    steps: int = typer.Option(50, help="Number of solver steps (the NFE is reported, not assumed)."),
+    num_images: int = typer.Option(16, "--num-images", help="How many samples."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per model call."),
+    seed: int = typer.Option(0, help="Noise seed: torch.randn((N, C, H, W), generator=Generator('cpu').manual_seed(seed))."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16 (the conversion stays float64)."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
+    rtol: float = typer.Option(1e-5, help="dopri5 relative tolerance."),
+    atol: float = typer.Option(1e-5, help="dopri5 absolute tolerance."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid, or a folder of PNGs."),
+    save_tensor: Optional[Path] = typer.Option(None, "--save-tensor", help="Write the final samples (float32, data space) as safetensors, key 'samples'."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """Sample MODEL as a velocity field with an ODE solver."""
+    import torch
+
+    from .grids import GRIDS
+    from .solvers import SOLVERS
+
+    _choice(solver, SOLVERS, "--solver")
+    _choice(grid, GRIDS, "--grid")
+    _choice(dtype, DTYPES, "--dtype")
+    for name, value in (("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    if out is not None and out.suffix.lower() != ".png" and out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    device = _device(device)
+
+    from .sampling import generate, load_velocity_model
+
+    interactive = _interactive(as_json)
+    vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code)
+    log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
+    try:
+        result = generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
+                          progress=interactive, solver_options={"rtol": rtol, "atol": atol} if solver == "dopri5" else None)
+    except ValueError as error:  # a grid the source cannot have, steps beyond its schedule, ...
+        raise UsageError(str(error)) from None
+    outputs = {}
+    if out is not None:
+        from .images import save_folder, save_grid
+
+        outputs["images"] = str(save_grid(result.images, out) if out.suffix.lower() == ".png" else save_folder(result.images, out, force))
+    if save_tensor is not None:
+        from safetensors.torch import save_file
+
+        from .io import atomic_write
+
+        atomic_write(save_tensor, lambda tmp: save_file({"samples": result.samples.contiguous()}, str(tmp)))
+        outputs["tensor"] = str(save_tensor)
+    payload = {
+        "loaded": vm.info, "solver": solver, "grid": grid, "steps": steps,
+        "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
+        "seed": seed, "device": device, "dtype": dtype, "seconds": round(result.seconds, 4), "outputs": outputs,
+    }
+    if as_json:
+        emit_json(payload)
+    else:
+        log(f"done: NFE {payload['nfe']}, {result.seconds:.2f} s" +
+            "".join(f"; wrote {v}" for v in outputs.values()))
+
+
+def main() -> None:
+    app(prog_name="fmconvert")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""Reading a diffusers source folder and writing a converted pipeline that stock diffusers loads.
+
+A SOURCE folder is either a pipeline folder (model_index.json with a ``unet`` or
+``transformer`` component and a ``scheduler``) or a model folder (config.json) with a
+scheduler config beside it (``scheduler_config.json`` in it, or a ``scheduler/`` folder
+in it or next to it).
+
+The converted folder is a pipeline folder:
+
+- the denoiser component holds the adapter (config.json + safetensors) and a one-line
+  shim module ``fmconvert_adapter.py``, so that
+  ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` finds the class;
+- ``--to velocity``: unconditional sources (DDPMPipeline / DDIMPipeline, or a bare
+  UNet2DModel) become a DDPMPipeline with the stock FlowMatchEulerDiscreteScheduler;
+  pipelines that call ``scheduler.scale_model_input`` (the Stable Diffusion family) keep
+  their class and get :class:`FlowMatchEulerScheduler` (FlowMatchEulerDiscreteScheduler
+  plus the identity ``scale_model_input``; exact, float timesteps), also through a shim;
+- ``--to epsilon`` / ``--to v_prediction``: an unconditional flow source becomes a
+  DDPMPipeline with DDIMScheduler(timestep_spacing="trailing", clip_sample=False,
+  set_alpha_to_one=True) on the chosen discrete schedule. Defaults: v_prediction on
+  squaredcos_cap_v2 (its s-range [0.006, 0.99995] covers the flow path best, and
+  x̂0 = α·x − σ·v stays well conditioned); epsilon on DDPM's linear betas, because
+  x̂0 = (x − σ·ε̂)/α divides by α_T, which is 5e-5 on the cosine schedule (float32
+  schedulers then lose four digits at the first step) and 6e-3 on the linear one.
+
+``fmconvert.load(DIR)`` loads such a folder without running any code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+from . import __version__
+from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from .errors import FmconvertError, UsageError
+from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
+from .io import atomic_folder, link_or_copy
+from .schedules import GaussianPath, path_from_scheduler_config, scheduler_config
+
+
+class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """FlowMatchEulerDiscreteScheduler for pipelines written for diffusion schedulers: adds
+    ``init_noise_sigma = 1`` (x at s = 1 is ε) and the identity ``scale_model_input``."""
+
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+
+ADAPTER_SHIM = "fmconvert_adapter"
+SCHEDULER_SHIM = "fmconvert_scheduler"
+_SHIMS = {
+    ADAPTER_SHIM: "from fmconvert.adapters import DiffusionAdapter, VelocityAdapter  # noqa: F401\n",
+    SCHEDULER_SHIM: "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n",
+}
+_OWN_CLASSES = {"VelocityAdapter": VelocityAdapter, "DiffusionAdapter": DiffusionAdapter,
+                "FlowMatchEulerScheduler": FlowMatchEulerScheduler}
+TRUSTED_LIBRARIES = ("diffusers", "transformers")
+DENOISERS = ("unet", "transformer")
+UNCONDITIONAL = ("DDPMPipeline", "DDIMPipeline")
+SCHEDULES = {
+    "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+    "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+}
+TARGETS = ("velocity", "epsilon", "v_prediction")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise FmconvertError(f"cannot read {path}: {error}; is the folder complete?") from None
+
+
+@dataclass
+class Source:
+    """A resolved SOURCE: where its parts are and what it predicts."""
+
+    reference: str
+    revision: str | None
+    folder: Path
+    model_index: dict | None
+    denoiser: str
+    model_folder: Path
+    model_class: str
+    scheduler: dict
+    path: GaussianPath = field(repr=False)
+    prediction_type: str = "epsilon"
+
+    @property
+    def converted(self) -> bool:
+        return self.model_class in ("VelocityAdapter", "DiffusionAdapter")
+
+    @property
+    def pipeline_class(self) -> str | None:
+        return self.model_index.get("_class_name") if self.model_index else None
+
+    @property
+    def unconditional(self) -> bool:
+        return self.model_index is None or self.pipeline_class in UNCONDITIONAL
+
+    @property
+    def hub_id(self) -> str | None:
+        ref = self.reference
+        is_local = ref.startswith(BUILTIN_PREFIX) or looks_like_path(ref) or Path(ref).expanduser().exists()
+        return None if is_local else ref
+
+    def describe(self) -> dict[str, Any]:
+        """What was loaded, for logs and --json."""
+        lam = self.path.log_snr(torch.tensor([self.path.t_min, self.path.t_max], dtype=torch.float64))
+        return {
+            "source": self.reference,
+            "revision": self.revision,
+            "pipeline_class": self.pipeline_class,
+            "model_class": self.model_class,
+            "prediction_type": self.prediction_type,
+            "scheduler": self.scheduler.get("_class_name"),
+            "schedule": repr(self.path),
+            "trained_log_snr_range": [float(lam[1]), float(lam[0])],
+        }
+
+
+def _scheduler_beside(model_folder: Path) -> dict:
+    for candidate in (model_folder / "scheduler_config.json", model_folder / "scheduler" / "scheduler_config.json",
+                      model_folder.parent / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return _read_json(candidate)
+    raise FmconvertError(
+        f"no scheduler config beside the model in '{model_folder}': put the training scheduler's "
+        "scheduler_config.json in the folder (or a scheduler/ folder next to it)"
+    )
+
+
+def _check_safety(folder: Path, components: list[str], allow_pickle: bool, trust_remote_code: bool) -> None:
+    for name in components:
+        part = folder / name if name else folder
+        if not part.is_dir():
+            continue
+        files = [p for p in part.iterdir() if p.is_file()]
+        weights = [p for p in files if p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors"]
+        if weights and not any(p.suffix == ".safetensors" for p in weights) and not allow_pickle:
+            raise FmconvertError(
+                f"'{part}' has only pickle weights ({weights[0].name}); loading pickles can run code: "
+                "convert them to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        code = [p for p in files if p.suffix == ".py" and p.read_text() != _SHIMS.get(p.stem)]
+        if code and not trust_remote_code:
+            raise FmconvertError(
+                f"'{part}' contains code ({code[0].name}) that would run on load; pass --trust-remote-code "
+                "if you trust the source"
+            )
+
+
+def inspect_source(reference: str, revision: str | None = None, allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> Source:
+    """Resolve and read a SOURCE without loading weights."""
+    folder = resolve(reference, revision, allow_pickle)
+    index_file, config_file = folder / "model_index.json", folder / "config.json"
+    if index_file.is_file():
+        index = _read_json(index_file)
+        if not isinstance(index.get("_class_name"), str) and not trust_remote_code:
+            raise FmconvertError(f"'{reference}' uses a custom pipeline (code); pass --trust-remote-code if you trust it")
+        denoiser = next((d for d in DENOISERS if isinstance(index.get(d), list) and index[d][0]), None)
+        if denoiser is None:
+            raise FmconvertError(
+                f"pipeline '{reference}' ({index.get('_class_name')}) has no unet or transformer component; "
+                "fmconvert converts a pipeline's denoiser"
+            )
+        components = [k for k, v in index.items() if isinstance(v, list) and v[0]]
+        for name in components:
+            library = index[name][0]
+            if library not in TRUSTED_LIBRARIES and library not in _SHIMS and not trust_remote_code:
+                raise FmconvertError(
+                    f"component '{name}' of '{reference}' comes from '{library}', not diffusers or transformers; "
+                    "pass --trust-remote-code if you trust it"
+                )
+        _check_safety(folder, components, allow_pickle, trust_remote_code)
+        model_folder = folder / denoiser
+        model_class = _read_json(model_folder / "config.json").get("_class_name", index[denoiser][1])
+        sched_file = folder / "scheduler" / "scheduler_config.json"
+        if not sched_file.is_file():
+            raise FmconvertError(f"pipeline '{reference}' has no scheduler/scheduler_config.json")
+        sched = _read_json(sched_file)
+    elif config_file.is_file():
+        index, denoiser, model_folder = None, "unet", folder
+        model_class = _read_json(config_file).get("_class_name")
+        if not isinstance(model_class, str):
+            raise FmconvertError(f"'{reference}' has a config.json without a diffusers _class_name; not a diffusers model")
+        _check_safety(folder, [""], allow_pickle, trust_remote_code)
+        sched = _scheduler_beside(folder) if model_class not in _OWN_CLASSES else {}
+    else:
+        raise FmconvertError(
+            f"'{reference}' is not a diffusers folder: expected model_index.json (a pipeline) or config.json "
+            "(a model, with its scheduler config beside it)"
+        )
+    path, prediction = _path_and_prediction(model_folder, model_class, sched)
+    return Source(reference, revision, folder, index, denoiser, model_folder, model_class, sched, path, prediction)
+
+
+def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> tuple[GaussianPath, str]:
+    from .schedules import path_from_config
+
+    if model_class in ("VelocityAdapter", "DiffusionAdapter"):
+        config = _read_json(model_folder / "config.json")
+        return path_from_config(config["target_path"]), config["target_prediction"]
+    try:
+        return path_from_scheduler_config(sched)
+    except ValueError as error:
+        raise FmconvertError(str(error)) from None
+
+
+def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> torch.nn.Module:
+    """The source's denoiser, weights from safetensors unless ``allow_pickle``."""
+    import diffusers
+
+    cls = _OWN_CLASSES.get(source.model_class) or getattr(diffusers, source.model_class, None)
+    if cls is None:
+        if not (trust_remote_code and source.model_index):
+            raise FmconvertError(
+                f"model class '{source.model_class}' is not a diffusers model; pass --trust-remote-code to load custom code"
+            )
+        from diffusers.utils import get_class_from_dynamic_module
+
+        library = source.model_index[source.denoiser][0]
+        cls = get_class_from_dynamic_module(str(source.model_folder), module_file=library + ".py",
+                                            class_name=source.model_class, trust_remote_code=True)
+    try:
+        model = cls.from_pretrained(source.model_folder, use_safetensors=None if allow_pickle else True,
+                                    dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FmconvertError(f"cannot load the {source.denoiser} of '{source.reference}': {first}") from None
+    return model.eval()
+
+
+DEFAULT_SCHEDULE = {"epsilon": "linear", "v_prediction": "cosine"}
+
+
+def target_schedule(schedule: str | None, to: str = "v_prediction") -> dict:
+    """A DDIM config for the discrete target schedule: a name in SCHEDULES or a scheduler_config.json."""
+    name = schedule or DEFAULT_SCHEDULE[to]
+    if name in SCHEDULES:
+        return {"_class_name": "DDIMScheduler", **SCHEDULES[name]}
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _read_json(path)
+    raise UsageError(f"unknown --schedule '{name}': use {', '.join(SCHEDULES)} or a scheduler_config.json path")
+
+
+def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
+            schedule: str | None = None) -> tuple[PathAdapter, Any]:
+    """The converted denoiser and a stock scheduler to drive it."""
+    if to not in TARGETS:
+        raise UsageError(f"unknown --to '{to}': use {', '.join(TARGETS)}")
+    is_flow = source.prediction_type == "flow_prediction"
+    T = getattr(source.path, "num_train_timesteps", 1000)
+    if to == "velocity":
+        if is_flow:
+            raise UsageError(
+                f"'{source.reference}' is already a flow-matching model; use --to epsilon or --to v_prediction"
+            )
+        adapter = VelocityAdapter._wrap(model, source.path, source.prediction_type, _flow_target(T),
+                                        "flow_prediction", "float64")
+        scheduler_cls = FlowMatchEulerDiscreteScheduler if source.unconditional else FlowMatchEulerScheduler
+        return adapter, scheduler_cls(num_train_timesteps=T)
+    if not is_flow:
+        raise UsageError(
+            f"'{source.reference}' is a diffusion model ({source.prediction_type}); --to {to} converts flow-matching "
+            "models, use --to velocity"
+        )
+    if not source.unconditional:
+        raise FmconvertError(
+            f"pipeline {source.pipeline_class} calls its scheduler with flow-only arguments; --to {to} supports "
+            "unconditional pipelines (DDPMPipeline) and bare UNet2DModel folders"
+        )
+    config = target_schedule(schedule, to)
+    ddim = DDIMScheduler.from_config({**config, "prediction_type": to, "timestep_spacing": "trailing",
+                                      "clip_sample": False, "set_alpha_to_one": True})
+    try:
+        adapter = DiffusionAdapter.from_flow(model, to, schedule=config, flow_scheduler=source.scheduler or None)
+    except ValueError as error:
+        raise FmconvertError(str(error)) from None
+    return adapter, ddim
+
+
+def _flow_target(num_train_timesteps: int):
+    from .schedules import RectifiedFlow
+
+    return RectifiedFlow(num_train_timesteps=num_train_timesteps)
+
+
+def _model_card(source: Source, adapter: PathAdapter, to: str, out_name: str) -> str:
+    tags = ["flow-matching", "fmconvert", source.prediction_type, f"to-{to}"]
+    front = ["---"]
+    if source.hub_id:
+        front.append(f"base_model: {source.hub_id}")
+    front += ["library_name: diffusers", "tags:"] + [f"- {tag}" for tag in tags] + ["---", ""]
+    what = ("a flow-matching velocity model in diffusers' FlowMatch convention (x_s = (1-s)·x0 + s·ε, "
+            "timestep = 1000·s, output ε̂ − x̂0)" if to == "velocity" else f"a {to} model on a discrete VP schedule")
+    body = f"""# {out_name}
+
+`{source.reference}` ({source.model_class}, {source.prediction_type} prediction, {source.scheduler.get('_class_name')})
+converted by [fmconvert](https://pypi.org/project/fmconvert/) {__version__} into {what}.
+The conversion is exact to floating-point rounding: the same network, other coordinates.
+
+Source path: `{source.path!r}`; target path: `{adapter.target!r}`.
+
+## Load with stock diffusers
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{out_name}", trust_remote_code=True)  # the code is a one-line import of fmconvert
+images = pipe(num_inference_steps=50).images
+```
+
+## Load with fmconvert (runs no code from the folder)
+
+```python
+import fmconvert
+pipe = fmconvert.load("{out_name}")
+```
+
+or from the command line: `fmconvert sample {out_name} --solver heun --steps 20 --out grid.png`.
+"""
+    return "\n".join(front) + body
+
+
+def write_converted(source: Source, model: torch.nn.Module, out: Path, to: str = "velocity",
+                    schedule: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Convert ``model`` (the source's loaded denoiser) and write the pipeline folder ``out``
+    atomically. Returns a summary for --json."""
+    adapter, scheduler = convert(source, model, to, schedule)
+    out = Path(out)
+    with atomic_folder(out, force) as tmp:
+        index = dict(source.model_index) if source.model_index else {"_class_name": "DDPMPipeline"}
+        if source.unconditional:
+            index["_class_name"] = "DDPMPipeline"
+        index.pop("_name_or_path", None)
+        index["_diffusers_version"] = __import__("diffusers").__version__
+        # the other components, unchanged
+        for name, value in (source.model_index or {}).items():
+            if isinstance(value, list) and value[0] and name not in (source.denoiser, "scheduler"):
+                if (source.folder / name).is_dir():
+                    shutil.copytree(source.folder / name, tmp / name, copy_function=link_or_copy)
+        denoiser = "unet" if source.model_index is None else source.denoiser
+        adapter.save_pretrained(tmp / denoiser, safe_serialization=True)
+        (tmp / denoiser / f"{ADAPTER_SHIM}.py").write_text(_SHIMS[ADAPTER_SHIM])
+        index[denoiser] = [ADAPTER_SHIM, type(adapter).__name__]
+        scheduler.save_pretrained(tmp / "scheduler")
+        if isinstance(scheduler, FlowMatchEulerScheduler):
+            (tmp / "scheduler" / f"{SCHEDULER_SHIM}.py").write_text(_SHIMS[SCHEDULER_SHIM])
+            index["scheduler"] = [SCHEDULER_SHIM, "FlowMatchEulerScheduler"]
+        else:
+            index["scheduler"] = ["diffusers", type(scheduler).__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        provenance = {
+            "fmconvert_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "to": to,
+            **source.describe(),
+        }
+        (tmp / "fmconvert.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(source, adapter, to, out.name))
+    return {"out": str(out), "to": to, "adapter": type(adapter).__name__, "scheduler": type(scheduler).__name__,
+            "pipeline_class": index["_class_name"], **{"loaded": source.describe()}}
+
+
+def _register_shim_modules() -> None:
+    """diffusers checks passed components against the library named in model_index.json:
+    let the shim names refer to fmconvert's own classes in this process (no code from the
+    folder runs), with the base classes diffusers looks up."""
+    import sys
+    import types
+
+    from diffusers import ModelMixin, SchedulerMixin
+
+    for name, classes in ((ADAPTER_SHIM, ("VelocityAdapter", "DiffusionAdapter")), (SCHEDULER_SHIM, ("FlowMatchEulerScheduler",))):
+        if name not in sys.modules:
+            module = types.ModuleType(name, f"fmconvert's classes under the shim name {name}")
+            module.__dict__.update({c: _OWN_CLASSES[c] for c in classes}, ModelMixin=ModelMixin, SchedulerMixin=SchedulerMixin)
+            sys.modules[name] = module
+
+
+def load(folder: str | Path, dtype: torch.dtype | None = None, **kwargs):
+    """Load a folder written by ``fmconvert wrap`` as a diffusers pipeline, running no code
+    from the folder: fmconvert's own classes are constructed directly."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json")
+    _register_shim_modules()
+    components = {}
+    for name, value in index.items():
+        if isinstance(value, list) and value[0] in _SHIMS:
+            cls = _OWN_CLASSES[value[1]]
+            if name == "scheduler":
+                components[name] = cls.from_pretrained(folder, subfolder=name)
+            else:
+                components[name] = cls.from_pretrained(folder / name, dtype=dtype).eval()
+    return DiffusionPipeline.from_pretrained(folder, dtype=dtype, **components, **kwargs)

@@ -1,0 +1,204 @@
+"""Sampling any model as a velocity field with the ODE solvers of :mod:`fmconvert.solvers`.
+
+Every model is brought to one form, a :class:`~fmconvert.adapters.PathAdapter` whose target
+is diffusers' rectified path (u(x_s, 1000·s) = ε̂ − x̂0): a converted velocity folder as it
+is, a diffusion source through :class:`VelocityAdapter`, a flow source through the identity
+adapter, a converted epsilon / v folder through VelocityAdapter around it (an exact round trip).
+
+Noise convention: ``--seed S`` draws
+``torch.randn((num_images, C, H, W), generator=torch.Generator("cpu").manual_seed(S))`` once,
+so the samples depend neither on the batch size nor on the device. The start is
+x_{s_0} = ε·√((1 − s_0)² + s_0²), the noise at the first grid time (ε itself at s_0 = 1, and
+ε/(α_T + σ_T) on DDIM's grid, as DDIMScheduler starts from x_T = ε).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from .errors import FmconvertError
+from .grids import time_grid
+from .pipelines import Source, inspect_source, load_denoiser
+from .schedules import GaussianPath, RectifiedFlow
+from .solvers import solve
+
+EVALS_PER_STEP = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2, "rk4": 4}
+
+
+@dataclass
+class VelocityModel:
+    """A model ready to sample: the velocity adapter, the path its grids come from, and
+    (for latent or text-conditioned pipelines) the rest of the pipeline."""
+
+    velocity: PathAdapter
+    grid_source: GaussianPath
+    source: Source
+    shift: float = 1.0
+    pipeline: Any = None
+    info: dict = field(default_factory=dict)
+
+
+def as_velocity(model: torch.nn.Module, source: Source) -> tuple[PathAdapter, GaussianPath]:
+    """Any source denoiser as a PathAdapter onto the rectified path; plus its grid path."""
+    T = getattr(source.path, "num_train_timesteps", 1000)
+    target = RectifiedFlow(num_train_timesteps=T)
+    if isinstance(model, VelocityAdapter):
+        return model, model.source
+    if isinstance(model, DiffusionAdapter):  # converted back to a diffusion model: round trip, exact
+        return PathAdapter._wrap(model, model.target, model.target_prediction, target, "flow_prediction", "float64"), model.target
+    if source.prediction_type == "flow_prediction":
+        return PathAdapter._wrap(model, source.path, "flow_prediction", target, "flow_prediction", "float64"), source.path
+    return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", "float64"), source.path
+
+
+def load_velocity_model(reference: str, revision: str | None = None, dtype: torch.dtype | None = None,
+                        device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
+                        need_pipeline: bool = False) -> VelocityModel:
+    """Resolve, load and wrap a MODEL for sampling."""
+    source = inspect_source(reference, revision, allow_pickle, trust_remote_code)
+    model = load_denoiser(source, dtype, allow_pickle, trust_remote_code)
+    velocity, grid_source = as_velocity(model, source)
+    shift = float(source.scheduler.get("shift", source.scheduler.get("flow_shift", 1.0)) or 1.0)
+    pipeline = None
+    index = source.model_index or {}
+    if need_pipeline or "vae" in index or "text_encoder" in index:
+        pipeline = _load_pipeline(source, model, dtype, allow_pickle, trust_remote_code)
+    velocity.to(device)
+    if pipeline is not None:
+        for name in ("vae", "text_encoder"):
+            if getattr(pipeline, name, None) is not None:
+                getattr(pipeline, name).to(device)
+    return VelocityModel(velocity.eval(), grid_source, source, shift, pipeline, source.describe())
+
+
+def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code):
+    """The source pipeline's other components, with the already-loaded denoiser passed in."""
+    if source.model_index is None:
+        return None
+    from diffusers import DiffusionPipeline
+    from .pipelines import load
+
+    if source.converted:
+        return load(source.folder, dtype=dtype)
+    try:
+        return DiffusionPipeline.from_pretrained(
+            source.folder, **{source.denoiser: model}, dtype=dtype,
+            use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise FmconvertError(f"cannot load the pipeline '{source.reference}': {first}") from None
+
+
+def initial_noise(num_images: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The documented noise convention (CPU generator, drawn once for all images)."""
+    return torch.randn((num_images, *shape), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def sample_shape(vm: VelocityModel) -> tuple[int, ...]:
+    config = vm.velocity.config
+    size = config.get("sample_size")
+    channels = config.get("in_channels")
+    if size is None or channels is None:
+        raise FmconvertError(f"cannot tell the sample shape of {vm.source.model_class}: its config has no sample_size / in_channels")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return (channels, *size)
+
+
+@dataclass
+class SampleResult:
+    """``samples``: final states in the model's data space (float32, CPU); ``images``: in [0, 1];
+    ``nfe``: field evaluations per trajectory, one entry per batch (they differ only for dopri5)."""
+
+    samples: torch.Tensor
+    images: torch.Tensor
+    nfe: list[int]
+    seconds: float
+    grid: torch.Tensor
+
+
+def _conditioning(vm: VelocityModel, prompt: str | None, guidance_scale: float, device, batch: int):
+    """Text embeddings (cond, uncond) for text-conditioned pipelines, else None."""
+    pipe = vm.pipeline
+    if pipe is None or getattr(pipe, "text_encoder", None) is None:
+        if prompt is not None:
+            raise FmconvertError(f"--prompt given but {vm.source.pipeline_class or vm.source.model_class} is not text-conditioned")
+        return None
+    if not hasattr(pipe, "encode_prompt"):
+        raise FmconvertError(f"text-conditioned sampling supports pipelines with encode_prompt; {type(pipe).__name__} has none")
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompt or "", device, batch, guidance_scale > 1.0, negative_prompt=None)
+    return cond, uncond
+
+
+def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
+             grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
+             guidance_scale: float = 1.0, progress: bool = False, solver_options: dict | None = None) -> SampleResult:
+    """Draw ``num_images`` samples, ``batch_size`` at a time."""
+    s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
+    noise = initial_noise(num_images, sample_shape(vm), seed)
+    s0 = s_grid[0]
+    start_scale = float(torch.sqrt((1 - s0) ** 2 + s0**2))
+    per_step = EVALS_PER_STEP.get(solver)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(range(0, num_images, batch_size)) * steps, file=sys.stderr, desc=f"{solver} {steps} steps",
+                   unit="step", leave=False)
+    started = time.perf_counter()
+    model_dtype = vm.velocity.model.dtype
+    samples, images, nfe = [], [], []
+    for first in range(0, num_images, batch_size):
+        eps = noise[first:first + batch_size].to(device)
+        field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device, model_dtype)
+        with torch.no_grad():
+            result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
+                           **(solver_options or {}))
+        if result.first_bad_nfe is not None:
+            k = result.first_bad_nfe
+            where = f"step {min(k // per_step, steps - 1) + 1} of {steps}" if per_step else f"evaluation {k + 1}"
+            raise FmconvertError(
+                f"the model produced NaN/Inf at {where} (images {first}..{first + eps.shape[0] - 1}); "
+                "try --dtype float32, or check the model's weights"
+            )
+        nfe.append(result.nfe)
+        x = result.x.float()
+        samples.append(x.cpu())
+        images.append(_to_images(vm, x).cpu())
+    if bar is not None:
+        bar.close()
+    return SampleResult(torch.cat(samples), torch.cat(images), nfe, time.perf_counter() - started, s_grid)
+
+
+def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device, model_dtype) -> Callable:
+    velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
+    embeddings = _conditioning(vm, prompt, guidance_scale, device, batch)
+    if embeddings is None:
+        return lambda x, s: velocity.evaluate(x, T * s, output_dtype=torch.float32)
+    cond, uncond = embeddings
+    if guidance_scale <= 1.0:
+        return lambda x, s: velocity.evaluate(x, T * s, encoder_hidden_states=cond, output_dtype=torch.float32)
+    both = torch.cat([uncond, cond])
+
+    def guided(x, s):  # guidance is affine, so it commutes with the conversion
+        u_uncond, u_cond = velocity.evaluate(torch.cat([x, x]), torch.cat([T * s, T * s]),
+                                             encoder_hidden_states=both, output_dtype=torch.float32).chunk(2)
+        return u_uncond + guidance_scale * (u_cond - u_uncond)
+
+    return guided
+
+
+def _to_images(vm: VelocityModel, x: torch.Tensor) -> torch.Tensor:
+    """Data space → images in [0, 1] (decoding latents with the pipeline's VAE)."""
+    vae = getattr(vm.pipeline, "vae", None) if vm.pipeline is not None else None
+    if vae is not None:
+        with torch.no_grad():
+            x = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    return (x / 2 + 0.5).clamp(0, 1)
