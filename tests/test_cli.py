@@ -315,3 +315,22 @@ def test_progress_bar_only_when_interactive_and_never_with_json(monkeypatch):
     assert _interactive(as_json=True) is False
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert _interactive(as_json=False) is False
+
+
+def test_cached_hub_model_works_offline(tmp_path, monkeypatch, ddpm_folder):
+    """A Hub id already in the cache (laid out as huggingface_hub does) loads with HF_HUB_OFFLINE=1."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-ddpm"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(ddpm_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    summary = json.loads(ok("wrap", "someone/tiny-ddpm", "--out", tmp_path / "o", "--json").stdout)
+    assert summary["loaded"]["source"] == "someone/tiny-ddpm"
+    assert "base_model: someone/tiny-ddpm" in (tmp_path / "o" / "README.md").read_text()
+    one_line_error(run("wrap", "someone/tiny-ddpm", "--revision", "v2", "--out", tmp_path / "o2"), 1, "v2")
