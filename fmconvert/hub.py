@@ -35,7 +35,7 @@ def resolve(reference: str, revision: str | None = None, allow_pickle: bool = Fa
     if reference.startswith(BUILTIN_PREFIX):
         from .zoo import builtin_path
 
-        return builtin_path(reference[len(BUILTIN_PREFIX):])
+        return builtin_path(reference[len(BUILTIN_PREFIX):], kind="model")
     path = Path(reference).expanduser()
     if path.is_dir():
         return path
