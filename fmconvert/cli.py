@@ -133,6 +133,7 @@ def sample(
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16 (the conversion stays float64)."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
+    baseline: Optional[str] = typer.Option(None, help="Instead of fmconvert's solver, run the source's own diffusers sampler on the same noise: ddim (trailing, no clipping)."),
     rtol: float = typer.Option(1e-5, help="dopri5 relative tolerance."),
     atol: float = typer.Option(1e-5, help="dopri5 absolute tolerance."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid, or a folder of PNGs."),
@@ -149,7 +150,11 @@ def sample(
     from .grids import GRIDS
     from .solvers import SOLVERS
 
+    from .sampling import BASELINES
+
     _choice(solver, SOLVERS, "--solver")
+    if baseline is not None:
+        _choice(baseline, BASELINES, "--baseline")
     _choice(grid, GRIDS, "--grid")
     _choice(dtype, DTYPES, "--dtype")
     for name, value in (("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size)):
@@ -159,14 +164,19 @@ def sample(
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
     device = _device(device)
 
-    from .sampling import generate, load_velocity_model
+    from .sampling import generate, generate_baseline, load_velocity_model
 
     interactive = _interactive(as_json)
     vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code)
-    log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
     try:
-        result = generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
-                          progress=interactive, solver_options={"rtol": rtol, "atol": atol} if solver == "dopri5" else None)
+        if baseline is not None:
+            log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
+            solver, grid = baseline, "trailing"
+            result = generate_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
+        else:
+            log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
+            result = generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
+                              progress=interactive, solver_options={"rtol": rtol, "atol": atol} if solver == "dopri5" else None)
     except ValueError as error:  # a grid the source cannot have, steps beyond its schedule, ...
         raise UsageError(str(error)) from None
     outputs = {}

@@ -177,6 +177,43 @@ def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed
     return SampleResult(torch.cat(samples), torch.cat(images), nfe, time.perf_counter() - started, s_grid)
 
 
+BASELINES = ("ddim",)
+
+
+def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
+                      steps: int = 50, device: str = "cpu", baseline: str = "ddim") -> SampleResult:
+    """The source's own diffusers sampler on the same noise: DDIMScheduler(timestep_spacing=
+    "trailing", clip_sample=False, set_alpha_to_one=True) from the source's scheduler config,
+    driving the unconverted network (unconditional sources)."""
+    from diffusers import DDIMScheduler
+
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
+    source = vm.source
+    if source.prediction_type == "flow_prediction" or source.converted:
+        raise FmconvertError(f"--baseline {baseline} runs a diffusion source's own scheduler; "
+                             f"'{source.reference}' is {'a converted model' if source.converted else 'a flow model'}")
+    scheduler = DDIMScheduler.from_config({**source.scheduler, "prediction_type": source.prediction_type},
+                                          timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    if steps > scheduler.config.num_train_timesteps:
+        raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
+    model = vm.velocity.model
+    noise = initial_noise(num_images, sample_shape(vm), seed)
+    started = time.perf_counter()
+    samples, images = [], []
+    for first in range(0, num_images, batch_size):
+        x = noise[first:first + batch_size].to(device)
+        scheduler.set_timesteps(steps)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(model(x.to(model.dtype), t.to(device)).sample.float(), t, x).prev_sample
+        samples.append(x.float().cpu())
+        images.append(_to_images(vm, x.float()).cpu())
+    grid = torch.cat([RectifiedFlow().time_at_log_snr(source.path.log_snr(scheduler.timesteps.double())),
+                      torch.zeros(1, dtype=torch.float64)])
+    return SampleResult(torch.cat(samples), torch.cat(images), [steps] * len(samples), time.perf_counter() - started, grid)
+
+
 def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device, model_dtype) -> Callable:
     velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
     embeddings = _conditioning(vm, prompt, guidance_scale, device, batch)

@@ -334,3 +334,16 @@ def test_cached_hub_model_works_offline(tmp_path, monkeypatch, ddpm_folder):
     assert summary["loaded"]["source"] == "someone/tiny-ddpm"
     assert "base_model: someone/tiny-ddpm" in (tmp_path / "o" / "README.md").read_text()
     one_line_error(run("wrap", "someone/tiny-ddpm", "--revision", "v2", "--out", tmp_path / "o2"), 1, "v2")
+
+
+def test_baseline_runs_the_sources_own_ddim_on_the_same_noise(tmp_path, ddpm_folder, flow_folder):
+    noise = torch.randn((3, 3, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
+    reference = ddim_reference(ddpm_folder, 10, noise)
+    ok("sample", ddpm_folder, "--baseline", "ddim", "--steps", 10, "--num-images", 3, "--seed", 5,
+       "--save-tensor", tmp_path / "b.safetensors")
+    ok("sample", ddpm_folder, "--grid", "trailing", "--steps", 10, "--num-images", 3, "--seed", 5,
+       "--save-tensor", tmp_path / "e.safetensors")
+    baseline, euler = (load_file(tmp_path / f"{k}.safetensors")["samples"] for k in "be")
+    assert rel(baseline, reference) < 1e-6 and rel(euler, baseline) <= 1e-5
+    one_line_error(run("sample", flow_folder, "--baseline", "ddim"), 1, "flow model")
+    one_line_error(run("sample", ddpm_folder, "--baseline", "plms"), 2, "--baseline", "ddim")
