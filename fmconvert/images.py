@@ -52,3 +52,35 @@ def save_folder(images: torch.Tensor, folder: str | Path, force: bool = False) -
         for i, image in enumerate(to_uint8(images)):
             _pil(image).save(tmp / f"{i:06d}.png", format="PNG")
     return folder
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_folder(folder: Path, limit: int | None = None) -> torch.Tensor:
+    """Images of a folder (sorted by name) as uint8 (N, C, H, W); all must share one size."""
+    from .errors import FmconvertError
+
+    files = image_files(folder)[:limit] if limit else image_files(folder)
+    if not files:
+        raise FmconvertError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+    return load_files(files)
+
+
+def load_files(files: list[Path]) -> torch.Tensor:
+    """Image files as uint8 (N, C, H, W), grey images with C = 1; all must share one size."""
+    import numpy as np
+    from PIL import Image
+
+    from .errors import FmconvertError
+
+    arrays = [np.asarray(Image.open(p)) for p in files]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise FmconvertError(f"images in '{files[0].parent}' differ in size ({sorted(shapes)[:2]}); resize them to one size")
+    stacked = torch.from_numpy(np.stack(arrays))
+    return (stacked[:, None] if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)).contiguous()

@@ -1,0 +1,173 @@
+"""How closely a converted velocity field agrees with its source, or two fields with each other.
+
+Everything is compared on diffusers' rectified path (x_s = (1 − s)·x0 + s·ε, u = dx/ds):
+
+- one model: the converted field u(x_s, s) (the adapter) against the source's
+  probability-flow ODE drift computed independently of the adapter, from the source's
+  native output in score form: at the source point (α, σ) with x = x_s·(α + σ),
+  dx/dt = f·x − ½g²·∇log p, moved to the rectified coordinates by
+  x_s = x/(α+σ), s = σ/(α+σ):  dx_s/ds = (dx/dt/(α+σ) − x·(α̇+σ̇)/(α+σ)²) / ((σ̇α − σα̇)/(α+σ)²);
+- two models: both fields brought to the rectified path, at the same points.
+
+Points x_s come from the forward process of real data (or of given samples). The numbers
+accumulate in :class:`FieldAgreement`, a torchmetrics metric (device-side, synced across
+processes): per time, relative L2 ‖u − r‖/‖r‖, cosine similarity ⟨u, r⟩/(‖u‖‖r‖), and the
+largest |u − r|.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torchmetrics import Metric
+
+from .adapters import PathAdapter
+from .predictions import from_x0_eps, pf_ode_drift, to_x0_eps
+from .schedules import RectifiedFlow
+
+F64 = torch.float64
+
+
+class FieldAgreement(Metric):
+    """Agreement of a field u with a reference r at ``num_times`` time indices."""
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, num_times: int, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("sq_diff", "sq_ref", "sq_field", "dot"):
+            self.add_state(name, torch.zeros(num_times, dtype=F64), dist_reduce_fx="sum")
+        self.add_state("max_abs", torch.zeros(num_times, dtype=F64), dist_reduce_fx="max")
+        self.add_state("count", torch.zeros(num_times, dtype=F64), dist_reduce_fx="sum")
+
+    def update(self, index: int, field: torch.Tensor, reference: torch.Tensor) -> None:
+        u, r = field.to(F64), reference.to(F64)
+        self.sq_diff[index] += (u - r).square().sum()
+        self.sq_ref[index] += r.square().sum()
+        self.sq_field[index] += u.square().sum()
+        self.dot[index] += (u * r).sum()
+        self.max_abs[index] = torch.maximum(self.max_abs[index], (u - r).abs().max())
+        self.count[index] += u.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {
+            "relative_l2": (self.sq_diff / self.sq_ref).sqrt(),
+            "cosine": self.dot / (self.sq_field * self.sq_ref).sqrt(),
+            "max_abs_error": self.max_abs,
+        }
+
+
+def pf_ode_reference(adapter: PathAdapter, x_s: torch.Tensor, s: torch.Tensor, **kwargs) -> torch.Tensor:
+    """dx_s/ds from the adapter's wrapped network through the PF-ODE drift in score form,
+    without the adapter's conversion code (see the module docstring). Float64."""
+    source = adapter.source
+    lam = RectifiedFlow().log_snr(s.to(F64))
+    t = source.time_at_log_snr(lam)
+    p = source.point(t).view_as_batch(x_s.ndim)
+    k = p.alpha + p.sigma
+    x = x_s.to(F64) * k
+    native = adapter.model(x.to(adapter.model.dtype), source.model_timestep(t), **kwargs, return_dict=False)[0]
+    score = from_x0_eps("score", *to_x0_eps(adapter.source_prediction, native.to(F64), x, p), p)
+    drift_t = pf_ode_drift(p, x, score)
+    return (drift_t / k - x * (p.d_alpha + p.d_sigma) / k**2) / ((p.d_sigma * p.alpha - p.sigma * p.d_alpha) / k**2)
+
+
+def agreement_times(adapter: PathAdapter, num_times: int) -> torch.Tensor:
+    """``num_times`` values of s spread evenly in the source's own time over its trained range."""
+    source = adapter.source
+    t = torch.linspace(source.t_min, source.t_max, num_times, dtype=F64)
+    s = RectifiedFlow().time_at_log_snr(source.log_snr(t))
+    return s.clamp(1e-6, 1 - 1e-6)
+
+
+def forward_process(x0: torch.Tensor, s: float, generator: torch.Generator) -> torch.Tensor:
+    """x_s = (1 − s)·x0 + s·ε."""
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    return (1 - s) * x0 + s * eps
+
+
+@dataclass
+class AgreementResult:
+    s: list[float]
+    per_dtype: dict[str, dict[str, list[float]]]
+
+    def worst(self, dtype: str, key: str = "relative_l2") -> float:
+        values = self.per_dtype[dtype][key]
+        return min(values) if key == "cosine" else max(values)
+
+
+def _with_dtype(adapter: PathAdapter, dtype: torch.dtype) -> PathAdapter:
+    return adapter if adapter.model.dtype == dtype else copy.deepcopy(adapter).to(dtype)
+
+
+@torch.no_grad()
+def field_vs_source(adapter: PathAdapter, data: torch.Tensor, num_times: int = 20, dtypes=("float32",),
+                    batch_size: int = 256, seed: int = 0, device: str = "cpu") -> AgreementResult:
+    """The converted field in each dtype against the PF-ODE drift of the float32 source."""
+    s_values = agreement_times(adapter, num_times)
+    reference_adapter = _with_dtype(adapter, torch.float32).to(device)
+    metrics = {d: FieldAgreement(num_times).to(device) for d in dtypes}
+    fields = {d: _with_dtype(reference_adapter, getattr(torch, d)) for d in dtypes}
+    for i, s in enumerate(s_values.tolist()):
+        generator = torch.Generator().manual_seed(seed + i)
+        for first in range(0, len(data), batch_size):
+            x_s = forward_process(data[first:first + batch_size].to(F64), s, generator).to(device)
+            s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
+            reference = pf_ode_reference(reference_adapter, x_s, s_batch)
+            T = adapter.target.num_train_timesteps
+            for d, field in fields.items():
+                u = field.evaluate(x_s, T * s_batch, output_dtype=F64)
+                metrics[d].update(i, u, reference)
+    return AgreementResult(s_values.tolist(), {d: {k: v.tolist() for k, v in m.compute().items()} for d, m in metrics.items()})
+
+
+@torch.no_grad()
+def field_vs_field(first: PathAdapter, second: PathAdapter, data: torch.Tensor, num_times: int = 20,
+                   batch_size: int = 256, seed: int = 0, device: str = "cpu") -> AgreementResult:
+    """Two velocity fields (any sources, brought to the rectified path) at the same points;
+    the second is the reference. Times cover the range both were trained on."""
+    s1, s2 = agreement_times(first, num_times), agreement_times(second, num_times)
+    lo, hi = max(s1.min(), s2.min()).item(), min(s1.max(), s2.max()).item()
+    s_values = torch.linspace(hi, lo, num_times, dtype=F64)
+    metric = FieldAgreement(num_times).to(device)
+    T1, T2 = first.target.num_train_timesteps, second.target.num_train_timesteps
+    for i, s in enumerate(s_values.tolist()):
+        generator = torch.Generator().manual_seed(seed + i)
+        for start in range(0, len(data), batch_size):
+            x_s = forward_process(data[start:start + batch_size].to(F64), s, generator).to(device)
+            s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
+            metric.update(i, first.evaluate(x_s, T1 * s_batch, output_dtype=F64),
+                          second.evaluate(x_s, T2 * s_batch, output_dtype=F64))
+    return AgreementResult(s_values.tolist(), {"float32": {k: v.tolist() for k, v in metric.compute().items()}})
+
+
+def trajectory_agreement(vm, steps_list, num_images: int = 64, batch_size: int = 64, seed: int = 0,
+                         device: str = "cpu") -> list[dict]:
+    """fmconvert's Euler on the trailing grid against the source's own DDIMScheduler at the
+    same NFE and seeds: relative L2 and largest |difference| of the final samples, per NFE."""
+    from .sampling import generate, generate_baseline
+
+    rows = []
+    for steps in steps_list:
+        ours = generate(vm, num_images, batch_size, seed, "euler", "trailing", steps, device)
+        ddim = generate_baseline(vm, num_images, batch_size, seed, steps, device, "ddim")
+        diff = (ours.samples.double() - ddim.samples.double())
+        rows.append({"nfe": steps, "relative_l2": (diff.norm() / ddim.samples.double().norm()).item(),
+                     "max_abs_error": diff.abs().max().item()})
+    return rows
+
+
+def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
+    """Images in data space [−1, 1] from builtin:digits[/train|/held_out] or an image folder."""
+    from pathlib import Path
+
+    if reference.startswith("builtin:digits"):
+        from .digits import load_digits
+
+        return load_digits(reference.split("/", 1)[1] if "/" in reference else "all").data[:limit]
+    from .images import load_folder
+
+    return load_folder(Path(reference), limit).float() / 127.5 - 1
