@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -137,10 +137,11 @@ def _conditioning(vm: VelocityModel, prompt: str | None, guidance_scale: float, 
     return cond, uncond
 
 
-def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
-             grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
-             guidance_scale: float = 1.0, progress: bool = False, solver_options: dict | None = None) -> SampleResult:
-    """Draw ``num_images`` samples, ``batch_size`` at a time."""
+def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
+                  grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
+                  guidance_scale: float = 1.0, progress: bool = False,
+                  solver_options: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Yield (samples, images, nfe) batch by batch: nothing but one batch is held."""
     s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
     noise = initial_noise(num_images, sample_shape(vm), seed)
     s0 = s_grid[0]
@@ -152,66 +153,93 @@ def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed
 
         bar = tqdm(total=len(range(0, num_images, batch_size)) * steps, file=sys.stderr, desc=f"{solver} {steps} steps",
                    unit="step", leave=False)
-    started = time.perf_counter()
     model_dtype = vm.velocity.model.dtype
+    try:
+        for first in range(0, num_images, batch_size):
+            eps = noise[first:first + batch_size].to(device)
+            field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device, model_dtype)
+            with torch.no_grad():
+                result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
+                               **(solver_options or {}))
+            if result.first_bad_nfe is not None:
+                k = result.first_bad_nfe
+                where = f"step {min(k // per_step, steps - 1) + 1} of {steps}" if per_step else f"evaluation {k + 1}"
+                raise FmconvertError(
+                    f"the model produced NaN/Inf at {where} (images {first}..{first + eps.shape[0] - 1}); "
+                    "try --dtype float32, or check the model's weights"
+                )
+            x = result.x.float()
+            yield x, _to_images(vm, x), result.nfe
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _collect(batches, grid: torch.Tensor) -> SampleResult:
+    started = time.perf_counter()
     samples, images, nfe = [], [], []
-    for first in range(0, num_images, batch_size):
-        eps = noise[first:first + batch_size].to(device)
-        field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device, model_dtype)
-        with torch.no_grad():
-            result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
-                           **(solver_options or {}))
-        if result.first_bad_nfe is not None:
-            k = result.first_bad_nfe
-            where = f"step {min(k // per_step, steps - 1) + 1} of {steps}" if per_step else f"evaluation {k + 1}"
-            raise FmconvertError(
-                f"the model produced NaN/Inf at {where} (images {first}..{first + eps.shape[0] - 1}); "
-                "try --dtype float32, or check the model's weights"
-            )
-        nfe.append(result.nfe)
-        x = result.x.float()
+    for x, image, count in batches:
         samples.append(x.cpu())
-        images.append(_to_images(vm, x).cpu())
-    if bar is not None:
-        bar.close()
-    return SampleResult(torch.cat(samples), torch.cat(images), nfe, time.perf_counter() - started, s_grid)
+        images.append(image.cpu())
+        nfe.append(count)
+    return SampleResult(torch.cat(samples), torch.cat(images), nfe, time.perf_counter() - started, grid)
+
+
+def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
+             grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
+             guidance_scale: float = 1.0, progress: bool = False, solver_options: dict | None = None) -> SampleResult:
+    """Draw ``num_images`` samples, ``batch_size`` at a time, all kept (see iter_generate)."""
+    batches = iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
+                            progress, solver_options)
+    return _collect(batches, time_grid(grid, steps, vm.grid_source, shift=vm.shift))
 
 
 BASELINES = ("ddim",)
 
 
-def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
-                      steps: int = 50, device: str = "cpu", baseline: str = "ddim") -> SampleResult:
-    """The source's own diffusers sampler on the same noise: DDIMScheduler(timestep_spacing=
-    "trailing", clip_sample=False, set_alpha_to_one=True) from the source's scheduler config,
-    driving the unconverted network (unconditional sources)."""
+def ddim_baseline(vm: VelocityModel):
+    """DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    from the source's scheduler config (unconditional diffusion sources)."""
     from diffusers import DDIMScheduler
 
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
     source = vm.source
     if source.prediction_type == "flow_prediction" or source.converted:
-        raise FmconvertError(f"--baseline {baseline} runs a diffusion source's own scheduler; "
+        raise FmconvertError("--baseline ddim runs a diffusion source's own scheduler; "
                              f"'{source.reference}' is {'a converted model' if source.converted else 'a flow model'}")
-    scheduler = DDIMScheduler.from_config({**source.scheduler, "prediction_type": source.prediction_type},
-                                          timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    return DDIMScheduler.from_config({**source.scheduler, "prediction_type": source.prediction_type},
+                                     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+
+
+def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, steps: int = 50,
+                  device: str = "cpu", baseline: str = "ddim") -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The source's own diffusers sampler driving the unconverted network on the same noise,
+    batch by batch."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
+    scheduler = ddim_baseline(vm)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
     model = vm.velocity.model
     noise = initial_noise(num_images, sample_shape(vm), seed)
-    started = time.perf_counter()
-    samples, images = [], []
     for first in range(0, num_images, batch_size):
         x = noise[first:first + batch_size].to(device)
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
                 x = scheduler.step(model(x.to(model.dtype), t.to(device)).sample.float(), t, x).prev_sample
-        samples.append(x.float().cpu())
-        images.append(_to_images(vm, x.float()).cpu())
-    grid = torch.cat([RectifiedFlow().time_at_log_snr(source.path.log_snr(scheduler.timesteps.double())),
-                      torch.zeros(1, dtype=torch.float64)])
-    return SampleResult(torch.cat(samples), torch.cat(images), [steps] * len(samples), time.perf_counter() - started, grid)
+        yield x.float(), _to_images(vm, x.float()), steps
+
+
+def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
+                      steps: int = 50, device: str = "cpu", baseline: str = "ddim") -> SampleResult:
+    """All samples of :func:`iter_baseline`."""
+    batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
+    result = _collect(batches, torch.zeros(1))
+    scheduler = ddim_baseline(vm)
+    scheduler.set_timesteps(steps)
+    result.grid = torch.cat([RectifiedFlow().time_at_log_snr(vm.source.path.log_snr(scheduler.timesteps.double())),
+                             torch.zeros(1, dtype=torch.float64)])
+    return result
 
 
 def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device, model_dtype) -> Callable:

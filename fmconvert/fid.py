@@ -1,0 +1,365 @@
+"""FID (and KID) of a model's samples against a reference and against its own baseline sampler.
+
+Features are extracted once per image batch and fed to torchmetrics'
+``FrechetInceptionDistance`` / ``KernelInceptionDistance`` through an identity feature
+module, so one pass serves every comparison and nothing but feature statistics is kept:
+
+- ``digits``: the bundled digits classifier's 128-d penultimate layer (8×8 grey images);
+- ``inception``: torch-fidelity's TF-compatible InceptionV3 (as torchmetrics wraps it),
+  uint8 images, the TF1 bilinear resize (``antialias=False``), so numbers compare with
+  papers. Weights: ``--inception-weights PATH``, else torch hub's cache
+  (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``), else a
+  download, never offline. The file is checked to be a plain tensor state dict
+  (``torch.load(weights_only=True)``) before torch-fidelity loads it.
+
+Reference statistics (feature sum, sum of outer products, count, and up to ``KID_KEEP``
+features for KID) are cached as safetensors keyed by the reference, the extractor and the
+SHA-256 of its weights; a statistics file can also be passed as the reference itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import FmconvertError, UsageError
+
+FEATURES = ("digits", "inception")
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+INCEPTION_LAYERS = ("64", "192", "768", "2048")
+KID_KEEP = 10_000
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FMCONVERT_CACHE", Path.home() / ".cache" / "fmconvert")) / "fid-stats"
+
+
+def inception_weights(explicit: str | Path | None = None) -> Path:
+    """The Inception weights file: explicit path, torch hub cache, or a download (not offline)."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--inception-weights '{path}' does not exist")
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        return cached
+    where = f"put {INCEPTION_FILE} (torch-fidelity's release file) in {cached.parent}, or pass --inception-weights PATH"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FMCONVERT_OFFLINE") == "1":
+        raise FmconvertError(f"Inception weights not found and offline: {where}")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(INCEPTION_URL, str(cached), progress=False)
+    except Exception as error:  # noqa: BLE001 - any network failure gets the same advice
+        raise FmconvertError(f"could not download the Inception weights ({type(error).__name__}): {where}") from None
+    return cached
+
+
+class Identity(nn.Module):
+    """Features already computed: the torchmetrics 'feature' module passes them through."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+@dataclass
+class Extractor:
+    """A feature extractor and what identifies it (for cache keys)."""
+
+    name: str
+    module: nn.Module
+    num_features: int
+    weights_sha256: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) → float64 features (N, d)."""
+        if self.name.startswith("inception") and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            return self.module(images).double()
+
+
+def make_extractor(features: str = "digits", weights: str | Path | None = None, layer: str = "2048",
+                   device: str = "cpu") -> Extractor:
+    if features not in FEATURES:
+        raise UsageError(f"unknown --features '{features}': use one of {', '.join(FEATURES)}")
+    if features == "digits":
+        from .digits import DigitsFeatures, load_classifier
+        from .zoo import builtin_path
+
+        module = DigitsFeatures(load_classifier()).to(device)
+        weights_file = builtin_path("digits-features", kind="features") / "diffusion_pytorch_model.safetensors"
+        return Extractor("digits", module, module.num_features, _sha256(weights_file))
+    if layer not in INCEPTION_LAYERS:
+        raise UsageError(f"unknown Inception layer '{layer}': use one of {', '.join(INCEPTION_LAYERS)}")
+    path = inception_weights(weights)
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: nothing executes
+    except Exception as error:  # noqa: BLE001
+        raise FmconvertError(f"'{path}' is not a plain state dict of tensors ({type(error).__name__}); "
+                             "use torch-fidelity's weights file") from None
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError:
+        raise FmconvertError("--features inception needs torch-fidelity: pip install 'fmconvert[eval]'") from None
+    module = NoTrainInceptionV3(name="inception-v3-compat", features_list=[layer],
+                                feature_extractor_weights_path=str(path), antialias=False).to(device)
+    return Extractor(f"inception-{layer}", module, int(layer), _sha256(path))
+
+
+class FeatureStats:
+    """Streaming feature statistics of one image set: torchmetrics FID state (sum, sum of
+    outer products, count; synced across processes) plus up to KID_KEEP features."""
+
+    def __init__(self, num_features: int, device: str = "cpu"):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.fid = FrechetInceptionDistance(feature=Identity(num_features), normalize=False).to(device)
+        self.kept: list[torch.Tensor] = []
+        self.num_kept = 0
+
+    def update(self, features: torch.Tensor) -> None:
+        self.fid.update(features, real=False)
+        if self.num_kept < KID_KEEP:
+            take = features[: KID_KEEP - self.num_kept].float().cpu()
+            self.kept.append(take)
+            self.num_kept += len(take)
+
+    @property
+    def count(self) -> int:
+        return int(self.fid.fake_features_num_samples)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "features_sum": self.fid.fake_features_sum.cpu(),
+            "features_cov_sum": self.fid.fake_features_cov_sum.cpu(),
+            "num_samples": torch.as_tensor(self.fid.fake_features_num_samples).reshape(1).cpu(),
+            "kid_features": torch.cat(self.kept) if self.kept else torch.zeros(0, self.fid.fake_features_sum.numel()),
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], device: str = "cpu") -> "FeatureStats":
+        stats = cls(tensors["features_sum"].numel(), device)
+        stats.fid.fake_features_sum = tensors["features_sum"].to(device, torch.float64)
+        stats.fid.fake_features_cov_sum = tensors["features_cov_sum"].to(device, torch.float64)
+        stats.fid.fake_features_num_samples = tensors["num_samples"].reshape(()).to(device)
+        stats.kept = [tensors["kid_features"]] if len(tensors["kid_features"]) else []
+        stats.num_kept = len(tensors["kid_features"])
+        return stats
+
+
+def fid_between(reference: FeatureStats, other: FeatureStats) -> float:
+    """torchmetrics' FID with ``reference`` as the real set and ``other`` as the fake one."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    d = reference.fid.fake_features_sum.numel()
+    metric = FrechetInceptionDistance(feature=Identity(d), normalize=False).to(reference.fid.device)
+    metric.real_features_sum = reference.fid.fake_features_sum
+    metric.real_features_cov_sum = reference.fid.fake_features_cov_sum
+    metric.real_features_num_samples = reference.fid.fake_features_num_samples
+    metric.fake_features_sum = other.fid.fake_features_sum
+    metric.fake_features_cov_sum = other.fid.fake_features_cov_sum
+    metric.fake_features_num_samples = other.fid.fake_features_num_samples
+    metric.orig_dtype, metric._update_count = torch.float64, 1  # what update() would have set
+    return float(metric.compute())
+
+
+def kid_between(reference: FeatureStats, other: FeatureStats, seed: int = 0) -> tuple[float, float] | None:
+    """KID mean and std (torchmetrics), when both sets kept at least 100 features."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(reference.num_kept, other.num_kept)
+    if n < 100:
+        return None
+    torch.manual_seed(seed)
+    d = reference.fid.fake_features_sum.numel()
+    import warnings
+
+    with warnings.catch_warnings():  # its note on keeping features: we keep at most KID_KEEP
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=Identity(d), subset_size=min(1000, n), subsets=50, normalize=False)
+    metric.update(torch.cat(reference.kept).double(), real=True)
+    metric.update(torch.cat(other.kept).double(), real=False)
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str = "cpu") -> FeatureStats:
+    """Statistics of uint8 image batches, streamed."""
+    stats = FeatureStats(extractor.num_features, device)
+    for images in batches:
+        stats.update(extractor(images.to(device, non_blocking=True)))
+    return stats
+
+
+def _reference_batches(reference: str, batch_size: int) -> tuple[Iterator[torch.Tensor], str]:
+    """uint8 batches of REF (builtin:digits[/train|/held_out] or an image folder) and a cache key part."""
+    if reference.startswith("builtin:digits"):
+        from .digits import digits_path, load_digits
+
+        which = reference.split("/", 1)[1] if "/" in reference else "all"
+        if which not in ("all", "train", "held_out"):
+            raise UsageError(f"unknown split '{which}' in '{reference}': use builtin:digits, /train or /held_out")
+        images = load_digits(which).images
+        return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), f"{reference}:{_sha256(digits_path())}"
+    folder = Path(reference).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"reference '{reference}' is not builtin:digits, an image folder or a statistics file")
+    from .images import image_files, load_files
+
+    files = image_files(folder)
+    if not files:
+        raise FmconvertError(f"no images in '{folder}'")
+    listing = hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
+    batches = (load_files(files[first:first + batch_size]) for first in range(0, len(files), batch_size))
+    return batches, f"{folder.resolve()}:{listing.hexdigest()}"
+
+
+@dataclass
+class ReferenceStats:
+    stats: FeatureStats
+    source: str  # "computed", "cache" or "file"
+    path: str | None
+
+
+def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500, device: str = "cpu",
+                    use_cache: bool = True) -> ReferenceStats:
+    """Statistics of REF, from a statistics file, the cache, or computed (and cached)."""
+    from safetensors.torch import load_file, save_file
+
+    from .io import atomic_write
+
+    as_file = Path(reference).expanduser()
+    if as_file.is_file():
+        if as_file.suffix != ".safetensors":
+            raise UsageError(f"reference file '{reference}' must be a .safetensors statistics file")
+        tensors = load_file(as_file)
+        meta = json.loads(_metadata(as_file).get("fmconvert", "{}"))
+        if meta.get("extractor") not in (None, extractor.name) or meta.get("weights_sha256") not in (None, extractor.weights_sha256):
+            raise FmconvertError(f"statistics file '{reference}' was made with {meta.get('extractor')} features "
+                                 f"(weights {str(meta.get('weights_sha256'))[:12]}), not {extractor.name}; recompute it")
+        return ReferenceStats(FeatureStats.from_tensors(tensors, device), "file", str(as_file))
+    batches, key = _reference_batches(reference, batch_size)
+    digest = hashlib.sha256(f"{key}|{extractor.name}|{extractor.weights_sha256}".encode()).hexdigest()[:24]
+    path = cache_dir() / f"{digest}.safetensors"
+    if use_cache and path.is_file():
+        return ReferenceStats(FeatureStats.from_tensors(load_file(path), device), "cache", str(path))
+    stats = stats_of(batches, extractor, device)
+    if use_cache:
+        metadata = {"fmconvert": json.dumps({"reference": reference, "extractor": extractor.name,
+                                             "weights_sha256": extractor.weights_sha256})}
+        atomic_write(path, lambda tmp: save_file(stats.tensors(), str(tmp), metadata=metadata))
+    return ReferenceStats(stats, "computed", str(path) if use_cache else None)
+
+
+def save_stats(stats: FeatureStats, path: Path, extractor: Extractor, reference: str) -> None:
+    from safetensors.torch import save_file
+
+    from .io import atomic_write
+
+    metadata = {"fmconvert": json.dumps({"reference": reference, "extractor": extractor.name,
+                                         "weights_sha256": extractor.weights_sha256})}
+    atomic_write(Path(path), lambda tmp: save_file(stats.tensors(), str(tmp), metadata=metadata))
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def sweep(vm, reference: str, extractor: Extractor, solvers: list[str], steps_list: list[int], num_images: int,
+          batch_size: int = 250, seed: int = 0, grid: str = "uniform", baseline: str | None = None,
+          device: str = "cpu", progress: bool = False, use_cache: bool = True) -> dict:
+    """FID (and KID) of every sampler × NFE against REF and, with a baseline, against the
+    baseline's samples at the same NFE and seeds. Samples are streamed, never all held."""
+    from .images import to_uint8
+    from .sampling import iter_baseline, iter_generate
+
+    ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
+    rows = []
+    baseline_stats = {}
+    runs = [(baseline, steps, True) for steps in steps_list] if baseline else []
+    runs += [(solver, steps, False) for solver in solvers for steps in steps_list]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs), desc="FID sweep", unit="run", file=__import__("sys").stderr, leave=False)
+    for sampler, steps, is_baseline in runs:
+        if is_baseline:
+            batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
+        else:
+            batches = iter_generate(vm, num_images, batch_size, seed, sampler, grid, steps, device)
+        stats = FeatureStats(extractor.num_features, device)
+        nfe = 0
+        for _, images, count in batches:
+            stats.update(extractor(to_uint8(images).to(device)))
+            nfe = max(nfe, count)
+        row = {"sampler": sampler, "grid": "trailing" if is_baseline else grid, "steps": steps, "nfe": nfe,
+               "baseline": is_baseline, "fid": fid_between(ref.stats, stats)}
+        kid = kid_between(ref.stats, stats, seed)
+        if kid is not None:
+            row["kid"], row["kid_std"] = kid
+        if is_baseline:
+            baseline_stats[(sampler, steps)] = stats
+        elif baseline is not None:
+            row["fid_vs_baseline"] = fid_between(baseline_stats[(baseline, steps)], stats)
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {"reference": reference, "features": extractor.name, "num_images": num_images, "seed": seed,
+            "reference_stats": {"source": ref.source, "path": ref.path, "num_samples": ref.stats.count,
+                                "reused": ref.source in ("cache", "file")},
+            "rows": rows}
+
+
+def plot_sweep(result: dict, path: Path) -> Path:
+    """FID against NFE, one line per sampler (matplotlib PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    samplers = dict.fromkeys(row["sampler"] + (" (baseline)" if row["baseline"] else "") for row in result["rows"])
+    for label in samplers:
+        rows = [r for r in result["rows"] if r["sampler"] + (" (baseline)" if r["baseline"] else "") == label]
+        ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker="o", label=label,
+                linestyle="--" if rows[0]["baseline"] else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(f"FID ({result['features']} features)")
+    ax.set_title(f"FID vs {result['reference']}, {result['num_images']} samples")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return Path(path)
