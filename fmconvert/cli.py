@@ -203,6 +203,177 @@ def sample(
             "".join(f"; wrote {v}" for v in outputs.values()))
 
 
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated integers, got '{value}'") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} values must be positive integers, got '{value}'")
+    return values
+
+
+@app.command()
+@handle_errors
+def agree(
+    model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
+    other: Optional[str] = typer.Argument(None, help="A second model: compare the two fields on one path."),
+    data: Optional[str] = typer.Option(None, help="Points from the forward process of this data: builtin:digits or an image folder (default: the model's own samples)."),
+    num_times: int = typer.Option(20, "--num-times", help="Times spread over the trained range."),
+    num_points: int = typer.Option(256, "--num-points", help="Data points per time."),
+    dtypes: str = typer.Option("float32", help="Comma-separated: float32,bfloat16,float16."),
+    steps: str = typer.Option("4,8,16,32", help="NFE sweep for the trajectory check (Euler vs the source's DDIM)."),
+    num_images: int = typer.Option(64, "--num-images", help="Trajectories per NFE."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """How closely the converted field agrees with its source (or two fields with each other)."""
+    from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
+    from .sampling import generate, load_velocity_model
+
+    _interactive(as_json)
+    dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
+    for d in dtype_list:
+        _choice(d, DTYPES, "--dtypes")
+    steps_list = _int_list(steps, "--steps")
+    for name, value in (("--num-times", num_times), ("--num-points", num_points), ("--num-images", num_images)):
+        if value < 1:
+            raise UsageError(f"{name} must be a positive integer, got {value}")
+    device = _device(device)
+    vm = load_velocity_model(model, device=device)
+    if data is not None:
+        points = load_points(data, num_points)
+    else:
+        log(f"no --data: using {num_points} of the model's own samples (Euler, 50 steps)")
+        points = generate(vm, num_points, 256, seed, "euler", "uniform", 50, device).samples
+    payload: dict = {"model": model, "loaded": vm.info, "num_points": len(points), "data": data or "own samples"}
+    if other is None:
+        log(f"field of {model} against its source's PF-ODE drift at {num_times} times, dtypes {', '.join(dtype_list)}")
+        result = field_vs_source(vm.velocity, points, num_times, dtype_list, seed=seed, device=device)
+        payload["field"] = {"s": result.s, **result.per_dtype}
+        if vm.source.prediction_type != "flow_prediction" and not vm.source.converted:
+            log(f"trajectories: Euler vs the source's DDIM at NFE {steps}")
+            payload["trajectories"] = trajectory_agreement(vm, steps_list, num_images, seed=seed, device=device)
+    else:
+        vm2 = load_velocity_model(other, device=device)
+        log(f"field of {model} against the field of {other} at {num_times} times")
+        result = field_vs_field(vm.velocity, vm2.velocity, points, num_times, seed=seed, device=device)
+        payload["other"] = other
+        payload["field"] = {"s": result.s, **result.per_dtype}
+    if as_json:
+        emit_json(payload)
+        return
+    for d in [k for k in payload["field"] if k != "s"]:
+        rows = payload["field"][d]
+        print(f"{d}: s, relative L2, cosine, max |error|")
+        for i, s in enumerate(payload["field"]["s"]):
+            print(f"  {s:.4f}  {rows['relative_l2'][i]:.3e}  {rows['cosine'][i]:.8f}  {rows['max_abs_error'][i]:.3e}")
+    for row in payload.get("trajectories", []):
+        print(f"NFE {row['nfe']:4d}: Euler vs DDIM relative L2 {row['relative_l2']:.3e}, max |error| {row['max_abs_error']:.3e}")
+
+
+@app.command()
+@handle_errors
+def fid(
+    model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
+    reference: str = typer.Option(..., "--reference", help="builtin:digits[/train|/held_out], an image folder, or a statistics file (.safetensors)."),
+    features: str = typer.Option("digits", help="digits (the zoo's classifier) or inception (torch-fidelity's, paper-comparable)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, else download."),
+    inception_layer: str = typer.Option("2048", "--inception-layer", help="Inception feature layer: 64, 192, 768, 2048."),
+    steps: str = typer.Option("4,8,16,32", help="Comma-separated step counts (the NFE sweep)."),
+    solver: str = typer.Option("euler", help="Comma-separated solvers."),
+    grid: str = typer.Option("uniform", help="Time grid for fmconvert's solvers."),
+    baseline: Optional[str] = typer.Option(None, help="Also run the source's own sampler (ddim) at the same NFE and seeds."),
+    num_images: int = typer.Option(1000, "--num-images"),
+    batch_size: int = typer.Option(250, "--batch-size"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
+    save_reference_stats: Optional[Path] = typer.Option(None, "--save-reference-stats", help="Also write the reference statistics to this .safetensors file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write FID against NFE as a PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep."""
+    from .fid import FEATURES, make_extractor, reference_stats, save_stats, sweep
+    from .grids import GRIDS
+    from .sampling import BASELINES, load_velocity_model
+    from .solvers import SOLVERS
+
+    interactive = _interactive(as_json)
+    _choice(features, FEATURES, "--features")
+    _choice(grid, GRIDS, "--grid")
+    solvers = [v.strip() for v in solver.split(",") if v.strip()]
+    for name in solvers:
+        _choice(name, SOLVERS, "--solver")
+    if baseline is not None:
+        _choice(baseline, BASELINES, "--baseline")
+    steps_list = _int_list(steps, "--steps")
+    for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
+        if value < 2:
+            raise UsageError(f"{name} must be at least 2, got {value}")
+    device = _device(device)
+    extractor = make_extractor(features, inception_weights, inception_layer, device)
+    vm = load_velocity_model(model, device=device)
+    log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
+        f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
+    try:
+        result = sweep(vm, reference, extractor, solvers, steps_list, num_images, batch_size, seed, grid, baseline,
+                       device, progress=interactive, use_cache=not no_cache)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    result["model"], result["loaded"] = model, vm.info
+    if save_reference_stats is not None:
+        save_stats(reference_stats(reference, extractor, device=device).stats, save_reference_stats, extractor, reference)
+        result["saved_reference_stats"] = str(save_reference_stats)
+    if plot is not None:
+        from .fid import plot_sweep
+
+        result["plot"] = str(plot_sweep(result, plot))
+    if as_json:
+        emit_json(result)
+        return
+    log(f"reference statistics: {result['reference_stats']['source']} ({result['reference_stats']['num_samples']} images)")
+    print("| sampler | steps | NFE | FID vs reference | KID vs reference | FID vs baseline |")
+    print("|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        kid = f"{row['kid']:.4f} ± {row['kid_std']:.4f}" if "kid" in row else "n/a"
+        vs = f"{row['fid_vs_baseline']:.4f}" if "fid_vs_baseline" in row else ""
+        name = row["sampler"] + (" (baseline)" if row["baseline"] else "")
+        print(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.4f} | {kid} | {vs} |")
+
+
+@app.command()
+@handle_errors
+def report(
+    model: str = typer.Argument("builtin:digits-eps", help="A diffusion SOURCE to convert and evaluate."),
+    other: Optional[str] = typer.Option("builtin:digits-flow", help="A second model whose field to compare ('' for none)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="The report folder."),
+    data: str = typer.Option("builtin:digits/held_out", help="Points for the field agreement."),
+    reference: str = typer.Option("builtin:digits", help="FID reference (digits features)."),
+    steps: str = typer.Option("4,8,16,32", help="NFE sweep."),
+    num_images: int = typer.Option(1000, "--num-images", help="Samples per FID run."),
+    num_times: int = typer.Option(20, "--num-times"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as one JSON object on stdout."),
+):
+    """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
+    from .report import build_report
+
+    interactive = _interactive(as_json)
+    if out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    numbers = build_report(model, other or None, out, data, reference, tuple(_int_list(steps, "--steps")),
+                           num_images=num_images, num_times=num_times, seed=seed, device=_device(device), force=force,
+                           progress=interactive, log=log)
+    if as_json:
+        emit_json(numbers)
+    else:
+        log(f"wrote {out}/report.md ({numbers['seconds']} s)")
+
+
 def main() -> None:
     app(prog_name="fmconvert")
 

@@ -43,7 +43,7 @@ from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .errors import FmconvertError, UsageError
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
-from .schedules import GaussianPath, path_from_scheduler_config, scheduler_config
+from .schedules import GaussianPath, path_from_scheduler_config
 
 
 class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):

@@ -51,8 +51,8 @@ def main() -> None:
         print(json.dumps({"settings": vars(args), "models": rows, "real_vs_real_fid": floor}, indent=2))
         return
     print(f"{args.num_images} samples per model, {args.solver} on the {args.grid} grid, {args.steps} steps (seed {args.seed})")
-    print(f"| model | p>=0.9 | min class | max class | FID (digits features) | NFE | seconds |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| model | p>=0.9 | min class | max class | FID (digits features) | NFE | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         shares = row["class_fractions"]
         print(f"| builtin:{name} | {row['confident']:.1%} | {min(shares):.1%} | {max(shares):.1%} | {row['fid']:.3f} | "

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_cond_unet, make_unet
+from conftest import make_unet
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,

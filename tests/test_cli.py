@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import fmconvert
 from fmconvert.cli import app
-from fmconvert.schedules import DiscreteVPSchedule, RectifiedFlow
+from fmconvert.schedules import RectifiedFlow
 
 runner = CliRunner()
 

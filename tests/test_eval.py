@@ -1,0 +1,172 @@
+"""`fmconvert agree` and `fmconvert fid`: agreement numbers, FID against torch-fidelity,
+the statistics cache, the offline Inception error, and FID of a set against itself."""
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fmconvert.cli import app
+from fmconvert.digits import load_digits
+from fmconvert.fid import FeatureStats, fid_between, make_extractor, reference_stats, stats_of
+
+runner = CliRunner()
+
+
+def ok(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMCONVERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+# -- agree ------------------------------------------------------------------------------------
+
+
+def test_agree_converted_field_matches_the_source_drift(ddpm_folder):
+    payload = json.loads(ok("agree", ddpm_folder, "--num-times", 6, "--num-points", 8, "--dtypes", "float32,bfloat16",
+                            "--steps", "2,5", "--num-images", 4, "--json").stdout)
+    field = payload["field"]
+    assert len(field["s"]) == 6 and min(field["s"]) > 0 and max(field["s"]) < 1
+    assert max(field["float32"]["relative_l2"]) < 1e-5
+    assert min(field["float32"]["cosine"]) > 1 - 1e-9
+    # bfloat16 is measurably worse but still close: the check can tell dtypes apart
+    assert 1e-5 < max(field["bfloat16"]["relative_l2"]) < 0.1
+    assert [row["nfe"] for row in payload["trajectories"]] == [2, 5]
+    assert all(row["relative_l2"] < 1e-5 for row in payload["trajectories"])
+
+
+def test_agree_two_models_on_one_path(ddpm_folder, flow_folder):
+    same = json.loads(ok("agree", ddpm_folder, ddpm_folder, "--num-times", 4, "--num-points", 8, "--json").stdout)
+    assert max(same["field"]["float32"]["relative_l2"]) == 0.0
+    other = json.loads(ok("agree", ddpm_folder, flow_folder, "--num-times", 4, "--num-points", 8, "--json").stdout)
+    rel = other["field"]["float32"]["relative_l2"]
+    assert len(rel) == 4 and all(0 < r < float("inf") for r in rel)  # two random networks disagree
+
+
+def test_agree_with_data_points():
+    digits = load_digits("held_out")
+    assert digits.data.shape[1:] == (1, 8, 8)
+    result = runner.invoke(app, ["agree", "builtin:digits-eps", "--data", "builtin:digits/held_out", "--num-times", "3",
+                                 "--num-points", "16", "--steps", "2", "--num-images", "2", "--json"])
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["num_points"] == 16 and max(payload["field"]["float32"]["relative_l2"]) < 1e-5
+
+
+# -- FID ----------------------------------------------------------------------------------------
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    extractor = make_extractor("digits")
+    images = load_digits().images
+    stats = stats_of([images[:900], images[900:]], extractor)
+    assert abs(fid_between(stats, stats)) < 1e-6
+    ref = reference_stats("builtin:digits", extractor)
+    assert abs(fid_between(ref.stats, stats)) < 1e-6
+
+
+def test_fid_sweep_caches_reference_statistics(tmp_path, ddpm_folder):
+    args = ["fid", ddpm_folder, "--reference", "builtin:digits", "--steps", "2,3", "--solver", "euler,heun",
+            "--baseline", "ddim", "--num-images", 120, "--batch-size", 60, "--json"]
+    first = json.loads(ok(*args, "--plot", tmp_path / "fid.png").stdout)
+    second = json.loads(ok(*args).stdout)
+    assert first["reference_stats"]["reused"] is False and second["reference_stats"]["reused"] is True
+    assert [r["fid"] for r in first["rows"]] == [r["fid"] for r in second["rows"]]
+    samplers = [(r["sampler"], r["steps"], r["baseline"]) for r in first["rows"]]
+    assert samplers == [("ddim", 2, True), ("ddim", 3, True), ("euler", 2, False), ("euler", 3, False),
+                        ("heun", 2, False), ("heun", 3, False)]
+    assert all("fid_vs_baseline" in r for r in first["rows"] if not r["baseline"])
+    assert all("kid" in r for r in first["rows"])  # 120 samples: KID is reported
+    assert [r["nfe"] for r in first["rows"] if r["sampler"] == "heun"] == [3, 5]
+    assert (tmp_path / "fid.png").stat().st_size > 1000
+    # a statistics file as the reference gives the same numbers
+    ok("fid", ddpm_folder, "--reference", "builtin:digits", "--steps", 2, "--num-images", 120, "--batch-size", 60,
+       "--save-reference-stats", tmp_path / "ref.safetensors")
+    from_file = json.loads(ok("fid", ddpm_folder, "--reference", tmp_path / "ref.safetensors", "--steps", 2,
+                              "--num-images", 120, "--batch-size", 60, "--json").stdout)
+    assert from_file["reference_stats"]["source"] == "file"
+    assert from_file["rows"][0]["fid"] == pytest.approx(first["rows"][2]["fid"], rel=1e-12)
+
+
+def test_fid_streams_samples(monkeypatch, ddpm_folder):
+    """The sweep never holds more than one batch of samples."""
+    import fmconvert.sampling as sampling
+
+    largest = []
+    original = sampling.iter_generate
+
+    def spy(*args, **kwargs):
+        for x, images, nfe in original(*args, **kwargs):
+            largest.append(len(x))
+            yield x, images, nfe
+
+    monkeypatch.setattr(sampling, "iter_generate", spy)
+    ok("fid", ddpm_folder, "--reference", "builtin:digits", "--steps", 2, "--num-images", 100, "--batch-size", 25)
+    assert largest == [25, 25, 25, 25]
+
+
+def test_offline_inception_error_names_the_file(tmp_path, ddpm_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["fid", str(ddpm_folder), "--reference", "builtin:digits", "--features", "inception"])
+    assert result.exit_code == 1
+    line = [x for x in result.stderr.splitlines() if x.startswith("error:")][0]
+    assert "weights-inception-2015-12-05-6726825d.pth" in line and "checkpoints" in line and "--inception-weights" in line
+
+
+def _random_inception_weights(path):
+    """torch-fidelity's InceptionV3 with random weights (no download), saved as a state dict."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        torch.manual_seed(0)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
+    state = model.state_dict()
+    for name in state:  # small running variances: features of a useful size, not ~1e-3
+        if name.endswith("running_var"):
+            state[name] = torch.full_like(state[name], 0.05)
+    torch.save(state, path)
+    return path
+
+
+class _UInt8Dataset(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_inception_fid_equals_torch_fidelity(tmp_path):
+    torch_fidelity = pytest.importorskip("torch_fidelity")
+    weights = _random_inception_weights(tmp_path / "inception.pth")
+    digits = load_digits().images.expand(-1, 3, -1, -1).contiguous()
+    real, fake = digits[:160], digits[300:400].flip(-1)  # mirrored digits: a real difference
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_UInt8Dataset(fake), input2=_UInt8Dataset(real), fid=True, cuda=False, batch_size=100,
+        feature_extractor="inception-v3-compat", feature_layer_fid="64", feature_extractor_weights_path=str(weights),
+        verbose=False, cache=False, save_cpu_ram=True,
+    )["frechet_inception_distance"]
+    extractor = make_extractor("inception", weights, layer="64")
+    ours = fid_between(stats_of([real[:80], real[80:]], extractor), stats_of([fake], extractor))
+    assert theirs > 1e-3
+    assert ours == pytest.approx(theirs, rel=1e-3)
+
+
+def test_inception_weights_must_be_plain_tensors(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv": torch.zeros(1), "extra": FeatureStats}, bad)  # a pickled class, not just tensors
+    from fmconvert.errors import FmconvertError
+
+    with pytest.raises(FmconvertError, match="plain state dict"):
+        make_extractor("inception", bad)
