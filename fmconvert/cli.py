@@ -100,6 +100,9 @@ def wrap(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (.bin/.ckpt): they can run code."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the source."),
+    push_to: Optional[str] = typer.Option(None, "--push", help="Then publish the folder to this Hub repo id."),
+    private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
+    token: Optional[str] = typer.Option(None, "--token", help="With --push: Hub token (default: HF_TOKEN or the login cache)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ):
     """Convert SOURCE into a pipeline folder that stock diffusers loads."""
@@ -113,6 +116,11 @@ def wrap(
     log(f"loading {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")
     model = load_denoiser(src, None, allow_pickle, trust_remote_code)
     summary = write_converted(src, model, out, to, schedule, force)
+    if push_to is not None:
+        from .push import push as push_folder
+
+        summary["push"] = push_folder(out, push_to, private=private, token=token)
+        log(f"pushed {out} to {push_to}: {summary['push']['commit_url']}")
     if as_json:
         emit_json(summary)
     else:
@@ -372,6 +380,30 @@ def report(
         emit_json(numbers)
     else:
         log(f"wrote {out}/report.md ({numbers['seconds']} s)")
+
+
+@app.command()
+@handle_errors
+def push(
+    folder: Path = typer.Argument(..., help="A folder written by fmconvert wrap."),
+    repo_id: str = typer.Argument(..., help="owner/name on the Hub (HF_ENDPOINT picks the Hub)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to commit to (created if missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to the branch."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message"),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or the login cache); never printed."),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="A folder from fmconvert report: its tables and grids go into the model card."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+):
+    """Publish a converted folder to the Hugging Face Hub in one commit."""
+    from .push import push as push_folder
+
+    _interactive(as_json)
+    summary = push_folder(folder, repo_id, private, revision, create_pr, commit_message, token, report_dir)
+    if as_json:
+        emit_json(summary)
+    else:
+        log(f"pushed {len(summary['files'])} files to {repo_id}: {summary['pr_url'] or summary['commit_url']}")
 
 
 def main() -> None:

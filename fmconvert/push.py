@@ -1,0 +1,132 @@
+"""Publishing a converted folder to the Hugging Face Hub (``fmconvert push``).
+
+``HfApi(endpoint=HF_ENDPOINT).create_repo(exist_ok=True)`` then a single ``upload_folder``
+commit, so a failure never leaves a half-uploaded model. The token comes from ``--token``,
+``HF_TOKEN`` or the login cache (huggingface_hub's order) and is never printed. Before
+anything is sent the folder is checked: it must be a folder written by ``fmconvert wrap``,
+hold only the expected files (no pickles), and load with :func:`fmconvert.load`.
+With ``report`` (a folder written by ``fmconvert report``) its tables and sample grid go
+into the model card, the pictures under ``eval/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import FmconvertError, UsageError
+from .hub import PICKLE_SUFFIXES
+from .io import link_or_copy
+
+REQUIRED = ("model_index.json", "fmconvert.json", "README.md")
+
+
+def check_converted_folder(folder: Path) -> list[str]:
+    """The files to upload; raises FmconvertError if ``folder`` is not a converted model."""
+    from .pipelines import ADAPTER_SHIM, load
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"'{folder}' does not exist or is not a folder")
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        raise FmconvertError(f"'{folder}' is not a folder written by fmconvert wrap (missing {', '.join(missing)}); "
+                             "convert the model first: fmconvert wrap SOURCE --out DIR")
+    index = json.loads((folder / "model_index.json").read_text())
+    adapters = [name for name, value in index.items() if isinstance(value, list) and value[0] == ADAPTER_SHIM]
+    if not adapters:
+        raise FmconvertError(f"'{folder}' has no fmconvert adapter in model_index.json; it is not a converted model")
+    for name in adapters:
+        for needed in ("config.json", "diffusion_pytorch_model.safetensors", f"{ADAPTER_SHIM}.py"):
+            if not (folder / name / needed).is_file():
+                raise FmconvertError(f"'{folder}/{name}' lacks {needed}; write the folder again with fmconvert wrap")
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise FmconvertError(f"'{folder}' contains pickle files ({pickles[0]}); only safetensors weights are published")
+    hidden = [f for f in files if any(part.startswith(".") for part in Path(f).parts)]
+    if hidden:
+        raise FmconvertError(f"'{folder}' contains hidden files ({hidden[0]}); remove them before pushing")
+    try:
+        load(folder)
+    except Exception as error:  # noqa: BLE001 - any failure to load is the same verdict
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FmconvertError(f"'{folder}' does not load ({first}); write it again with fmconvert wrap") from None
+    return files
+
+
+def _card_with_report(card: str, report: Path) -> str:
+    """The model card plus the report's tables (pictures linked under eval/)."""
+    text = (report / "report.md").read_text()
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text
+    body = re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", r"![\1](eval/\2)", body)
+    return card.rstrip() + "\n\n## Evaluation (fmconvert report)\n" + body
+
+
+def _transport_errors() -> type:
+    try:
+        import httpx
+
+        return httpx.TransportError
+    except ImportError:  # pragma: no cover - huggingface_hub 2 depends on httpx
+        return OSError
+
+
+def push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None, create_pr: bool = False,
+         commit_message: str | None = None, token: str | None = None, report: Path | None = None) -> dict:
+    """Check, then upload ``folder`` to ``repo_id`` in one commit. Returns a summary for --json."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if constants.is_offline_mode():
+        raise FmconvertError("cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UsageError(f"'{repo_id}' is not a valid Hub repo id (owner/name)") from None
+    folder = Path(folder)
+    files = check_converted_folder(folder)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    api = HfApi(endpoint=endpoint, token=token, library_name="fmconvert", library_version=__version__)
+    with tempfile.TemporaryDirectory(prefix="fmconvert-push-") as staging:
+        upload = folder
+        if report is not None:
+            report = Path(report)
+            if not (report / "report.md").is_file():
+                raise UsageError(f"--report '{report}' has no report.md; make one with fmconvert report")
+            upload = Path(staging) / folder.name
+            shutil.copytree(folder, upload, copy_function=link_or_copy)
+            (upload / "README.md").unlink()
+            (upload / "README.md").write_text(_card_with_report((folder / "README.md").read_text(), report))
+            (upload / "eval").mkdir()
+            for picture in sorted(report.glob("*.png")):
+                shutil.copy2(picture, upload / "eval" / picture.name)
+            files = sorted(str(p.relative_to(upload)) for p in upload.rglob("*") if p.is_file())
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision and revision != "main" and not create_pr:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                folder_path=str(upload), repo_id=repo_id, repo_type="model", revision=revision, create_pr=create_pr,
+                commit_message=commit_message or f"Upload {folder.name}, converted by fmconvert {__version__}",
+            )
+        except OfflineModeIsEnabled:
+            raise FmconvertError("cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload") from None
+        except HfHubHTTPError as error:
+            status = error.response.status_code if error.response is not None else None
+            if status in (401, 403):
+                raise FmconvertError(f"the Hub refused the upload to '{repo_id}' (HTTP {status}): pass --token, "
+                                     "set HF_TOKEN, or log in with hf auth login, with write access") from None
+            raise FmconvertError(f"the Hub answered HTTP {status} for '{repo_id}': {str(error).splitlines()[0]}") from None
+        except (OSError, _transport_errors()) as error:  # connection refused, DNS, TLS...
+            where = endpoint or constants.ENDPOINT
+            raise FmconvertError(f"cannot reach the Hub at {where} ({type(error).__name__}); check the network "
+                                 "or HF_ENDPOINT") from None
+    return {"repo_id": repo_id, "commit_url": info.commit_url, "commit_oid": info.oid, "pr_url": info.pr_url,
+            "private": private, "revision": revision or "main", "files": files}
