@@ -83,10 +83,25 @@ def agreement_times(adapter: PathAdapter, num_times: int) -> torch.Tensor:
     return s.clamp(1e-6, 1 - 1e-6)
 
 
-def forward_process(x0: torch.Tensor, s: float, generator: torch.Generator) -> torch.Tensor:
+def forward_process(x0: torch.Tensor, s: float, eps: torch.Tensor) -> torch.Tensor:
     """x_s = (1 − s)·x0 + s·ε."""
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    return (1 - s) * x0 + s * eps
+    return (1 - s) * x0 + s * eps.to(x0.dtype)
+
+
+def _point_batches(data: torch.Tensor, batch_size: int, s_values: list[float], seed: int, device: str):
+    """(time index, s, x_s) for this process's share of the points: batch j of every time
+    goes to rank j mod K; ε for point n at time i is the n-th image of the noise stream
+    seeded seed + i, so the points depend on neither the batch size nor the process count."""
+    from . import distributed
+    from .sampling import NoiseStream, batches_of
+
+    ranges = batches_of(len(data), batch_size)
+    for i, s in enumerate(s_values):
+        noise = NoiseStream(len(data), tuple(data.shape[1:]), seed + i)
+        for j in distributed.my_shards(len(ranges)):
+            lo, hi = ranges[j]
+            x_s = forward_process(data[lo:hi].to(F64), s, noise.take(lo, hi)).to(device)
+            yield i, s, x_s
 
 
 @dataclass
@@ -111,16 +126,12 @@ def field_vs_source(adapter: PathAdapter, data: torch.Tensor, num_times: int = 2
     reference_adapter = _with_dtype(adapter, torch.float32).to(device)
     metrics = {d: FieldAgreement(num_times).to(device) for d in dtypes}
     fields = {d: _with_dtype(reference_adapter, getattr(torch, d)) for d in dtypes}
-    for i, s in enumerate(s_values.tolist()):
-        generator = torch.Generator().manual_seed(seed + i)
-        for first in range(0, len(data), batch_size):
-            x_s = forward_process(data[first:first + batch_size].to(F64), s, generator).to(device)
-            s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
-            reference = pf_ode_reference(reference_adapter, x_s, s_batch)
-            T = adapter.target.num_train_timesteps
-            for d, field in fields.items():
-                u = field.evaluate(x_s, T * s_batch, output_dtype=F64)
-                metrics[d].update(i, u, reference)
+    T = adapter.target.num_train_timesteps
+    for i, s, x_s in _point_batches(data, batch_size, s_values.tolist(), seed, device):
+        s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
+        reference = pf_ode_reference(reference_adapter, x_s, s_batch)
+        for d, field in fields.items():
+            metrics[d].update(i, field.evaluate(x_s, T * s_batch, output_dtype=F64), reference)
     return AgreementResult(s_values.tolist(), {d: {k: v.tolist() for k, v in m.compute().items()} for d, m in metrics.items()})
 
 
@@ -134,13 +145,10 @@ def field_vs_field(first: PathAdapter, second: PathAdapter, data: torch.Tensor, 
     s_values = torch.linspace(hi, lo, num_times, dtype=F64)
     metric = FieldAgreement(num_times).to(device)
     T1, T2 = first.target.num_train_timesteps, second.target.num_train_timesteps
-    for i, s in enumerate(s_values.tolist()):
-        generator = torch.Generator().manual_seed(seed + i)
-        for start in range(0, len(data), batch_size):
-            x_s = forward_process(data[start:start + batch_size].to(F64), s, generator).to(device)
-            s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
-            metric.update(i, first.evaluate(x_s, T1 * s_batch, output_dtype=F64),
-                          second.evaluate(x_s, T2 * s_batch, output_dtype=F64))
+    for i, s, x_s in _point_batches(data, batch_size, s_values.tolist(), seed, device):
+        s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
+        metric.update(i, first.evaluate(x_s, T1 * s_batch, output_dtype=F64),
+                      second.evaluate(x_s, T2 * s_batch, output_dtype=F64))
     return AgreementResult(s_values.tolist(), {"float32": {k: v.tolist() for k, v in metric.compute().items()}})
 
 

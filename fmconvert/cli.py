@@ -26,12 +26,26 @@ app = typer.Typer(
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _main_process() -> bool:
+    from . import distributed
+
+    return distributed.is_main()
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A log line on stderr (rank 0 alone under torchrun)."""
+    if _main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def say(message: str) -> None:
+    """A result line on stdout (rank 0 alone)."""
+    if _main_process():
+        print(message, flush=True)
 
 
 def emit_json(payload: dict) -> None:
-    print(json.dumps(payload, indent=2, default=str), flush=True)
+    say(json.dumps(payload, indent=2, default=str))
 
 
 def handle_errors(command):
@@ -68,13 +82,14 @@ def _choice(value: str, choices, option: str) -> str:
 
 
 def _device(device: str) -> str:
+    """Validate --device and, under torchrun, join the process group (this rank's device)."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    from . import distributed
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
-    return device
+    return distributed.init(device)
 
 
 def _interactive(as_json: bool) -> bool:
@@ -147,6 +162,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid, or a folder of PNGs."),
     save_tensor: Optional[Path] = typer.Option(None, "--save-tensor", help="Write the final samples (float32, data space) as safetensors, key 'samples'."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    samples_dir: Optional[Path] = typer.Option(None, "--samples-dir", help="Keep samples in shards here; a rerun reuses complete shards."),
     revision: Optional[str] = typer.Option(None, help="Hub revision."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the model."),
@@ -172,7 +188,7 @@ def sample(
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
     device = _device(device)
 
-    from .sampling import generate, generate_baseline, load_velocity_model
+    from .sampling import generate_sharded, iter_baseline, iter_generate, load_velocity_model, sample_shape
 
     interactive = _interactive(as_json)
     vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code)
@@ -180,13 +196,30 @@ def sample(
         if baseline is not None:
             log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
             solver, grid = baseline, "trailing"
-            result = generate_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
+
+            def make_batches(ranges):
+                return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges)
         else:
             log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
-            result = generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
-                              progress=interactive, solver_options={"rtol": rtol, "atol": atol} if solver == "dopri5" else None)
+            options = {"rtol": rtol, "atol": atol} if solver == "dopri5" else None
+
+            def make_batches(ranges):
+                return iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt,
+                                     guidance_scale, progress=interactive, solver_options=options, ranges=ranges)
+        store = None
+        if samples_dir is not None:
+            from .shards import ShardStore
+
+            store = ShardStore(samples_dir, {
+                "model": model, "model_class": vm.source.model_class, "solver": solver, "grid": grid, "steps": steps,
+                "seed": seed, "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
+                "dtype": dtype, "prompt": prompt, "guidance_scale": guidance_scale,
+            })
+        result, reused = generate_sharded(vm, make_batches, num_images, batch_size, store, device)
     except ValueError as error:  # a grid the source cannot have, steps beyond its schedule, ...
         raise UsageError(str(error)) from None
+    if result is None:  # not rank 0: rank 0 writes and prints
+        return
     outputs = {}
     if out is not None:
         from .images import save_folder, save_grid
@@ -204,6 +237,8 @@ def sample(
         "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
         "seed": seed, "device": device, "dtype": dtype, "seconds": round(result.seconds, 4), "outputs": outputs,
     }
+    if samples_dir is not None:
+        payload["samples_dir"], payload["shards_reused"] = str(samples_dir), reused
     if as_json:
         emit_json(payload)
     else:
@@ -274,11 +309,11 @@ def agree(
         return
     for d in [k for k in payload["field"] if k != "s"]:
         rows = payload["field"][d]
-        print(f"{d}: s, relative L2, cosine, max |error|")
+        say(f"{d}: s, relative L2, cosine, max |error|")
         for i, s in enumerate(payload["field"]["s"]):
-            print(f"  {s:.4f}  {rows['relative_l2'][i]:.3e}  {rows['cosine'][i]:.8f}  {rows['max_abs_error'][i]:.3e}")
+            say(f"  {s:.4f}  {rows['relative_l2'][i]:.3e}  {rows['cosine'][i]:.8f}  {rows['max_abs_error'][i]:.3e}")
     for row in payload.get("trajectories", []):
-        print(f"NFE {row['nfe']:4d}: Euler vs DDIM relative L2 {row['relative_l2']:.3e}, max |error| {row['max_abs_error']:.3e}")
+        say(f"NFE {row['nfe']:4d}: Euler vs DDIM relative L2 {row['relative_l2']:.3e}, max |error| {row['max_abs_error']:.3e}")
 
 
 @app.command()
@@ -298,6 +333,7 @@ def fid(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
+    samples_dir: Optional[Path] = typer.Option(None, "--samples-dir", help="Keep samples in shards here; a rerun reuses complete shards."),
     save_reference_stats: Optional[Path] = typer.Option(None, "--save-reference-stats", help="Also write the reference statistics to this .safetensors file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write FID against NFE as a PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -327,14 +363,16 @@ def fid(
         f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
     try:
         result = sweep(vm, reference, extractor, solvers, steps_list, num_images, batch_size, seed, grid, baseline,
-                       device, progress=interactive, use_cache=not no_cache)
+                       device, progress=interactive, use_cache=not no_cache, samples_dir=samples_dir)
     except ValueError as error:
         raise UsageError(str(error)) from None
     result["model"], result["loaded"] = model, vm.info
     if save_reference_stats is not None:
-        save_stats(reference_stats(reference, extractor, device=device).stats, save_reference_stats, extractor, reference)
+        stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise
+        if _main_process():
+            save_stats(stats, save_reference_stats, extractor, reference)
         result["saved_reference_stats"] = str(save_reference_stats)
-    if plot is not None:
+    if plot is not None and _main_process():
         from .fid import plot_sweep
 
         result["plot"] = str(plot_sweep(result, plot))
@@ -342,13 +380,13 @@ def fid(
         emit_json(result)
         return
     log(f"reference statistics: {result['reference_stats']['source']} ({result['reference_stats']['num_samples']} images)")
-    print("| sampler | steps | NFE | FID vs reference | KID vs reference | FID vs baseline |")
-    print("|---|---|---|---|---|---|")
+    say("| sampler | steps | NFE | FID vs reference | KID vs reference | FID vs baseline |")
+    say("|---|---|---|---|---|---|")
     for row in result["rows"]:
         kid = f"{row['kid']:.4f} ± {row['kid_std']:.4f}" if "kid" in row else "n/a"
         vs = f"{row['fid_vs_baseline']:.4f}" if "fid_vs_baseline" in row else ""
         name = row["sampler"] + (" (baseline)" if row["baseline"] else "")
-        print(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.4f} | {kid} | {vs} |")
+        say(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.4f} | {kid} | {vs} |")
 
 
 @app.command()

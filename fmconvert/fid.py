@@ -135,15 +135,32 @@ class FeatureStats:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.fid = FrechetInceptionDistance(feature=Identity(num_features), normalize=False).to(device)
-        self.kept: list[torch.Tensor] = []
-        self.num_kept = 0
+        self._pieces: list[tuple[int, torch.Tensor]] = []  # (global index of the first row, features)
 
-    def update(self, features: torch.Tensor) -> None:
+    def update(self, features: torch.Tensor, start: int | None = None) -> None:
+        """Add features of images with global indices start, start + 1, ... (default: next)."""
+        start = self.count if start is None else start
         self.fid.update(features, real=False)
-        if self.num_kept < KID_KEEP:
-            take = features[: KID_KEEP - self.num_kept].float().cpu()
-            self.kept.append(take)
-            self.num_kept += len(take)
+        if start < KID_KEEP:
+            self._pieces.append((start, features[: KID_KEEP - start].float().cpu()))
+
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        """Features of the first KID_KEEP images by global index, in index order."""
+        return [piece for _, piece in sorted(self._pieces, key=lambda item: item[0])]
+
+    @property
+    def num_kept(self) -> int:
+        return sum(len(piece) for _, piece in self._pieces)
+
+    def sync(self) -> "FeatureStats":
+        """Sum the statistics of every process (torchmetrics' sync) and gather the kept features."""
+        from . import distributed
+
+        if distributed.world_size() > 1:
+            self.fid.sync()
+            self._pieces = [piece for pieces in distributed.gather_objects(self._pieces) for piece in pieces]
+        return self
 
     @property
     def count(self) -> int:
@@ -163,8 +180,7 @@ class FeatureStats:
         stats.fid.fake_features_sum = tensors["features_sum"].to(device, torch.float64)
         stats.fid.fake_features_cov_sum = tensors["features_cov_sum"].to(device, torch.float64)
         stats.fid.fake_features_num_samples = tensors["num_samples"].reshape(()).to(device)
-        stats.kept = [tensors["kid_features"]] if len(tensors["kid_features"]) else []
-        stats.num_kept = len(tensors["kid_features"])
+        stats._pieces = [(0, tensors["kid_features"])] if len(tensors["kid_features"]) else []
         return stats
 
 
@@ -173,7 +189,8 @@ def fid_between(reference: FeatureStats, other: FeatureStats) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     d = reference.fid.fake_features_sum.numel()
-    metric = FrechetInceptionDistance(feature=Identity(d), normalize=False).to(reference.fid.device)
+    # the states are already summed over processes (FeatureStats.sync): do not sync again
+    metric = FrechetInceptionDistance(feature=Identity(d), normalize=False, sync_on_compute=False).to(reference.fid.device)
     metric.real_features_sum = reference.fid.fake_features_sum
     metric.real_features_cov_sum = reference.fid.fake_features_cov_sum
     metric.real_features_num_samples = reference.fid.fake_features_num_samples
@@ -197,7 +214,8 @@ def kid_between(reference: FeatureStats, other: FeatureStats, seed: int = 0) -> 
 
     with warnings.catch_warnings():  # its note on keeping features: we keep at most KID_KEEP
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=Identity(d), subset_size=min(1000, n), subsets=50, normalize=False)
+        metric = KernelInceptionDistance(feature=Identity(d), subset_size=min(1000, n), subsets=50, normalize=False,
+                                         sync_on_compute=False)
     metric.update(torch.cat(reference.kept).double(), real=True)
     metric.update(torch.cat(other.kept).double(), real=False)
     mean, std = metric.compute()
@@ -259,16 +277,24 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
             raise FmconvertError(f"statistics file '{reference}' was made with {meta.get('extractor')} features "
                                  f"(weights {str(meta.get('weights_sha256'))[:12]}), not {extractor.name}; recompute it")
         return ReferenceStats(FeatureStats.from_tensors(tensors, device), "file", str(as_file))
+    from . import distributed
+
     batches, key = _reference_batches(reference, batch_size)
     digest = hashlib.sha256(f"{key}|{extractor.name}|{extractor.weights_sha256}".encode()).hexdigest()[:24]
     path = cache_dir() / f"{digest}.safetensors"
-    if use_cache and path.is_file():
+    cached = use_cache and path.is_file()
+    distributed.barrier()  # every rank has looked before rank 0 may write
+    if cached:
         return ReferenceStats(FeatureStats.from_tensors(load_file(path), device), "cache", str(path))
+    if use_cache and not distributed.is_main():  # rank 0 computes and caches; the others read it
+        distributed.barrier()
+        return ReferenceStats(FeatureStats.from_tensors(load_file(path), device), "computed", str(path))
     stats = stats_of(batches, extractor, device)
     if use_cache:
         metadata = {"fmconvert": json.dumps({"reference": reference, "extractor": extractor.name,
                                              "weights_sha256": extractor.weights_sha256})}
         atomic_write(path, lambda tmp: save_file(stats.tensors(), str(tmp), metadata=metadata))
+        distributed.barrier()
     return ReferenceStats(stats, "computed", str(path) if use_cache else None)
 
 
@@ -289,43 +315,80 @@ def _metadata(path: Path) -> dict:
         return handle.metadata() or {}
 
 
+def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_size: int, store=None,
+              device: str = "cpu") -> tuple[FeatureStats, int, int]:
+    """Feature statistics of one sampler run over [0, num_images), split by shard across
+    processes and summed; shards found in ``store`` are read instead of generated (and new
+    ones are written). ``make_batches(ranges)`` yields (samples, images, nfe) for those
+    index ranges. Returns (stats, nfe, shards reused)."""
+    from . import distributed
+    from .images import to_uint8
+    from .sampling import to_images
+
+    ranges = [(lo, min(num_images, lo + batch_size)) for lo in range(0, num_images, batch_size)]
+    mine = distributed.my_shards(len(ranges))
+    stored = [j for j in mine if store is not None and store.has(j)]
+    todo = [j for j in mine if j not in stored]
+    stats = FeatureStats(extractor.num_features, device)
+    nfe = 0
+    for j in stored:
+        samples, count = store.load(j)
+        stats.update(extractor(to_uint8(to_images(vm, samples.to(device)))), ranges[j][0])
+        nfe = max(nfe, count)
+    for j, (samples, images, count) in zip(todo, make_batches([ranges[j] for j in todo])):
+        if store is not None:
+            store.save(j, samples, count)
+        stats.update(extractor(to_uint8(images)), ranges[j][0])
+        nfe = max(nfe, count)
+    stats.sync()
+    return stats, max(distributed.gather_objects(nfe)), distributed.sum_int(len(stored))
+
+
 def sweep(vm, reference: str, extractor: Extractor, solvers: list[str], steps_list: list[int], num_images: int,
           batch_size: int = 250, seed: int = 0, grid: str = "uniform", baseline: str | None = None,
-          device: str = "cpu", progress: bool = False, use_cache: bool = True) -> dict:
+          device: str = "cpu", progress: bool = False, use_cache: bool = True, samples_dir: Path | None = None) -> dict:
     """FID (and KID) of every sampler × NFE against REF and, with a baseline, against the
-    baseline's samples at the same NFE and seeds. Samples are streamed, never all held."""
-    from .images import to_uint8
-    from .sampling import iter_baseline, iter_generate
+    baseline's samples at the same NFE and seeds. Samples are streamed, never all held;
+    with ``samples_dir`` they are kept in shards and a rerun reuses the complete ones."""
+    from .sampling import iter_baseline, iter_generate, sample_shape
+    from .shards import ShardStore
 
     ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
-    rows = []
-    baseline_stats = {}
+    rows, baseline_stats = [], {}
     runs = [(baseline, steps, True) for steps in steps_list] if baseline else []
     runs += [(solver, steps, False) for solver in solvers for steps in steps_list]
+    common = {"model": vm.source.reference, "model_class": vm.source.model_class, "seed": seed,
+              "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
+              "fmconvert": __import__("fmconvert").__version__}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(runs), desc="FID sweep", unit="run", file=__import__("sys").stderr, leave=False)
     for sampler, steps, is_baseline in runs:
+        run_grid = "trailing" if is_baseline else grid
+        store = None
+        if samples_dir is not None:
+            settings = {**common, "sampler": sampler, "grid": run_grid, "steps": steps, "baseline": is_baseline}
+            store = ShardStore(Path(samples_dir) / f"{sampler}-{run_grid}-{steps}", settings)
         if is_baseline:
-            batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
+            def make_batches(ranges, steps=steps):
+                return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges)
         else:
-            batches = iter_generate(vm, num_images, batch_size, seed, sampler, grid, steps, device)
-        stats = FeatureStats(extractor.num_features, device)
-        nfe = 0
-        for _, images, count in batches:
-            stats.update(extractor(to_uint8(images).to(device)))
-            nfe = max(nfe, count)
-        row = {"sampler": sampler, "grid": "trailing" if is_baseline else grid, "steps": steps, "nfe": nfe,
-               "baseline": is_baseline, "fid": fid_between(ref.stats, stats)}
+            def make_batches(ranges, sampler=sampler, steps=steps):
+                return iter_generate(vm, num_images, batch_size, seed, sampler, grid, steps, device, ranges=ranges)
+        stats, nfe, reused = run_stats(vm, extractor, make_batches, num_images, batch_size, store, device)
+        row = {"sampler": sampler, "grid": run_grid, "steps": steps, "nfe": nfe, "baseline": is_baseline,
+               "num_samples": stats.count, "fid": fid_between(ref.stats, stats)}
+        if samples_dir is not None:
+            row["shards_reused"] = reused
         kid = kid_between(ref.stats, stats, seed)
         if kid is not None:
             row["kid"], row["kid_std"] = kid
         if is_baseline:
-            baseline_stats[(sampler, steps)] = stats
+            baseline_stats[steps] = stats
         elif baseline is not None:
-            row["fid_vs_baseline"] = fid_between(baseline_stats[(baseline, steps)], stats)
+            row["fid_vs_baseline"] = fid_between(baseline_stats[steps], stats)
         rows.append(row)
         if bar is not None:
             bar.update(1)

@@ -101,6 +101,57 @@ def initial_noise(num_images: int, shape: tuple[int, ...], seed: int) -> torch.T
     return torch.randn((num_images, *shape), generator=torch.Generator("cpu").manual_seed(seed))
 
 
+class NoiseStream:
+    """The same noise as :func:`initial_noise`, by global image index, without drawing it all
+    at once: torch's CPU normal sampler fills blocks of 16 values, so drawing the stream in
+    chunks whose sizes are multiples of 16 values gives the same numbers (the last chunk,
+    drawn whole, reproduces the sampler's treatment of the tail). Any process can take any
+    index range; reading forward is cheap, going back restarts the stream."""
+
+    def __init__(self, num_images: int, shape: tuple[int, ...], seed: int, chunk_values: int = 1 << 16):
+        import math
+
+        self.num_images, self.shape, self.seed = num_images, tuple(shape), seed
+        per_image = math.prod(self.shape)
+        step = 16 // math.gcd(per_image, 16)  # images per block of whole 16-value groups
+        chunk = step * max(1, chunk_values // (step * per_image))
+        bounds = list(range(0, num_images, chunk)) + [num_images]
+        if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * per_image < 16:
+            del bounds[-2]  # the sampler recomputes the last 16 values: keep them in one chunk
+        self.bounds = bounds
+        self._restart()
+
+    def _restart(self):
+        self.generator = torch.Generator("cpu").manual_seed(self.seed)
+        self.chunk_index, self.chunk = -1, None
+
+    def _advance(self):
+        self.chunk_index += 1
+        lo, hi = self.bounds[self.chunk_index], self.bounds[self.chunk_index + 1]
+        self.chunk = torch.randn((hi - lo, *self.shape), generator=self.generator)
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        """Noise of images [start, stop)."""
+        if not 0 <= start <= stop <= self.num_images:
+            raise ValueError(f"indices [{start}, {stop}) outside [0, {self.num_images})")
+        if self.chunk_index >= 0 and start < self.bounds[self.chunk_index]:
+            self._restart()
+        parts = []
+        while start < stop:
+            while self.chunk_index < 0 or start >= self.bounds[self.chunk_index + 1]:
+                self._advance()
+            lo, hi = self.bounds[self.chunk_index], self.bounds[self.chunk_index + 1]
+            end = min(stop, hi)
+            parts.append(self.chunk[start - lo:end - lo])
+            start = end
+        return torch.cat(parts) if parts else torch.zeros((0, *self.shape))
+
+
+def batches_of(num_images: int, batch_size: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) index ranges; shard j is [j·B, (j+1)·B)."""
+    return [(lo, min(num_images, lo + batch_size)) for lo in range(0, num_images, batch_size)]
+
+
 def sample_shape(vm: VelocityModel) -> tuple[int, ...]:
     config = vm.velocity.config
     size = config.get("sample_size")
@@ -139,11 +190,13 @@ def _conditioning(vm: VelocityModel, prompt: str | None, guidance_scale: float, 
 
 def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
                   grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
-                  guidance_scale: float = 1.0, progress: bool = False,
-                  solver_options: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Yield (samples, images, nfe) batch by batch: nothing but one batch is held."""
+                  guidance_scale: float = 1.0, progress: bool = False, solver_options: dict | None = None,
+                  ranges: list[tuple[int, int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Yield (samples, images, nfe) batch by batch (by default all of [0, num_images) in
+    batches of ``batch_size``; or the given global index ranges): one batch is held."""
     s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
-    noise = initial_noise(num_images, sample_shape(vm), seed)
+    noise = NoiseStream(num_images, sample_shape(vm), seed)
+    ranges = batches_of(num_images, batch_size) if ranges is None else ranges
     s0 = s_grid[0]
     start_scale = float(torch.sqrt((1 - s0) ** 2 + s0**2))
     per_step = EVALS_PER_STEP.get(solver)
@@ -151,12 +204,11 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(range(0, num_images, batch_size)) * steps, file=sys.stderr, desc=f"{solver} {steps} steps",
-                   unit="step", leave=False)
+        bar = tqdm(total=len(ranges) * steps, file=sys.stderr, desc=f"{solver} {steps} steps", unit="step", leave=False)
     model_dtype = vm.velocity.model.dtype
     try:
-        for first in range(0, num_images, batch_size):
-            eps = noise[first:first + batch_size].to(device)
+        for first, stop in ranges:
+            eps = noise.take(first, stop).to(device)
             field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device, model_dtype)
             with torch.no_grad():
                 result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
@@ -169,7 +221,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                     "try --dtype float32, or check the model's weights"
                 )
             x = result.x.float()
-            yield x, _to_images(vm, x), result.nfe
+            yield x, to_images(vm, x), result.nfe
     finally:
         if bar is not None:
             bar.close()
@@ -211,23 +263,24 @@ def ddim_baseline(vm: VelocityModel):
 
 
 def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, steps: int = 50,
-                  device: str = "cpu", baseline: str = "ddim") -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+                  device: str = "cpu", baseline: str = "ddim",
+                  ranges: list[tuple[int, int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The source's own diffusers sampler driving the unconverted network on the same noise,
-    batch by batch."""
+    batch by batch (or over the given global index ranges)."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
     scheduler = ddim_baseline(vm)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
     model = vm.velocity.model
-    noise = initial_noise(num_images, sample_shape(vm), seed)
-    for first in range(0, num_images, batch_size):
-        x = noise[first:first + batch_size].to(device)
+    noise = NoiseStream(num_images, sample_shape(vm), seed)
+    for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):
+        x = noise.take(first, stop).to(device)
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
                 x = scheduler.step(model(x.to(model.dtype), t.to(device)).sample.float(), t, x).prev_sample
-        yield x.float(), _to_images(vm, x.float()), steps
+        yield x.float(), to_images(vm, x.float()), steps
 
 
 def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
@@ -260,10 +313,39 @@ def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, devic
     return guided
 
 
-def _to_images(vm: VelocityModel, x: torch.Tensor) -> torch.Tensor:
+def to_images(vm: VelocityModel, x: torch.Tensor) -> torch.Tensor:
     """Data space → images in [0, 1] (decoding latents with the pipeline's VAE)."""
     vae = getattr(vm.pipeline, "vae", None) if vm.pipeline is not None else None
     if vae is not None:
         with torch.no_grad():
             x = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float()
     return (x / 2 + 0.5).clamp(0, 1)
+
+
+def generate_sharded(vm: VelocityModel, make_batches, num_images: int, batch_size: int, store=None,
+                     device: str = "cpu") -> tuple[SampleResult | None, int]:
+    """All samples of [0, num_images), shard j = [j·B, (j+1)·B) made by rank j mod K (read
+    from ``store`` when it has it, else made by ``make_batches(ranges)`` and saved there);
+    gathered on rank 0 in index order. Returns (result on rank 0 else None, shards reused)."""
+    from . import distributed
+
+    started = time.perf_counter()
+    ranges = batches_of(num_images, batch_size)
+    mine = distributed.my_shards(len(ranges))
+    stored = [j for j in mine if store is not None and store.has(j)]
+    todo = [j for j in mine if j not in stored]
+    pieces = []
+    for j in stored:
+        samples, count = store.load(j)
+        pieces.append((j, samples, to_images(vm, samples.to(device)).cpu(), count))
+    for j, (samples, images, count) in zip(todo, make_batches([ranges[j] for j in todo])):
+        if store is not None:
+            store.save(j, samples, count)
+        pieces.append((j, samples.cpu(), images.cpu(), count))
+    gathered = sorted((p for part in distributed.gather_objects(pieces) for p in part), key=lambda p: p[0])
+    reused = distributed.sum_int(len(stored))
+    if not distributed.is_main():
+        return None, reused
+    result = SampleResult(torch.cat([p[1] for p in gathered]), torch.cat([p[2] for p in gathered]),
+                          [p[3] for p in gathered], time.perf_counter() - started, torch.zeros(0))
+    return result, reused

@@ -1,0 +1,61 @@
+"""Generated samples kept on disk in shards, so long runs survive interruption.
+
+A samples folder holds ``manifest.json`` (the settings that determine the samples: model,
+solver, grid, steps, seed, shape, shard size, ...) and ``shard-000000.safetensors``, ...
+(key ``samples``: float32, data space; shard j holds global indices [j·S, (j+1)·S)).
+Each shard is written to a temporary name and renamed, so a killed run leaves complete
+shards and at most some ``.tmp`` files, which are never read and are removed on the next
+run. A folder made with other settings is refused, never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import FmconvertError
+from .io import atomic_write
+
+
+class ShardStore:
+    def __init__(self, folder: Path, settings: dict):
+        from . import distributed
+
+        self.folder = Path(folder)
+        self.settings = json.loads(json.dumps(settings, default=str))
+        manifest = self.folder / "manifest.json"
+        if manifest.is_file():
+            existing = json.loads(manifest.read_text())
+            differ = sorted(k for k in set(existing) | set(self.settings) if existing.get(k) != self.settings.get(k))
+            if differ:
+                detail = ", ".join(f"{k}: {existing.get(k)!r} there, {self.settings.get(k)!r} now" for k in differ[:3])
+                raise FmconvertError(f"samples folder '{self.folder}' was made with other settings ({detail}); "
+                                     "use another --samples-dir or remove it")
+        elif distributed.is_main():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(manifest, lambda tmp: tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n"))
+        if distributed.is_main():  # half-written shards of an interrupted run: never read, removed
+            for stale in self.folder.glob(".shard-*"):
+                stale.unlink(missing_ok=True)
+        distributed.barrier()
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"shard-{index:06d}.safetensors"
+
+    def has(self, index: int) -> bool:
+        return self.path(index).is_file()
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """(samples, NFE per trajectory) of shard ``index``."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path(index)), framework="pt") as handle:
+            return handle.get_tensor("samples"), int((handle.metadata() or {}).get("nfe", 0))
+
+    def save(self, index: int, samples: torch.Tensor, nfe: int) -> None:
+        from safetensors.torch import save_file
+
+        atomic_write(self.path(index), lambda tmp: save_file({"samples": samples.float().contiguous().cpu()}, str(tmp),
+                                                             metadata={"nfe": str(nfe)}))
