@@ -106,16 +106,23 @@ def reparameterize(
     cleaner = lam > lam_bottom  # beyond the cleanest trained point
 
     p_dst, p_src = p_dst.view_as_batch(x.ndim), p_src.view_as_batch(x.ndim)
-    x64 = x.to(compute_dtype)
-    x_src = x64 * (p_src.norm / p_dst.norm)
-    out = model_fn(x_src.to(input_dtype or x.dtype), source.model_timestep(t_src, timestep_dtype))
-    x0, eps = to_x0_eps(source_prediction, out.to(compute_dtype), x_src, p_src)
-
+    scale = p_src.norm / p_dst.norm
     noisier, cleaner = noisier.view(p_dst.alpha.shape), cleaner.view(p_dst.alpha.shape)
-    one = torch.ones_like(p_dst.alpha)
-    eps = torch.where(noisier, (x64 - p_dst.alpha * x0) / torch.where(noisier, p_dst.sigma, one), eps)
-    x0 = torch.where(cleaner, (x64 - p_dst.sigma * eps) / torch.where(cleaner, p_dst.alpha, one), x0)
-    return from_x0_eps(target_prediction, x0, eps, p_dst).to(output_dtype or x.dtype)
+
+    def convert(x_dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x0, eps = to_x0_eps(source_prediction, out, x_dst * scale, p_src)
+        one = torch.ones_like(p_dst.alpha)
+        eps = torch.where(noisier, (x_dst - p_dst.alpha * x0) / torch.where(noisier, p_dst.sigma, one), eps)
+        x0 = torch.where(cleaner, (x_dst - p_dst.sigma * eps) / torch.where(cleaner, p_dst.alpha, one), x0)
+        return from_x0_eps(target_prediction, x0, eps, p_dst)
+
+    # the whole conversion is linear in (x, output) with per-sample coefficients: evaluate it
+    # on the basis (1, 0) and (0, 1), then touch the full tensors only twice
+    ones, zeros = torch.ones_like(scale), torch.zeros_like(scale)
+    k_x, k_out = convert(ones, zeros), convert(zeros, ones)
+    x_src = (x.to(compute_dtype) * scale).to(input_dtype or x.dtype)
+    out = model_fn(x_src, source.model_timestep(t_src, timestep_dtype))
+    return (k_x * x.to(compute_dtype) + k_out * out.to(compute_dtype)).to(output_dtype or x.dtype)
 
 
 @dataclass
