@@ -154,6 +154,8 @@ def sample(
     seed: int = typer.Option(0, help="Noise seed: torch.randn((N, C, H, W), generator=Generator('cpu').manual_seed(seed))."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16 (the conversion stays float64)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="GPU fast path: channels-last memory format."),
+    compile: bool = typer.Option(False, "--compile", help="GPU fast path: torch.compile the network."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
     baseline: Optional[str] = typer.Option(None, help="Instead of fmconvert's solver, run the source's own diffusers sampler on the same noise: ddim (trailing, no clipping)."),
@@ -191,7 +193,8 @@ def sample(
     from .sampling import generate_sharded, iter_baseline, iter_generate, load_velocity_model, sample_shape
 
     interactive = _interactive(as_json)
-    vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code)
+    vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
+                             channels_last=channels_last, compile=compile)
     try:
         if baseline is not None:
             log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
@@ -330,6 +333,9 @@ def fid(
     baseline: Optional[str] = typer.Option(None, help="Also run the source's own sampler (ddim) at the same NFE and seeds."),
     num_images: int = typer.Option(1000, "--num-images"),
     batch_size: int = typer.Option(250, "--batch-size"),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="GPU fast path: channels-last memory format."),
+    compile: bool = typer.Option(False, "--compile", help="GPU fast path: torch.compile the network."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
@@ -357,8 +363,11 @@ def fid(
         if value < 2:
             raise UsageError(f"{name} must be at least 2, got {value}")
     device = _device(device)
+    import torch
+
+    _choice(dtype, DTYPES, "--dtype")
     extractor = make_extractor(features, inception_weights, inception_layer, device)
-    vm = load_velocity_model(model, device=device)
+    vm = load_velocity_model(model, dtype=getattr(torch, dtype), device=device, channels_last=channels_last, compile=compile)
     log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
         f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
     try:

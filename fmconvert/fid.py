@@ -225,8 +225,9 @@ def kid_between(reference: FeatureStats, other: FeatureStats, seed: int = 0) -> 
 def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str = "cpu") -> FeatureStats:
     """Statistics of uint8 image batches, streamed."""
     stats = FeatureStats(extractor.num_features, device)
+    pin = str(device).startswith("cuda")
     for images in batches:
-        stats.update(extractor(images.to(device, non_blocking=True)))
+        stats.update(extractor((images.pin_memory() if pin else images).to(device, non_blocking=True)))
     return stats
 
 

@@ -59,8 +59,9 @@ def as_velocity(model: torch.nn.Module, source: Source) -> tuple[PathAdapter, Ga
 
 def load_velocity_model(reference: str, revision: str | None = None, dtype: torch.dtype | None = None,
                         device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
-                        need_pipeline: bool = False) -> VelocityModel:
-    """Resolve, load and wrap a MODEL for sampling."""
+                        need_pipeline: bool = False, channels_last: bool = False, compile: bool = False) -> VelocityModel:
+    """Resolve, load and wrap a MODEL for sampling (``channels_last`` / ``compile``: the GPU
+    fast path for the wrapped network; the conversion arithmetic stays float64)."""
     source = inspect_source(reference, revision, allow_pickle, trust_remote_code)
     model = load_denoiser(source, dtype, allow_pickle, trust_remote_code)
     velocity, grid_source = as_velocity(model, source)
@@ -70,6 +71,15 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     if need_pipeline or "vae" in index or "text_encoder" in index:
         pipeline = _load_pipeline(source, model, dtype, allow_pickle, trust_remote_code)
     velocity.to(device)
+    network = velocity.model.model if isinstance(velocity.model, PathAdapter) else velocity.model
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+    if compile:
+        compiled = torch.compile(network)
+        if isinstance(velocity.model, PathAdapter):
+            velocity.model.model = compiled
+        else:
+            velocity.model = compiled
     if pipeline is not None:
         for name in ("vae", "text_encoder"):
             if getattr(pipeline, name, None) is not None:

@@ -1,0 +1,46 @@
+"""CUDA checks (scripts/gpu_check.sh runs them on a GPU; skipped elsewhere): the identities on
+CUDA in float32 (TF32 off: it is not float32), finite outputs in bfloat16, and the fast path."""
+
+import pytest
+import torch
+from conftest import make_unet
+from test_adapters import ddim, mapped_sigmas, noise, rel_max, run_ddim, run_flowmatch_euler
+
+from fmconvert import VelocityAdapter
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("prediction_type, beta_schedule", [("epsilon", "linear"), ("v_prediction", "squaredcos_cap_v2")])
+def test_ddim_identity_on_cuda(prediction_type, beta_schedule):
+    unet = make_unet().cuda()
+    scheduler = ddim(beta_schedule, prediction_type)
+    eps = noise().cuda()
+    reference = run_ddim(unet, scheduler, eps.clone(), 50)
+    wrapped = VelocityAdapter.from_diffusion(unet, scheduler)
+    p = wrapped.source.point(scheduler.timesteps[:1])
+    start = (eps.double() / (p.alpha + p.sigma).cuda()).float()
+    ours = run_flowmatch_euler(wrapped, mapped_sigmas(wrapped.source, scheduler.timesteps.cpu()), start)
+    assert rel_max(ours, reference) <= 1e-5
+
+
+def test_bfloat16_fast_path_is_finite_and_close():
+    unet = make_unet().cuda()
+    wrapped = VelocityAdapter.from_diffusion(unet, ddim("linear"))
+    fast = VelocityAdapter.from_diffusion(make_unet().cuda().to(torch.bfloat16).to(memory_format=torch.channels_last),
+                                          ddim("linear"))
+    x = torch.randn(8, 3, 8, 8, device="cuda")
+    s = torch.tensor([0.0, 0.001, 0.3, 0.5, 0.7, 0.99, 0.9999, 1.0], device="cuda")
+    with torch.no_grad():
+        u32 = wrapped.evaluate(x, 1000 * s, output_dtype=torch.float64)
+        u16 = fast.evaluate(x, 1000 * s, output_dtype=torch.float64)
+    assert torch.isfinite(u16).all()
+    assert ((u16 - u32).norm() / u32.norm()).item() < 0.05
