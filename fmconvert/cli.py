@@ -174,9 +174,8 @@ def sample(
     import torch
 
     from .grids import GRIDS
-    from .solvers import SOLVERS
-
     from .sampling import BASELINES
+    from .solvers import SOLVERS
 
     _choice(solver, SOLVERS, "--solver")
     if baseline is not None:

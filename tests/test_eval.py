@@ -170,3 +170,25 @@ def test_inception_weights_must_be_plain_tensors(tmp_path):
 
     with pytest.raises(FmconvertError, match="plain state dict"):
         make_extractor("inception", bad)
+
+
+def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
+    """The report command end to end on tiny models (the README's main command runs it on the zoo)."""
+    from fmconvert.images import save_folder
+
+    data = tmp_path / "points"
+    save_folder(torch.rand(24, 3, 8, 8), data)
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", str(ddpm_folder), "--other", str(flow_folder), "--out", str(out),
+                                 "--data", str(data), "--steps", "2,3", "--num-images", "40", "--num-times", "3",
+                                 "--json"])
+    assert result.exit_code == 0, result.stderr
+    numbers = json.loads(result.stdout)
+    files = sorted(p.name for p in out.iterdir())
+    for name in ("report.md", "report.json", "samples.png", "agreement.png", "two-models.png", "fid.png", "converted"):
+        assert name in files
+    assert numbers["samples"]["relative_l2"] < 1e-5  # converted Euler = source DDIM, 50 steps
+    assert max(numbers["field"]["float32"]["relative_l2"]) < 1e-5
+    text = (out / "report.md").read_text()
+    assert "FID vs DDIM baseline" in text and "![samples](samples.png)" in text
+    assert runner.invoke(app, ["report", str(ddpm_folder), "--out", str(out)]).exit_code == 2  # exists: needs --force
