@@ -109,10 +109,6 @@ class AgreementResult:
     s: list[float]
     per_dtype: dict[str, dict[str, list[float]]]
 
-    def worst(self, dtype: str, key: str = "relative_l2") -> float:
-        values = self.per_dtype[dtype][key]
-        return min(values) if key == "cosine" else max(values)
-
 
 def _with_dtype(adapter: PathAdapter, dtype: torch.dtype) -> PathAdapter:
     return adapter if adapter.model.dtype == dtype else copy.deepcopy(adapter).to(dtype)

@@ -43,7 +43,7 @@ from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .errors import FmconvertError, UsageError
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
-from .schedules import GaussianPath, path_from_scheduler_config
+from .schedules import GaussianPath, RectifiedFlow, path_from_scheduler_config
 
 
 class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -270,7 +270,7 @@ def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
             raise UsageError(
                 f"'{source.reference}' is already a flow-matching model; use --to epsilon or --to v_prediction"
             )
-        adapter = VelocityAdapter._wrap(model, source.path, source.prediction_type, _flow_target(T),
+        adapter = VelocityAdapter._wrap(model, source.path, source.prediction_type, RectifiedFlow(num_train_timesteps=T),
                                         "flow_prediction", "float64")
         scheduler_cls = FlowMatchEulerDiscreteScheduler if source.unconditional else FlowMatchEulerScheduler
         return adapter, scheduler_cls(num_train_timesteps=T)
@@ -292,12 +292,6 @@ def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
     except ValueError as error:
         raise FmconvertError(str(error)) from None
     return adapter, ddim
-
-
-def _flow_target(num_train_timesteps: int):
-    from .schedules import RectifiedFlow
-
-    return RectifiedFlow(num_train_timesteps=num_train_timesteps)
 
 
 def _model_card(source: Source, adapter: PathAdapter, to: str, out_name: str) -> str:
