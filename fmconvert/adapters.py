@@ -65,6 +65,87 @@ def check_pair(path: GaussianPath, prediction_type: str) -> str:
     return kind
 
 
+@dataclass
+class Conversion:
+    """One request's conversion, per sample (it depends on the timestep only): the source
+    network sees ``(scale·x, timestep)`` and the target prediction is ``k_x·x + k_out·output``.
+
+    ``timestep``: (B,) or (1,) in the source's timestep convention; ``scale``, ``k_x``,
+    ``k_out``: (B or 1, 1, ..., 1) in the compute dtype.
+    """
+
+    timestep: torch.Tensor
+    scale: torch.Tensor
+    k_x: torch.Tensor
+    k_out: torch.Tensor
+
+    def to(self, device: torch.device) -> "Conversion":
+        return Conversion(*(v.to(device, non_blocking=True) for v in (self.timestep, self.scale, self.k_x, self.k_out)))
+
+
+def plan_conversion(
+    timestep: torch.Tensor,
+    ndim: int,
+    source: GaussianPath,
+    source_prediction: str,
+    target: GaussianPath,
+    target_prediction: str,
+    compute_dtype: torch.dtype = torch.float64,
+    timestep_dtype: torch.dtype = torch.float32,
+) -> Conversion:
+    """The :class:`Conversion` for requests at ``timestep`` (target convention, shape (B,))
+    on samples with ``ndim`` dimensions, computed on the timestep's device. See the module
+    docstring for the steps."""
+    timestep = timestep.reshape(-1)
+    t_dst = target.time_from_model_timestep(timestep).to(compute_dtype)
+    lam = target.log_snr(t_dst)
+    tol = target.timestep_log_snr_resolution(timestep)
+    t_src = source.time_at_log_snr(lam, snap_tol=tol)
+    p_src = source.point(t_src)
+    # a timestep snapped to a trained time was that time, rounded: take the target point from it too
+    lam_src = log_snr_of(p_src.alpha, p_src.sigma)
+    snapped = (lam_src != lam) & ((lam_src - lam).abs() <= tol)
+    t_dst = torch.where(snapped, target.time_at_log_snr(lam_src), t_dst)
+    p_dst = target.point(t_dst)
+
+    ends = torch.tensor([source.t_max, source.t_min], dtype=compute_dtype, device=timestep.device)
+    lam_top, lam_bottom = source.log_snr(ends).unbind()
+    noisier = lam < lam_top  # beyond the noisiest trained point
+    cleaner = lam > lam_bottom  # beyond the cleanest trained point
+
+    p_dst, p_src = p_dst.view_as_batch(ndim), p_src.view_as_batch(ndim)
+    scale = p_src.norm / p_dst.norm
+    noisier, cleaner = noisier.view(p_dst.alpha.shape), cleaner.view(p_dst.alpha.shape)
+
+    def convert(x_dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x0, eps = to_x0_eps(source_prediction, out, x_dst * scale, p_src)
+        one = torch.ones_like(p_dst.alpha)
+        eps = torch.where(noisier, (x_dst - p_dst.alpha * x0) / torch.where(noisier, p_dst.sigma, one), eps)
+        x0 = torch.where(cleaner, (x_dst - p_dst.sigma * eps) / torch.where(cleaner, p_dst.alpha, one), x0)
+        return from_x0_eps(target_prediction, x0, eps, p_dst)
+
+    # the whole conversion is linear in (x, output) with per-sample coefficients: evaluate it
+    # on the basis (1, 0) and (0, 1)
+    ones, zeros = torch.ones_like(scale), torch.zeros_like(scale)
+    k_x, k_out = convert(ones, zeros), convert(zeros, ones)
+    return Conversion(source.model_timestep(t_src, timestep_dtype), scale, k_x, k_out)
+
+
+def apply_conversion(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    conversion: Conversion,
+    compute_dtype: torch.dtype = torch.float64,
+    input_dtype: torch.dtype | None = None,
+    output_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``k_x·x + k_out·model_fn(scale·x, timestep)``: the full tensors are touched twice."""
+    c = conversion if conversion.scale.device == x.device else conversion.to(x.device)
+    x_compute = x.to(compute_dtype)
+    out = model_fn((x_compute * c.scale).to(input_dtype or x.dtype), c.timestep.expand(x.shape[0]))
+    return torch.addcmul(c.k_x * x_compute, c.k_out, out.to(compute_dtype)).to(output_dtype or x.dtype)
+
+
 def reparameterize(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -79,50 +160,17 @@ def reparameterize(
     timestep_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Evaluate ``model_fn(x_src, timestep_src)`` (source path and prediction) as the
-    target prediction at (x, timestep) on the target path. See the module docstring.
+    target prediction at (x, timestep) on the target path: :func:`plan_conversion`, then
+    :func:`apply_conversion`.
 
     The model receives x_src in ``input_dtype`` and the result is returned in
     ``output_dtype`` (both default to x's dtype) and its timestep in ``timestep_dtype``
     (float32, as diffusers passes them); everything between runs in ``compute_dtype``.
     """
-    batch = x.shape[0]
     timestep = torch.as_tensor(timestep, device=x.device)
-    if timestep.numel() == 1:
-        timestep = timestep.reshape(1).expand(batch)
-    t_dst = target.time_from_model_timestep(timestep).to(compute_dtype)
-    lam = target.log_snr(t_dst)
-    tol = target.timestep_log_snr_resolution(timestep)
-    t_src = source.time_at_log_snr(lam, snap_tol=tol)
-    p_src = source.point(t_src)
-    # a timestep snapped to a trained time was that time, rounded: take the target point from it too
-    lam_src = log_snr_of(p_src.alpha, p_src.sigma)
-    snapped = (lam_src != lam) & ((lam_src - lam).abs() <= tol)
-    t_dst = torch.where(snapped, target.time_at_log_snr(lam_src), t_dst)
-    p_dst = target.point(t_dst)
-
-    ends = torch.tensor([source.t_max, source.t_min], dtype=compute_dtype, device=x.device)
-    lam_top, lam_bottom = source.log_snr(ends).unbind()
-    noisier = lam < lam_top  # beyond the noisiest trained point
-    cleaner = lam > lam_bottom  # beyond the cleanest trained point
-
-    p_dst, p_src = p_dst.view_as_batch(x.ndim), p_src.view_as_batch(x.ndim)
-    scale = p_src.norm / p_dst.norm
-    noisier, cleaner = noisier.view(p_dst.alpha.shape), cleaner.view(p_dst.alpha.shape)
-
-    def convert(x_dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        x0, eps = to_x0_eps(source_prediction, out, x_dst * scale, p_src)
-        one = torch.ones_like(p_dst.alpha)
-        eps = torch.where(noisier, (x_dst - p_dst.alpha * x0) / torch.where(noisier, p_dst.sigma, one), eps)
-        x0 = torch.where(cleaner, (x_dst - p_dst.sigma * eps) / torch.where(cleaner, p_dst.alpha, one), x0)
-        return from_x0_eps(target_prediction, x0, eps, p_dst)
-
-    # the whole conversion is linear in (x, output) with per-sample coefficients: evaluate it
-    # on the basis (1, 0) and (0, 1), then touch the full tensors only twice
-    ones, zeros = torch.ones_like(scale), torch.zeros_like(scale)
-    k_x, k_out = convert(ones, zeros), convert(zeros, ones)
-    x_src = (x.to(compute_dtype) * scale).to(input_dtype or x.dtype)
-    out = model_fn(x_src, source.model_timestep(t_src, timestep_dtype))
-    return (k_x * x.to(compute_dtype) + k_out * out.to(compute_dtype)).to(output_dtype or x.dtype)
+    conversion = plan_conversion(timestep, x.ndim, source, source_prediction, target, target_prediction,
+                                 compute_dtype, timestep_dtype)
+    return apply_conversion(model_fn, x, conversion, compute_dtype, input_dtype, output_dtype)
 
 
 @dataclass
@@ -183,6 +231,8 @@ class PathAdapter(ModelMixin, ConfigMixin):
         params = list(inspect.signature(self.model.forward).parameters)
         self._input_name = params[0]
         self._timestep_positional = len(params) > 1 and params[1] == "timestep"
+        self._plans: dict[tuple, Conversion] = {}  # see conversion()
+        self._dtype_cache: tuple = (None, None)  # see network_dtype
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -214,19 +264,57 @@ class PathAdapter(ModelMixin, ConfigMixin):
             out = self.model(*args, **{self._input_name: x, "timestep": timestep}, **kwargs, return_dict=False)
         return out[0]
 
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The wrapped model's compute dtype (``ModelMixin.dtype`` walks every submodule, so
+        it is cached, keyed by the first parameter's dtype, which any cast changes)."""
+        key = next(self.model.parameters()).dtype
+        if self._dtype_cache[0] != key:
+            self._dtype_cache = (key, self.model.dtype)
+        return self._dtype_cache[1]
+
+    def conversion(self, timestep: Any, ndim: int, device: torch.device) -> Conversion:
+        """The :class:`Conversion` at ``timestep`` for ``ndim``-dimensional samples on ``device``.
+
+        A timestep that can be read without waiting for a device (a number, or a CPU tensor
+        with one value for the whole batch, as samplers pass it) is planned once per
+        value and remembered; one on an accelerator is planned there, every call, so the
+        sampling loop never synchronises with the host.
+        """
+        if not torch.is_tensor(timestep):
+            timestep = torch.as_tensor(timestep)
+        key = None
+        if timestep.device.type == "cpu" and timestep.numel() >= 1:
+            flat = timestep.reshape(-1)
+            if flat.numel() == 1 or bool((flat == flat[0]).all()):
+                key = (float(flat[0]), timestep.dtype, ndim, str(device))
+                if key in self._plans:
+                    return self._plans[key]
+                timestep = flat[:1]
+        compute_dtype = _DTYPES[self.config.compute_dtype]
+        nested = isinstance(self.model, PathAdapter)
+        plan = plan_conversion(timestep, ndim, self.source, self.source_prediction, self.target, self.target_prediction,
+                               compute_dtype, compute_dtype if nested else torch.float32)
+        if plan.scale.device != torch.device(device):
+            plan = plan.to(device)
+        if key is not None:
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
     def evaluate(self, sample: torch.Tensor, timestep: Any, *args, output_dtype: torch.dtype | None = None,
                  **kwargs) -> torch.Tensor:
         """The target prediction as a tensor in ``output_dtype`` (default: the model's dtype)."""
         compute_dtype = _DTYPES[self.config.compute_dtype]
+        network_dtype = self.network_dtype
         nested = isinstance(self.model, PathAdapter)
-        return reparameterize(
+        return apply_conversion(
             lambda x, t: self._call_model(x, t, args, kwargs),
-            sample, timestep,
-            self.source, self.source_prediction, self.target, self.target_prediction,
+            sample, self.conversion(timestep, sample.ndim, sample.device),
             compute_dtype=compute_dtype,
-            input_dtype=compute_dtype if nested else self.model.dtype,
-            output_dtype=output_dtype or self.model.dtype,
-            timestep_dtype=compute_dtype if nested else torch.float32,
+            input_dtype=compute_dtype if nested else network_dtype,
+            output_dtype=output_dtype or network_dtype,
         )
 
     def forward(self, sample: torch.Tensor | None = None, timestep: Any = None, *args,

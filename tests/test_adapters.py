@@ -221,6 +221,27 @@ def test_classifier_free_guidance_commutes_with_conversion(cond_unet):
     assert rel_l2(u_c, u_u) > 1e-3  # the conditioning matters, so the check has teeth
 
 
+@pytest.mark.parametrize("timestep", [torch.full((2,), 437.5), torch.tensor(437.5), 437.5, 999.0,
+                                      torch.full((2,), 600, dtype=torch.long), torch.tensor([100.0, 900.0])])
+def test_remembered_conversion_is_the_conversion(unet, timestep):
+    """The adapter plans a conversion once per timestep value (samplers ask for the same grid
+    every batch); what it remembers gives bit for bit what the core computes afresh."""
+    from fmconvert import reparameterize
+
+    wrapped = VelocityAdapter.from_diffusion(unet, ddim("linear"))
+    uniform = torch.as_tensor(timestep).unique().numel() == 1
+    with torch.no_grad():
+        for x in (noise(), noise((3, 3, 8, 8))) if uniform else (noise(),):  # one plan serves any batch size
+            if uniform and torch.is_tensor(timestep) and timestep.numel() > 1:
+                timestep = timestep[:1].expand(len(x))
+            afresh = reparameterize(lambda x_in, t_in: unet(x_in, t_in).sample, x, timestep, wrapped.source,
+                                    "epsilon", wrapped.target, "flow_prediction", output_dtype=F64)
+            first = wrapped.evaluate(x, timestep, output_dtype=F64)
+            again = wrapped.evaluate(x, timestep, output_dtype=F64)
+            assert torch.equal(first, afresh) and torch.equal(again, afresh)
+    assert len(wrapped._plans) == (1 if uniform else 0)  # a mixed batch is planned every call
+
+
 class _Spy(ModelMixin, ConfigMixin):
     """Records what it is called with; returns 0.5·sample."""
 
