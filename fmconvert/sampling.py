@@ -220,7 +220,9 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
         for first, stop in ranges:
             eps = noise.take(first, stop).to(device)
             field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device, model_dtype)
-            with torch.no_grad():
+            # inference mode: less bookkeeping per operation than no_grad (the network's too);
+            # the result is cloned out of it below, so callers get ordinary tensors
+            with torch.inference_mode():
                 result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
                                **(solver_options or {}))
             if result.first_bad_nfe is not None:
@@ -230,7 +232,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                     f"the model produced NaN/Inf at {where} (images {first}..{first + eps.shape[0] - 1}); "
                     "try --dtype float32, or check the model's weights"
                 )
-            x = result.x.float()
+            x = result.x.float().clone()
             yield x, to_images(vm, x), result.nfe
     finally:
         if bar is not None:

@@ -36,17 +36,19 @@ class CountingField:
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         u = self.velocity(x, s)
-        bad = ~torch.isfinite(u).all()
-        idx = torch.tensor(self.nfe, device=u.device)
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, device=u.device, dtype=torch.long)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), idx, self.first_bad)
+        # masked_fill with a Python number: no host-to-device copy, so no synchronisation
+        self.first_bad.masked_fill_(~torch.isfinite(u).all() & (self.first_bad < 0), self.nfe)
         self.nfe += 1
         return u
 
 
 def _s(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return value.to(device=x.device).expand(x.shape[0])
+    """The time for a batch, (B,), on the grid's device. fmconvert's sampler keeps the grid on
+    the CPU: the field reads s without waiting for the accelerator, and the adapters plan
+    (and remember) their conversion from it."""
+    return value.expand(x.shape[0])
 
 
 def euler(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
@@ -132,7 +134,10 @@ class SolveResult:
 
 def solve(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str = "euler", callback=None,
           **options) -> SolveResult:
-    """Integrate dx/ds = u(x, s) along ``grid`` (float64, decreasing) with the named solver."""
+    """Integrate dx/ds = u(x, s) along ``grid`` (float64, decreasing) with the named solver.
+
+    ``u`` receives s as a (B,) tensor on the grid's device: a CPU grid (as fmconvert's
+    sampler uses) keeps every step free of host-device synchronisation."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: supported are {', '.join(SOLVERS)}")
     field = CountingField(velocity)
