@@ -6,22 +6,28 @@ Core modules: :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predi
 
 __version__ = "0.1.0"
 
-from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter, reparameterize
-from .predictions import PREDICTION_TYPES, canonical_prediction_type, from_x0_eps, pf_ode_drift, to_x0_eps
-from .schedules import (
-    CosinePath,
-    DiscreteVPSchedule,
-    GaussianPath,
-    Point,
-    RectifiedFlow,
-    VEPath,
-    path_from_config,
-    path_from_scheduler_config,
-)
-from .pipelines import load
+# the public names, imported on first use (PEP 562): `import fmconvert.fid` or the CLI's
+# --help need not import diffusers
+_EXPORTS = {
+    "adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter", "reparameterize"),
+    "predictions": ("PREDICTION_TYPES", "canonical_prediction_type", "from_x0_eps", "pf_ode_drift", "to_x0_eps"),
+    "schedules": ("CosinePath", "DiscreteVPSchedule", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
+                  "path_from_config", "path_from_scheduler_config"),
+    "pipelines": ("load",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-__all__ = [
-    "CosinePath", "DiffusionAdapter", "DiscreteVPSchedule", "GaussianPath", "PREDICTION_TYPES", "PathAdapter",
-    "Point", "RectifiedFlow", "VEPath", "VelocityAdapter", "canonical_prediction_type", "from_x0_eps",
-    "load", "path_from_config", "path_from_scheduler_config", "pf_ode_drift", "reparameterize", "to_x0_eps",
-]
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'fmconvert' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -123,7 +123,10 @@ def make_extractor(features: str = "digits", weights: str | Path | None = None, 
     except ImportError:
         raise FmconvertError("--features inception needs torch-fidelity: pip install 'fmconvert[eval]'") from None
     module = NoTrainInceptionV3(name="inception-v3-compat", features_list=[layer],
-                                feature_extractor_weights_path=str(path), antialias=False).to(device)
+                                feature_extractor_weights_path=str(path), antialias=False)
+    # channels_last: the same convolutions (features equal to float32 rounding), ~1.5× faster
+    # on CPU (oneDNN) and the layout cuDNN prefers
+    module = module.to(device, memory_format=torch.channels_last)
     return Extractor(f"inception-{layer}", module, int(layer), _sha256(path))
 
 

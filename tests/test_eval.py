@@ -2,7 +2,6 @@
 the statistics cache, the offline Inception error, and FID of a set against itself."""
 
 import json
-from unittest import mock
 
 import pytest
 import torch
@@ -123,17 +122,10 @@ def test_offline_inception_error_names_the_file(tmp_path, ddpm_folder, monkeypat
 
 def _random_inception_weights(path):
     """torch-fidelity's InceptionV3 with random weights (no download), saved as a state dict."""
-    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        torch.manual_seed(0)
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["64"])
-    state = model.state_dict()
-    for name in state:  # small running variances: features of a useful size, not ~1e-3
-        if name.endswith("running_var"):
-            state[name] = torch.full_like(state[name], 0.05)
-    torch.save(state, path)
-    return path
+    pytest.importorskip("torch_fidelity")
+    from fmconvert.testing import random_inception_weights
+
+    return random_inception_weights(path, load_digits().images[::200].expand(-1, 3, -1, -1))
 
 
 class _UInt8Dataset(torch.utils.data.Dataset):
