@@ -21,12 +21,15 @@ and exits 1 when a target is missed.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,22 +54,45 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def alternate(a, b, repeats: int, device: str, warmup: int = 1) -> tuple[float, float]:
-    """Median seconds of a() and b(), run alternately."""
-    for _ in range(warmup):
-        a(), b()
+@dataclass
+class Paired:
+    """Per-call medians of two alternated sides and the median of the paired ratios b/a
+    (each pair measured back to back, so slow drifts of a shared machine cancel), with the
+    interquartile range of those ratios."""
+
+    a_s: float
+    b_s: float
+    ratio: float
+    ratio_iqr: tuple[float, float]
+
+
+def alternate(a, b, repeats: int, device: str, min_block_s: float = 0.25) -> Paired:
+    """Time a() and b() alternately, ``repeats`` pairs; each measurement is a block of as
+    many calls as take ``min_block_s`` (one warm-up call of each side first)."""
+
+    def timed(fn, calls: int) -> float:
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        return (time.perf_counter() - started) / calls
+
+    single = max(timed(a, 1), timed(b, 1), 1e-6)
+    calls = max(1, math.ceil(min_block_s / single))
     times_a, times_b = [], []
     for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
-            sync(device)
-            started = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times_a), statistics.median(times_b)
+        times_a.append(timed(a, calls))
+        times_b.append(timed(b, calls))
+    ratios = sorted(tb / ta for ta, tb in zip(times_a, times_b))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return Paired(statistics.median(times_a), statistics.median(times_b), statistics.median(ratios),
+                  (quartiles[0], quartiles[2]))
 
 
-def bench_forward(model, scheduler, batch: int, device: str, dtype, repeats: int) -> dict:
+def bench_forward(model, scheduler, batch: int, device: str, dtype, repeats: int) -> Paired:
+    """The bare network at integer timestep 500 against the adapter at s = 0.5 (the same
+    network input up to the |P| rescaling), same batch."""
     from fmconvert import VelocityAdapter
 
     model = model.to(device, dtype)
@@ -74,13 +100,14 @@ def bench_forward(model, scheduler, batch: int, device: str, dtype, repeats: int
     shape = (batch, model.config.in_channels, model.config.sample_size, model.config.sample_size)
     x = torch.randn(shape, device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
-    tau = torch.full((batch,), 500.0, device=device)
+    tau = torch.full((batch,), 500.0)  # on the CPU, as fmconvert's sampler passes it
     with torch.no_grad():
-        bare, ours = alternate(lambda: model(x, t).sample, lambda: adapter(x, tau).sample, repeats, device)
-    return {"bare_s": bare, "fmconvert_s": ours, "ratio": ours / bare}
+        return alternate(lambda: model(x, t).sample, lambda: adapter(x, tau).sample, repeats, device)
 
 
-def bench_sampling(folder: Path, steps: int, batch: int, device: str, dtype, repeats: int) -> dict:
+def bench_sampling(folder: Path, steps: int, batch: int, device: str, dtype, repeats: int) -> Paired:
+    """diffusers' DDIMPipeline (trailing, no clipping) against fmconvert's Euler on the same
+    network, steps and batch, both returning tensors."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
     from fmconvert.sampling import generate, load_velocity_model
@@ -98,12 +125,12 @@ def bench_sampling(folder: Path, steps: int, batch: int, device: str, dtype, rep
         generate(vm, batch, batch, 0, "euler", "trailing", steps, device)
 
     with torch.no_grad():
-        theirs, ours = alternate(diffusers_run, fmconvert_run, repeats, device)
-    return {"diffusers_s": theirs, "fmconvert_s": ours, "ratio": ours / theirs}
+        return alternate(diffusers_run, fmconvert_run, repeats, device)
 
 
-def _peak_rss_mb(code: str) -> tuple[float, float, float]:
-    """(seconds, peak RSS in MB, the FID it printed) of a fresh Python process running ``code``."""
+def _run_child(code: str) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MB, the FID it printed) of a fresh Python process running ``code``:
+    the whole run, imports included."""
     import json
 
     wrapped = code + "\nimport resource, json\nprint(json.dumps([__import__('time').perf_counter() - _t0, " \
@@ -115,40 +142,39 @@ def _peak_rss_mb(code: str) -> tuple[float, float, float]:
     return seconds, peak, float(lines[-2])
 
 
-def bench_fid(images: int, device: str, repeats: int, work: Path) -> dict:
-    """FID of `images` digits (3-channel uint8) against the held-out... with the same weights,
-    fmconvert (streamed features + torchmetrics) vs torch-fidelity's calculate_metrics."""
-    from unittest import mock
+def fid_inputs(work: Path) -> tuple[Path, Path]:
+    """The digits as 3-channel uint8 images (a safetensors file both sides load without
+    importing fmconvert) and random Inception weights calibrated on them (fmconvert.testing)."""
+    from safetensors.torch import save_file
 
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from fmconvert.digits import load_digits
+    from fmconvert.testing import random_inception_weights
 
-    weights = work / "inception-random.pth"
-    if not weights.exists():
-        with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
-                mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-            torch.manual_seed(0)
-            model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-        state = model.state_dict()
-        for name in state:
-            if name.endswith("running_var"):
-                state[name] = torch.full_like(state[name], 0.05)
-        torch.save(state, weights)
+    images = load_digits().images.expand(-1, 3, -1, -1).contiguous()
+    data = work / "digits-rgb.safetensors"
+    save_file({"images": images}, str(data))
+    return data, random_inception_weights(work / "inception-random.pth", images[::28][:64])
+
+
+def bench_fid(images: int, device: str, repeats: int, data: Path, weights: Path) -> dict:
+    """FID of ``images`` digits (real) against as many mirrored digits (fake), with the same
+    weights: fmconvert (make_extractor, stats_of, fid_between: streamed statistics) against
+    torch-fidelity's calculate_metrics, each in a fresh process, alternately."""
     common = f"""
-import torch, sys
-sys.path.insert(0, {str(ROOT)!r})
+import torch
 torch.set_num_threads({torch.get_num_threads()})
-from fmconvert.digits import load_digits
-imgs = load_digits().images.expand(-1, 3, -1, -1)
-reps = -(-{images} // len(imgs))
-imgs = imgs.repeat(reps, 1, 1, 1)[:{images}].contiguous()
+from safetensors.torch import load_file
+imgs = load_file({str(data)!r})["images"]
+imgs = imgs.repeat(-(-{images} // len(imgs)), 1, 1, 1)[:{images}].contiguous()
 real, fake = imgs, imgs.flip(-1)
 """
     ours = common + f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
 from fmconvert.fid import make_extractor, stats_of, fid_between
 ex = make_extractor("inception", {str(weights)!r}, device={device!r})
 batches = lambda t: (t[i:i + 100] for i in range(0, len(t), 100))
-value = fid_between(stats_of(batches(real), ex, {device!r}), stats_of(batches(fake), ex, {device!r}))
-print(value)
+print(fid_between(stats_of(batches(real), ex, {device!r}), stats_of(batches(fake), ex, {device!r})))
 """
     theirs = common + f"""
 import torch_fidelity
@@ -156,14 +182,14 @@ class D(torch.utils.data.Dataset):
     def __init__(self, t): self.t = t
     def __len__(self): return len(self.t)
     def __getitem__(self, i): return self.t[i]
-value = torch_fidelity.calculate_metrics(input1=D(fake), input2=D(real), fid=True, cuda={device.startswith('cuda')},
-    batch_size=100, feature_extractor_weights_path={str(weights)!r}, verbose=False, cache=False, save_cpu_ram=True)["frechet_inception_distance"]
-print(value)
+print(torch_fidelity.calculate_metrics(input1=D(fake), input2=D(real), fid=True, cuda={device.startswith('cuda')},
+      batch_size=100, feature_extractor_weights_path={str(weights)!r}, verbose=False, cache=False,
+      save_cpu_ram=True)["frechet_inception_distance"])
 """
     runs_ours, runs_theirs = [], []
     for _ in range(repeats):
-        runs_theirs.append(_peak_rss_mb(theirs))
-        runs_ours.append(_peak_rss_mb(ours))
+        runs_theirs.append(_run_child(theirs))
+        runs_ours.append(_run_child(ours))
     t_ours = statistics.median(r[0] for r in runs_ours)
     t_theirs = statistics.median(r[0] for r in runs_theirs)
     return {"images": images, "fmconvert_s": t_ours, "torch_fidelity_s": t_theirs,
@@ -183,21 +209,50 @@ def bench_sd15(device: str, dtype, repeats: int) -> list[tuple]:
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     x = torch.randn(4, 4, 64, 64, device=device)
     hidden = torch.randn(4, 77, 768, device=device)
+    tau = torch.full((4,), 500.0)
     with torch.no_grad():
-        reference = VelocityAdapter.from_diffusion(unet, scheduler).evaluate(x, torch.full((4,), 500.0, device=device),
-                                                                             encoder_hidden_states=hidden, output_dtype=torch.float64)
-        low = unet.to(dtype)
+        reference = VelocityAdapter.from_diffusion(unet, scheduler).evaluate(x, tau, encoder_hidden_states=hidden,
+                                                                             output_dtype=torch.float64)
+        low = unet.to(dtype).to(memory_format=torch.channels_last)
         adapter = VelocityAdapter.from_diffusion(low, scheduler)
-        u = adapter.evaluate(x, torch.full((4,), 500.0, device=device), encoder_hidden_states=hidden.to(dtype),
-                             output_dtype=torch.float64)
+        u = adapter.evaluate(x, tau, encoder_hidden_states=hidden.to(dtype), output_dtype=torch.float64)
         agreement = ((u - reference).norm() / reference.norm()).item()
-        t, tau = torch.full((4,), 500, device=device), torch.full((4,), 500.0, device=device)
-        bare, ours = alternate(lambda: low(x.to(dtype), t, encoder_hidden_states=hidden.to(dtype)).sample,
-                               lambda: adapter(x.to(dtype), tau, encoder_hidden_states=hidden.to(dtype)).sample, repeats, device)
+        t = torch.full((4,), 500, device=device)
+        x_low, hidden_low = x.to(dtype), hidden.to(dtype)
+        r = alternate(lambda: low(x_low, t, encoder_hidden_states=hidden_low).sample,
+                      lambda: adapter(x_low, tau, encoder_hidden_states=hidden_low).sample, repeats, device)
     return [(f"adapter forward vs bare, SD1.5-size UNet (860M, random), batch 4, 64×64 latents, {dtype}",
-             f"{bare * 1e3:.1f} ms ({4 / bare:.1f} img/s)", f"{ours * 1e3:.1f} ms ({4 / ours:.1f} img/s)",
-             f"{ours / bare:.3f}", "<= 1.02"),
+             f"{r.a_s * 1e3:.1f} ms ({4 / r.a_s:.1f} img/s)", f"{r.b_s * 1e3:.1f} ms ({4 / r.b_s:.1f} img/s)",
+             _ratio(r), "<= 1.02"),
             (f"field agreement {dtype} vs float32, SD1.5-size UNet, s = 0.5", "", f"rel. L2 {agreement:.2e}", "", "")]
+
+
+def _ratio(r: Paired) -> str:
+    return f"{r.ratio:.3f} ({r.ratio_iqr[0]:.3f}–{r.ratio_iqr[1]:.3f})"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    where = f"{cpu}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        where += f"; GPU {torch.cuda.get_device_name()}"
+    return where
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = [f"Python {platform.python_version()}"]
+    for name in ("torch", "diffusers", "torchmetrics", "torch-fidelity", "fmconvert"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
 
 
 def main() -> None:
@@ -207,7 +262,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--fid-images", type=int, default=2000)
+    parser.add_argument("--fid-images", type=int, default=2000, help="the larger of the two image counts")
+    parser.add_argument("--fid-repeats", type=int, default=None, help="alternated FID runs per count "
+                        "(default: half of --repeats)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images (a smoke run)")
     parser.add_argument("--skip-fid", action="store_true")
     parser.add_argument("--sd15", action="store_true", help="also a Stable Diffusion 1.5-size UNet2DConditionModel "
@@ -215,13 +272,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.fid_images = 2, 300
+        args.repeats, args.fid_images = 3, 200
+    args.fid_repeats = args.fid_repeats or max(1, args.repeats // 2)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
     from diffusers import DDPMPipeline, DDPMScheduler
 
     import diffusers
-    import fmconvert
     import fmconvert.zoo
 
     rows, failures = [], []
@@ -236,42 +293,47 @@ def main() -> None:
             if model is None:
                 model = diffusers.UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
             f = bench_forward(model, DDPMScheduler(), args.batch, args.device, dtype, args.repeats)
-            rows.append((f"adapter forward vs bare forward, {name}, batch {args.batch}", f"{f['bare_s'] * 1e3:.1f} ms",
-                         f"{f['fmconvert_s'] * 1e3:.1f} ms", f"{f['ratio']:.3f}", "<= 1.02"))
-            if f["ratio"] > 1.02:
+            rows.append((f"adapter forward vs bare forward, {name}, batch {args.batch}", f"{f.a_s * 1e3:.2f} ms",
+                         f"{f.b_s * 1e3:.2f} ms", _ratio(f), "<= 1.02"))
+            if f.ratio > 1.02:
                 failures.append(rows[-1][0])
             s = bench_sampling(folder, args.steps, args.batch, args.device, dtype, args.repeats)
             rows.append((f"Euler {args.steps} steps vs DDIMPipeline {args.steps} steps, {name}, batch {args.batch}",
-                         f"{s['diffusers_s']:.3f} s", f"{s['fmconvert_s']:.3f} s", f"{s['ratio']:.3f}", "<= 1.00"))
-            if s["ratio"] > 1.00:
+                         f"{s.a_s:.3f} s", f"{s.b_s:.3f} s", _ratio(s), "<= 1.00"))
+            if s.ratio > 1.00:
                 failures.append(rows[-1][0])
         if args.sd15:
             rows += bench_sd15(args.device, dtype, args.repeats)
         fid_rows = []
         if not args.skip_fid:
+            data, weights = fid_inputs(work)
             for count in (args.fid_images // 2, args.fid_images):
-                r = bench_fid(count, args.device, max(1, args.repeats // 2), work)
+                r = bench_fid(count, args.device, args.fid_repeats, data, weights)
                 fid_rows.append(r)
-                rows.append((f"FID of {count} images (Inception, same weights): throughput", f"{r['torch_fidelity_s']:.1f} s",
-                             f"{r['fmconvert_s']:.1f} s", f"{r['throughput_ratio']:.3f}", ">= 1.0"))
+                rows.append((f"FID of {count} + {count} images (Inception, same weights), whole process",
+                             f"{r['torch_fidelity_s']:.1f} s", f"{r['fmconvert_s']:.1f} s",
+                             f"{r['throughput_ratio']:.3f} (throughput)", ">= 1.0"))
                 if r["throughput_ratio"] < 1.0:
                     failures.append(rows[-1][0])
                 if abs(r["fmconvert_fid"] - r["torch_fidelity_fid"]) > 1e-3 * abs(r["torch_fidelity_fid"]):
                     failures.append(f"FID values differ at {count} images")
     lines = [
         "# Benchmarks", "",
-        f"`python scripts/bench.py {' '.join(sys.argv[1:])}` on {platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}; torch {torch.__version__}, "
-        f"diffusers {diffusers.__version__}, fmconvert {fmconvert.__version__}, {time.strftime('%Y-%m-%d')}. "
-        f"Medians of {args.repeats} alternating repeats.", "",
+        f"`python scripts/bench.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d')}, on {machine()}; "
+        f"device {args.device}, dtype {args.dtype}; {versions()}.", "",
+        f"Ratios are fmconvert / baseline in time (FID: baseline / fmconvert, a throughput ratio): the median over "
+        f"{args.repeats} back-to-back pairs (interquartile range in brackets), each side a block of calls of at least "
+        "0.25 s; times are per-call medians. FID runs are whole fresh processes, imports included.", "",
         "| comparison | baseline | fmconvert | ratio | target |", "|---|---|---|---|---|",
     ] + [f"| {' | '.join(row)} |" for row in rows]
     if fid_rows:
-        lines += ["", "FID values and peak resident memory (whole process) at two image counts:", "",
-                  "| images | fmconvert FID | torch-fidelity FID | fmconvert peak MB | torch-fidelity peak MB |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['images']} | {r['fmconvert_fid']:.6f} | {r['torch_fidelity_fid']:.6f} | {r['fmconvert_peak_mb']:.0f} | "
-                  f"{r['torch_fidelity_peak_mb']:.0f} |" for r in fid_rows]
+        lines += ["", "FID values (random Inception weights, batch norms calibrated on the digits: fmconvert.testing) "
+                  "and peak resident memory of the whole process at two image counts:", "",
+                  "| images | fmconvert FID | torch-fidelity FID | relative difference | fmconvert peak MB | "
+                  "torch-fidelity peak MB |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['images']} + {r['images']} | {r['fmconvert_fid']:.6f} | {r['torch_fidelity_fid']:.6f} | "
+                  f"{abs(r['fmconvert_fid'] - r['torch_fidelity_fid']) / abs(r['torch_fidelity_fid']):.1e} | "
+                  f"{r['fmconvert_peak_mb']:.0f} | {r['torch_fidelity_peak_mb']:.0f} |" for r in fid_rows]
     lines += ["", "Targets missed: " + ("; ".join(failures) if failures else "none"), ""]
     text = "\n".join(lines)
     print(text)
