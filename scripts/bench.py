@@ -56,14 +56,16 @@ def sync(device: str) -> None:
 
 @dataclass
 class Paired:
-    """Per-call medians of two alternated sides and the median of the paired ratios b/a
-    (each pair measured back to back, so slow drifts of a shared machine cancel), with the
-    interquartile range of those ratios."""
+    """Two sides timed alternately. ``ratio`` = min(b)/min(a): on a shared machine interference
+    only ever adds time, so the fastest block of each side is the best estimate of its own
+    cost (as timeit's documentation argues); ``paired`` is the median of the back-to-back
+    ratios b_i/a_i with its interquartile range, to show the spread. Times are per call."""
 
     a_s: float
     b_s: float
     ratio: float
-    ratio_iqr: tuple[float, float]
+    paired: float
+    paired_iqr: tuple[float, float]
 
 
 def alternate(a, b, repeats: int, device: str, min_block_s: float = 0.25) -> Paired:
@@ -86,13 +88,30 @@ def alternate(a, b, repeats: int, device: str, min_block_s: float = 0.25) -> Pai
         times_b.append(timed(b, calls))
     ratios = sorted(tb / ta for ta, tb in zip(times_a, times_b))
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return Paired(statistics.median(times_a), statistics.median(times_b), statistics.median(ratios),
+    return Paired(min(times_a), min(times_b), min(times_b) / min(times_a), statistics.median(ratios),
                   (quartiles[0], quartiles[2]))
 
 
-def bench_forward(model, scheduler, batch: int, device: str, dtype, repeats: int) -> Paired:
+class NullNetwork(torch.nn.Module):
+    """Stands in for a network at almost no cost (output = w·sample), with the call signature
+    of a diffusers UNet: timing the adapter around it measures the adapter's own work."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=dtype))
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def forward(self, sample, timestep, return_dict: bool = True):
+        return (sample * self.w,)
+
+
+def bench_forward(model, scheduler, batch: int, device: str, dtype, repeats: int) -> tuple[Paired, float]:
     """The bare network at integer timestep 500 against the adapter at s = 0.5 (the same
-    network input up to the |P| rescaling), same batch."""
+    network input up to the |P| rescaling), same batch; and the adapter's own work per call
+    in seconds (around a :class:`NullNetwork`, against that network alone)."""
     from fmconvert import VelocityAdapter
 
     model = model.to(device, dtype)
@@ -102,7 +121,12 @@ def bench_forward(model, scheduler, batch: int, device: str, dtype, repeats: int
     t = torch.full((batch,), 500, device=device)
     tau = torch.full((batch,), 500.0)  # on the CPU, as fmconvert's sampler passes it
     with torch.no_grad():
-        return alternate(lambda: model(x, t).sample, lambda: adapter(x, tau).sample, repeats, device)
+        side_by_side = alternate(lambda: model(x, t).sample, lambda: adapter(x, tau).sample, repeats, device)
+        null = NullNetwork(dtype).to(device)
+        adapter.model = null
+        own = alternate(lambda: null(x, t), lambda: adapter(x, tau), repeats, device)
+        adapter.model = model
+    return side_by_side, own.b_s - own.a_s
 
 
 def bench_sampling(folder: Path, steps: int, batch: int, device: str, dtype, repeats: int) -> Paired:
@@ -228,7 +252,7 @@ def bench_sd15(device: str, dtype, repeats: int) -> list[tuple]:
 
 
 def _ratio(r: Paired) -> str:
-    return f"{r.ratio:.3f} ({r.ratio_iqr[0]:.3f}–{r.ratio_iqr[1]:.3f})"
+    return f"{r.ratio:.3f} · pairs {r.paired:.3f} [{r.paired_iqr[0]:.3f}–{r.paired_iqr[1]:.3f}]"
 
 
 def machine() -> str:
@@ -292,11 +316,13 @@ def main() -> None:
         for name, (model, folder) in models.items():
             if model is None:
                 model = diffusers.UNet2DModel.from_pretrained(folder, subfolder="unet").eval()
-            f = bench_forward(model, DDPMScheduler(), args.batch, args.device, dtype, args.repeats)
+            f, own = bench_forward(model, DDPMScheduler(), args.batch, args.device, dtype, args.repeats)
             rows.append((f"adapter forward vs bare forward, {name}, batch {args.batch}", f"{f.a_s * 1e3:.2f} ms",
                          f"{f.b_s * 1e3:.2f} ms", _ratio(f), "<= 1.02"))
             if f.ratio > 1.02:
                 failures.append(rows[-1][0])
+            rows.append((f"the adapter's own work per call (around a null network), {name}, batch {args.batch}",
+                         "", f"{own * 1e6:.0f} µs", f"{1 + own / f.a_s:.4f} (1 + own / bare)", ""))
             s = bench_sampling(folder, args.steps, args.batch, args.device, dtype, args.repeats)
             rows.append((f"Euler {args.steps} steps vs DDIMPipeline {args.steps} steps, {name}, batch {args.batch}",
                          f"{s.a_s:.3f} s", f"{s.b_s:.3f} s", _ratio(s), "<= 1.00"))
@@ -321,9 +347,11 @@ def main() -> None:
         "# Benchmarks", "",
         f"`python scripts/bench.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d')}, on {machine()}; "
         f"device {args.device}, dtype {args.dtype}; {versions()}.", "",
-        f"Ratios are fmconvert / baseline in time (FID: baseline / fmconvert, a throughput ratio): the median over "
-        f"{args.repeats} back-to-back pairs (interquartile range in brackets), each side a block of calls of at least "
-        "0.25 s; times are per-call medians. FID runs are whole fresh processes, imports included.", "",
+        f"Each side is timed {args.repeats} times, alternating, each time a block of calls of at least 0.25 s. "
+        "Ratio = fmconvert / baseline in time of the fastest block of each side (interference on a shared machine "
+        "only adds time; times shown are those per call), then `pairs`: the median of the back-to-back ratios with "
+        "its interquartile range, the spread of this machine. FID: baseline / fmconvert (a throughput ratio) of "
+        "whole fresh processes, imports included, medians over --fid-repeats runs.", "",
         "| comparison | baseline | fmconvert | ratio | target |", "|---|---|---|---|---|",
     ] + [f"| {' | '.join(row)} |" for row in rows]
     if fid_rows:
