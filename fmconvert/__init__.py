@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 # the public names, imported on first use (PEP 562): `import fmconvert.fid` or the CLI's
 # --help need not import diffusers
 _EXPORTS = {
-    "adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter", "reparameterize"),
+    "adapters": ("Conversion", "DiffusionAdapter", "PathAdapter", "VelocityAdapter", "apply_conversion",
+                 "plan_conversion", "reparameterize"),
     "predictions": ("PREDICTION_TYPES", "canonical_prediction_type", "from_x0_eps", "pf_ode_drift", "to_x0_eps"),
     "schedules": ("CosinePath", "DiscreteVPSchedule", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
                   "path_from_config", "path_from_scheduler_config"),

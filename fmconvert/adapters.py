@@ -10,6 +10,11 @@ on the target path:
 4. its output becomes (x̂0, ε̂) at P_src (:mod:`fmconvert.predictions`), which are the
    same numbers on every path, and then the target prediction at P_dst.
 
+Steps 1–4 are linear in (x, output) with coefficients that depend on the timestep alone:
+:func:`plan_conversion` computes them once (a :class:`Conversion`: source timestep,
+scale, k_x, k_out; the adapters remember them per timestep value) and
+:func:`apply_conversion` returns k_x·x + k_out·model(scale·x, timestep_src).
+
 Endpoint policy, where the target asks for a noise level the source never saw
 (s = 1 above a DDPM schedule's last timestep; below its first): the source is evaluated
 at its nearest trained time, then (x̂0, ε̂) are made consistent with the actual point —
