@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Wheels for a GPU machine without network whose python3 (3.12) already holds a CUDA torch,
+# torchvision, torchmetrics, transformers, typer, huggingface_hub and safetensors: what
+# fmconvert needs besides, into .whl/ (git-ignored), for scripts/gpu_check.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl diffusers==0.42.1 torch-fidelity==0.4.0 importlib_metadata
+ls -l .whl
