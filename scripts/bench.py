@@ -69,8 +69,9 @@ class Paired:
 
 
 def alternate(a, b, repeats: int, device: str, min_block_s: float = 0.25) -> Paired:
-    """Time a() and b() alternately, ``repeats`` pairs; each measurement is a block of as
-    many calls as take ``min_block_s`` (one warm-up call of each side first)."""
+    """Time a() and b() alternately, ``repeats`` pairs in the order a b, b a, a b, ... (so a
+    drift or a second-position penalty does not favour either side); each measurement is a
+    block of as many calls as take ``min_block_s`` (one warm-up call of each side first)."""
 
     def timed(fn, calls: int) -> float:
         sync(device)
@@ -83,9 +84,13 @@ def alternate(a, b, repeats: int, device: str, min_block_s: float = 0.25) -> Pai
     single = max(timed(a, 1), timed(b, 1), 1e-6)
     calls = max(1, math.ceil(min_block_s / single))
     times_a, times_b = [], []
-    for _ in range(repeats):
-        times_a.append(timed(a, calls))
-        times_b.append(timed(b, calls))
+    for i in range(repeats):  # a b, b a, a b, ...: neither side always goes second
+        if i % 2 == 0:
+            times_a.append(timed(a, calls))
+            times_b.append(timed(b, calls))
+        else:
+            times_b.append(timed(b, calls))
+            times_a.append(timed(a, calls))
     ratios = sorted(tb / ta for ta, tb in zip(times_a, times_b))
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return Paired(min(times_a), min(times_b), min(times_b) / min(times_a), statistics.median(ratios),
@@ -355,7 +360,7 @@ def main() -> None:
         "# Benchmarks", "",
         f"`python scripts/bench.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d')}, on {machine()}; "
         f"device {args.device}, dtype {args.dtype}; {versions()}.", "",
-        f"Each side is timed {args.repeats} times, alternating, each time a block of calls of at least 0.25 s. "
+        f"Each side is timed {args.repeats} times, alternating (a b, b a, a b, ...), each time a block of calls of at least 0.25 s. "
         "Ratio = fmconvert / baseline in time of the fastest block of each side (interference on a shared machine "
         "only adds time; times shown are those per call), then `pairs`: the median of the back-to-back ratios with "
         "its interquartile range, the spread of this machine. FID: baseline / fmconvert (a throughput ratio) of "
