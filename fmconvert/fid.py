@@ -323,29 +323,19 @@ def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_siz
               device: str = "cpu") -> tuple[FeatureStats, int, int]:
     """Feature statistics of one sampler run over [0, num_images), split by shard across
     processes and summed; shards found in ``store`` are read instead of generated (and new
-    ones are written). ``make_batches(ranges)`` yields (samples, images, nfe) for those
-    index ranges. Returns (stats, nfe, shards reused)."""
+    ones are written): :func:`fmconvert.sampling.iter_shards`. Returns (stats, nfe, shards reused)."""
     from . import distributed
     from .images import to_uint8
-    from .sampling import to_images
+    from .sampling import iter_shards
 
-    ranges = [(lo, min(num_images, lo + batch_size)) for lo in range(0, num_images, batch_size)]
-    mine = distributed.my_shards(len(ranges))
-    stored = [j for j in mine if store is not None and store.has(j)]
-    todo = [j for j in mine if j not in stored]
     stats = FeatureStats(extractor.num_features, device)
-    nfe = 0
-    for j in stored:
-        samples, count = store.load(j)
-        stats.update(extractor(to_uint8(to_images(vm, samples.to(device)))), ranges[j][0])
+    nfe = reused = 0
+    for j, _, images, count, was_stored in iter_shards(vm, make_batches, num_images, batch_size, store, device):
+        stats.update(extractor(to_uint8(images)), j * batch_size)
         nfe = max(nfe, count)
-    for j, (samples, images, count) in zip(todo, make_batches([ranges[j] for j in todo])):
-        if store is not None:
-            store.save(j, samples, count)
-        stats.update(extractor(to_uint8(images)), ranges[j][0])
-        nfe = max(nfe, count)
+        reused += was_stored
     stats.sync()
-    return stats, max(distributed.gather_objects(nfe)), distributed.sum_int(len(stored))
+    return stats, max(distributed.gather_objects(nfe)), distributed.sum_int(reused)
 
 
 def sweep(vm, reference: str, extractor: Extractor, solvers: list[str], steps_list: list[int], num_images: int,

@@ -215,11 +215,10 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ranges) * steps, file=sys.stderr, desc=f"{solver} {steps} steps", unit="step", leave=False)
-    model_dtype = vm.velocity.model.dtype
     try:
         for first, stop in ranges:
             eps = noise.take(first, stop).to(device)
-            field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device, model_dtype)
+            field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device)
             # inference mode: less bookkeeping per operation than no_grad (the network's too);
             # the result is cloned out of it below, so callers get ordinary tensors
             with torch.inference_mode():
@@ -307,7 +306,7 @@ def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int =
     return result
 
 
-def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device, model_dtype) -> Callable:
+def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device) -> Callable:
     velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
     embeddings = _conditioning(vm, prompt, guidance_scale, device, batch)
     if embeddings is None:
@@ -334,28 +333,39 @@ def to_images(vm: VelocityModel, x: torch.Tensor) -> torch.Tensor:
     return (x / 2 + 0.5).clamp(0, 1)
 
 
-def generate_sharded(vm: VelocityModel, make_batches, num_images: int, batch_size: int, store=None,
-                     device: str = "cpu") -> tuple[SampleResult | None, int]:
-    """All samples of [0, num_images), shard j = [j·B, (j+1)·B) made by rank j mod K (read
-    from ``store`` when it has it, else made by ``make_batches(ranges)`` and saved there);
-    gathered on rank 0 in index order. Returns (result on rank 0 else None, shards reused)."""
+def iter_shards(vm: VelocityModel, make_batches, num_images: int, batch_size: int, store=None,
+                device: str = "cpu") -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int, bool]]:
+    """This rank's shards of [0, num_images) (shard j = [j·B, (j+1)·B), made by rank j mod K):
+    yields (j, samples, images, nfe, reused). Shards ``store`` has are read from it (images
+    decoded on ``device``); the others are made by ``make_batches(ranges)`` and saved there."""
     from . import distributed
 
-    started = time.perf_counter()
     ranges = batches_of(num_images, batch_size)
     mine = distributed.my_shards(len(ranges))
     stored = [j for j in mine if store is not None and store.has(j)]
     todo = [j for j in mine if j not in stored]
-    pieces = []
     for j in stored:
         samples, count = store.load(j)
-        pieces.append((j, samples, to_images(vm, samples.to(device)).cpu(), count))
+        yield j, samples, to_images(vm, samples.to(device)), count, True
     for j, (samples, images, count) in zip(todo, make_batches([ranges[j] for j in todo])):
         if store is not None:
             store.save(j, samples, count)
+        yield j, samples, images, count, False
+
+
+def generate_sharded(vm: VelocityModel, make_batches, num_images: int, batch_size: int, store=None,
+                     device: str = "cpu") -> tuple[SampleResult | None, int]:
+    """All samples of [0, num_images) (see :func:`iter_shards`), gathered on rank 0 in index
+    order. Returns (result on rank 0 else None, shards reused)."""
+    from . import distributed
+
+    started = time.perf_counter()
+    pieces, reused = [], 0
+    for j, samples, images, count, was_stored in iter_shards(vm, make_batches, num_images, batch_size, store, device):
         pieces.append((j, samples.cpu(), images.cpu(), count))
+        reused += was_stored
     gathered = sorted((p for part in distributed.gather_objects(pieces) for p in part), key=lambda p: p[0])
-    reused = distributed.sum_int(len(stored))
+    reused = distributed.sum_int(reused)
     if not distributed.is_main():
         return None, reused
     result = SampleResult(torch.cat([p[1] for p in gathered]), torch.cat([p[2] for p in gathered]),
