@@ -9,6 +9,7 @@ prints. Without those variables everything runs as one process.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -33,12 +34,20 @@ def init(device: str = "auto") -> str:
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
     if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # left to interpreter teardown, gloo's threads can abort the process after its work
+        # is done ("terminate called without an active exception"): shut the group down first
+        atexit.register(_shutdown)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if launched and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     return device
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def my_shards(num_shards: int) -> list[int]:
