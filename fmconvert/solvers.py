@@ -26,22 +26,29 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CountingField:
-    """Wraps u(x, s); counts evaluations (a Python int: no device synchronisation) and
-    records, on the device, the first evaluation that returned a non-finite value."""
+    """Wraps u(x, s); counts evaluations (a Python int: no device synchronisation) and keeps,
+    on the device, one number per evaluation that is finite iff its output was: the sum in
+    float64 (NaN and ±Inf propagate through a sum; a float64 sum of float32-or-narrower
+    values cannot overflow). One reduction per evaluation; read once, after the loop."""
 
     def __init__(self, velocity: Velocity):
         self.velocity = velocity
         self.nfe = 0
-        self.first_bad: Optional[torch.Tensor] = None
+        self.sums: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         u = self.velocity(x, s)
-        if self.first_bad is None:
-            self.first_bad = torch.full((), -1, device=u.device, dtype=torch.long)
-        # masked_fill with a Python number: no host-to-device copy, so no synchronisation
-        self.first_bad.masked_fill_(~torch.isfinite(u).all() & (self.first_bad < 0), self.nfe)
+        self.sums.append(u.sum(dtype=torch.float32 if u.device.type == "mps" else torch.float64))
         self.nfe += 1
         return u
+
+    def first_bad(self) -> Optional[int]:
+        """The first evaluation that returned NaN/Inf, or None (one synchronisation)."""
+        if not self.sums:
+            return None
+        bad = ~torch.isfinite(torch.stack(self.sums))
+        first = int(torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1))  # argmax: the first maximum
+        return first if first >= 0 else None
 
 
 def _s(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +59,8 @@ def _s(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def euler(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
-    for i in range(len(grid) - 1):
-        x = x + (grid[i + 1] - grid[i]) * u(x, _s(grid[i], x))
+    for i, h in enumerate(grid.diff().tolist()):  # h as a Python number: x + h·u in one pass
+        x = x.add(u(x, _s(grid[i], x)), alpha=h)
         callback and callback(i)
     return x
 
@@ -143,8 +150,4 @@ def solve(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str =
     field = CountingField(velocity)
     grid = grid.to(torch.float64)
     x = SOLVERS[solver](field, x, grid, callback=callback, **options)
-    bad = None
-    if field.first_bad is not None:
-        value = int(field.first_bad)  # one synchronisation, after the loop
-        bad = value if value >= 0 else None
-    return SolveResult(x=x, nfe=field.nfe, first_bad_nfe=bad)
+    return SolveResult(x=x, nfe=field.nfe, first_bad_nfe=field.first_bad())
