@@ -84,8 +84,10 @@ class Conversion:
     k_x: torch.Tensor
     k_out: torch.Tensor
 
-    def to(self, device: torch.device) -> "Conversion":
-        return Conversion(*(v.to(device, non_blocking=True) for v in (self.timestep, self.scale, self.k_x, self.k_out)))
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Conversion":
+        """On ``device``, with the coefficients (not the timestep) in ``dtype`` if given."""
+        coefficients = (v.to(device, dtype, non_blocking=True) for v in (self.scale, self.k_x, self.k_out))
+        return Conversion(self.timestep.to(device, non_blocking=True), *coefficients)
 
 
 def plan_conversion(
@@ -144,11 +146,13 @@ def apply_conversion(
     input_dtype: torch.dtype | None = None,
     output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``k_x·x + k_out·model_fn(scale·x, timestep)``: the full tensors are touched twice."""
-    c = conversion if conversion.scale.device == x.device else conversion.to(x.device)
-    x_compute = x.to(compute_dtype)
-    out = model_fn((x_compute * c.scale).to(input_dtype or x.dtype), c.timestep.expand(x.shape[0]))
-    return torch.addcmul(c.k_x * x_compute, c.k_out, out.to(compute_dtype)).to(output_dtype or x.dtype)
+    """``k_x·x + k_out·model_fn(scale·x, timestep)``, each product and sum in ``compute_dtype``
+    (type promotion against the coefficients: x and the output are not copied to it first)."""
+    c = conversion
+    if c.scale.device != x.device or c.scale.dtype != compute_dtype:
+        c = c.to(x.device, compute_dtype)
+    out = model_fn((x * c.scale).to(input_dtype or x.dtype), c.timestep.expand(x.shape[0]))
+    return torch.addcmul(c.k_x * x, c.k_out, out).to(output_dtype or x.dtype)
 
 
 def reparameterize(
@@ -203,8 +207,9 @@ class PathAdapter(ModelMixin, ConfigMixin):
     """A wrapped diffusers model evaluated on another path and prediction type.
 
     Config (JSON): the wrapped model's class and config, the source and target paths
-    (``GaussianPath.to_config``), both prediction types and the dtype of the conversion
-    arithmetic. The wrapped model's weights are saved under ``model.``.
+    (``GaussianPath.to_config``), both prediction types and ``compute_dtype``, the dtype the
+    conversion is applied in (its coefficients are planned in float64 wherever the timestep
+    is on the CPU, as samplers pass it). The wrapped model's weights are saved under ``model.``.
     """
 
     ignore_for_config = ["model"]
@@ -237,7 +242,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         self._input_name = params[0]
         self._timestep_positional = len(params) > 1 and params[1] == "timestep"
         self._plans: dict[tuple, Conversion] = {}  # see conversion()
-        self._dtype_cache: tuple = (None, None)  # see network_dtype
+        self._dtype_cache: tuple = (None, None, None, None, None)  # see network_dtype
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -271,12 +276,15 @@ class PathAdapter(ModelMixin, ConfigMixin):
 
     @property
     def network_dtype(self) -> torch.dtype:
-        """The wrapped model's compute dtype (``ModelMixin.dtype`` walks every submodule, so
-        it is cached, keyed by the first parameter's dtype, which any cast changes)."""
-        key = next(self.model.parameters()).dtype
-        if self._dtype_cache[0] != key:
-            self._dtype_cache = (key, self.model.dtype)
-        return self._dtype_cache[1]
+        """The wrapped model's compute dtype. ``ModelMixin.dtype`` walks every submodule (as
+        does ``parameters()``), so it is cached, keyed by the model and the dtype of its first
+        parameter (which any cast changes), read from the module that holds it."""
+        model, holder, name, key, dtype = self._dtype_cache
+        if model is not self.model or name not in holder._parameters or holder._parameters[name].dtype != key:
+            holder, name = next((m, n) for m in self.model.modules() for n, p in m._parameters.items() if p is not None)
+            key, dtype = holder._parameters[name].dtype, self.model.dtype
+            self._dtype_cache = (self.model, holder, name, key, dtype)
+        return dtype
 
     def conversion(self, timestep: Any, ndim: int, device: torch.device) -> Conversion:
         """The :class:`Conversion` at ``timestep`` for ``ndim``-dimensional samples on ``device``.
@@ -291,17 +299,20 @@ class PathAdapter(ModelMixin, ConfigMixin):
         key = None
         if timestep.device.type == "cpu" and timestep.numel() >= 1:
             flat = timestep.reshape(-1)
-            if flat.numel() == 1 or bool((flat == flat[0]).all()):
+            if flat.numel() == 1 or torch.equal(flat, flat[:1].expand_as(flat)):
                 key = (float(flat[0]), timestep.dtype, ndim, str(device))
                 if key in self._plans:
                     return self._plans[key]
                 timestep = flat[:1]
         compute_dtype = _DTYPES[self.config.compute_dtype]
         nested = isinstance(self.model, PathAdapter)
+        # planned in float64 wherever the timestep can be read (the coefficients are then
+        # rounded to compute_dtype once); on an accelerator, in compute_dtype
+        plan_dtype = torch.float64 if timestep.device.type == "cpu" else compute_dtype
         plan = plan_conversion(timestep, ndim, self.source, self.source_prediction, self.target, self.target_prediction,
-                               compute_dtype, compute_dtype if nested else torch.float32)
-        if plan.scale.device != torch.device(device):
-            plan = plan.to(device)
+                               plan_dtype, compute_dtype if nested else torch.float32)
+        if plan.scale.device != torch.device(device) or plan.scale.dtype != compute_dtype:
+            plan = plan.to(device, compute_dtype)
         if key is not None:
             if len(self._plans) >= 4096:
                 self._plans.clear()
