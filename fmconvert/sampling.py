@@ -44,27 +44,32 @@ class VelocityModel:
     info: dict = field(default_factory=dict)
 
 
-def as_velocity(model: torch.nn.Module, source: Source) -> tuple[PathAdapter, GaussianPath]:
+def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "float64") -> tuple[PathAdapter, GaussianPath]:
     """Any source denoiser as a PathAdapter onto the rectified path; plus its grid path."""
     T = getattr(source.path, "num_train_timesteps", 1000)
     target = RectifiedFlow(num_train_timesteps=T)
     if isinstance(model, VelocityAdapter):
         return model, model.source
     if isinstance(model, DiffusionAdapter):  # converted back to a diffusion model: round trip, exact
-        return PathAdapter._wrap(model, model.target, model.target_prediction, target, "flow_prediction", "float64"), model.target
+        return PathAdapter._wrap(model, model.target, model.target_prediction, target, "flow_prediction", compute_dtype), model.target
     if source.prediction_type == "flow_prediction":
-        return PathAdapter._wrap(model, source.path, "flow_prediction", target, "flow_prediction", "float64"), source.path
-    return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", "float64"), source.path
+        return PathAdapter._wrap(model, source.path, "flow_prediction", target, "flow_prediction", compute_dtype), source.path
+    return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", compute_dtype), source.path
 
 
 def load_velocity_model(reference: str, revision: str | None = None, dtype: torch.dtype | None = None,
                         device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
                         need_pipeline: bool = False, channels_last: bool = False, compile: bool = False) -> VelocityModel:
     """Resolve, load and wrap a MODEL for sampling (``channels_last`` / ``compile``: the GPU
-    fast path for the wrapped network; the conversion arithmetic stays float64)."""
+    fast path for the wrapped network).
+
+    The conversion's coefficients are planned in float64; a source wrapped here applies them
+    (k_x·x + k_out·output) in float32 unless the network is float64: against a float64 DDIM
+    that is as exact as a float64 combination, since the network's own rounding dominates
+    (BENCHMARKS.md). A converted folder keeps the compute_dtype it was written with."""
     source = inspect_source(reference, revision, allow_pickle, trust_remote_code)
     model = load_denoiser(source, dtype, allow_pickle, trust_remote_code)
-    velocity, grid_source = as_velocity(model, source)
+    velocity, grid_source = as_velocity(model, source, "float64" if model.dtype == torch.float64 else "float32")
     shift = float(source.scheduler.get("shift", source.scheduler.get("flow_shift", 1.0)) or 1.0)
     pipeline = None
     index = source.model_index or {}
