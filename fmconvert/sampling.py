@@ -186,7 +186,6 @@ class SampleResult:
     images: torch.Tensor
     nfe: list[int]
     seconds: float
-    grid: torch.Tensor
 
 
 def _conditioning(vm: VelocityModel, prompt: str | None, guidance_scale: float, device, batch: int):
@@ -243,14 +242,14 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
             bar.close()
 
 
-def _collect(batches, grid: torch.Tensor) -> SampleResult:
+def _collect(batches) -> SampleResult:
     started = time.perf_counter()
     samples, images, nfe = [], [], []
     for x, image, count in batches:
         samples.append(x.cpu())
         images.append(image.cpu())
         nfe.append(count)
-    return SampleResult(torch.cat(samples), torch.cat(images), nfe, time.perf_counter() - started, grid)
+    return SampleResult(torch.cat(samples), torch.cat(images), nfe, time.perf_counter() - started)
 
 
 def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
@@ -259,7 +258,7 @@ def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed
     """Draw ``num_images`` samples, ``batch_size`` at a time, all kept (see iter_generate)."""
     batches = iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
                             progress, solver_options)
-    return _collect(batches, time_grid(grid, steps, vm.grid_source, shift=vm.shift))
+    return _collect(batches)
 
 
 BASELINES = ("ddim",)
@@ -303,12 +302,7 @@ def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int =
                       steps: int = 50, device: str = "cpu", baseline: str = "ddim") -> SampleResult:
     """All samples of :func:`iter_baseline`."""
     batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
-    result = _collect(batches, torch.zeros(1))
-    scheduler = ddim_baseline(vm)
-    scheduler.set_timesteps(steps)
-    result.grid = torch.cat([RectifiedFlow().time_at_log_snr(vm.source.path.log_snr(scheduler.timesteps.double())),
-                             torch.zeros(1, dtype=torch.float64)])
-    return result
+    return _collect(batches)
 
 
 def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device) -> Callable:
@@ -374,5 +368,5 @@ def generate_sharded(vm: VelocityModel, make_batches, num_images: int, batch_siz
     if not distributed.is_main():
         return None, reused
     result = SampleResult(torch.cat([p[1] for p in gathered]), torch.cat([p[2] for p in gathered]),
-                          [p[3] for p in gathered], time.perf_counter() - started, torch.zeros(0))
+                          [p[3] for p in gathered], time.perf_counter() - started)
     return result, reused
