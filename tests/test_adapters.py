@@ -249,10 +249,11 @@ class _Spy(ModelMixin, ConfigMixin):
     def __init__(self, channels: int = 3):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(0.5))
-        self.calls = []
+        self.calls, self.input_dtypes = [], []
 
     def forward(self, sample, timestep, *args, return_dict=True, **kwargs):
         self.calls.append((args, kwargs))
+        self.input_dtypes.append(sample.dtype)
         return (self.scale * sample,)
 
 
@@ -266,6 +267,23 @@ def test_conditioning_arguments_pass_through_unchanged():
     args, kwargs = spy.calls[-1]
     assert args[0] is hidden and kwargs["class_labels"] is labels and kwargs["added_cond_kwargs"] is added
     assert kwargs["cross_attention_kwargs"] == {"scale": 0.3}
+
+
+def test_network_is_fed_its_own_dtype_after_casts_and_swaps():
+    """The adapter remembers the network's dtype (ModelMixin.dtype walks every submodule): a
+    cast, a replaced parameter and a replaced network must each be noticed."""
+    spy = _Spy()
+    wrapped = VelocityAdapter.from_diffusion(spy, ddim("linear"))
+    t = torch.tensor(500.0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        wrapped.to(dtype)
+        assert wrapped(noise(), t).sample.dtype == dtype and spy.input_dtypes[-1] == dtype
+    spy.scale = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float16))
+    wrapped(noise(), t)
+    assert spy.input_dtypes[-1] == torch.float16
+    wrapped.model = other = _Spy().double()
+    wrapped(noise(), t)
+    assert other.input_dtypes[-1] == torch.float64
 
 
 def test_class_conditional_unet_sees_its_labels():
