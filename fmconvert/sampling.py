@@ -45,13 +45,15 @@ class VelocityModel:
 
 
 def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "float64") -> tuple[PathAdapter, GaussianPath]:
-    """Any source denoiser as a PathAdapter onto the rectified path; plus its grid path."""
+    """Any source denoiser as a PathAdapter onto the rectified path; plus its grid path.
+    ``compute_dtype``: the dtype the new adapter applies its conversion in (a round trip
+    through a converted diffusion folder stays float64 throughout)."""
     T = getattr(source.path, "num_train_timesteps", 1000)
     target = RectifiedFlow(num_train_timesteps=T)
     if isinstance(model, VelocityAdapter):
         return model, model.source
     if isinstance(model, DiffusionAdapter):  # converted back to a diffusion model: round trip, exact
-        return PathAdapter._wrap(model, model.target, model.target_prediction, target, "flow_prediction", compute_dtype), model.target
+        return PathAdapter._wrap(model, model.target, model.target_prediction, target, "flow_prediction", "float64"), model.target
     if source.prediction_type == "flow_prediction":
         return PathAdapter._wrap(model, source.path, "flow_prediction", target, "flow_prediction", compute_dtype), source.path
     return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", compute_dtype), source.path
