@@ -1,7 +1,10 @@
 """fmconvert: diffusion models and flow matching are one object in two coordinate systems.
 
-Core modules: :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predictions`
-(prediction types through (x̂0, ε̂)), :mod:`fmconvert.adapters` (the diffusers modules).
+The math (pure torch): :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predictions`
+(prediction types through (x̂0, ε̂)), :mod:`fmconvert.core` (the conversion between two paths),
+:mod:`fmconvert.grids` and :mod:`fmconvert.solvers`. The diffusers glue: :mod:`fmconvert.adapters`,
+:mod:`fmconvert.families` (what each model family needs), :mod:`fmconvert.schedulers`,
+:mod:`fmconvert.pipelines`.
 """
 
 __version__ = "0.1.0"
@@ -9,8 +12,10 @@ __version__ = "0.1.0"
 # the public names, imported on first use (PEP 562): `import fmconvert.fid` or the CLI's
 # --help need not import diffusers
 _EXPORTS = {
-    "adapters": ("Conversion", "DiffusionAdapter", "PathAdapter", "VelocityAdapter", "apply_conversion",
-                 "plan_conversion", "reparameterize"),
+    "core": ("Conversion", "apply_conversion", "invert", "plan_conversion", "reparameterize"),
+    "adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter"),
+    "families": ("Conditioning", "Family", "family_of"),
+    "schedulers": ("FlowMatchEulerScheduler",),
     "predictions": ("PREDICTION_TYPES", "canonical_prediction_type", "from_x0_eps", "pf_ode_drift", "to_x0_eps"),
     "schedules": ("CosinePath", "DiscreteVPSchedule", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
                   "path_from_config", "path_from_scheduler_config"),

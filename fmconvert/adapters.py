@@ -1,27 +1,4 @@
-"""Adapters: a network on one Gaussian path and prediction type, seen on another.
-
-One core, :func:`reparameterize`, serves every direction. For a request (x, timestep)
-on the target path:
-
-1. t_dst from the timestep, its point P_dst = (α, σ) and log-SNR λ = log(α/σ);
-2. the source time t_src with the same λ (clamped to the range the source was trained
-   on, snapped to a trained integer time when λ is within the timestep's rounding);
-3. the source sees x·|P_src|/|P_dst| (|P| = √(α²+σ²); equal to α_src/α_dst at equal λ);
-4. its output becomes (x̂0, ε̂) at P_src (:mod:`fmconvert.predictions`), which are the
-   same numbers on every path, and then the target prediction at P_dst.
-
-Steps 1–4 are linear in (x, output) with coefficients that depend on the timestep alone:
-:func:`plan_conversion` computes them once (a :class:`Conversion`: source timestep,
-scale, k_x, k_out; the adapters remember them per timestep value) and
-:func:`apply_conversion` returns k_x·x + k_out·model(scale·x, timestep_src).
-
-Endpoint policy, where the target asks for a noise level the source never saw
-(s = 1 above a DDPM schedule's last timestep; below its first): the source is evaluated
-at its nearest trained time, then (x̂0, ε̂) are made consistent with the actual point —
-noisier than trained: keep x̂0 and set ε̂ = (x − α·x̂0)/σ; cleaner than trained: keep ε̂
-and set x̂0 = (x − σ·ε̂)/α. So s = 1 gives u = x − x̂0 and s = 0 gives u = ε̂ − x, both finite.
-An epsilon model on a zero-terminal-SNR schedule (α = 0 at its last timestep) has no x̂0
-there and is refused.
+"""Adapters: the diffusers modules around the conversion core (:mod:`fmconvert.core`).
 
 Two diffusers modules (ModelMixin + ConfigMixin, JSON config, safetensors weights):
 
@@ -31,155 +8,36 @@ Two diffusers modules (ModelMixin + ConfigMixin, JSON config, safetensors weight
 - :class:`DiffusionAdapter`: a flow-matching velocity model, exposed as an epsilon or
   v_prediction model on a discrete VP schedule (integer or float timesteps), for DDIM,
   DPM-Solver, Euler and the rest.
+
+How the wrapped network is called and how its output is read (learned variance) is
+:func:`fmconvert.families.network_call`'s; the adapter passes every other argument through and
+exposes the wrapped network's attributes (SDXL's pipeline reads ``unet.add_embedding``).
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 
-from .predictions import canonical_prediction_type, from_x0_eps, to_x0_eps
+from .core import Conversion, apply_conversion, check_pair, plan_conversion, reparameterize  # noqa: F401 (re-exported)
+from .families import network_call, refuse_nonlinear_options
+from .predictions import canonical_prediction_type
 from .schedules import (
     DiscreteVPSchedule,
     GaussianPath,
     RectifiedFlow,
-    log_snr_of,
     path_from_config,
     path_from_scheduler_config,
     scheduler_config,
 )
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def check_pair(path: GaussianPath, prediction_type: str) -> str:
-    """Validate a (path, prediction type) pair; returns the canonical prediction type."""
-    kind = canonical_prediction_type(prediction_type)
-    if kind in ("epsilon", "score") and getattr(path, "zero_terminal_snr", False):
-        raise ValueError(
-            f"prediction_type={kind!r} on a zero-terminal-SNR schedule (rescale_betas_zero_snr=True) has no "
-            "x0 estimate at its last timestep (alpha = 0); use a v_prediction model there, or a schedule "
-            "without rescale_betas_zero_snr"
-        )
-    return kind
-
-
-@dataclass
-class Conversion:
-    """One request's conversion, per sample (it depends on the timestep only): the source
-    network sees ``(scale·x, timestep)`` and the target prediction is ``k_x·x + k_out·output``.
-
-    ``timestep``: (B,) or (1,) in the source's timestep convention; ``scale``, ``k_x``,
-    ``k_out``: (B or 1, 1, ..., 1) in the compute dtype.
-    """
-
-    timestep: torch.Tensor
-    scale: torch.Tensor
-    k_x: torch.Tensor
-    k_out: torch.Tensor
-
-    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Conversion":
-        """On ``device``, with the coefficients (not the timestep) in ``dtype`` if given."""
-        coefficients = (v.to(device, dtype, non_blocking=True) for v in (self.scale, self.k_x, self.k_out))
-        return Conversion(self.timestep.to(device, non_blocking=True), *coefficients)
-
-
-def plan_conversion(
-    timestep: torch.Tensor,
-    ndim: int,
-    source: GaussianPath,
-    source_prediction: str,
-    target: GaussianPath,
-    target_prediction: str,
-    compute_dtype: torch.dtype = torch.float64,
-    timestep_dtype: torch.dtype = torch.float32,
-) -> Conversion:
-    """The :class:`Conversion` for requests at ``timestep`` (target convention, shape (B,))
-    on samples with ``ndim`` dimensions, computed on the timestep's device. See the module
-    docstring for the steps."""
-    timestep = timestep.reshape(-1)
-    t_dst = target.time_from_model_timestep(timestep).to(compute_dtype)
-    lam = target.log_snr(t_dst)
-    tol = target.timestep_log_snr_resolution(timestep)
-    t_src = source.time_at_log_snr(lam, snap_tol=tol)
-    p_src = source.point(t_src)
-    # a timestep snapped to a trained time was that time, rounded: take the target point from it too
-    lam_src = log_snr_of(p_src.alpha, p_src.sigma)
-    snapped = (lam_src != lam) & ((lam_src - lam).abs() <= tol)
-    t_dst = torch.where(snapped, target.time_at_log_snr(lam_src), t_dst)
-    p_dst = target.point(t_dst)
-
-    ends = torch.tensor([source.t_max, source.t_min], dtype=compute_dtype, device=timestep.device)
-    lam_top, lam_bottom = source.log_snr(ends).unbind()
-    noisier = lam < lam_top  # beyond the noisiest trained point
-    cleaner = lam > lam_bottom  # beyond the cleanest trained point
-
-    p_dst, p_src = p_dst.view_as_batch(ndim), p_src.view_as_batch(ndim)
-    scale = p_src.norm / p_dst.norm
-    noisier, cleaner = noisier.view(p_dst.alpha.shape), cleaner.view(p_dst.alpha.shape)
-
-    def convert(x_dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        x0, eps = to_x0_eps(source_prediction, out, x_dst * scale, p_src)
-        one = torch.ones_like(p_dst.alpha)
-        eps = torch.where(noisier, (x_dst - p_dst.alpha * x0) / torch.where(noisier, p_dst.sigma, one), eps)
-        x0 = torch.where(cleaner, (x_dst - p_dst.sigma * eps) / torch.where(cleaner, p_dst.alpha, one), x0)
-        return from_x0_eps(target_prediction, x0, eps, p_dst)
-
-    # the whole conversion is linear in (x, output) with per-sample coefficients: evaluate it
-    # on the basis (1, 0) and (0, 1)
-    ones, zeros = torch.ones_like(scale), torch.zeros_like(scale)
-    k_x, k_out = convert(ones, zeros), convert(zeros, ones)
-    return Conversion(source.model_timestep(t_src, timestep_dtype), scale, k_x, k_out)
-
-
-def apply_conversion(
-    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    conversion: Conversion,
-    compute_dtype: torch.dtype = torch.float64,
-    input_dtype: torch.dtype | None = None,
-    output_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """``k_x·x + k_out·model_fn(scale·x, timestep)``, each product and sum in ``compute_dtype``
-    (type promotion against the coefficients: x and the output are not copied to it first)."""
-    c = conversion
-    if c.scale.device != x.device or c.scale.dtype != compute_dtype:
-        c = c.to(x.device, compute_dtype)
-    out = model_fn((x * c.scale).to(input_dtype or x.dtype), c.timestep.expand(x.shape[0]))
-    return torch.addcmul(c.k_x * x, c.k_out, out).to(output_dtype or x.dtype)
-
-
-def reparameterize(
-    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    timestep: torch.Tensor,
-    source: GaussianPath,
-    source_prediction: str,
-    target: GaussianPath,
-    target_prediction: str,
-    compute_dtype: torch.dtype = torch.float64,
-    input_dtype: torch.dtype | None = None,
-    output_dtype: torch.dtype | None = None,
-    timestep_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Evaluate ``model_fn(x_src, timestep_src)`` (source path and prediction) as the
-    target prediction at (x, timestep) on the target path: :func:`plan_conversion`, then
-    :func:`apply_conversion`.
-
-    The model receives x_src in ``input_dtype`` and the result is returned in
-    ``output_dtype`` (both default to x's dtype) and its timestep in ``timestep_dtype``
-    (float32, as diffusers passes them); everything between runs in ``compute_dtype``.
-    """
-    timestep = torch.as_tensor(timestep, device=x.device)
-    conversion = plan_conversion(timestep, x.ndim, source, source_prediction, target, target_prediction,
-                                 compute_dtype, timestep_dtype)
-    return apply_conversion(model_fn, x, conversion, compute_dtype, input_dtype, output_dtype)
 
 
 @dataclass
@@ -238,9 +96,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         # pipelines read the denoiser's config (sample_size, in_channels, ...): mirror it
         own = set(inspect.signature(PathAdapter.__init__).parameters)
         self.register_to_config(**{k: v for k, v in model_config.items() if k not in own})
-        params = list(inspect.signature(self.model.forward).parameters)
-        self._input_name = params[0]
-        self._timestep_positional = len(params) > 1 and params[1] == "timestep"
+        self._call = network_call(self.model)
         self._plans: dict[tuple, Conversion] = {}  # see conversion()
         self._dtype_cache: tuple = (None, None, None, None, None)  # see network_dtype
 
@@ -265,14 +121,21 @@ class PathAdapter(ModelMixin, ConfigMixin):
             model=model,
         )
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped network that the adapter does not have itself (stock
+        pipelines read some, such as SDXL's ``unet.add_embedding``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
+
     def _call_model(self, x: torch.Tensor, timestep: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         if isinstance(self.model, PathAdapter):  # a round trip: keep full precision in between
             return self.model.evaluate(x, timestep, *args, output_dtype=x.dtype, **kwargs)
-        if self._timestep_positional:
-            out = self.model(x, timestep, *args, **kwargs, return_dict=False)
-        else:
-            out = self.model(*args, **{self._input_name: x, "timestep": timestep}, **kwargs, return_dict=False)
-        return out[0]
+        return self._call(self.model, x, timestep, args, kwargs)
 
     @property
     def network_dtype(self) -> torch.dtype:
@@ -321,17 +184,26 @@ class PathAdapter(ModelMixin, ConfigMixin):
 
     def evaluate(self, sample: torch.Tensor, timestep: Any, *args, output_dtype: torch.dtype | None = None,
                  **kwargs) -> torch.Tensor:
-        """The target prediction as a tensor in ``output_dtype`` (default: the model's dtype)."""
+        """The target prediction as a tensor in ``output_dtype`` (default: the model's dtype).
+        A learned-variance network's extra channels follow the prediction unchanged."""
         compute_dtype = _DTYPES[self.config.compute_dtype]
         network_dtype = self.network_dtype
         nested = isinstance(self.model, PathAdapter)
-        return apply_conversion(
-            lambda x, t: self._call_model(x, t, args, kwargs),
-            sample, self.conversion(timestep, sample.ndim, sample.device),
+        rest: list[torch.Tensor] = []
+
+        def prediction(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            predicted, extra = self._call.split(self._call_model(x, t, args, kwargs))
+            if extra is not None:
+                rest.append(extra)
+            return predicted
+
+        out = apply_conversion(
+            prediction, sample, self.conversion(timestep, sample.ndim, sample.device),
             compute_dtype=compute_dtype,
             input_dtype=compute_dtype if nested else network_dtype,
             output_dtype=output_dtype or network_dtype,
         )
+        return torch.cat([out, rest[0].to(out.dtype)], dim=1) if rest else out
 
     def forward(self, sample: torch.Tensor | None = None, timestep: Any = None, *args,
                 return_dict: bool = True, **kwargs) -> AdapterOutput | tuple:
@@ -340,6 +212,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         Returns ``.sample`` in the model's dtype."""
         if sample is None:
             sample = kwargs.pop("hidden_states")
+        refuse_nonlinear_options()
         out = self.evaluate(sample, timestep, *args, **kwargs)
         return AdapterOutput(sample=out) if return_dict else (out,)
 

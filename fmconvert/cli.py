@@ -157,12 +157,18 @@ def sample(
     channels_last: bool = typer.Option(False, "--channels-last", help="GPU fast path: channels-last memory format."),
     compile: bool = typer.Option(False, "--compile", help="GPU fast path: torch.compile the network."),
     prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (the unconditional branch of guidance)."),
+    class_label: Optional[list[str]] = typer.Option(None, "--class-label", help="Class label (int or id2label name) for class-conditional models (DiT); repeat it to cycle labels over the images."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
+    image_embeds: Optional[Path] = typer.Option(None, "--image-embeds", help="A .safetensors file with 'image_embeds' (and 'negative_image_embeds' for guidance), (1 or N, D), from the model's prior (Kandinsky 2.2)."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's sample_size)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's sample_size)."),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale", help="Rescale the guided prediction (Lin et al. 2024), applied to the source's own prediction: exact (SD, SDXL)."),
     baseline: Optional[str] = typer.Option(None, help="Instead of fmconvert's solver, run the source's own diffusers sampler on the same noise: ddim (trailing, no clipping)."),
     rtol: float = typer.Option(1e-5, help="dopri5 relative tolerance."),
     atol: float = typer.Option(1e-5, help="dopri5 absolute tolerance."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid, or a folder of PNGs."),
-    save_tensor: Optional[Path] = typer.Option(None, "--save-tensor", help="Write the final samples (float32, data space) as safetensors, key 'samples'."),
+    save_tensor: Optional[Path] = typer.Option(None, "--save-tensor", help="Write the final samples (float32, data space: latents for latent models) as safetensors, key 'samples', and the decoded images in [0, 1], key 'images'."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     samples_dir: Optional[Path] = typer.Option(None, "--samples-dir", help="Keep samples in shards here; a rerun reuses complete shards."),
     revision: Optional[str] = typer.Option(None, help="Hub revision."),
@@ -177,11 +183,20 @@ def sample(
     from .sampling import BASELINES
     from .solvers import SOLVERS
 
+    from .families import Conditioning
+
     _choice(solver, SOLVERS, "--solver")
     if baseline is not None:
         _choice(baseline, BASELINES, "--baseline")
     _choice(grid, GRIDS, "--grid")
     _choice(dtype, DTYPES, "--dtype")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must be in [0, 1], got {guidance_rescale}")
+    embeds = _read_embeddings(image_embeds) if image_embeds is not None else {}
+    conditioning = Conditioning(prompt=prompt, negative_prompt=negative_prompt, class_labels=tuple(class_label or ()),
+                                image_embeds=embeds.get("image_embeds"),
+                                negative_image_embeds=embeds.get("negative_image_embeds"),
+                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     for name, value in (("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
@@ -194,20 +209,23 @@ def sample(
     interactive = _interactive(as_json)
     vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
                              channels_last=channels_last, compile=compile)
+    vm.source.family.check(conditioning, vm.source.pipeline_class)
+    vm.resize(height, width)
     try:
         if baseline is not None:
             log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
             solver, grid = baseline, "trailing"
 
             def make_batches(ranges):
-                return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges)
+                return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges,
+                                     conditioning=conditioning)
         else:
             log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
             options = {"rtol": rtol, "atol": atol} if solver == "dopri5" else None
 
             def make_batches(ranges):
-                return iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt,
-                                     guidance_scale, progress=interactive, solver_options=options, ranges=ranges)
+                return iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning,
+                                     progress=interactive, solver_options=options, ranges=ranges)
         store = None
         if samples_dir is not None:
             from .shards import ShardStore
@@ -215,7 +233,7 @@ def sample(
             store = ShardStore(samples_dir, {
                 "model": model, "model_class": vm.source.model_class, "solver": solver, "grid": grid, "steps": steps,
                 "seed": seed, "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
-                "dtype": dtype, "prompt": prompt, "guidance_scale": guidance_scale,
+                "dtype": dtype, **conditioning.describe(),
             })
         result, reused = generate_sharded(vm, make_batches, num_images, batch_size, store, device)
     except ValueError as error:  # a grid the source cannot have, steps beyond its schedule, ...
@@ -232,7 +250,8 @@ def sample(
 
         from .io import atomic_write
 
-        atomic_write(save_tensor, lambda tmp: save_file({"samples": result.samples.contiguous()}, str(tmp)))
+        atomic_write(save_tensor, lambda tmp: save_file({"samples": result.samples.contiguous(),
+                                                          "images": result.images.contiguous()}, str(tmp)))
         outputs["tensor"] = str(save_tensor)
     payload = {
         "loaded": vm.info, "solver": solver, "grid": grid, "steps": steps,
@@ -246,6 +265,23 @@ def sample(
     else:
         log(f"done: NFE {payload['nfe']}, {result.seconds:.2f} s" +
             "".join(f"; wrote {v}" for v in outputs.values()))
+
+
+def _read_embeddings(path: Path) -> dict:
+    """--image-embeds: a safetensors file whose 'image_embeds' (and 'negative_image_embeds') are (1 or N, D)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UsageError(f"--image-embeds '{path}' does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"--image-embeds '{path}' is not a safetensors file: {error}") from None
+    if "image_embeds" not in tensors or any(t.ndim != 2 for t in tensors.values()):
+        raise UsageError(f"--image-embeds '{path}' needs a 2-d 'image_embeds' tensor (and optionally "
+                         f"'negative_image_embeds'); it has {', '.join(tensors) or 'nothing'}")
+    return tensors
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -286,7 +322,11 @@ def agree(
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
     device = _device(device)
-    vm = load_velocity_model(model, device=device)
+    # the agreement measures the conversion: apply it in float64 (the network keeps its dtype)
+    vm = load_velocity_model(model, device=device, compute_dtype="float64")
+    if vm.source.family.accepts:
+        raise UsageError(f"agree compares unconditional fields; {vm.source.pipeline_class} ({vm.source.family.title}) "
+                         "needs its conditioning, which agree does not take yet")
     if data is not None:
         points = load_points(data, num_points)
     else:
@@ -301,7 +341,7 @@ def agree(
             log(f"trajectories: Euler vs the source's DDIM at NFE {steps}")
             payload["trajectories"] = trajectory_agreement(vm, steps_list, num_images, seed=seed, device=device)
     else:
-        vm2 = load_velocity_model(other, device=device)
+        vm2 = load_velocity_model(other, device=device, compute_dtype="float64")
         log(f"field of {model} against the field of {other} at {num_times} times")
         result = field_vs_field(vm.velocity, vm2.velocity, points, num_times, seed=seed, device=device)
         payload["other"] = other

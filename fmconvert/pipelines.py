@@ -11,10 +11,10 @@ The converted folder is a pipeline folder:
   shim module ``fmconvert_adapter.py``, so that
   ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` finds the class;
 - ``--to velocity``: unconditional sources (DDPMPipeline / DDIMPipeline, or a bare
-  UNet2DModel) become a DDPMPipeline with the stock FlowMatchEulerDiscreteScheduler;
-  pipelines that call ``scheduler.scale_model_input`` (the Stable Diffusion family) keep
-  their class and get :class:`FlowMatchEulerScheduler` (FlowMatchEulerDiscreteScheduler
-  plus the identity ``scale_model_input``; exact, float timesteps), also through a shim;
+  UNet2DModel) become a DDPMPipeline with the stock FlowMatchEulerDiscreteScheduler; every
+  other family (:mod:`fmconvert.families`) keeps its pipeline class and gets
+  :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` (exact, float timesteps, with the
+  family's ``sample_scaling``), also through a shim;
 - ``--to epsilon`` / ``--to v_prediction``: an unconditional flow source becomes a
   DDPMPipeline with DDIMScheduler(timestep_spacing="trailing", clip_sample=False,
   set_alpha_to_one=True) on the chosen discrete schedule. Defaults: v_prediction on
@@ -41,32 +41,41 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from . import __version__
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .errors import FmconvertError, UsageError
+from .families import Family, PixelUnconditional, family_of, learned_variance
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
+from .schedulers import SCHEDULE_KEYS, FlowMatchEulerScheduler
 from .schedules import GaussianPath, RectifiedFlow, path_from_scheduler_config
-
-
-class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
-    """FlowMatchEulerDiscreteScheduler for pipelines written for diffusion schedulers: adds
-    ``init_noise_sigma = 1`` (x at s = 1 is ε) and the identity ``scale_model_input``."""
-
-    init_noise_sigma = 1.0
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        return sample
-
 
 ADAPTER_SHIM = "fmconvert_adapter"
 SCHEDULER_SHIM = "fmconvert_scheduler"
 _SHIMS = {
     ADAPTER_SHIM: "from fmconvert.adapters import DiffusionAdapter, VelocityAdapter  # noqa: F401\n",
-    SCHEDULER_SHIM: "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n",
+    SCHEDULER_SHIM: "from fmconvert.schedulers import FlowMatchEulerScheduler  # noqa: F401\n",
 }
+#: shim texts written by earlier versions (still fmconvert's own one-line imports)
+_LEGACY_SHIMS = {SCHEDULER_SHIM: "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n"}
 _OWN_CLASSES = {"VelocityAdapter": VelocityAdapter, "DiffusionAdapter": DiffusionAdapter,
                 "FlowMatchEulerScheduler": FlowMatchEulerScheduler}
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 DENOISERS = ("unet", "transformer")
-UNCONDITIONAL = ("DDPMPipeline", "DDIMPipeline")
+LEARNED_VARIANCE = ("learned", "learned_range")
+
+
+def trusted_library(library: str) -> bool:
+    """diffusers, transformers, fmconvert's shims, or a module of diffusers' own pipelines
+    (``stable_diffusion`` for SD's safety checker, ``deepfloyd_if``): installed code, not the
+    repo's."""
+    if library in TRUSTED_LIBRARIES or library in _SHIMS:
+        return True
+    if not library.isidentifier():
+        return False
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+    except (ImportError, ValueError):
+        return False
 SCHEDULES = {
     "cosine": {"beta_schedule": "squaredcos_cap_v2"},
     "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -96,6 +105,7 @@ class Source:
     scheduler: dict
     path: GaussianPath = field(repr=False)
     prediction_type: str = "epsilon"
+    family: Family = field(default_factory=PixelUnconditional, repr=False)
 
     @property
     def converted(self) -> bool:
@@ -107,7 +117,7 @@ class Source:
 
     @property
     def unconditional(self) -> bool:
-        return self.model_index is None or self.pipeline_class in UNCONDITIONAL
+        return isinstance(self.family, PixelUnconditional)
 
     @property
     def hub_id(self) -> str | None:
@@ -122,6 +132,7 @@ class Source:
             "source": self.reference,
             "revision": self.revision,
             "pipeline_class": self.pipeline_class,
+            "family": self.family.name,
             "model_class": self.model_class,
             "prediction_type": self.prediction_type,
             "scheduler": self.scheduler.get("_class_name"),
@@ -153,7 +164,7 @@ def _check_safety(folder: Path, components: list[str], allow_pickle: bool, trust
                 f"'{part}' has only pickle weights ({weights[0].name}); loading pickles can run code: "
                 "convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
-        code = [p for p in files if p.suffix == ".py" and p.read_text() != _SHIMS.get(p.stem)]
+        code = [p for p in files if p.suffix == ".py" and p.read_text() not in (_SHIMS.get(p.stem), _LEGACY_SHIMS.get(p.stem))]
         if code and not trust_remote_code:
             raise FmconvertError(
                 f"'{part}' contains code ({code[0].name}) that would run on load; pass --trust-remote-code "
@@ -179,10 +190,15 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
         components = [k for k, v in index.items() if isinstance(v, list) and v[0]]
         for name in components:
             library = index[name][0]
-            if library not in TRUSTED_LIBRARIES and library not in _SHIMS and not trust_remote_code:
+            if not trusted_library(library) and not trust_remote_code:
                 raise FmconvertError(
                     f"component '{name}' of '{reference}' comes from '{library}', not diffusers or transformers; "
                     "pass --trust-remote-code if you trust it"
+                )
+            if not (folder / name).is_dir():
+                raise FmconvertError(
+                    f"model_index.json of '{reference}' names the component '{name}' ({index[name][1]}) but there is "
+                    f"no {name}/ folder; the download is incomplete: fetch the whole repo again"
                 )
         _check_safety(folder, components, allow_pickle, trust_remote_code)
         model_folder = folder / denoiser
@@ -204,7 +220,38 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
             "(a model, with its scheduler config beside it)"
         )
     path, prediction = _path_and_prediction(model_folder, model_class, sched)
-    return Source(reference, revision, folder, index, denoiser, model_folder, model_class, sched, path, prediction)
+    import diffusers
+
+    converted = model_class in _OWN_CLASSES
+    # a model class diffusers does not have is custom code: load_denoiser refuses it or, with
+    # --trust-remote-code, loads it for the pipeline's family
+    family = family_of(index.get("_class_name") if index else None, model_class,
+                       check_model=not converted and hasattr(diffusers, model_class))
+    if not converted:
+        _check_variance(reference, family, _read_json(model_folder / "config.json"), sched)
+    return Source(reference, revision, folder, index, denoiser, model_folder, model_class, sched, path, prediction,
+                  family)
+
+
+def _check_variance(reference: str, family: Family, model_config: dict, sched: dict) -> None:
+    """A network's output channels and its scheduler's variance_type must tell one story
+    (a family whose pipeline drops the variance half itself may pair a learned-variance
+    network with a fixed-variance scheduler: Kandinsky 2.2's decoder does)."""
+    variance = sched.get("variance_type", "fixed_small" if "DDPM" in sched.get("_class_name", "DDPM") else None)
+    learned = learned_variance(model_config)
+    if learned and not family.splits_variance and variance not in LEARNED_VARIANCE:
+        raise FmconvertError(
+            f"'{reference}': the network outputs {model_config.get('out_channels')} channels for "
+            f"{model_config.get('in_channels')} (a learned variance) but its scheduler says variance_type="
+            f"'{variance}', so the {family.title} pipeline would step with both halves; fix the scheduler config "
+            "(learned_range or learned) or the model config"
+        )
+    if variance in LEARNED_VARIANCE and not learned:
+        raise FmconvertError(
+            f"'{reference}': the scheduler says variance_type='{variance}' but the network outputs "
+            f"{model_config.get('out_channels')} channels for {model_config.get('in_channels')} (no variance half); "
+            "fix the scheduler config or the model config"
+        )
 
 
 def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> tuple[GaussianPath, str]:
@@ -272,8 +319,11 @@ def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
             )
         adapter = VelocityAdapter._wrap(model, source.path, source.prediction_type, RectifiedFlow(num_train_timesteps=T),
                                         "flow_prediction", "float64")
-        scheduler_cls = FlowMatchEulerDiscreteScheduler if source.unconditional else FlowMatchEulerScheduler
-        return adapter, scheduler_cls(num_train_timesteps=T)
+        if source.family.sample_scaling is None:
+            return adapter, FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)
+        schedule = {k: source.scheduler[k] for k in SCHEDULE_KEYS if k in source.scheduler}
+        return adapter, FlowMatchEulerScheduler(num_train_timesteps=T, sample_scaling=source.family.sample_scaling,
+                                                source_schedule=schedule)
     if not is_flow:
         raise UsageError(
             f"'{source.reference}' is a diffusion model ({source.prediction_type}); --to {to} converts flow-matching "

@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from .core import invert
 from .errors import FmconvertError
+from .families import Conditioning, concat_kwargs, network_call
 from .grids import time_grid
 from .pipelines import Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
@@ -42,6 +44,13 @@ class VelocityModel:
     shift: float = 1.0
     pipeline: Any = None
     info: dict = field(default_factory=dict)
+    #: the sample's (h, w); None: the denoiser's sample_size (see :meth:`resize`)
+    size: tuple[int, int] | None = None
+
+    def resize(self, height: int | None, width: int | None) -> "VelocityModel":
+        """Sample images of height × width pixels (the family's rule; None keeps the default)."""
+        self.size = self.source.family.sample_size(self.pipeline, self.velocity.config, height, width)
+        return self
 
 
 def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "float64") -> tuple[PathAdapter, GaussianPath]:
@@ -61,9 +70,11 @@ def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "fl
 
 def load_velocity_model(reference: str, revision: str | None = None, dtype: torch.dtype | None = None,
                         device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
-                        need_pipeline: bool = False, channels_last: bool = False, compile: bool = False) -> VelocityModel:
+                        need_pipeline: bool = False, channels_last: bool = False, compile: bool = False,
+                        compute_dtype: str | None = None) -> VelocityModel:
     """Resolve, load and wrap a MODEL for sampling (``channels_last`` / ``compile``: the GPU
-    fast path for the wrapped network).
+    fast path for the wrapped network; ``compute_dtype``: the dtype a source wrapped here
+    applies its conversion in, default below).
 
     The conversion's coefficients are planned in float64; a source wrapped here applies them
     (k_x·x + k_out·output) in float32 unless the network is float64: against a float64 DDIM
@@ -71,11 +82,12 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     (BENCHMARKS.md). A converted folder keeps the compute_dtype it was written with."""
     source = inspect_source(reference, revision, allow_pickle, trust_remote_code)
     model = load_denoiser(source, dtype, allow_pickle, trust_remote_code)
-    velocity, grid_source = as_velocity(model, source, "float64" if model.dtype == torch.float64 else "float32")
+    if compute_dtype is None:
+        compute_dtype = "float64" if model.dtype == torch.float64 else "float32"
+    velocity, grid_source = as_velocity(model, source, compute_dtype)
     shift = float(source.scheduler.get("shift", source.scheduler.get("flow_shift", 1.0)) or 1.0)
     pipeline = None
-    index = source.model_index or {}
-    if need_pipeline or "vae" in index or "text_encoder" in index:
+    if need_pipeline or source.family.needs_pipeline:
         pipeline = _load_pipeline(source, model, dtype, allow_pickle, trust_remote_code)
     velocity.to(device)
     network = velocity.model.model if isinstance(velocity.model, PathAdapter) else velocity.model
@@ -88,9 +100,9 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
         else:
             velocity.model = compiled
     if pipeline is not None:
-        for name in ("vae", "text_encoder"):
-            if getattr(pipeline, name, None) is not None:
-                getattr(pipeline, name).to(device)
+        for name, component in pipeline.components.items():
+            if isinstance(component, torch.nn.Module) and name not in ("unet", "transformer"):
+                component.to(device)
     return VelocityModel(velocity.eval(), grid_source, source, shift, pipeline, source.describe())
 
 
@@ -170,12 +182,11 @@ def batches_of(num_images: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def sample_shape(vm: VelocityModel) -> tuple[int, ...]:
-    config = vm.velocity.config
-    size = config.get("sample_size")
-    channels = config.get("in_channels")
-    if size is None or channels is None:
-        raise FmconvertError(f"cannot tell the sample shape of {vm.source.model_class}: its config has no sample_size / in_channels")
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    """(C, h, w) of one sample: the denoiser's channels at :attr:`VelocityModel.size`."""
+    channels = vm.velocity.config.get("in_channels")
+    if channels is None:
+        raise FmconvertError(f"cannot tell the sample shape of {vm.source.model_class}: its config has no in_channels")
+    size = vm.size or vm.source.family.sample_size(vm.pipeline, vm.velocity.config, None, None)
     return (channels, *size)
 
 
@@ -190,26 +201,16 @@ class SampleResult:
     seconds: float
 
 
-def _conditioning(vm: VelocityModel, prompt: str | None, guidance_scale: float, device, batch: int):
-    """Text embeddings (cond, uncond) for text-conditioned pipelines, else None."""
-    pipe = vm.pipeline
-    if pipe is None or getattr(pipe, "text_encoder", None) is None:
-        if prompt is not None:
-            raise FmconvertError(f"--prompt given but {vm.source.pipeline_class or vm.source.model_class} is not text-conditioned")
-        return None
-    if not hasattr(pipe, "encode_prompt"):
-        raise FmconvertError(f"text-conditioned sampling supports pipelines with encode_prompt; {type(pipe).__name__} has none")
-    with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompt or "", device, batch, guidance_scale > 1.0, negative_prompt=None)
-    return cond, uncond
-
-
 def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
-                  grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
-                  guidance_scale: float = 1.0, progress: bool = False, solver_options: dict | None = None,
+                  grid: str = "uniform", steps: int = 50, device: str = "cpu", conditioning: Conditioning | None = None,
+                  progress: bool = False, solver_options: dict | None = None,
                   ranges: list[tuple[int, int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Yield (samples, images, nfe) batch by batch (by default all of [0, num_images) in
-    batches of ``batch_size``; or the given global index ranges): one batch is held."""
+    batches of ``batch_size``; or the given global index ranges): one batch is held.
+    ``conditioning``: what the family takes (prompt, class labels, image embeddings,
+    guidance); refused in one line where the family cannot honour it."""
+    conditioning = conditioning or Conditioning()
+    vm.source.family.check(conditioning, vm.source.pipeline_class)
     s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
@@ -224,7 +225,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     try:
         for first, stop in ranges:
             eps = noise.take(first, stop).to(device)
-            field = _velocity_field(vm, eps.shape[0], prompt, guidance_scale, device)
+            field = _velocity_field(vm, conditioning, first, eps.shape[0], device)
             # inference mode: less bookkeeping per operation than no_grad (the network's too);
             # the result is cloned out of it below, so callers get ordinary tensors
             with torch.inference_mode():
@@ -255,10 +256,10 @@ def _collect(batches) -> SampleResult:
 
 
 def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
-             grid: str = "uniform", steps: int = 50, device: str = "cpu", prompt: str | None = None,
-             guidance_scale: float = 1.0, progress: bool = False, solver_options: dict | None = None) -> SampleResult:
+             grid: str = "uniform", steps: int = 50, device: str = "cpu", conditioning: Conditioning | None = None,
+             progress: bool = False, solver_options: dict | None = None) -> SampleResult:
     """Draw ``num_images`` samples, ``batch_size`` at a time, all kept (see iter_generate)."""
-    batches = iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, prompt, guidance_scale,
+    batches = iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning,
                             progress, solver_options)
     return _collect(batches)
 
@@ -267,8 +268,10 @@ BASELINES = ("ddim",)
 
 
 def ddim_baseline(vm: VelocityModel):
-    """DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
-    from the source's scheduler config (unconditional diffusion sources)."""
+    """DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
+    thresholding=False) from a diffusion source's scheduler config: the ODE sampler that
+    Euler on the converted field reproduces (clipping and thresholding clamp x̂0, which no
+    ODE does)."""
     from diffusers import DDIMScheduler
 
     source = vm.source
@@ -276,62 +279,92 @@ def ddim_baseline(vm: VelocityModel):
         raise FmconvertError("--baseline ddim runs a diffusion source's own scheduler; "
                              f"'{source.reference}' is {'a converted model' if source.converted else 'a flow model'}")
     return DDIMScheduler.from_config({**source.scheduler, "prediction_type": source.prediction_type},
-                                     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+                                     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
+                                     thresholding=False)
 
 
 def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, steps: int = 50,
-                  device: str = "cpu", baseline: str = "ddim",
-                  ranges: list[tuple[int, int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The source's own diffusers sampler driving the unconverted network on the same noise,
-    batch by batch (or over the given global index ranges)."""
+                  device: str = "cpu", baseline: str = "ddim", ranges: list[tuple[int, int]] | None = None,
+                  conditioning: Conditioning | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The source's own diffusers sampler driving the unconverted network on the same noise
+    and conditioning (guidance on the source's prediction, as its pipeline applies it), batch
+    by batch (or over the given global index ranges)."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
+    conditioning = conditioning or Conditioning()
+    family = vm.source.family
+    family.check(conditioning, vm.source.pipeline_class)
     scheduler = ddim_baseline(vm)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
     model = vm.velocity.model
+    call = network_call(model)
+    w, phi = conditioning.guidance_scale, conditioning.guidance_rescale
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):
         x = noise.take(first, stop).to(device)
+        cond, uncond = family.encode(vm.pipeline, conditioning, first, x.shape[0], device, model.config,
+                                     tuple(x.shape[2:]))
+        both = concat_kwargs(uncond, cond) if uncond is not None else None
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
-                x = scheduler.step(model(x.to(model.dtype), t.to(device)).sample.float(), t, x).prev_sample
+                if both is None:
+                    out = call.split(call(model, x.to(model.dtype), t.to(device).expand(x.shape[0]), (), cond))[0]
+                else:
+                    pair = call.split(call(model, torch.cat([x, x]).to(model.dtype),
+                                           t.to(device).expand(2 * x.shape[0]), (), both))[0]
+                    out_uncond, out_cond = pair.float().chunk(2)
+                    out = out_uncond + w * (out_cond - out_uncond)
+                    if phi > 0:
+                        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+                        out = rescale_noise_cfg(out, out_cond, guidance_rescale=phi)
+                x = scheduler.step(out.float(), t, x).prev_sample
         yield x.float(), to_images(vm, x.float()), steps
 
 
 def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
-                      steps: int = 50, device: str = "cpu", baseline: str = "ddim") -> SampleResult:
+                      steps: int = 50, device: str = "cpu", baseline: str = "ddim",
+                      conditioning: Conditioning | None = None) -> SampleResult:
     """All samples of :func:`iter_baseline`."""
-    batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline)
+    batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, conditioning=conditioning)
     return _collect(batches)
 
 
-def _velocity_field(vm: VelocityModel, batch: int, prompt, guidance_scale, device) -> Callable:
+def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch: int, device) -> Callable:
+    """u(x, s) for images [first, first + batch): the family's conditioning, classifier-free
+    guidance uncond + w·(cond − uncond) on the velocity (guidance is affine with weights
+    summing to one, so it commutes with the conversion), and ``guidance_rescale`` applied to
+    the source's own prediction (diffusers' ``rescale_noise_cfg``): the guided and the
+    conditional velocity are taken back through the conversion, rescaled, and brought forward."""
     velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
-    embeddings = _conditioning(vm, prompt, guidance_scale, device, batch)
-    if embeddings is None:
-        return lambda x, s: velocity.evaluate(x, T * s, output_dtype=torch.float32)
-    cond, uncond = embeddings
-    if guidance_scale <= 1.0:
-        return lambda x, s: velocity.evaluate(x, T * s, encoder_hidden_states=cond, output_dtype=torch.float32)
-    both = torch.cat([uncond, cond])
+    channels, *size = sample_shape(vm)
+    cond, uncond = vm.source.family.encode(vm.pipeline, request, first, batch, device, velocity.config, tuple(size))
+    if uncond is None:
+        return lambda x, s: velocity.evaluate(x, T * s, output_dtype=torch.float32, **cond)[:, :channels]
+    both = concat_kwargs(uncond, cond)
+    w, phi = request.guidance_scale, request.guidance_rescale
 
-    def guided(x, s):  # guidance is affine, so it commutes with the conversion
-        u_uncond, u_cond = velocity.evaluate(torch.cat([x, x]), torch.cat([T * s, T * s]),
-                                             encoder_hidden_states=both, output_dtype=torch.float32).chunk(2)
-        return u_uncond + guidance_scale * (u_cond - u_uncond)
+    def guided(x, s):
+        u_uncond, u_cond = velocity.evaluate(torch.cat([x, x]), torch.cat([T * s, T * s]), output_dtype=torch.float32,
+                                             **both)[:, :channels].chunk(2)
+        u = u_uncond + w * (u_cond - u_uncond)
+        if phi > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            plan = velocity.conversion(T * s[:1], x.ndim, x.device)
+            guided_source = invert(plan, x, u)
+            rescaled = rescale_noise_cfg(guided_source, invert(plan, x, u_cond), guidance_rescale=phi)
+            u = torch.addcmul(plan.k_x * x, plan.k_out, rescaled).to(torch.float32)
+        return u
 
     return guided
 
 
 def to_images(vm: VelocityModel, x: torch.Tensor) -> torch.Tensor:
-    """Data space → images in [0, 1] (decoding latents with the pipeline's VAE)."""
-    vae = getattr(vm.pipeline, "vae", None) if vm.pipeline is not None else None
-    if vae is not None:
-        with torch.no_grad():
-            x = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-    return (x / 2 + 0.5).clamp(0, 1)
+    """Data space → images in [0, 1]: the family's decoder (VAE, VQ-VAE, MoVQ), or pixels."""
+    return vm.source.family.decode(vm.pipeline, x)
 
 
 def iter_shards(vm: VelocityModel, make_batches, num_images: int, batch_size: int, store=None,

@@ -66,6 +66,32 @@ def vp_point(log_snr: torch.Tensor, d_log_snr: torch.Tensor) -> Point:
     return Point(alpha, sigma, alpha * sigma**2 * d_log_snr, -sigma * alpha**2 * d_log_snr)
 
 
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """The squaredcos_cap_v2 betas (Nichol & Dhariwal 2021, eq. 17, offset 0.008): β_n =
+    min(1 − ᾱ((n+1)/T)/ᾱ(n/T), max_beta) with ᾱ(u) = cos²((u + 0.008)/1.008 · π/2), each in
+    Python floats and stored as float32, as diffusers' ``betas_for_alpha_bar`` does (the
+    suite checks the two bit for bit)."""
+
+    def alpha_bar(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    return torch.tensor([min(1 - alpha_bar((n + 1) / T) / alpha_bar(n / T), max_beta) for n in range(T)],
+                        dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", Algorithm 1): √ᾱ shifted so its last value is 0 and scaled
+    so its first is unchanged; in the betas' dtype, operation for operation as diffusers'
+    ``rescale_zero_terminal_snr``."""
+    sqrt_acp = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_acp[0].clone(), sqrt_acp[-1].clone()
+    sqrt_acp = (sqrt_acp - last) * (first / (first - last))
+    acp = sqrt_acp**2
+    return 1 - torch.cat([acp[0:1], acp[1:] / acp[:-1]])
+
+
 class GaussianPath:
     """Base class. Subclasses define ``point``, ``time_at_log_snr`` and the time range."""
 
@@ -145,8 +171,6 @@ class DiscreteVPSchedule(GaussianPath):
         """Build from a diffusers scheduler config (beta_schedule, beta_start, beta_end,
         trained_betas, num_train_timesteps, rescale_betas_zero_snr), reproducing diffusers'
         float32 betas bit for bit."""
-        from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar, rescale_zero_terminal_snr
-
         T = int(config.get("num_train_timesteps", 1000))
         start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
         schedule = config.get("beta_schedule", "linear")
@@ -157,7 +181,7 @@ class DiscreteVPSchedule(GaussianPath):
         elif schedule == "scaled_linear":
             betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2
         elif schedule == "squaredcos_cap_v2":
-            betas = betas_for_alpha_bar(T)
+            betas = cosine_betas(T)
         elif schedule == "sigmoid":
             betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (end - start) + start
         else:

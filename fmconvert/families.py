@@ -1,0 +1,491 @@
+"""Model families: everything fmconvert knows about a kind of diffusers model, in one place.
+
+A :class:`Family` answers, for one pipeline class (or a bare model folder):
+
+- which denoiser classes it holds;
+- what conditions it, and how that is built from a user's :class:`Conditioning` (text
+  through the pipeline's own ``encode_prompt``, called by keyword; class labels with the
+  null class for guidance; image embeddings) as keyword arguments for the network;
+- whether its pipeline post-processes the prediction nonlinearly (``guidance_rescale``);
+- how samples are decoded (``vae`` / ``vqvae`` / ``movq``, scaling and shift factors);
+- what the converted pipeline's scheduler must keep in its ``latents``
+  (:mod:`fmconvert.schedulers`: ``sample_scaling``).
+
+A :class:`NetworkCall` answers, for one network: the name of its sample argument, whether
+the timestep is positional, and how the prediction is read from its output (learned
+variance: out_channels = 2 × in_channels, the first C channels are the prediction and the
+rest passes through unchanged, so stock pipelines that split it keep working).
+
+Adapters, sampling and pipelines ask these; nothing else holds a list of model classes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import FmconvertError, UsageError
+
+# -- the network ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkCall:
+    """How a diffusers network is called and read.
+
+    ``input_name``: its sample argument (``sample`` for UNets, ``hidden_states`` for
+    transformers); ``timestep_positional``: whether ``timestep`` is its second positional
+    parameter; ``channels``: C, the sample's channels; ``learned_variance``: whether the output
+    has 2·C channels (prediction, then the variance interpolation of Nichol & Dhariwal 2021).
+    """
+
+    input_name: str
+    timestep_positional: bool
+    channels: int | None
+    learned_variance: bool
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, args: tuple,
+                 kwargs: dict) -> torch.Tensor:
+        """The network's raw output (all its channels)."""
+        if self.timestep_positional:
+            return model(x, timestep, *args, **kwargs, return_dict=False)[0]
+        return model(*args, **{self.input_name: x, "timestep": timestep}, **kwargs, return_dict=False)[0]
+
+    def split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, the rest or None): the first C channels of a learned-variance output."""
+        if not self.learned_variance:
+            return output, None
+        return output[:, : self.channels], output[:, self.channels:]
+
+
+def learned_variance(config: Any) -> bool:
+    """out_channels = 2 × in_channels: a learned-variance network (DiT, PixArt-α, IF, Kandinsky 2.2)."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    c_in, c_out = get("in_channels"), get("out_channels")
+    return c_in is not None and c_out is not None and c_out == 2 * c_in
+
+
+def network_call(model: torch.nn.Module) -> NetworkCall:
+    """The :class:`NetworkCall` of a diffusers model (read from its forward and config)."""
+    params = list(inspect.signature(model.forward).parameters)
+    config = getattr(model, "config", {})
+    channels = config.get("in_channels") if hasattr(config, "get") else None
+    return NetworkCall(params[0], len(params) > 1 and params[1] == "timestep", channels, learned_variance(config))
+
+
+# -- what a user asks for ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What conditions a sample, as a user gives it (CLI options or Python values).
+
+    ``class_labels``: ints or id2label names, assigned to images by global index n as
+    labels[n mod len]; ``image_embeds`` / ``negative_image_embeds``: (1 or N, D) tensors (from
+    a prior); ``guidance_scale``: classifier-free guidance weight w (1 = none), the guided
+    prediction is uncond + w·(cond − uncond); ``guidance_rescale``: φ of Lin et al. (2024),
+    applied to the source's own prediction.
+    """
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    class_labels: tuple = ()
+    image_embeds: torch.Tensor | None = None
+    negative_image_embeds: torch.Tensor | None = None
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly: what the run's samples depend on."""
+        out: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                               "class_labels": list(self.class_labels), "guidance_scale": self.guidance_scale,
+                               "guidance_rescale": self.guidance_rescale}
+        for name in ("image_embeds", "negative_image_embeds"):
+            value = getattr(self, name)
+            out[name] = None if value is None else [list(value.shape), float(value.double().sum())]
+        return out
+
+
+#: Conditioning fields by the command line's option names
+OPTION_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "class_labels": "--class-label",
+                "image_embeds": "--image-embeds", "negative_image_embeds": "--image-embeds (negative_image_embeds)",
+                "guidance_rescale": "--guidance-rescale"}
+
+
+def concat_kwargs(first: dict, second: dict) -> dict:
+    """Network keyword arguments for the batch [first; second] (tensors concatenated on dim 0,
+    nested dicts recursively, anything else taken from ``second``)."""
+    out = {}
+    for key, value in second.items():
+        other = first.get(key)
+        if isinstance(value, dict):
+            out[key] = concat_kwargs(other or {}, value)
+        elif torch.is_tensor(value) and torch.is_tensor(other):
+            out[key] = torch.cat([other, value])
+        else:
+            out[key] = value
+    return out
+
+
+# -- families ------------------------------------------------------------------------------------
+
+
+def _images(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+class Family:
+    """One family of diffusers pipelines. Subclasses set the class attributes and override
+    :meth:`encode` / :meth:`decode` where the family differs from an unconditional pixel model."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    pipelines: ClassVar[tuple[str, ...]] = ()
+    models: ClassVar[tuple[str, ...]] = ()
+    #: the user options it takes (Conditioning field names)
+    accepts: ClassVar[tuple[str, ...]] = ()
+    #: the component that decodes samples into images, or None (pixel space)
+    decoder: ClassVar[str | None] = None
+    #: FlowMatchEulerScheduler.sample_scaling for its pipeline; None: the stock
+    #: FlowMatchEulerDiscreteScheduler (the pipeline calls neither scale_model_input nor init_noise_sigma)
+    sample_scaling: ClassVar[str | None] = "variance_preserving"
+    #: its pipeline's __call__ applies guidance_rescale to the prediction
+    guidance_rescale: ClassVar[bool] = False
+    #: its pipeline drops a learned variance itself before the scheduler sees the output
+    #: (DiT, PixArt by the network's out_channels; IF, Kandinsky unless variance_type is learned*)
+    splits_variance: ClassVar[bool] = False
+    #: Hub repos it was replicated from in the test suite (README)
+    examples: ClassVar[tuple[str, ...]] = ()
+
+    #: the network takes only the sample size it was built for (positional embeddings)
+    fixed_size: ClassVar[bool] = False
+
+    def downsampling(self, pipe: Any) -> int:
+        """Pixels per sample element along each side (1 in pixel space)."""
+        return 1
+
+    def sample_size(self, pipe: Any, config: Any, height: int | None, width: int | None) -> tuple[int, int]:
+        """The sample's (h, w) for an image of height × width pixels (None: the denoiser's
+        own sample_size). UsageError where the family cannot honour it."""
+        own = config.get("sample_size")
+        own = (own, own) if isinstance(own, int) else tuple(own) if own is not None else None
+        if height is None and width is None:
+            if own is None:
+                raise UsageError(f"the {self.title} denoiser has no sample_size in its config: pass --height and --width")
+            return own
+        factor = self.downsampling(pipe)
+        height = height if height is not None else own[0] * factor
+        width = width if width is not None else own[1] * factor
+        if height % factor or width % factor:
+            raise UsageError(f"--height/--width must be multiples of {factor} for {self.title}, got {height}×{width}")
+        size = (height // factor, width // factor)
+        if self.fixed_size and own is not None and size != own:
+            raise UsageError(f"{self.title} generates {own[0] * factor}×{own[1] * factor} images only "
+                             f"(its positional embeddings), got {height}×{width}")
+        return size
+
+    @property
+    def needs_pipeline(self) -> bool:
+        """Whether sampling needs the pipeline's other components (encoders, decoder)."""
+        return self.decoder is not None or "prompt" in self.accepts
+
+    def check(self, request: Conditioning, pipeline_class: str | None) -> None:
+        """Refuse options this family cannot honour (UsageError, one line, in CLI names)."""
+        allowed = set(self.accepts) | ({"guidance_rescale"} if self.guidance_rescale else set())
+        wrong = [OPTION_NAMES[f.name] for f in fields(request) if f.name not in allowed | {"guidance_scale"}
+                 and getattr(request, f.name) not in (None, (), 0.0)]
+        if wrong:
+            takes = ", ".join(sorted({OPTION_NAMES[a] for a in allowed})) or "no conditioning"
+            raise UsageError(f"{pipeline_class or 'this model'} ({self.title}) takes {takes}; "
+                             f"{', '.join(wrong)} cannot be honoured")
+        if request.guided and not self.accepts:
+            raise UsageError(f"--guidance-scale {request.guidance_scale} needs a conditional model; "
+                             f"{pipeline_class or self.title} is unconditional")
+
+    def encode(self, pipe: Any, request: Conditioning, first: int, batch: int, device: Any, config: Any,
+               size: tuple[int, int]) -> tuple[dict, dict | None]:
+        """Network keyword arguments for images [first, first + batch): (conditional,
+        unconditional or None when there is no guidance). ``config``: the denoiser's config;
+        ``size``: the sample's (h, w)."""
+        return {}, None
+
+    def decode(self, pipe: Any, x: torch.Tensor) -> torch.Tensor:
+        """Final samples (data space) → images in [0, 1]."""
+        return _images(x)
+
+    def _decoder(self, pipe: Any) -> torch.nn.Module:
+        module = getattr(pipe, self.decoder, None) if pipe is not None else None
+        if module is None:
+            raise FmconvertError(f"cannot decode {self.title} samples: the pipeline has no '{self.decoder}' component")
+        return module
+
+
+class PixelUnconditional(Family):
+    name, title = "ddpm", "unconditional pixel diffusion (DDPM / DDIM pipelines)"
+    pipelines = ("DDPMPipeline", "DDIMPipeline")
+    models = ("UNet2DModel",)
+    sample_scaling = None
+    examples = ("google/ddpm-cifar10-32",)
+
+
+class LatentUnconditional(Family):
+    name, title = "ldm", "unconditional latent diffusion (LDMPipeline, VQModel)"
+    pipelines = ("LDMPipeline",)
+    models = ("UNet2DModel",)
+    decoder = "vqvae"
+    examples = ("CompVis/ldm-celebahq-256",)
+
+    def downsampling(self, pipe):
+        return 2 ** (len(self._decoder(pipe).config.block_out_channels) - 1)
+
+    def decode(self, pipe, x):
+        vq = self._decoder(pipe)
+        with torch.no_grad():
+            return _images(vq.decode(x.to(vq.dtype) / vq.config.scaling_factor).sample)
+
+
+class _VAEDecoded(Family):
+    decoder = "vae"
+
+    def downsampling(self, pipe):
+        """2^(levels − 1), as the pipelines' vae_scale_factor (DiT's pipeline has none)."""
+        return 2 ** (len(self._decoder(pipe).config.block_out_channels) - 1)
+
+    def decode(self, pipe, x):
+        """AutoencoderKL: latents·std/scaling + mean where the VAE has latents_mean/std
+        (SDXL's pipeline), else latents/scaling + shift_factor; float32 where the VAE asks
+        for it (force_upcast) and is float16."""
+        vae = self._decoder(pipe)
+        config = vae.config
+        dtype = torch.float32 if (vae.dtype == torch.float16 and config.get("force_upcast", False)) else vae.dtype
+        x = x.to(torch.float32)
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            mean = torch.tensor(config.latents_mean).view(shape).to(x)
+            std = torch.tensor(config.latents_std).view(shape).to(x)
+            x = x * std / config.scaling_factor + mean
+        else:
+            x = x / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        with torch.no_grad():
+            return _images(vae.to(dtype).decode(x.to(dtype)).sample)
+
+
+def _text(pipe: Any, request: Conditioning, batch: int, device: Any, negative_default: str | None = None,
+          **extra) -> tuple:
+    """The pipeline's own encode_prompt, by keyword (the signatures differ per pipeline)."""
+    if not hasattr(pipe, "encode_prompt"):
+        raise FmconvertError(f"{type(pipe).__name__} has no encode_prompt; cannot encode --prompt")
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt=request.prompt or "", device=device, num_images_per_prompt=batch,
+                                  do_classifier_free_guidance=request.guided,
+                                  negative_prompt=request.negative_prompt or negative_default, **extra)
+
+
+class _TextConditioned(Family):
+    """Text through encode_prompt → (embeddings, negative embeddings) → encoder_hidden_states."""
+
+    accepts = ("prompt", "negative_prompt")
+    #: extra keywords for the pipeline's encode_prompt
+    prompt_options: ClassVar[dict] = {}
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        cond, uncond = _text(pipe, request, batch, device, **self.prompt_options)[:2]
+        return {"encoder_hidden_states": cond}, ({"encoder_hidden_states": uncond} if request.guided else None)
+
+
+class StableDiffusion(_TextConditioned, _VAEDecoded):
+    name, title = "stable-diffusion", "Stable Diffusion 1.x / 2.x"
+    pipelines = ("StableDiffusionPipeline",)
+    models = ("UNet2DConditionModel",)
+    guidance_rescale = True
+    examples = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1",
+                "zero-terminal-SNR v-prediction fine-tunes")
+
+
+class StableDiffusionXL(_TextConditioned, _VAEDecoded):
+    name, title = "sdxl", "Stable Diffusion XL"
+    pipelines = ("StableDiffusionXLPipeline",)
+    models = ("UNet2DConditionModel",)
+    guidance_rescale = True
+    examples = ("stabilityai/stable-diffusion-xl-base-1.0",)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        cond, uncond, pooled, uncond_pooled = _text(pipe, request, batch, device)
+        size = (size[0] * self.downsampling(pipe), size[1] * self.downsampling(pipe))  # pixels, as the pipeline's
+        projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                      else pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
+                                          text_encoder_projection_dim=projection).to(device).repeat(batch, 1)
+        kwargs = {"encoder_hidden_states": cond, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        if not request.guided:
+            return kwargs, None
+        return kwargs, {"encoder_hidden_states": uncond,
+                        "added_cond_kwargs": {"text_embeds": uncond_pooled, "time_ids": time_ids}}
+
+
+class DiT(_VAEDecoded):
+    name, title = "dit", "DiT (class-conditional, learned sigma)"
+    pipelines = ("DiTPipeline",)
+    models = ("Transformer2DModel", "DiTTransformer2DModel")
+    accepts = ("class_labels",)
+    sample_scaling = "initial"  # its pipeline keeps what scale_model_input returns
+    fixed_size = True
+    splits_variance = True
+    examples = ("facebook/DiT-XL-2-256",)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        num_classes = config.num_embeds_ada_norm
+        labels = []
+        for label in request.class_labels or (0,):
+            if isinstance(label, str) and not label.lstrip("-").isdigit():
+                known = getattr(pipe, "labels", None) or {}
+                if label not in known:
+                    raise UsageError(f"unknown class label '{label}': use an integer in [0, {num_classes}) or a "
+                                     "name from the pipeline's id2label")
+                label = known[label]
+            label = int(label)
+            if not 0 <= label < num_classes:
+                raise UsageError(f"class label {label} out of range: {config.get('_class_name', 'the model')} "
+                                 f"has classes 0 … {num_classes - 1}")
+            labels.append(label)
+        index = torch.arange(first, first + batch) % len(labels)
+        cond = torch.tensor(labels)[index].to(device)
+        null = torch.full_like(cond, num_classes)  # the null class the model was trained with for guidance
+        return {"class_labels": cond}, ({"class_labels": null} if request.guided else None)
+
+
+class PixArtAlpha(_TextConditioned, _VAEDecoded):
+    name, title = "pixart-alpha", "PixArt-α (T5 text, learned sigma)"
+    pipelines = ("PixArtAlphaPipeline",)
+    models = ("Transformer2DModel", "PixArtTransformer2DModel")
+    splits_variance = True
+    examples = ("PixArt-alpha/PixArt-XL-2-1024-MS",)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        cond, mask, uncond, uncond_mask = _text(pipe, request, batch, device, negative_default="", clean_caption=False)
+        added = {"resolution": None, "aspect_ratio": None}
+        if config.sample_size == 128:  # PixArt-α 1024's micro-conditions, as its pipeline builds them
+            height, width = size[0] * self.downsampling(pipe), size[1] * self.downsampling(pipe)
+            added = {"resolution": torch.tensor([[height, width]] * batch, dtype=cond.dtype, device=device),
+                     "aspect_ratio": torch.tensor([[height / width]] * batch, dtype=cond.dtype, device=device)}
+        kwargs = {"encoder_hidden_states": cond, "encoder_attention_mask": mask, "added_cond_kwargs": added}
+        if not request.guided:
+            return kwargs, None
+        return kwargs, {"encoder_hidden_states": uncond, "encoder_attention_mask": uncond_mask,
+                        "added_cond_kwargs": added}
+
+
+class DeepFloydIF(_TextConditioned):
+    name, title = "deepfloyd-if", "DeepFloyd IF stage I (T5 text, pixel space, learned range)"
+    pipelines = ("IFPipeline",)
+    models = ("UNet2DConditionModel",)
+    prompt_options = {"clean_caption": False}  # True needs bs4 and ftfy
+    splits_variance = True
+    examples = ("DeepFloyd/IF-I-XL-v1.0",)
+
+
+class KandinskyV22(Family):
+    name, title = "kandinsky-2.2", "Kandinsky 2.2 decoder (image embeddings, MoVQ, learned variance)"
+    pipelines = ("KandinskyV22Pipeline",)
+    models = ("UNet2DConditionModel",)
+    accepts = ("image_embeds", "negative_image_embeds")
+    decoder = "movq"
+    sample_scaling = "none"  # its pipeline never calls scale_model_input
+    splits_variance = True
+    examples = ("kandinsky-community/kandinsky-2-2-decoder",)
+
+    def downsampling(self, pipe):
+        return pipe.movq_scale_factor
+
+    def sample_size(self, pipe, config, height, width):
+        """Kandinsky's own rounding (``downscale_height_and_width``): ⌈h/f²⌉·f latents for h pixels."""
+        if height is None and width is None:
+            return super().sample_size(pipe, config, None, None)
+        from diffusers.pipelines.kandinsky2_2.pipeline_kandinsky2_2 import downscale_height_and_width
+
+        own = super().sample_size(pipe, config, None, None)
+        f = pipe.movq_scale_factor
+        return downscale_height_and_width(height or own[0] * f, width or own[1] * f, f)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        if request.image_embeds is None:
+            raise UsageError("Kandinsky 2.2 is conditioned on image embeddings (from its prior): pass --image-embeds "
+                             "FILE.safetensors, or Conditioning(image_embeds=...) in Python")
+        if request.guided and request.negative_image_embeds is None:
+            raise UsageError("guidance on Kandinsky 2.2 needs negative_image_embeds (from its prior)")
+
+        def per_image(embeds):
+            embeds = embeds.to(device)
+            if embeds.shape[0] == 1:
+                return embeds.expand(batch, -1)
+            return embeds[first:first + batch]
+
+        cond = {"encoder_hidden_states": None, "added_cond_kwargs": {"image_embeds": per_image(request.image_embeds)}}
+        if not request.guided:
+            return cond, None
+        return cond, {"encoder_hidden_states": None,
+                      "added_cond_kwargs": {"image_embeds": per_image(request.negative_image_embeds)}}
+
+    def decode(self, pipe, x):
+        movq = self._decoder(pipe)
+        with torch.no_grad():
+            return _images(movq.decode(x.to(movq.dtype), force_not_quantize=True).sample)
+
+
+FAMILIES: tuple[Family, ...] = (PixelUnconditional(), LatentUnconditional(), StableDiffusion(), StableDiffusionXL(),
+                                DiT(), PixArtAlpha(), DeepFloydIF(), KandinskyV22())
+_BY_PIPELINE = {p: f for f in FAMILIES for p in f.pipelines}
+
+
+def supported() -> str:
+    return "; ".join(f"{f.title} ({', '.join(f.pipelines)})" for f in FAMILIES)
+
+
+def family_of(pipeline_class: str | None, model_class: str | None, check_model: bool = True) -> Family:
+    """The family of a pipeline class (None: a bare model folder); with ``check_model``, the
+    denoiser class must be one of the family's. Raises FmconvertError naming the pipeline and
+    model class and listing the supported families."""
+    family = FAMILIES[0] if pipeline_class is None else _BY_PIPELINE.get(pipeline_class)
+    if family is None or (check_model and model_class not in family.models):
+        what = f"pipeline {pipeline_class} with {model_class}" if pipeline_class else f"a bare {model_class} folder"
+        raise FmconvertError(f"fmconvert does not know {what}; supported: {supported()}")
+    return family
+
+
+# -- pipeline options that act nonlinearly on the prediction ------------------------------------------
+
+#: pipeline attribute → (option name, why it cannot be applied to a converted prediction)
+NONLINEAR_OPTIONS = {"_guidance_rescale": "guidance_rescale"}
+
+
+def refuse_nonlinear_options(max_depth: int = 12) -> None:
+    """Called from a converted network's forward: if a diffusers pipeline's ``__call__`` up
+    the stack has set an option that rescales the guided prediction nonlinearly (its std,
+    as ``guidance_rescale``), raise ValueError — applied to a velocity instead of the
+    source's prediction it would give another image, silently."""
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return
+        if frame.f_code.co_name == "__call__":
+            pipe = frame.f_locals.get("self")
+            if pipe is not None and hasattr(pipe, "components"):
+                for attribute, option in NONLINEAR_OPTIONS.items():
+                    value = getattr(pipe, attribute, 0.0) or 0.0
+                    guided = getattr(pipe, "_guidance_scale", 1.0) > 1.0
+                    if value > 0 and guided:
+                        raise ValueError(
+                            f"{option}={value} rescales the guided prediction by its standard deviation, which is "
+                            f"not the same on a converted model's velocity; use {option}=0, or `fmconvert sample "
+                            f"--guidance-rescale {value}` (applied to the source's prediction, exact)"
+                        )
+                return
+        frame = frame.f_back

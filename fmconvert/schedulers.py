@@ -1,0 +1,130 @@
+"""FlowMatchEulerScheduler: diffusers' FlowMatchEulerDiscreteScheduler for the pipelines of
+diffusion models (Stable Diffusion, SDXL, DiT, PixArt, IF, Kandinsky, LDM), which call
+``scheduler.scale_model_input`` and scale their initial noise by ``init_noise_sigma``.
+
+Two config options beyond the parent's:
+
+- ``sample_scaling`` — what the pipeline's ``latents`` hold while it loops:
+
+  - ``"variance_preserving"``: x_s / √((1 − s)² + s²), DDIM's x_t at the same noise level
+    (Euler's x/√(σ² + 1) in the same way). Noise drawn for the source's scheduler is then the
+    right start on any grid; ``scale_model_input`` multiplies by √((1 − s)² + s²) for the
+    network and ``step`` maps in and out. For pipelines that call ``scale_model_input``
+    (whether or not they apply ``init_noise_sigma``, and whenever they do).
+  - ``"initial"``: for pipelines that replace their sample with what ``scale_model_input``
+    returns (DiT): the first call after ``set_timesteps`` lifts the noise to
+    x_{s_0} = ε·√((1 − s_0)² + s_0²); later calls are the identity.
+  - ``"none"``: the pipeline holds x_s itself; ``scale_model_input`` is the identity and
+    ``init_noise_sigma`` is √((1 − s_0)² + s_0²) once ``set_timesteps`` has run. For
+    pipelines that never call ``scale_model_input`` but scale their noise after
+    ``set_timesteps`` (Kandinsky 2.2).
+
+  Both are 1 at s = 1 and s = 0, so with the parent's default grid (from s = 1) the images are
+  the parent's.
+- ``timestep_spacing``: ``"flowmatch"`` (the parent's grid) or a grid of
+  :func:`fmconvert.grids.time_grid` (``trailing`` on the source's schedule, given in
+  ``source_schedule``, makes the pipeline's own ``__call__`` reproduce the source's
+  DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)).
+
+``variance_type`` is None (there is no variance to learn on an ODE): pipelines that read it
+(IF, Kandinsky) then drop a learned-variance network's extra channels before ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.configuration_utils import register_to_config
+
+SAMPLE_SCALINGS = ("variance_preserving", "initial", "none")
+#: the scheduler config keys that define a source's discrete schedule
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                 "rescale_betas_zero_snr")
+
+
+def _norm(s: torch.Tensor | float) -> float:
+    """√((1 − s)² + s²): |x_s| relative to the variance-preserving point of equal noise level."""
+    s = float(s)
+    return math.sqrt((1 - s) ** 2 + s**2)
+
+
+class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """FlowMatchEulerDiscreteScheduler with ``scale_model_input``, ``init_noise_sigma``, a
+    choice of what the pipeline's sample holds and of the default grid (module docstring).
+    Timesteps are float (1000·s); a converted network snaps them back to the source's
+    integer timesteps where they came from one."""
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, sample_scaling: str = "none",
+                 timestep_spacing: str = "flowmatch", source_schedule: dict | None = None,
+                 variance_type: str | None = None, **kwargs: Any):
+        from .grids import GRIDS
+
+        if sample_scaling not in SAMPLE_SCALINGS:
+            raise ValueError(f"unknown sample_scaling {sample_scaling!r}: use {', '.join(SAMPLE_SCALINGS)}")
+        if timestep_spacing not in GRIDS:
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use {', '.join(GRIDS)}")
+        if variance_type is not None:
+            raise ValueError("FlowMatchEulerScheduler has no variance: variance_type must be None")
+        super().__init__(num_train_timesteps=num_train_timesteps, shift=shift, **kwargs)
+        self._lifted = False
+
+    @property
+    def init_noise_sigma(self) -> float:
+        if self.config.sample_scaling == "none":
+            return _norm(self.sigmas[0])
+        return 1.0
+
+    def _source_path(self):
+        from .schedules import DiscreteVPSchedule, RectifiedFlow
+
+        if self.config.source_schedule:
+            return DiscreteVPSchedule.from_config(self.config.source_schedule)
+        return RectifiedFlow(num_train_timesteps=self.config.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,
+                      mu: float | None = None, timesteps: Any = None) -> None:
+        """The parent's ``set_timesteps``; without sigmas or timesteps and with a
+        ``timestep_spacing`` other than flowmatch, the grid is that of fmconvert's grids
+        (the parent then applies ``shift`` and appends s = 0, as to any custom sigmas)."""
+        spacing = self.config.timestep_spacing
+        if sigmas is None and timesteps is None and spacing != "flowmatch":
+            from .grids import time_grid
+
+            sigmas = time_grid(spacing, int(num_inference_steps), self._source_path())[:-1].tolist()
+            num_inference_steps = None
+        super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
+        self._lifted = False
+
+    def _scale(self, index: int) -> float:
+        return _norm(self.sigmas[index])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        """The network's input x_s from the pipeline's sample (identity under ``"none"``)."""
+        mode = self.config.sample_scaling
+        if mode == "none" or (mode == "initial" and self._lifted):
+            return sample
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        self._lifted = True
+        return sample * _norm(self.sigmas[self.step_index])
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args, return_dict: bool = True,
+             **kwargs):
+        """Euler from s_i to s_{i+1} on x_s (the parent's step), in the pipeline's sample scaling."""
+        if self.config.sample_scaling != "variance_preserving":
+            return super().step(model_output, timestep, sample, *args, return_dict=return_dict, **kwargs)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        out = super().step(model_output, timestep, sample.to(torch.float32) * self._scale(index), *args,
+                           return_dict=return_dict, **kwargs)
+        prev = (out.prev_sample if return_dict else out[0])
+        prev = (prev.to(torch.float32) / self._scale(index + 1)).to(model_output.dtype)
+        if not return_dict:
+            return (prev,)
+        out.prev_sample = prev
+        return out
