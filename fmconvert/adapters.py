@@ -17,7 +17,9 @@ exposes the wrapped network's attributes (SDXL's pipeline reads ``unet.add_embed
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +40,10 @@ from .schedules import (
 )
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+#: dtypes a converted folder may declare for loading its network
+LOAD_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: the subfolder of a saved adapter that holds the network's own files
+NETWORK_FOLDER = "network"
 
 
 @dataclass
@@ -67,7 +73,14 @@ class PathAdapter(ModelMixin, ConfigMixin):
     Config (JSON): the wrapped model's class and config, the source and target paths
     (``GaussianPath.to_config``), both prediction types and ``compute_dtype``, the dtype the
     conversion is applied in (its coefficients are planned in float64 wherever the timestep
-    is on the CPU, as samplers pass it). The wrapped model's weights are saved under ``model.``.
+    is on the CPU, as samplers pass it), and how to load the network: ``network_variant``
+    (its weight files' variant, e.g. fp16) and ``network_dtype`` (the dtype to load it in when
+    the caller names none; None: as diffusers loads the network itself).
+
+    Saved layout (:meth:`save_pretrained`): the adapter's config.json, and the network's own
+    folder in ``network/`` (its config and safetensors, sharded or not): ``fmconvert wrap``
+    hard-links the source's files there byte for byte. Folders written by fmconvert before
+    0.2 hold the weights under ``model.``-prefixed keys beside the config; they still load.
     """
 
     ignore_for_config = ["model"]
@@ -83,11 +96,15 @@ class PathAdapter(ModelMixin, ConfigMixin):
         target_path: dict,
         target_prediction: str,
         compute_dtype: str = "float64",
+        network_variant: str | None = None,
+        network_dtype: str | None = None,
         model: ModelMixin | None = None,
     ):
         super().__init__()
         if compute_dtype not in _DTYPES:
             raise ValueError(f"unsupported compute_dtype {compute_dtype!r}: supported are {', '.join(_DTYPES)}")
+        if network_dtype is not None and network_dtype not in LOAD_DTYPES:
+            raise ValueError(f"unsupported network_dtype {network_dtype!r}: supported are {', '.join(LOAD_DTYPES)}")
         self.source = path_from_config(source_path)
         self.target = path_from_config(target_path)
         self.source_prediction = check_pair(self.source, source_prediction)
@@ -120,6 +137,47 @@ class PathAdapter(ModelMixin, ConfigMixin):
             compute_dtype=compute_dtype,
             model=model,
         )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        safe_serialization: bool = True, variant: str | None = None, **kwargs: Any) -> None:
+        """The adapter's config.json in ``save_directory``; the network's own save_pretrained in
+        ``network/`` (safetensors; ``variant`` and ``max_shard_size`` are the network's)."""
+        if not safe_serialization:
+            raise ValueError("fmconvert saves safetensors only")
+        if not is_main_process:
+            return
+        save_directory = Path(save_directory)
+        if variant is not None:
+            self.register_to_config(network_variant=variant)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.save_config(save_directory)
+        self.model.save_pretrained(save_directory / NETWORK_FOLDER, safe_serialization=True, variant=variant, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "PathAdapter":
+        """Load a saved adapter: its config, then the network with the network's own
+        ``from_pretrained`` from ``network/`` and every loading option passed through
+        (torch_dtype, device_map, low_cpu_mem_usage, ...); so loading costs what loading the
+        network alone does. A folder of the earlier layout loads as diffusers saved it."""
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        if not (folder / NETWORK_FOLDER / "config.json").is_file():
+            if folder.is_dir() and (folder / "config.json").is_file() and not any(
+                    folder.glob("diffusion_pytorch_model*")):
+                raise OSError(f"'{folder}' has an fmconvert adapter config but neither a {NETWORK_FOLDER}/ folder nor "
+                              "weights; write it again with fmconvert wrap")
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)  # the earlier layout
+        kwargs.pop("subfolder", None)
+        config = cls.load_config(folder)
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        if dtype is None and config.get("network_dtype"):
+            dtype = getattr(torch, config["network_dtype"])
+        variant = kwargs.pop("variant", None) or config.get("network_variant")
+        network_class = _resolve_model_class(config["model_class"])
+        network = network_class.from_pretrained(folder / NETWORK_FOLDER, dtype=dtype, variant=variant, **kwargs)
+        init, _, _ = cls.extract_init_dict(config)  # (from_config would drop `model`: it is not config)
+        return cls(**init, model=network).eval()
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped network that the adapter does not have itself (stock

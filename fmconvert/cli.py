@@ -112,6 +112,8 @@ def wrap(
     to: str = typer.Option("velocity", help="velocity (for epsilon / v / sample sources), epsilon or v_prediction (for flow sources)."),
     schedule: Optional[str] = typer.Option(None, help="Discrete target schedule for --to epsilon (default linear) / v_prediction (default cosine): cosine, linear, scaled_linear, or a scheduler_config.json."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    variant: Optional[str] = typer.Option(None, help="Which of the source's weight files: fp16, bf16, ... (diffusers' variant); default: its plain files."),
+    dtype: Optional[str] = typer.Option(None, help="The dtype the converted folder declares for loading its network (float32, float16, bfloat16); default: as the source loads."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (.bin/.ckpt): they can run code."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the source."),
@@ -121,16 +123,15 @@ def wrap(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ):
     """Convert SOURCE into a pipeline folder that stock diffusers loads."""
-    from .pipelines import TARGETS, inspect_source, load_denoiser, write_converted
+    from .pipelines import TARGETS, inspect_source, write_converted
 
     _interactive(as_json)
     _choice(to, TARGETS, "--to")
     if out.exists() and not force:
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
     src = inspect_source(source, revision, allow_pickle, trust_remote_code)
-    log(f"loading {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")
-    model = load_denoiser(src, None, allow_pickle, trust_remote_code)
-    summary = write_converted(src, model, out, to, schedule, force)
+    log(f"converting {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")
+    summary = write_converted(src, out, to, schedule, force, variant, dtype, allow_pickle, trust_remote_code)
     if push_to is not None:
         from .push import push as push_folder
 
@@ -209,8 +210,8 @@ def sample(
     interactive = _interactive(as_json)
     vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
                              channels_last=channels_last, compile=compile)
-    vm.source.family.check(conditioning, vm.source.pipeline_class)
     vm.resize(height, width)
+    vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
     try:
         if baseline is not None:
             log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
@@ -256,7 +257,8 @@ def sample(
     payload = {
         "loaded": vm.info, "solver": solver, "grid": grid, "steps": steps,
         "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
-        "seed": seed, "device": device, "dtype": dtype, "seconds": round(result.seconds, 4), "outputs": outputs,
+        "seed": seed, "device": device, "dtype": dtype, "shape": list(sample_shape(vm)),
+        "conditioning": conditioning.describe(), "seconds": round(result.seconds, 4), "outputs": outputs,
     }
     if samples_dir is not None:
         payload["samples_dir"], payload["shards_reused"] = str(samples_dir), reused
@@ -407,6 +409,9 @@ def fid(
     _choice(dtype, DTYPES, "--dtype")
     extractor = make_extractor(features, inception_weights, inception_layer, device)
     vm = load_velocity_model(model, dtype=getattr(torch, dtype), device=device, channels_last=channels_last, compile=compile)
+    from .sampling import image_shape
+
+    extractor.check(image_shape(vm))
     log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
         f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
     try:

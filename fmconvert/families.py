@@ -62,6 +62,9 @@ class NetworkCall:
         return output[:, : self.channels], output[:, self.channels:]
 
 
+LEARNED_VARIANCE = ("learned", "learned_range")
+
+
 def learned_variance(config: Any) -> bool:
     """out_channels = 2 × in_channels: a learned-variance network (DiT, PixArt-α, IF, Kandinsky 2.2)."""
     get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
@@ -114,10 +117,46 @@ class Conditioning:
         return out
 
 
+def _given(value: Any) -> bool:
+    """Whether a Conditioning field was set (tensors compared by identity, not value)."""
+    if value is None:
+        return False
+    if isinstance(value, (tuple, list)):
+        return len(value) > 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value != 0
+    return True
+
+
 #: Conditioning fields by the command line's option names
 OPTION_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "class_labels": "--class-label",
-                "image_embeds": "--image-embeds", "negative_image_embeds": "--image-embeds (negative_image_embeds)",
+                "image_embeds": "--image-embeds", "negative_image_embeds": "--image-embeds",
                 "guidance_rescale": "--guidance-rescale"}
+
+
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance uncond + w·(cond − uncond), then, with ``rescale`` φ > 0,
+    diffusers' ``rescale_noise_cfg`` (Lin et al. 2024, eq. 16: the guided prediction rescaled
+    to the conditional one's standard deviation, mixed by φ). Nonlinear only through φ."""
+    guided = uncond + scale * (cond - uncond)
+    if rescale > 0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        guided = rescale_noise_cfg(guided, cond, guidance_rescale=rescale)
+    return guided
+
+
+def cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
+    """Network keyword arguments with every floating tensor in ``dtype`` (nested dicts too),
+    as pipelines cast their embeddings to the network's dtype."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            value = cast_floats(value, dtype)
+        elif torch.is_tensor(value) and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value
+    return out
 
 
 def concat_kwargs(first: dict, second: dict) -> dict:
@@ -140,6 +179,11 @@ def concat_kwargs(first: dict, second: dict) -> dict:
 
 def _images(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _autoencoder_factor(autoencoder: torch.nn.Module) -> int:
+    """2^(levels − 1): pixels per latent along a side, as the pipelines' vae_scale_factor."""
+    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
 
 
 class Family:
@@ -181,6 +225,8 @@ class Family:
             if own is None:
                 raise UsageError(f"the {self.title} denoiser has no sample_size in its config: pass --height and --width")
             return own
+        if any(v is not None and v <= 0 for v in (height, width)):
+            raise UsageError(f"--height and --width must be positive, got {height}×{width}")
         factor = self.downsampling(pipe)
         height = height if height is not None else own[0] * factor
         width = width if width is not None else own[1] * factor
@@ -197,11 +243,15 @@ class Family:
         """Whether sampling needs the pipeline's other components (encoders, decoder)."""
         return self.decoder is not None or "prompt" in self.accepts
 
-    def check(self, request: Conditioning, pipeline_class: str | None) -> None:
-        """Refuse options this family cannot honour (UsageError, one line, in CLI names)."""
+    def check(self, request: Conditioning, pipeline_class: str | None, pipe: Any = None, config: Any = None,
+              num_images: int | None = None) -> None:
+        """Refuse, before any work, what this family cannot honour (UsageError, one line, in
+        the command line's option names): options it does not take, options that would
+        have no effect, and values it cannot use (``pipe``, ``config``: the pipeline and
+        the denoiser's config, where known; ``num_images``: how many images the run makes)."""
         allowed = set(self.accepts) | ({"guidance_rescale"} if self.guidance_rescale else set())
-        wrong = [OPTION_NAMES[f.name] for f in fields(request) if f.name not in allowed | {"guidance_scale"}
-                 and getattr(request, f.name) not in (None, (), 0.0)]
+        wrong = list(dict.fromkeys(OPTION_NAMES[f.name] for f in fields(request)
+                                   if f.name not in allowed | {"guidance_scale"} and _given(getattr(request, f.name))))
         if wrong:
             takes = ", ".join(sorted({OPTION_NAMES[a] for a in allowed})) or "no conditioning"
             raise UsageError(f"{pipeline_class or 'this model'} ({self.title}) takes {takes}; "
@@ -209,6 +259,33 @@ class Family:
         if request.guided and not self.accepts:
             raise UsageError(f"--guidance-scale {request.guidance_scale} needs a conditional model; "
                              f"{pipeline_class or self.title} is unconditional")
+        if not request.guided:
+            idle = [name for name in ("negative_prompt", "negative_image_embeds", "guidance_rescale")
+                    if _given(getattr(request, name))]
+            if idle:
+                what = "negative_image_embeds in --image-embeds" if idle[0] == "negative_image_embeds" else OPTION_NAMES[idle[0]]
+                raise UsageError(f"{what} acts on classifier-free guidance; it needs "
+                                 f"--guidance-scale > 1 (got {request.guidance_scale})")
+        self._check_values(request, pipe, config, num_images)
+
+    def _check_values(self, request: Conditioning, pipe: Any, config: Any, num_images: int | None) -> None:
+        """Family-specific checks of the conditioning's values."""
+
+    def check_variance(self, model_config: dict, scheduler_config: dict) -> None:
+        """A network's output channels and its scheduler's variance_type must tell one story
+        (a family whose pipeline drops the variance half itself may pair a learned-variance
+        network with a fixed-variance scheduler: Kandinsky 2.2's decoder does). ValueError."""
+        default = "fixed_small" if "DDPM" in scheduler_config.get("_class_name", "DDPM") else None
+        variance = scheduler_config.get("variance_type", default)
+        learned = learned_variance(model_config)
+        shape = f"{model_config.get('out_channels')} channels for {model_config.get('in_channels')}"
+        if learned and not self.splits_variance and variance not in LEARNED_VARIANCE:
+            raise ValueError(f"the network outputs {shape} (a learned variance) but its scheduler says variance_type="
+                             f"'{variance}', so the {self.title} pipeline would step with both halves; fix the "
+                             "scheduler config (learned_range or learned) or the model config")
+        if variance in LEARNED_VARIANCE and not learned:
+            raise ValueError(f"the scheduler says variance_type='{variance}' but the network outputs {shape} (no "
+                             "variance half); fix the scheduler config or the model config")
 
     def encode(self, pipe: Any, request: Conditioning, first: int, batch: int, device: Any, config: Any,
                size: tuple[int, int]) -> tuple[dict, dict | None]:
@@ -244,7 +321,7 @@ class LatentUnconditional(Family):
     examples = ("CompVis/ldm-celebahq-256",)
 
     def downsampling(self, pipe):
-        return 2 ** (len(self._decoder(pipe).config.block_out_channels) - 1)
+        return _autoencoder_factor(self._decoder(pipe))
 
     def decode(self, pipe, x):
         vq = self._decoder(pipe)
@@ -255,9 +332,8 @@ class LatentUnconditional(Family):
 class _VAEDecoded(Family):
     decoder = "vae"
 
-    def downsampling(self, pipe):
-        """2^(levels − 1), as the pipelines' vae_scale_factor (DiT's pipeline has none)."""
-        return 2 ** (len(self._decoder(pipe).config.block_out_channels) - 1)
+    def downsampling(self, pipe):  # (DiT's pipeline has no vae_scale_factor)
+        return _autoencoder_factor(self._decoder(pipe))
 
     def decode(self, pipe, x):
         """AutoencoderKL: latents·std/scaling + mean where the VAE has latents_mean/std
@@ -274,8 +350,12 @@ class _VAEDecoded(Family):
             x = x * std / config.scaling_factor + mean
         else:
             x = x / config.scaling_factor + (config.get("shift_factor") or 0.0)
-        with torch.no_grad():
-            return _images(vae.to(dtype).decode(x.to(dtype)).sample)
+        own = vae.dtype
+        try:
+            with torch.no_grad():
+                return _images(vae.to(dtype).decode(x.to(dtype)).sample)
+        finally:
+            vae.to(own)
 
 
 def _text(pipe: Any, request: Conditioning, batch: int, device: Any, negative_default: str | None = None,
@@ -341,10 +421,14 @@ class DiT(_VAEDecoded):
     splits_variance = True
     examples = ("facebook/DiT-XL-2-256",)
 
-    def encode(self, pipe, request, first, batch, device, config, size):
+    def labels(self, request: Conditioning, pipe: Any, config: Any) -> list[int]:
+        """The class labels as ints: names through the pipeline's id2label, each in range."""
         num_classes = config.num_embeds_ada_norm
+        if not request.class_labels:
+            raise UsageError(f"{self.title} is class-conditional: pass --class-label (0 … {num_classes - 1}, or a name "
+                             "from its id2label)")
         labels = []
-        for label in request.class_labels or (0,):
+        for label in request.class_labels:
             if isinstance(label, str) and not label.lstrip("-").isdigit():
                 known = getattr(pipe, "labels", None) or {}
                 if label not in known:
@@ -353,12 +437,20 @@ class DiT(_VAEDecoded):
                 label = known[label]
             label = int(label)
             if not 0 <= label < num_classes:
-                raise UsageError(f"class label {label} out of range: {config.get('_class_name', 'the model')} "
-                                 f"has classes 0 … {num_classes - 1}")
+                name = config.get("model_class") or config.get("_class_name", "the model")
+                raise UsageError(f"class label {label} out of range: {name} has classes 0 … {num_classes - 1}")
             labels.append(label)
+        return labels
+
+    def _check_values(self, request, pipe, config, num_images):
+        if config is not None:
+            self.labels(request, pipe, config)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        labels = self.labels(request, pipe, config)
         index = torch.arange(first, first + batch) % len(labels)
         cond = torch.tensor(labels)[index].to(device)
-        null = torch.full_like(cond, num_classes)  # the null class the model was trained with for guidance
+        null = torch.full_like(cond, config.num_embeds_ada_norm)  # the null class trained for guidance
         return {"class_labels": cond}, ({"class_labels": null} if request.guided else None)
 
 
@@ -415,18 +507,29 @@ class KandinskyV22(Family):
         f = pipe.movq_scale_factor
         return downscale_height_and_width(height or own[0] * f, width or own[1] * f, f)
 
-    def encode(self, pipe, request, first, batch, device, config, size):
+    def _check_values(self, request, pipe, config, num_images):
         if request.image_embeds is None:
             raise UsageError("Kandinsky 2.2 is conditioned on image embeddings (from its prior): pass --image-embeds "
                              "FILE.safetensors, or Conditioning(image_embeds=...) in Python")
         if request.guided and request.negative_image_embeds is None:
-            raise UsageError("guidance on Kandinsky 2.2 needs negative_image_embeds (from its prior)")
+            raise UsageError("guidance on Kandinsky 2.2 needs negative_image_embeds (from its prior) in --image-embeds")
+        width = config.get("encoder_hid_dim") if config is not None else None
+        for name in ("image_embeds", "negative_image_embeds"):
+            embeds = getattr(request, name)
+            if embeds is None:
+                continue
+            if embeds.ndim != 2 or (width is not None and embeds.shape[1] != width):
+                raise UsageError(f"{name} is {tuple(embeds.shape)}; the model takes (1 or N, {width})")
+            if num_images is not None and embeds.shape[0] not in (1, num_images):
+                raise UsageError(f"{name} holds {embeds.shape[0]} embeddings for {num_images} images: give 1 (for all) "
+                                 f"or {num_images} (one each)")
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        self._check_values(request, pipe, config, None)
 
         def per_image(embeds):
             embeds = embeds.to(device)
-            if embeds.shape[0] == 1:
-                return embeds.expand(batch, -1)
-            return embeds[first:first + batch]
+            return embeds.expand(batch, -1) if embeds.shape[0] == 1 else embeds[first:first + batch]
 
         cond = {"encoder_hidden_states": None, "added_cond_kwargs": {"image_embeds": per_image(request.image_embeds)}}
         if not request.guided:

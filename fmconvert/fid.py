@@ -91,6 +91,16 @@ class Extractor:
     num_features: int
     weights_sha256: str
 
+    def check(self, image_shape: tuple[int, ...]) -> None:
+        """Refuse, before any sampling, images this extractor cannot take (UsageError): the
+        digits classifier takes 8×8 images with 1 or 3 channels; Inception any RGB or grey size."""
+        channels, height, width = image_shape
+        if channels not in (1, 3):
+            raise UsageError(f"{self.name} features take 1- or 3-channel images; these have {channels}")
+        if self.name == "digits" and (height, width) != (8, 8):
+            raise UsageError(f"--features digits takes the zoo's 8×8 digits; these images are {height}×{width}: "
+                             "use --features inception")
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W) → float64 features (N, d)."""
         if self.name.startswith("inception") and images.shape[1] == 1:

@@ -41,11 +41,11 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from . import __version__
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .errors import FmconvertError, UsageError
-from .families import Family, PixelUnconditional, family_of, learned_variance
+from .families import Family, PixelUnconditional, family_of
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
-from .schedulers import SCHEDULE_KEYS, FlowMatchEulerScheduler
-from .schedules import GaussianPath, RectifiedFlow, path_from_scheduler_config
+from .schedulers import FlowMatchEulerScheduler
+from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_scheduler_config
 
 ADAPTER_SHIM = "fmconvert_adapter"
 SCHEDULER_SHIM = "fmconvert_scheduler"
@@ -59,7 +59,6 @@ _OWN_CLASSES = {"VelocityAdapter": VelocityAdapter, "DiffusionAdapter": Diffusio
                 "FlowMatchEulerScheduler": FlowMatchEulerScheduler}
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 DENOISERS = ("unet", "transformer")
-LEARNED_VARIANCE = ("learned", "learned_range")
 
 
 def trusted_library(library: str) -> bool:
@@ -157,7 +156,7 @@ def _check_safety(folder: Path, components: list[str], allow_pickle: bool, trust
         part = folder / name if name else folder
         if not part.is_dir():
             continue
-        files = [p for p in part.iterdir() if p.is_file()]
+        files = [p for p in part.rglob("*") if p.is_file()]  # a converted network/ too
         weights = [p for p in files if p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors"]
         if weights and not any(p.suffix == ".safetensors" for p in weights) and not allow_pickle:
             raise FmconvertError(
@@ -228,30 +227,12 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
     family = family_of(index.get("_class_name") if index else None, model_class,
                        check_model=not converted and hasattr(diffusers, model_class))
     if not converted:
-        _check_variance(reference, family, _read_json(model_folder / "config.json"), sched)
+        try:
+            family.check_variance(_read_json(model_folder / "config.json"), sched)
+        except ValueError as error:
+            raise FmconvertError(f"'{reference}': {error}") from None
     return Source(reference, revision, folder, index, denoiser, model_folder, model_class, sched, path, prediction,
                   family)
-
-
-def _check_variance(reference: str, family: Family, model_config: dict, sched: dict) -> None:
-    """A network's output channels and its scheduler's variance_type must tell one story
-    (a family whose pipeline drops the variance half itself may pair a learned-variance
-    network with a fixed-variance scheduler: Kandinsky 2.2's decoder does)."""
-    variance = sched.get("variance_type", "fixed_small" if "DDPM" in sched.get("_class_name", "DDPM") else None)
-    learned = learned_variance(model_config)
-    if learned and not family.splits_variance and variance not in LEARNED_VARIANCE:
-        raise FmconvertError(
-            f"'{reference}': the network outputs {model_config.get('out_channels')} channels for "
-            f"{model_config.get('in_channels')} (a learned variance) but its scheduler says variance_type="
-            f"'{variance}', so the {family.title} pipeline would step with both halves; fix the scheduler config "
-            "(learned_range or learned) or the model config"
-        )
-    if variance in LEARNED_VARIANCE and not learned:
-        raise FmconvertError(
-            f"'{reference}': the scheduler says variance_type='{variance}' but the network outputs "
-            f"{model_config.get('out_channels')} channels for {model_config.get('in_channels')} (no variance half); "
-            "fix the scheduler config or the model config"
-        )
 
 
 def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> tuple[GaussianPath, str]:
@@ -266,22 +247,28 @@ def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> t
         raise FmconvertError(str(error)) from None
 
 
-def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False) -> torch.nn.Module:
-    """The source's denoiser, weights from safetensors unless ``allow_pickle``."""
+def denoiser_class(source: Source, trust_remote_code: bool = False) -> type:
+    """The source denoiser's class: fmconvert's, diffusers', or (``trust_remote_code``) the repo's."""
     import diffusers
 
     cls = _OWN_CLASSES.get(source.model_class) or getattr(diffusers, source.model_class, None)
-    if cls is None:
-        if not (trust_remote_code and source.model_index):
-            raise FmconvertError(
-                f"model class '{source.model_class}' is not a diffusers model; pass --trust-remote-code to load custom code"
-            )
-        from diffusers.utils import get_class_from_dynamic_module
+    if cls is not None:
+        return cls
+    if not (trust_remote_code and source.model_index):
+        raise FmconvertError(
+            f"model class '{source.model_class}' is not a diffusers model; pass --trust-remote-code to load custom code"
+        )
+    from diffusers.utils import get_class_from_dynamic_module
 
-        library = source.model_index[source.denoiser][0]
-        cls = get_class_from_dynamic_module(str(source.model_folder), module_file=library + ".py",
-                                            class_name=source.model_class, trust_remote_code=True)
+    library = source.model_index[source.denoiser][0]
+    return get_class_from_dynamic_module(str(source.model_folder), module_file=library + ".py",
+                                         class_name=source.model_class, trust_remote_code=True)
+
+
+def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> torch.nn.Module:
+    """The source's denoiser, weights from safetensors unless ``allow_pickle``."""
+    cls = denoiser_class(source, trust_remote_code)
     try:
         model = cls.from_pretrained(source.model_folder, use_safetensors=None if allow_pickle else True,
                                     dtype=dtype)
@@ -289,6 +276,81 @@ def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FmconvertError(f"cannot load the {source.denoiser} of '{source.reference}': {first}") from None
     return model.eval()
+
+
+def denoiser_skeleton(source: Source, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The source's denoiser built from its config on the meta device (accelerate's
+    ``init_empty_weights``): its class, config and call signature, no weights, no memory."""
+    from accelerate import init_empty_weights
+
+    cls = denoiser_class(source, trust_remote_code)
+    with init_empty_weights():
+        if source.converted:
+            return cls.from_config(cls.load_config(source.model_folder))
+        return cls.from_config(_read_json(source.model_folder / "config.json"))
+
+
+def _variants(folder: Path) -> list[str]:
+    """The weight variants (fp16, bf16, ...) a model folder has, from diffusers' file names."""
+    found = set()
+    for path in folder.glob("diffusion_pytorch_model.*"):
+        parts = path.name.split(".")
+        if parts[1] not in ("safetensors", "bin"):
+            found.add(parts[1].split("-")[0])
+        elif len(parts) == 5 and parts[2] == "index":
+            found.add(parts[3])
+    return sorted(found)
+
+
+def network_files(folder: Path, variant: str | None = None, allow_pickle: bool = False) -> list[str]:
+    """The files diffusers' ``from_pretrained`` reads for the network in ``folder`` with
+    ``variant``: config.json and its weights (one file, or an index and the shards it
+    lists), safetensors unless ``allow_pickle``. Raises FmconvertError naming what is there."""
+    from diffusers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+                                 _add_variant)
+
+    kinds = [(SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME)]
+    if allow_pickle:
+        kinds.append((WEIGHTS_INDEX_NAME, WEIGHTS_NAME))
+    for index_name, weights_name in kinds:
+        index = folder / _add_variant(index_name, variant)
+        if index.is_file():
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing or not shards:
+                raise FmconvertError(f"'{index}' lists shard {missing[0] if missing else '(none)'} that is not there; "
+                                     "the download is incomplete: fetch the model again")
+            return ["config.json", index.name, *shards]
+        if (folder / _add_variant(weights_name, variant)).is_file():
+            return ["config.json", _add_variant(weights_name, variant)]
+    variants = _variants(folder)
+    if variant is not None:
+        have = ", ".join(variants) if variants else "none"
+        raise UsageError(f"'{folder}' has no {variant} variant of its weights (variants there: {have}); "
+                         "drop --variant or pick one of those")
+    if variants:
+        raise UsageError(f"'{folder}' has only the weight variants {', '.join(variants)}; pass --variant {variants[0]}")
+    raise FmconvertError(f"'{folder}' has no safetensors weights"
+                         + ("" if allow_pickle else " (pass --allow-pickle to use .bin)"))
+
+
+def link_network(source: Source, dest: Path, variant: str | None = None, allow_pickle: bool = False) -> list[str]:
+    """The source network's own files into ``dest``, byte for byte (hard links where the file
+    system allows, copies otherwise). A converted folder's denoiser goes whole."""
+    if source.converted:
+        shutil.copytree(source.model_folder, dest, copy_function=link_or_copy)
+        return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    names = network_files(source.model_folder, variant, allow_pickle)
+    if any(name.endswith(PICKLE_SUFFIXES) for name in names):
+        # the one format change wrap makes: a pickle (allowed with --allow-pickle) becomes
+        # safetensors, so the converted folder loads without running pickle code
+        network = load_denoiser(source, None, allow_pickle=True)
+        network.save_pretrained(dest, safe_serialization=True, variant=variant)
+        return sorted(p.name for p in dest.iterdir())
+    dest.mkdir(parents=True)
+    for name in names:
+        link_or_copy(str(source.model_folder / name), str(dest / name))
+    return names
 
 
 DEFAULT_SCHEDULE = {"epsilon": "linear", "v_prediction": "cosine"}
@@ -321,7 +383,7 @@ def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
                                         "flow_prediction", "float64")
         if source.family.sample_scaling is None:
             return adapter, FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)
-        schedule = {k: source.scheduler[k] for k in SCHEDULE_KEYS if k in source.scheduler}
+        schedule = {k: source.scheduler[k] for k in DiscreteVPSchedule.CONFIG_KEYS if k in source.scheduler}
         return adapter, FlowMatchEulerScheduler(num_train_timesteps=T, sample_scaling=source.family.sample_scaling,
                                                 source_schedule=schedule)
     if not is_flow:
@@ -380,11 +442,23 @@ or from the command line: `fmconvert sample {out_name} --solver heun --steps 20 
     return "\n".join(front) + body
 
 
-def write_converted(source: Source, model: torch.nn.Module, out: Path, to: str = "velocity",
-                    schedule: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Convert ``model`` (the source's loaded denoiser) and write the pipeline folder ``out``
-    atomically. Returns a summary for --json."""
-    adapter, scheduler = convert(source, model, to, schedule)
+def write_converted(source: Source, out: Path, to: str = "velocity", schedule: str | None = None,
+                    force: bool = False, variant: str | None = None, dtype: str | None = None,
+                    allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Convert the source's denoiser and write the pipeline folder ``out`` atomically, from
+    configs alone: the network's files are linked into the adapter's ``network/`` byte for
+    byte (``variant``: which of the source's weight files), never loaded, so time and memory
+    do not grow with the model. ``dtype``: the dtype the folder declares for loading the
+    network (None: as diffusers loads the source's). Returns a summary for --json."""
+    from .adapters import LOAD_DTYPES, NETWORK_FOLDER
+
+    if dtype is not None and dtype not in LOAD_DTYPES:
+        raise UsageError(f"unknown --dtype '{dtype}': use {', '.join(LOAD_DTYPES)}")
+    if source.converted and variant is not None:
+        raise UsageError("--variant picks a source's weight files; a converted folder keeps the variant it was written with")
+    files = [] if source.converted else network_files(source.model_folder, variant, allow_pickle)  # checked first
+    adapter, scheduler = convert(source, denoiser_skeleton(source, trust_remote_code), to, schedule)
+    adapter.register_to_config(network_variant=variant, network_dtype=dtype)
     out = Path(out)
     with atomic_folder(out, force) as tmp:
         index = dict(source.model_index) if source.model_index else {"_class_name": "DDPMPipeline"}
@@ -398,7 +472,8 @@ def write_converted(source: Source, model: torch.nn.Module, out: Path, to: str =
                 if (source.folder / name).is_dir():
                     shutil.copytree(source.folder / name, tmp / name, copy_function=link_or_copy)
         denoiser = "unet" if source.model_index is None else source.denoiser
-        adapter.save_pretrained(tmp / denoiser, safe_serialization=True)
+        adapter.save_config(tmp / denoiser)
+        files = link_network(source, tmp / denoiser / NETWORK_FOLDER, variant, allow_pickle)
         (tmp / denoiser / f"{ADAPTER_SHIM}.py").write_text(_SHIMS[ADAPTER_SHIM])
         index[denoiser] = [ADAPTER_SHIM, type(adapter).__name__]
         scheduler.save_pretrained(tmp / "scheduler")
@@ -417,7 +492,8 @@ def write_converted(source: Source, model: torch.nn.Module, out: Path, to: str =
         (tmp / "fmconvert.json").write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(source, adapter, to, out.name))
     return {"out": str(out), "to": to, "adapter": type(adapter).__name__, "scheduler": type(scheduler).__name__,
-            "pipeline_class": index["_class_name"], **{"loaded": source.describe()}}
+            "pipeline_class": index["_class_name"], "network_files": files, "network_variant": variant,
+            "network_dtype": dtype, **{"loaded": source.describe()}}
 
 
 def _register_shim_modules() -> None:

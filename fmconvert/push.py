@@ -42,7 +42,8 @@ def check_converted_folder(folder: Path) -> list[str]:
     if not adapters:
         raise FmconvertError(f"'{folder}' has no fmconvert adapter in model_index.json; it is not a converted model")
     for name in adapters:
-        for needed in ("config.json", "diffusion_pytorch_model.safetensors", f"{ADAPTER_SHIM}.py"):
+        weights = "network/config.json" if (folder / name / "network").is_dir() else "diffusion_pytorch_model.safetensors"
+        for needed in ("config.json", weights, f"{ADAPTER_SHIM}.py"):
             if not (folder / name / needed).is_file():
                 raise FmconvertError(f"'{folder}/{name}' lacks {needed}; write the folder again with fmconvert wrap")
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())

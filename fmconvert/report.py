@@ -68,7 +68,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from .fid import make_extractor, reference_stats, fid_between, plot_sweep, sweep
     from .io import atomic_folder, atomic_write
-    from .pipelines import inspect_source, load_denoiser, write_converted
+    from .pipelines import inspect_source, write_converted
     from .sampling import generate, generate_baseline, load_velocity_model
 
     started = time.perf_counter()
@@ -93,7 +93,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     with atomic_folder(Path(out), force) as tmp:
         stage("convert")
         source = inspect_source(model)
-        write_converted(source, load_denoiser(source), tmp / "converted")
+        write_converted(source, tmp / "converted")
         numbers["loaded"] = source.describe()
         done()
 

@@ -23,10 +23,10 @@ import torch
 
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .core import invert
-from .errors import FmconvertError
-from .families import Conditioning, concat_kwargs, network_call
+from .errors import FmconvertError, UsageError
+from .families import Conditioning, cast_floats, concat_kwargs, guide, network_call
 from .grids import time_grid
-from .pipelines import Source, inspect_source, load_denoiser
+from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
 from .solvers import solve
 
@@ -101,7 +101,7 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
             velocity.model = compiled
     if pipeline is not None:
         for name, component in pipeline.components.items():
-            if isinstance(component, torch.nn.Module) and name not in ("unet", "transformer"):
+            if isinstance(component, torch.nn.Module) and name not in DENOISERS:
                 component.to(device)
     return VelocityModel(velocity.eval(), grid_source, source, shift, pipeline, source.describe())
 
@@ -190,6 +190,14 @@ def sample_shape(vm: VelocityModel) -> tuple[int, ...]:
     return (channels, *size)
 
 
+def image_shape(vm: VelocityModel) -> tuple[int, ...]:
+    """(C, H, W) of one decoded image (the decoder run once on zeros; pixels need none)."""
+    shape = sample_shape(vm)
+    if vm.source.family.decoder is None:
+        return shape
+    return tuple(to_images(vm, torch.zeros((1, *shape), device=vm.velocity.device)).shape[1:])
+
+
 @dataclass
 class SampleResult:
     """``samples``: final states in the model's data space (float32, CPU); ``images``: in [0, 1];
@@ -210,7 +218,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
-    vm.source.family.check(conditioning, vm.source.pipeline_class)
+    vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
     s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
@@ -276,7 +284,7 @@ def ddim_baseline(vm: VelocityModel):
 
     source = vm.source
     if source.prediction_type == "flow_prediction" or source.converted:
-        raise FmconvertError("--baseline ddim runs a diffusion source's own scheduler; "
+        raise UsageError("--baseline ddim runs a diffusion source's own scheduler; "
                              f"'{source.reference}' is {'a converted model' if source.converted else 'a flow model'}")
     return DDIMScheduler.from_config({**source.scheduler, "prediction_type": source.prediction_type},
                                      timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
@@ -293,7 +301,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
         raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
     conditioning = conditioning or Conditioning()
     family = vm.source.family
-    family.check(conditioning, vm.source.pipeline_class)
+    family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
     scheduler = ddim_baseline(vm)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
@@ -305,7 +313,8 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
         x = noise.take(first, stop).to(device)
         cond, uncond = family.encode(vm.pipeline, conditioning, first, x.shape[0], device, model.config,
                                      tuple(x.shape[2:]))
-        both = concat_kwargs(uncond, cond) if uncond is not None else None
+        cond = cast_floats(cond, model.dtype)
+        both = cast_floats(concat_kwargs(uncond, cond), model.dtype) if uncond is not None else None
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
@@ -314,12 +323,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                 else:
                     pair = call.split(call(model, torch.cat([x, x]).to(model.dtype),
                                            t.to(device).expand(2 * x.shape[0]), (), both))[0]
-                    out_uncond, out_cond = pair.float().chunk(2)
-                    out = out_uncond + w * (out_cond - out_uncond)
-                    if phi > 0:
-                        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-                        out = rescale_noise_cfg(out, out_cond, guidance_rescale=phi)
+                    out = guide(*pair.float().chunk(2), w, phi)
                 x = scheduler.step(out.float(), t, x).prev_sample
         yield x.float(), to_images(vm, x.float()), steps
 
@@ -341,23 +345,20 @@ def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch:
     velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
     channels, *size = sample_shape(vm)
     cond, uncond = vm.source.family.encode(vm.pipeline, request, first, batch, device, velocity.config, tuple(size))
+    cond = cast_floats(cond, velocity.network_dtype)
     if uncond is None:
         return lambda x, s: velocity.evaluate(x, T * s, output_dtype=torch.float32, **cond)[:, :channels]
-    both = concat_kwargs(uncond, cond)
+    both = cast_floats(concat_kwargs(uncond, cond), velocity.network_dtype)
     w, phi = request.guidance_scale, request.guidance_rescale
 
     def guided(x, s):
         u_uncond, u_cond = velocity.evaluate(torch.cat([x, x]), torch.cat([T * s, T * s]), output_dtype=torch.float32,
                                              **both)[:, :channels].chunk(2)
-        u = u_uncond + w * (u_cond - u_uncond)
-        if phi > 0:
-            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-            plan = velocity.conversion(T * s[:1], x.ndim, x.device)
-            guided_source = invert(plan, x, u)
-            rescaled = rescale_noise_cfg(guided_source, invert(plan, x, u_cond), guidance_rescale=phi)
-            u = torch.addcmul(plan.k_x * x, plan.k_out, rescaled).to(torch.float32)
-        return u
+        if phi == 0:
+            return guide(u_uncond, u_cond, w)
+        plan = velocity.conversion(T * s[:1], x.ndim, x.device)
+        source = guide(invert(plan, x, u_uncond), invert(plan, x, u_cond), w, phi)
+        return torch.addcmul(plan.k_x * x, plan.k_out, source).to(torch.float32)
 
     return guided
 

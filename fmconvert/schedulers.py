@@ -19,8 +19,8 @@ Two config options beyond the parent's:
     pipelines that never call ``scale_model_input`` but scale their noise after
     ``set_timesteps`` (Kandinsky 2.2).
 
-  Both are 1 at s = 1 and s = 0, so with the parent's default grid (from s = 1) the images are
-  the parent's.
+  The scalings are 1 at s = 1 and s = 0, so with the parent's default grid (from s = 1) the
+  images are the parent's.
 - ``timestep_spacing``: ``"flowmatch"`` (the parent's grid) or a grid of
   :func:`fmconvert.grids.time_grid` (``trailing`` on the source's schedule, given in
   ``source_schedule``, makes the pipeline's own ``__call__`` reproduce the source's
@@ -32,6 +32,7 @@ Two config options beyond the parent's:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -40,9 +41,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
 SAMPLE_SCALINGS = ("variance_preserving", "initial", "none")
-#: the scheduler config keys that define a source's discrete schedule
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
-                 "rescale_betas_zero_snr")
 
 
 def _norm(s: torch.Tensor | float) -> float:
@@ -71,6 +69,15 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError("FlowMatchEulerScheduler has no variance: variance_type must be None")
         super().__init__(num_train_timesteps=num_train_timesteps, shift=shift, **kwargs)
         self._lifted = False
+
+    @staticmethod
+    def _get_init_keys(input_class):
+        """The parent's options count as this class's own (they arrive through ``**kwargs``):
+        ``from_config`` keeps them instead of dropping them with a warning."""
+        keys = set(inspect.signature(input_class.__init__).parameters)
+        if issubclass(input_class, FlowMatchEulerScheduler):
+            keys |= set(inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters)
+        return keys
 
     @property
     def init_noise_sigma(self) -> float:
@@ -114,17 +121,20 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args, return_dict: bool = True,
              **kwargs):
-        """Euler from s_i to s_{i+1} on x_s (the parent's step), in the pipeline's sample scaling."""
-        if self.config.sample_scaling != "variance_preserving":
-            return super().step(model_output, timestep, sample, *args, return_dict=return_dict, **kwargs)
+        """Euler from s_i to s_{i+1} on x_s (the parent's step), in the pipeline's sample
+        scaling. As a tuple: (prev_sample, x̂0 = x_s − s·u), as DDIM's step gives its
+        pred_original_sample (PixArt's one-step path reads it)."""
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self.step_index
-        out = super().step(model_output, timestep, sample.to(torch.float32) * self._scale(index), *args,
-                           return_dict=return_dict, **kwargs)
-        prev = (out.prev_sample if return_dict else out[0])
-        prev = (prev.to(torch.float32) / self._scale(index + 1)).to(model_output.dtype)
-        if not return_dict:
-            return (prev,)
-        out.prev_sample = prev
-        return out
+        vp = self.config.sample_scaling == "variance_preserving"
+        x = sample.to(torch.float32) * self._scale(index) if vp else sample
+        out = super().step(model_output, timestep, x, *args, return_dict=return_dict, **kwargs)
+        prev = out.prev_sample if return_dict else out[0]
+        if vp:
+            prev = (prev.to(torch.float32) / self._scale(index + 1)).to(model_output.dtype)
+        if return_dict:
+            out.prev_sample = prev
+            return out
+        x0 = (x.to(torch.float32) - float(self.sigmas[index]) * model_output.to(torch.float32)).to(model_output.dtype)
+        return prev, x0

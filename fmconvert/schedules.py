@@ -146,6 +146,9 @@ class DiscreteVPSchedule(GaussianPath):
     """
 
     kind = "discrete_vp"
+    #: the diffusers scheduler config keys :meth:`from_config` reads
+    CONFIG_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                   "rescale_betas_zero_snr")
 
     def __init__(self, alphas_cumprod: torch.Tensor | list[float]):
         acp = torch.as_tensor(alphas_cumprod, dtype=F64).flatten()

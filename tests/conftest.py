@@ -37,6 +37,30 @@ def make_cond_unet(seed: int = 0, cross_attention_dim: int = 16):
     ).eval()
 
 
+def ok(*args):
+    """`fmconvert ARGS` through typer's CliRunner; asserts exit code 0."""
+    from typer.testing import CliRunner
+
+    from fmconvert.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+def error(code, *args):
+    """`fmconvert ARGS`; asserts exit ``code`` and one error line, no traceback; returns the line."""
+    from typer.testing import CliRunner
+
+    from fmconvert.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
 @pytest.fixture
 def unet():
     return make_unet()

@@ -407,7 +407,9 @@ def test_save_and_load_like_a_diffusers_model(tmp_path, cond_unet):
     wrapped = VelocityAdapter.from_diffusion(cond_unet, ddim("scaled_linear", "v_prediction"))
     wrapped.save_pretrained(tmp_path / "velocity")
     files = sorted(p.name for p in (tmp_path / "velocity").iterdir())
-    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert files == ["config.json", "network"]  # the adapter's config; the network as it saves itself
+    assert sorted(p.name for p in (tmp_path / "velocity" / "network").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors"]
     config = json.loads((tmp_path / "velocity" / "config.json").read_text())
     assert config["_class_name"] == "VelocityAdapter" and config["source_prediction"] == "v_prediction"
     loaded = VelocityAdapter.from_pretrained(tmp_path / "velocity").eval()

@@ -59,7 +59,8 @@ def test_wrap_unconditional_loads_and_samples_with_stock_diffusers(tmp_path, ddp
     assert summary["adapter"] == "VelocityAdapter" and summary["loaded"]["prediction_type"] == "epsilon"
     assert summary["scheduler"] == "FlowMatchEulerDiscreteScheduler"
     files = sorted(os.listdir(out / "unet"))
-    assert files == ["config.json", "diffusion_pytorch_model.safetensors", "fmconvert_adapter.py"]
+    assert files == ["config.json", "fmconvert_adapter.py", "network"]  # the source network itself in network/
+    assert sorted(os.listdir(out / "unet" / "network")) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert not any(name.endswith((".bin", ".pt", ".ckpt")) for _, _, fs in os.walk(out) for name in fs)
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "- flow-matching" in card and "- epsilon" in card
@@ -288,8 +289,10 @@ def test_pickle_weights_are_refused_without_the_flag(tmp_path):
     unet.save_pretrained(folder / "unet", safe_serialization=False)
     assert (folder / "unet" / "diffusion_pytorch_model.bin").exists()
     one_line_error(run("wrap", folder, "--out", tmp_path / "o"), 1, "pickle", "--allow-pickle")
-    ok("wrap", folder, "--out", tmp_path / "o", "--allow-pickle")
-    assert (tmp_path / "o" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    ok("wrap", folder, "--out", tmp_path / "o", "--allow-pickle")  # the one case wrap loads weights: to safetensors
+    network = tmp_path / "o" / "unet" / "network"
+    assert sorted(os.listdir(network)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    ok("sample", tmp_path / "o", "--steps", 1, "--num-images", 1)  # and it loads without --allow-pickle
 
 
 def test_remote_code_is_refused_without_the_flag(tmp_path):
@@ -368,5 +371,5 @@ def test_baseline_runs_the_sources_own_ddim_on_the_same_noise(tmp_path, ddpm_fol
        "--save-tensor", tmp_path / "e.safetensors")
     baseline, euler = (load_file(tmp_path / f"{k}.safetensors")["samples"] for k in "be")
     assert rel(baseline, reference) < 1e-6 and rel(euler, baseline) <= 1e-5
-    one_line_error(run("sample", flow_folder, "--baseline", "ddim"), 1, "flow model")
+    one_line_error(run("sample", flow_folder, "--baseline", "ddim"), 2, "flow model")  # a usage error
     one_line_error(run("sample", ddpm_folder, "--baseline", "plms"), 2, "--baseline", "ddim")

@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from conftest import error, ok
 from replicas import REPLICAS, build_replica, ddim_trailing, one_thread
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import fmconvert
-from fmconvert.cli import app
 from fmconvert.schedulers import FlowMatchEulerScheduler
 
-runner = CliRunner()
 NAMES = list(REPLICAS)
 STEPS, SEED = 4, 3
 #: how a family's pipeline hands back its final sample (data space: latents, or raw pixels):
@@ -31,20 +29,6 @@ STEPS, SEED = 4, 3
 #: source network on the same noise (`fmconvert sample SOURCE --baseline ddim`)
 SAMPLE_OUTPUT = {"sd15": "latent", "sd21": "latent", "zsnr": "latent", "sdxl": "latent", "pixart": "latent",
                  "kandinsky22": "latent", "if1": "pt"}
-
-
-def ok(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + result.stderr
-    return result
-
-
-def error(expected_code, *args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == expected_code, (result.exit_code, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def rel(a, b):
@@ -236,6 +220,59 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tmp_path_factory):
         assert "agree compares unconditional" in error(2, "agree", build_replica("sd15", tmp_path_factory))
         line = error(2, "sample", build_replica("sd15", tmp_path_factory), "--steps", 1, "--class-label", 3)
         assert "takes --guidance-rescale, --negative-prompt, --prompt; --class-label" in line
+
+
+def test_refused_before_any_work(tmp_path, tmp_path_factory):
+    """Options a family cannot honour, or that would do nothing, are usage errors before a
+    shard, a manifest or an image is written."""
+    with one_thread():
+        dit, kandinsky = build_replica("dit", tmp_path_factory), build_replica("kandinsky22", tmp_path_factory)
+        sd = build_replica("sd15", tmp_path_factory)
+        embeds = tmp_path / "three.safetensors"
+        width = REPLICAS["kandinsky22"].call["image_embeds"].shape[1]
+        save_file({"image_embeds": torch.randn(3, width), "negative_image_embeds": torch.randn(1, width)}, str(embeds))
+        narrow = tmp_path / "narrow.safetensors"
+        save_file({"image_embeds": torch.randn(1, 5)}, str(narrow))
+        shards = tmp_path / "shards"
+        cases = [
+            ((sd, "--prompt", "x", "--image-embeds", embeds), "--image-embeds cannot be honoured"),
+            ((kandinsky, "--image-embeds", embeds, "--guidance-scale", 4, "--num-images", 5), "3 embeddings for 5"),
+            ((kandinsky, "--image-embeds", narrow), f"the model takes (1 or N, {width})"),
+            ((dit, "--class-label", 5000), "out of range"),
+            ((dit, "--guidance-scale", 4), "pass --class-label"),
+            ((sd, "--prompt", "x", "--negative-prompt", "y"), "needs --guidance-scale > 1"),
+            ((sd, "--prompt", "x", "--guidance-rescale", 0.5), "needs --guidance-scale > 1"),
+            ((sd, "--height", -16), "must be positive"),
+            ((sd, "--height", 0), "must be positive"),
+        ]
+        for args, words in cases:
+            line = error(2, "sample", *args, "--steps", 1, "--samples-dir", shards, "--out", tmp_path / "pics")
+            assert words in line, line
+            assert not shards.exists() and not (tmp_path / "pics").exists()
+        out = tmp_path / "converted"
+        ok("wrap", build_replica("ldm", tmp_path_factory), "--out", out)
+        assert "--baseline ddim" in error(2, "sample", out, "--baseline", "ddim", "--steps", 1)
+        assert "--features inception" in error(2, "fid", out, "--reference", "builtin:digits", "--steps", 1,
+                                               "--num-images", 4)
+
+
+def test_dtype_options_and_one_step(tmp_path, tmp_path_factory):
+    """Embeddings follow the network's dtype; the converted scheduler keeps its parent's options
+    and gives (prev, x̂0) as a tuple, so PixArt's one-step path runs."""
+    with one_thread():
+        replica = REPLICAS["kandinsky22"]
+        result = ok("sample", build_replica("kandinsky22", tmp_path_factory), "--dtype", "bfloat16", "--steps", 2,
+                    "--num-images", 1, "--guidance-scale", 4, *embeddings(replica, tmp_path), "--json")
+        assert json.loads(result.stdout)["conditioning"]["guidance_scale"] == 4.0
+        scheduler = FlowMatchEulerScheduler.from_config(FlowMatchEulerScheduler().config, use_karras_sigmas=True,
+                                                        shift_terminal=0.1)
+        assert scheduler.config.use_karras_sigmas and scheduler.config.shift_terminal == 0.1
+        out = tmp_path / "pixart"
+        ok("wrap", build_replica("pixart", tmp_path_factory), "--out", out)
+        pipe = fmconvert.load(out)
+        one = pipe(**REPLICAS["pixart"].call, num_inference_steps=1, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert torch.isfinite(one).all()
 
 
 def test_class_labels_by_name_and_cycled_by_index(tmp_path, tmp_path_factory):

@@ -47,7 +47,7 @@ def test_push_then_stock_diffusers_loads_it_from_the_hub(hub, converted):
     summary = json.loads(result.stdout)
     assert summary["repo_id"] == "someone/ddpm-velocity" and summary["commit_oid"]
     assert summary["commit_url"].endswith(summary["commit_oid"])
-    assert "unet/diffusion_pytorch_model.safetensors" in summary["files"] and "README.md" in summary["files"]
+    assert "unet/network/diffusion_pytorch_model.safetensors" in summary["files"] and "README.md" in summary["files"]
     assert TOKEN not in result.stdout + result.stderr  # never printed
     repo = hub.repos["someone/ddpm-velocity"]
     assert len(repo.commits) == 2  # the empty initial one, then exactly one upload commit

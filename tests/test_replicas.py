@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from replicas import REPLICAS, build_replica, ddim_trailing, one_thread
 from safetensors.torch import load_file
 
