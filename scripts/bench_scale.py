@@ -8,7 +8,7 @@ BENCHMARKS.md; scripts/bench.py covers speed of sampling and FID).
 Checkpoints, randomly initialised and written to disk once under --work (float16, as a Hub
 repo holds them; written shard by shard with huggingface_hub's save_torch_state_dict):
 
-- a 337M-parameter UNet2DModel in a DDPMPipeline folder, one file;
+- a 258M-parameter UNet2DModel in a DDPMPipeline folder, one file;
 - an SDXL-size UNet2DConditionModel (stable-diffusion-xl-base-1.0's UNet config, 2.6B
   parameters) in a StableDiffusionXLPipeline folder (the UNet and scheduler only), sharded.
 
@@ -44,9 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-PIXEL_UNET = dict(  # a DDPM-style pixel UNet at 64×64, 337M parameters
+PIXEL_UNET = dict(  # a DDPM-style pixel UNet at 64×64, 258M parameters
     _class_name="UNet2DModel", sample_size=64, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=[256, 512, 768, 1024],
+    block_out_channels=[256, 512, 768, 768],
     down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 )
