@@ -159,6 +159,14 @@ class PathAdapter(ModelMixin, ConfigMixin):
         ``from_pretrained`` from ``network/`` and every loading option passed through
         (torch_dtype, device_map, low_cpu_mem_usage, ...); so loading costs what loading the
         network alone does. A folder of the earlier layout loads as diffusers saved it."""
+        if not Path(pretrained_model_name_or_path).is_dir():  # a Hub id: this component's files, once
+            from huggingface_hub import snapshot_download
+
+            sub = kwargs.get("subfolder")
+            pretrained_model_name_or_path = snapshot_download(
+                str(pretrained_model_name_or_path), revision=kwargs.pop("revision", None),
+                token=kwargs.pop("token", None), cache_dir=kwargs.pop("cache_dir", None),
+                local_files_only=kwargs.pop("local_files_only", False), allow_patterns=[f"{sub}/*"] if sub else None)
         folder = Path(pretrained_model_name_or_path)
         if kwargs.get("subfolder"):
             folder = folder / kwargs["subfolder"]

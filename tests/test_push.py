@@ -62,6 +62,11 @@ def test_push_then_stock_diffusers_loads_it_from_the_hub(hub, converted):
     b = local(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.equal(a, b)
     assert any(path.startswith("/someone/ddpm-velocity/resolve/") for _, path in hub.requests)
+    from fmconvert import VelocityAdapter  # the component alone, by Hub id: its config and network/
+
+    alone = VelocityAdapter.from_pretrained("someone/ddpm-velocity", subfolder="unet")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(alone(x, torch.tensor([250.0])).sample, local.unet(x, torch.tensor([250.0])).sample)
 
 
 def test_push_twice_and_private(hub, converted):
