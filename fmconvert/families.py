@@ -174,6 +174,16 @@ def concat_kwargs(first: dict, second: dict) -> dict:
     return out
 
 
+def network_kwargs(family: "Family", pipe: Any, request: Conditioning, first: int, batch: int, device: Any,
+                   config: Any, size: tuple[int, int], dtype: torch.dtype) -> tuple[dict, dict | None]:
+    """The family's conditioning for images [first, first + batch) as network keyword
+    arguments in the network's ``dtype``: (conditional, the guidance batch [uncond; cond] or
+    None without guidance)."""
+    cond, uncond = family.encode(pipe, request, first, batch, device, config, size)
+    both = None if uncond is None else cast_floats(concat_kwargs(uncond, cond), dtype)
+    return cast_floats(cond, dtype), both
+
+
 # -- families ------------------------------------------------------------------------------------
 
 
@@ -206,15 +216,16 @@ class Family:
     #: its pipeline drops a learned variance itself before the scheduler sees the output
     #: (DiT, PixArt by the network's out_channels; IF, Kandinsky unless variance_type is learned*)
     splits_variance: ClassVar[bool] = False
-    #: Hub repos it was replicated from in the test suite (README)
-    examples: ClassVar[tuple[str, ...]] = ()
-
     #: the network takes only the sample size it was built for (positional embeddings)
     fixed_size: ClassVar[bool] = False
 
     def downsampling(self, pipe: Any) -> int:
         """Pixels per sample element along each side (1 in pixel space)."""
         return 1
+
+    def pixels(self, pipe: Any, size: tuple[int, int]) -> tuple[int, int]:
+        """The image's (height, width) in pixels for a sample of ``size`` (h, w)."""
+        return size[0] * self.downsampling(pipe), size[1] * self.downsampling(pipe)
 
     def sample_size(self, pipe: Any, config: Any, height: int | None, width: int | None) -> tuple[int, int]:
         """The sample's (h, w) for an image of height × width pixels (None: the denoiser's
@@ -310,7 +321,6 @@ class PixelUnconditional(Family):
     pipelines = ("DDPMPipeline", "DDIMPipeline")
     models = ("UNet2DModel",)
     sample_scaling = None
-    examples = ("google/ddpm-cifar10-32",)
 
 
 class LatentUnconditional(Family):
@@ -318,7 +328,6 @@ class LatentUnconditional(Family):
     pipelines = ("LDMPipeline",)
     models = ("UNet2DModel",)
     decoder = "vqvae"
-    examples = ("CompVis/ldm-celebahq-256",)
 
     def downsampling(self, pipe):
         return _autoencoder_factor(self._decoder(pipe))
@@ -386,8 +395,6 @@ class StableDiffusion(_TextConditioned, _VAEDecoded):
     pipelines = ("StableDiffusionPipeline",)
     models = ("UNet2DConditionModel",)
     guidance_rescale = True
-    examples = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1",
-                "zero-terminal-SNR v-prediction fine-tunes")
 
 
 class StableDiffusionXL(_TextConditioned, _VAEDecoded):
@@ -395,11 +402,10 @@ class StableDiffusionXL(_TextConditioned, _VAEDecoded):
     pipelines = ("StableDiffusionXLPipeline",)
     models = ("UNet2DConditionModel",)
     guidance_rescale = True
-    examples = ("stabilityai/stable-diffusion-xl-base-1.0",)
 
     def encode(self, pipe, request, first, batch, device, config, size):
         cond, uncond, pooled, uncond_pooled = _text(pipe, request, batch, device)
-        size = (size[0] * self.downsampling(pipe), size[1] * self.downsampling(pipe))  # pixels, as the pipeline's
+        size = self.pixels(pipe, size)  # the time ids are in pixels, as the pipeline builds them
         projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
                       else pipe.text_encoder_2.config.projection_dim)
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
@@ -419,7 +425,6 @@ class DiT(_VAEDecoded):
     sample_scaling = "initial"  # its pipeline keeps what scale_model_input returns
     fixed_size = True
     splits_variance = True
-    examples = ("facebook/DiT-XL-2-256",)
 
     def labels(self, request: Conditioning, pipe: Any, config: Any) -> list[int]:
         """The class labels as ints: names through the pipeline's id2label, each in range."""
@@ -459,13 +464,12 @@ class PixArtAlpha(_TextConditioned, _VAEDecoded):
     pipelines = ("PixArtAlphaPipeline",)
     models = ("Transformer2DModel", "PixArtTransformer2DModel")
     splits_variance = True
-    examples = ("PixArt-alpha/PixArt-XL-2-1024-MS",)
 
     def encode(self, pipe, request, first, batch, device, config, size):
         cond, mask, uncond, uncond_mask = _text(pipe, request, batch, device, negative_default="", clean_caption=False)
         added = {"resolution": None, "aspect_ratio": None}
         if config.sample_size == 128:  # PixArt-α 1024's micro-conditions, as its pipeline builds them
-            height, width = size[0] * self.downsampling(pipe), size[1] * self.downsampling(pipe)
+            height, width = self.pixels(pipe, size)
             added = {"resolution": torch.tensor([[height, width]] * batch, dtype=cond.dtype, device=device),
                      "aspect_ratio": torch.tensor([[height / width]] * batch, dtype=cond.dtype, device=device)}
         kwargs = {"encoder_hidden_states": cond, "encoder_attention_mask": mask, "added_cond_kwargs": added}
@@ -481,7 +485,6 @@ class DeepFloydIF(_TextConditioned):
     models = ("UNet2DConditionModel",)
     prompt_options = {"clean_caption": False}  # True needs bs4 and ftfy
     splits_variance = True
-    examples = ("DeepFloyd/IF-I-XL-v1.0",)
 
 
 class KandinskyV22(Family):
@@ -492,7 +495,6 @@ class KandinskyV22(Family):
     decoder = "movq"
     sample_scaling = "none"  # its pipeline never calls scale_model_input
     splits_variance = True
-    examples = ("kandinsky-community/kandinsky-2-2-decoder",)
 
     def downsampling(self, pipe):
         return pipe.movq_scale_factor
@@ -525,8 +527,6 @@ class KandinskyV22(Family):
                                  f"or {num_images} (one each)")
 
     def encode(self, pipe, request, first, batch, device, config, size):
-        self._check_values(request, pipe, config, None)
-
         def per_image(embeds):
             embeds = embeds.to(device)
             return embeds.expand(batch, -1) if embeds.shape[0] == 1 else embeds[first:first + batch]
@@ -565,7 +565,7 @@ def family_of(pipeline_class: str | None, model_class: str | None, check_model: 
 
 # -- pipeline options that act nonlinearly on the prediction ------------------------------------------
 
-#: pipeline attribute → (option name, why it cannot be applied to a converted prediction)
+#: pipeline attribute → the __call__ option that sets it
 NONLINEAR_OPTIONS = {"_guidance_rescale": "guidance_rescale"}
 
 

@@ -334,13 +334,13 @@ def network_files(folder: Path, variant: str | None = None, allow_pickle: bool =
                          + ("" if allow_pickle else " (pass --allow-pickle to use .bin)"))
 
 
-def link_network(source: Source, dest: Path, variant: str | None = None, allow_pickle: bool = False) -> list[str]:
-    """The source network's own files into ``dest``, byte for byte (hard links where the file
-    system allows, copies otherwise). A converted folder's denoiser goes whole."""
+def link_network(source: Source, dest: Path, names: list[str], variant: str | None = None) -> list[str]:
+    """The source network's files ``names`` (:func:`network_files`) into ``dest``, byte for
+    byte (hard links where the file system allows, copies otherwise). A converted folder's
+    denoiser goes whole."""
     if source.converted:
         shutil.copytree(source.model_folder, dest, copy_function=link_or_copy)
         return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    names = network_files(source.model_folder, variant, allow_pickle)
     if any(name.endswith(PICKLE_SUFFIXES) for name in names):
         # the one format change wrap makes: a pickle (allowed with --allow-pickle) becomes
         # safetensors, so the converted folder loads without running pickle code
@@ -473,7 +473,7 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
                     shutil.copytree(source.folder / name, tmp / name, copy_function=link_or_copy)
         denoiser = "unet" if source.model_index is None else source.denoiser
         adapter.save_config(tmp / denoiser)
-        files = link_network(source, tmp / denoiser / NETWORK_FOLDER, variant, allow_pickle)
+        files = link_network(source, tmp / denoiser / NETWORK_FOLDER, files, variant)
         (tmp / denoiser / f"{ADAPTER_SHIM}.py").write_text(_SHIMS[ADAPTER_SHIM])
         index[denoiser] = [ADAPTER_SHIM, type(adapter).__name__]
         scheduler.save_pretrained(tmp / "scheduler")

@@ -24,7 +24,7 @@ import torch
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .core import invert
 from .errors import FmconvertError, UsageError
-from .families import Conditioning, cast_floats, concat_kwargs, guide, network_call
+from .families import Conditioning, guide, network_call, network_kwargs
 from .grids import time_grid
 from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
@@ -222,8 +222,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
-    s0 = s_grid[0]
-    start_scale = float(torch.sqrt((1 - s0) ** 2 + s0**2))
+    start_scale = float(RectifiedFlow().point(s_grid[0]).norm)  # ε at the first grid time
     per_step = EVALS_PER_STEP.get(solver)
     bar = None
     if progress:
@@ -311,10 +310,8 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):
         x = noise.take(first, stop).to(device)
-        cond, uncond = family.encode(vm.pipeline, conditioning, first, x.shape[0], device, model.config,
-                                     tuple(x.shape[2:]))
-        cond = cast_floats(cond, model.dtype)
-        both = cast_floats(concat_kwargs(uncond, cond), model.dtype) if uncond is not None else None
+        cond, both = network_kwargs(family, vm.pipeline, conditioning, first, x.shape[0], device, model.config,
+                                    tuple(x.shape[2:]), model.dtype)
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
@@ -344,11 +341,10 @@ def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch:
     conditional velocity are taken back through the conversion, rescaled, and brought forward."""
     velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
     channels, *size = sample_shape(vm)
-    cond, uncond = vm.source.family.encode(vm.pipeline, request, first, batch, device, velocity.config, tuple(size))
-    cond = cast_floats(cond, velocity.network_dtype)
-    if uncond is None:
+    cond, both = network_kwargs(vm.source.family, vm.pipeline, request, first, batch, device, velocity.config,
+                                tuple(size), velocity.network_dtype)
+    if both is None:
         return lambda x, s: velocity.evaluate(x, T * s, output_dtype=torch.float32, **cond)[:, :channels]
-    both = cast_floats(concat_kwargs(uncond, cond), velocity.network_dtype)
     w, phi = request.guidance_scale, request.guidance_rescale
 
     def guided(x, s):

@@ -33,20 +33,21 @@ Two config options beyond the parent's:
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
+from .schedules import DiscreteVPSchedule, RectifiedFlow
+
 SAMPLE_SCALINGS = ("variance_preserving", "initial", "none")
 
 
 def _norm(s: torch.Tensor | float) -> float:
-    """√((1 − s)² + s²): |x_s| relative to the variance-preserving point of equal noise level."""
-    s = float(s)
-    return math.sqrt((1 - s) ** 2 + s**2)
+    """√((1 − s)² + s²) (:attr:`Point.norm` on the rectified path): |x_s| relative to the
+    variance-preserving point of equal noise level."""
+    return float(RectifiedFlow().point(torch.tensor(float(s), dtype=torch.float64)).norm)
 
 
 class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -86,8 +87,6 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         return 1.0
 
     def _source_path(self):
-        from .schedules import DiscreteVPSchedule, RectifiedFlow
-
         if self.config.source_schedule:
             return DiscreteVPSchedule.from_config(self.config.source_schedule)
         return RectifiedFlow(num_train_timesteps=self.config.num_train_timesteps)
@@ -105,9 +104,6 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             num_inference_steps = None
         super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
         self._lifted = False
-
-    def _scale(self, index: int) -> float:
-        return _norm(self.sigmas[index])
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network's input x_s from the pipeline's sample (identity under ``"none"``)."""
@@ -128,11 +124,11 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             self._init_step_index(timestep)
         index = self.step_index
         vp = self.config.sample_scaling == "variance_preserving"
-        x = sample.to(torch.float32) * self._scale(index) if vp else sample
+        x = sample.to(torch.float32) * _norm(self.sigmas[index]) if vp else sample
         out = super().step(model_output, timestep, x, *args, return_dict=return_dict, **kwargs)
         prev = out.prev_sample if return_dict else out[0]
         if vp:
-            prev = (prev.to(torch.float32) / self._scale(index + 1)).to(model_output.dtype)
+            prev = (prev.to(torch.float32) / _norm(self.sigmas[index + 1])).to(model_output.dtype)
         if return_dict:
             out.prev_sample = prev
             return out
