@@ -178,7 +178,8 @@ class PathAdapter(ModelMixin, ConfigMixin):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)  # the earlier layout
         kwargs.pop("subfolder", None)
         config = cls.load_config(folder)
-        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else torch_dtype  # (diffusers' rule: dtype wins)
         if dtype is None and config.get("network_dtype"):
             dtype = getattr(torch, config["network_dtype"])
         variant = kwargs.pop("variant", None) or config.get("network_variant")

@@ -266,12 +266,12 @@ def denoiser_class(source: Source, trust_remote_code: bool = False) -> type:
 
 
 def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False) -> torch.nn.Module:
-    """The source's denoiser, weights from safetensors unless ``allow_pickle``."""
+                  trust_remote_code: bool = False, variant: str | None = None) -> torch.nn.Module:
+    """The source's denoiser (its ``variant``'s weight files), from safetensors unless ``allow_pickle``."""
     cls = denoiser_class(source, trust_remote_code)
     try:
         model = cls.from_pretrained(source.model_folder, use_safetensors=None if allow_pickle else True,
-                                    dtype=dtype)
+                                    dtype=dtype, variant=variant)
     except (OSError, ValueError, EnvironmentError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FmconvertError(f"cannot load the {source.denoiser} of '{source.reference}': {first}") from None
@@ -344,7 +344,7 @@ def link_network(source: Source, dest: Path, names: list[str], variant: str | No
     if any(name.endswith(PICKLE_SUFFIXES) for name in names):
         # the one format change wrap makes: a pickle (allowed with --allow-pickle) becomes
         # safetensors, so the converted folder loads without running pickle code
-        network = load_denoiser(source, None, allow_pickle=True)
+        network = load_denoiser(source, None, allow_pickle=True, variant=variant)
         network.save_pretrained(dest, safe_serialization=True, variant=variant)
         return sorted(p.name for p in dest.iterdir())
     dest.mkdir(parents=True)

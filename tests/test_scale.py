@@ -114,3 +114,24 @@ def test_folders_of_the_earlier_layout_still_load(tmp_path):
     (legacy_unet / "diffusion_pytorch_model.safetensors").unlink()
     line = error(1, "sample", out, "--steps", 1)
     assert "fmconvert wrap" in line
+
+
+def test_pickle_variant_is_the_one_converted_and_dtype_wins_over_torch_dtype(tmp_path):
+    """--allow-pickle --variant fp16 turns the fp16 .bin (not the plain one) into safetensors;
+    from_pretrained takes dtype over torch_dtype, as diffusers does."""
+    src = source(tmp_path / "src", torch.float32, plain=True)
+    unet = UNet2DModel.from_pretrained(src / "unet")
+    for name in os.listdir(src / "unet"):
+        if name != "config.json":
+            os.remove(src / "unet" / name)
+    unet.save_pretrained(src / "unet", safe_serialization=False)
+    half = make_unet(seed=9).to(torch.float16)
+    half.save_pretrained(src / "unet", safe_serialization=False, variant="fp16")
+    out = tmp_path / "out"
+    ok("wrap", src, "--out", out, "--allow-pickle", "--variant", "fp16")
+    loaded = fmconvert.load(out).unet
+    assert all(torch.equal(loaded.model.state_dict()[k].half(), v) for k, v in half.state_dict().items())
+    from fmconvert.adapters import VelocityAdapter
+
+    both = VelocityAdapter.from_pretrained(out / "unet", dtype=torch.float16, torch_dtype=torch.float32)
+    assert both.model.dtype == torch.float16
