@@ -21,6 +21,7 @@ else
   PY=python
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+$PY -c "import torch, diffusers, huggingface_hub; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'hub', huggingface_hub.__version__)"
 OUT_DIR=${OUT:-.}
 set +e
 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT_DIR/gpu-tests.log"
