@@ -1,6 +1,7 @@
 """fmconvert: diffusion models and flow matching are one object in two coordinate systems.
 
-The math (pure torch): :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predictions`
+Configs alone (plain Python, what ``wrap`` needs): :mod:`fmconvert.configs`. The math (pure
+torch): :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predictions`
 (prediction types through (x̂0, ε̂)), :mod:`fmconvert.core` (the conversion between two paths),
 :mod:`fmconvert.grids` and :mod:`fmconvert.solvers`. The diffusers glue: :mod:`fmconvert.adapters`,
 :mod:`fmconvert.families` (what each model family needs), :mod:`fmconvert.schedulers`,
@@ -16,7 +17,8 @@ _EXPORTS = {
     "adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter"),
     "families": ("Conditioning", "Family", "family_of"),
     "schedulers": ("FlowMatchEulerScheduler",),
-    "predictions": ("PREDICTION_TYPES", "canonical_prediction_type", "from_x0_eps", "pf_ode_drift", "to_x0_eps"),
+    "configs": ("PREDICTION_TYPES", "canonical_prediction_type"),
+    "predictions": ("from_x0_eps", "pf_ode_drift", "to_x0_eps"),
     "schedules": ("CosinePath", "DiscreteVPSchedule", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
                   "path_from_config", "path_from_scheduler_config"),
     "pipelines": ("load",),

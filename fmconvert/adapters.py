@@ -27,23 +27,19 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import BaseOutput
 
+from .configs import (  # noqa: F401 (LOAD_DTYPES re-exported)
+    LOAD_DTYPES,
+    NETWORK_FOLDER,
+    canonical_prediction_type,
+    path_config,
+    scheduler_config,
+    velocity_adapter_init,
+)
 from .core import Conversion, apply_conversion, check_pair, plan_conversion, reparameterize  # noqa: F401 (re-exported)
 from .families import network_call, refuse_nonlinear_options
-from .predictions import canonical_prediction_type
-from .schedules import (
-    DiscreteVPSchedule,
-    GaussianPath,
-    RectifiedFlow,
-    path_from_config,
-    path_from_scheduler_config,
-    scheduler_config,
-)
+from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_config, path_from_scheduler_config
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-#: dtypes a converted folder may declare for loading its network
-LOAD_DTYPES = ("float32", "float16", "bfloat16", "float64")
-#: the subfolder of a saved adapter that holds the network's own files
-NETWORK_FOLDER = "network"
 
 
 @dataclass
@@ -110,18 +106,19 @@ class PathAdapter(ModelMixin, ConfigMixin):
         self.source_prediction = check_pair(self.source, source_prediction)
         self.target_prediction = check_pair(self.target, target_prediction)
         self.model = model if model is not None else _resolve_model_class(model_class).from_config(model_config)
-        # pipelines read the denoiser's config (sample_size, in_channels, ...): mirror it
+        # pipelines read the denoiser's config (sample_size, in_channels, ...): mirror the
+        # network's, with the defaults its class filled in (model_config may be the raw config.json)
         own = set(inspect.signature(PathAdapter.__init__).parameters)
-        self.register_to_config(**{k: v for k, v in model_config.items() if k not in own})
+        self.register_to_config(**{k: v for k, v in _public_config(self.model).items() if k not in own})
         self._call = network_call(self.model)
         self._plans: dict[tuple, Conversion] = {}  # see conversion()
         self._dtype_cache: tuple = (None, None, None, None, None)  # see network_dtype
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        # the mirrored model config keys are derived from model_config, not init arguments
-        mirrored = set(config_dict.get("model_config", {})) - set(inspect.signature(PathAdapter.__init__).parameters)
-        config_dict = {k: v for k, v in config_dict.items() if k not in mirrored}
+        # the mirrored network config keys are derived from the network, not init arguments
+        own = set(inspect.signature(PathAdapter.__init__).parameters)
+        config_dict = {k: v for k, v in config_dict.items() if k in own or k.startswith("_")}
         return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
@@ -295,13 +292,13 @@ class VelocityAdapter(PathAdapter):
     @classmethod
     def from_diffusion(cls, model: ModelMixin, scheduler: Any, prediction_type: str | None = None,
                        compute_dtype: str = "float64") -> "VelocityAdapter":
-        """Wrap ``model`` trained with ``scheduler`` (a diffusers scheduler or its config dict)."""
-        path, pred = path_from_scheduler_config(scheduler)
-        pred = canonical_prediction_type(prediction_type or pred)
-        if pred == "flow_prediction":
-            raise ValueError("the source is already a flow-matching model; use DiffusionAdapter to convert it back")
-        target = RectifiedFlow(num_train_timesteps=getattr(path, "num_train_timesteps", 1000))
-        return cls._wrap(model, path, pred, target, "flow_prediction", compute_dtype)
+        """Wrap ``model`` trained with ``scheduler`` (a diffusers scheduler or its config dict);
+        the arguments are :func:`fmconvert.configs.velocity_adapter_init`'s, which ``fmconvert
+        wrap`` writes without loading the model."""
+        source, prediction = path_config(scheduler)
+        init = velocity_adapter_init(type(model).__name__, _public_config(model), source, prediction_type or prediction,
+                                     compute_dtype)
+        return cls(**init, model=model)
 
 
 class DiffusionAdapter(PathAdapter):

@@ -27,6 +27,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _main_process() -> bool:
+    if "torch.distributed" not in sys.modules:  # no process group joined (and torch not needed to know it)
+        return True
     from . import distributed
 
     return distributed.is_main()
@@ -92,10 +94,16 @@ def _device(device: str) -> str:
     return distributed.init(device)
 
 
-def _interactive(as_json: bool) -> bool:
-    """Progress bars only on an interactive stderr, and never with --json."""
+def _interactive(as_json: bool, import_diffusers: bool = True) -> bool:
+    """Progress bars only on an interactive stderr, and never with --json. diffusers' own
+    logging is set to errors only (and its progress bars off unless interactive); a command
+    that may not import diffusers at all (``import_diffusers=False``: wrap) sets it through
+    DIFFUSERS_VERBOSITY, which diffusers reads when it is imported."""
     interactive = not as_json and sys.stderr.isatty()
     if os.environ.get("FMCONVERT_DEBUG") != "1":
+        if not import_diffusers and "diffusers" not in sys.modules:
+            os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+            return interactive
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
@@ -125,7 +133,7 @@ def wrap(
     """Convert SOURCE into a pipeline folder that stock diffusers loads."""
     from .pipelines import TARGETS, inspect_source, write_converted
 
-    _interactive(as_json)
+    _interactive(as_json, import_diffusers=False)
     _choice(to, TARGETS, "--to")
     if out.exists() and not force:
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")

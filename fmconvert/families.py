@@ -24,11 +24,12 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import FmconvertError, UsageError
+
+if TYPE_CHECKING:  # torch is imported where it computes: `fmconvert wrap` reads configs only
+    import torch
 
 # -- the network ---------------------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float
 def cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
     """Network keyword arguments with every floating tensor in ``dtype`` (nested dicts too),
     as pipelines cast their embeddings to the network's dtype."""
+    import torch
     out = {}
     for key, value in kwargs.items():
         if isinstance(value, dict):
@@ -162,6 +164,7 @@ def cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
 def concat_kwargs(first: dict, second: dict) -> dict:
     """Network keyword arguments for the batch [first; second] (tensors concatenated on dim 0,
     nested dicts recursively, anything else taken from ``second``)."""
+    import torch
     out = {}
     for key, value in second.items():
         other = first.get(key)
@@ -333,6 +336,7 @@ class LatentUnconditional(Family):
         return _autoencoder_factor(self._decoder(pipe))
 
     def decode(self, pipe, x):
+        import torch
         vq = self._decoder(pipe)
         with torch.no_grad():
             return _images(vq.decode(x.to(vq.dtype) / vq.config.scaling_factor).sample)
@@ -348,6 +352,7 @@ class _VAEDecoded(Family):
         """AutoencoderKL: latents·std/scaling + mean where the VAE has latents_mean/std
         (SDXL's pipeline), else latents/scaling + shift_factor; float32 where the VAE asks
         for it (force_upcast) and is float16."""
+        import torch
         vae = self._decoder(pipe)
         config = vae.config
         dtype = torch.float32 if (vae.dtype == torch.float16 and config.get("force_upcast", False)) else vae.dtype
@@ -370,6 +375,7 @@ class _VAEDecoded(Family):
 def _text(pipe: Any, request: Conditioning, batch: int, device: Any, negative_default: str | None = None,
           **extra) -> tuple:
     """The pipeline's own encode_prompt, by keyword (the signatures differ per pipeline)."""
+    import torch
     if not hasattr(pipe, "encode_prompt"):
         raise FmconvertError(f"{type(pipe).__name__} has no encode_prompt; cannot encode --prompt")
     with torch.no_grad():
@@ -452,6 +458,7 @@ class DiT(_VAEDecoded):
             self.labels(request, pipe, config)
 
     def encode(self, pipe, request, first, batch, device, config, size):
+        import torch
         labels = self.labels(request, pipe, config)
         index = torch.arange(first, first + batch) % len(labels)
         cond = torch.tensor(labels)[index].to(device)
@@ -466,6 +473,7 @@ class PixArtAlpha(_TextConditioned, _VAEDecoded):
     splits_variance = True
 
     def encode(self, pipe, request, first, batch, device, config, size):
+        import torch
         cond, mask, uncond, uncond_mask = _text(pipe, request, batch, device, negative_default="", clean_caption=False)
         added = {"resolution": None, "aspect_ratio": None}
         if config.sample_size == 128:  # PixArt-α 1024's micro-conditions, as its pipeline builds them
@@ -538,6 +546,7 @@ class KandinskyV22(Family):
                       "added_cond_kwargs": {"image_embeds": per_image(request.negative_image_embeds)}}
 
     def decode(self, pipe, x):
+        import torch
         movq = self._decoder(pipe)
         with torch.no_grad():
             return _images(movq.decode(x.to(movq.dtype), force_not_quantize=True).sample)

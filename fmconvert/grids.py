@@ -41,7 +41,7 @@ def discrete_timesteps(spacing: str, steps: int, num_train_timesteps: int, steps
     raise ValueError(f"unknown spacing {spacing!r}: supported are trailing, leading, linspace")
 
 
-def _trained_log_snr_range(source: GaussianPath | None) -> tuple[float, float]:
+def trained_log_snr_range(source: GaussianPath | None) -> tuple[float, float]:
     """(λ_max, λ_min): the cleanest and noisiest log-SNR the source was trained on."""
     if isinstance(source, DiscreteVPSchedule):
         ends = source.log_snr(torch.tensor([source.t_min, source.t_max], dtype=F64))
@@ -79,7 +79,7 @@ def time_grid(kind: str, steps: int, source: GaussianPath | None = None, shift: 
             raise ValueError(f"steps={steps} exceeds the source's {source.num_train_timesteps} trained timesteps")
         t = torch.from_numpy(discrete_timesteps(kind, steps, source.num_train_timesteps).copy()).to(F64)
         return torch.cat([flow.time_at_log_snr(source.log_snr(t)), zero])
-    lam_max, lam_min = _trained_log_snr_range(source)
+    lam_max, lam_min = trained_log_snr_range(source)
     if kind == "logsnr":
         lam = torch.linspace(lam_min, lam_max, steps, dtype=F64)
         return torch.cat([flow.time_at_log_snr(lam), zero])

@@ -24,28 +24,44 @@ The converted folder is a pipeline folder:
   schedulers then lose four digits at the first step) and 6e-3 on the linear one.
 
 ``fmconvert.load(DIR)`` loads such a folder without running any code from it.
+
+Reading a source and writing the converted folder (``--to velocity``) take configs only
+(:mod:`fmconvert.configs`): the network's files are linked, never loaded, and neither torch nor
+diffusers is imported, so ``wrap`` costs the same at any model size. torch and diffusers are
+imported where a model or a diffusers object is built: ``--to epsilon|v_prediction``, pickle
+weights, a custom model class, and loading.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
+from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from .configs import (
+    LOAD_DTYPES,
+    NETWORK_FOLDER,
+    describe_path,
+    path_config,
+    velocity_adapter_init,
+    velocity_scheduler_config,
+)
 from .errors import FmconvertError, UsageError
-from .families import Family, PixelUnconditional, family_of
+from .families import FAMILIES, Family, PixelUnconditional, family_of
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
-from .schedulers import FlowMatchEulerScheduler
-from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_scheduler_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from .schedules import GaussianPath
 
 ADAPTER_SHIM = "fmconvert_adapter"
 SCHEDULER_SHIM = "fmconvert_scheduler"
@@ -55,26 +71,57 @@ _SHIMS = {
 }
 #: shim texts written by earlier versions (still fmconvert's own one-line imports)
 _LEGACY_SHIMS = {SCHEDULER_SHIM: "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n"}
-_OWN_CLASSES = {"VelocityAdapter": VelocityAdapter, "DiffusionAdapter": DiffusionAdapter,
-                "FlowMatchEulerScheduler": FlowMatchEulerScheduler}
+#: fmconvert's classes that a converted folder names (behind the shims)
+OWN_CLASSES = ("VelocityAdapter", "DiffusionAdapter", "FlowMatchEulerScheduler")
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 DENOISERS = ("unet", "transformer")
+#: diffusers' weight file names (diffusers.utils.constants)
+SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json"
+
+
+def _own_class(name: str) -> type:
+    from .adapters import DiffusionAdapter, VelocityAdapter
+    from .schedulers import FlowMatchEulerScheduler
+
+    return {"VelocityAdapter": VelocityAdapter, "DiffusionAdapter": DiffusionAdapter,
+            "FlowMatchEulerScheduler": FlowMatchEulerScheduler}[name]
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    """A weight file's name for ``variant`` (diffusers' rule, ``diffusers.utils._add_variant``):
+    the variant goes before the last suffix."""
+    if variant is None:
+        return name
+    parts = name.split(".")
+    return ".".join(parts[:-1] + [variant] + parts[-1:])
+
+
+def _diffusers_version() -> str:
+    return metadata.version("diffusers")
 
 
 def trusted_library(library: str) -> bool:
     """diffusers, transformers, fmconvert's shims, or a module of diffusers' own pipelines
     (``stable_diffusion`` for SD's safety checker, ``deepfloyd_if``): installed code, not the
-    repo's."""
+    repo's. Looked up in diffusers' installed files, without importing it."""
     if library in TRUSTED_LIBRARIES or library in _SHIMS:
         return True
     if not library.isidentifier():
         return False
-    import importlib.util
+    spec = importlib.util.find_spec("diffusers")  # (a top-level spec imports nothing)
+    roots = [Path(root) / "pipelines" for root in (spec.submodule_search_locations or [])] if spec else []
+    return any((root / library).is_dir() or (root / f"{library}.py").is_file() for root in roots)
 
-    try:
-        return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
-    except (ImportError, ValueError):
-        return False
+
+def _diffusers_model(name: str) -> bool:
+    """Whether ``name`` is a diffusers model class: the families' classes are; any other is
+    looked up in diffusers (importing it)."""
+    if any(name in family.models for family in FAMILIES):
+        return True
+    import diffusers
+
+    return hasattr(diffusers, name)
 SCHEDULES = {
     "cosine": {"beta_schedule": "squaredcos_cap_v2"},
     "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -92,7 +139,8 @@ def _read_json(path: Path) -> dict:
 
 @dataclass
 class Source:
-    """A resolved SOURCE: where its parts are and what it predicts."""
+    """A resolved SOURCE: where its parts are and what it predicts. ``path_config``: the
+    description of its Gaussian path (:func:`fmconvert.configs.path_config`); ``path`` builds it."""
 
     reference: str
     revision: str | None
@@ -102,9 +150,15 @@ class Source:
     model_folder: Path
     model_class: str
     scheduler: dict
-    path: GaussianPath = field(repr=False)
+    path_config: dict = field(repr=False)
     prediction_type: str = "epsilon"
     family: Family = field(default_factory=PixelUnconditional, repr=False)
+
+    @cached_property
+    def path(self) -> GaussianPath:
+        from .schedules import path_from_config
+
+        return path_from_config(self.path_config)
 
     @property
     def converted(self) -> bool:
@@ -125,8 +179,7 @@ class Source:
         return None if is_local else ref
 
     def describe(self) -> dict[str, Any]:
-        """What was loaded, for logs and --json."""
-        lam = self.path.log_snr(torch.tensor([self.path.t_min, self.path.t_max], dtype=torch.float64))
+        """What was loaded, for logs and --json (configs only)."""
         return {
             "source": self.reference,
             "revision": self.revision,
@@ -135,8 +188,7 @@ class Source:
             "model_class": self.model_class,
             "prediction_type": self.prediction_type,
             "scheduler": self.scheduler.get("_class_name"),
-            "schedule": repr(self.path),
-            "trained_log_snr_range": [float(lam[1]), float(lam[0])],
+            "path": self.path_config,
         }
 
 
@@ -212,20 +264,18 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
         if not isinstance(model_class, str):
             raise FmconvertError(f"'{reference}' has a config.json without a diffusers _class_name; not a diffusers model")
         _check_safety(folder, [""], allow_pickle, trust_remote_code)
-        sched = _scheduler_beside(folder) if model_class not in _OWN_CLASSES else {}
+        sched = _scheduler_beside(folder) if model_class not in OWN_CLASSES else {}
     else:
         raise FmconvertError(
             f"'{reference}' is not a diffusers folder: expected model_index.json (a pipeline) or config.json "
             "(a model, with its scheduler config beside it)"
         )
     path, prediction = _path_and_prediction(model_folder, model_class, sched)
-    import diffusers
-
-    converted = model_class in _OWN_CLASSES
+    converted = model_class in OWN_CLASSES
     # a model class diffusers does not have is custom code: load_denoiser refuses it or, with
     # --trust-remote-code, loads it for the pipeline's family
     family = family_of(index.get("_class_name") if index else None, model_class,
-                       check_model=not converted and hasattr(diffusers, model_class))
+                       check_model=not converted and _diffusers_model(model_class))
     if not converted:
         try:
             family.check_variance(_read_json(model_folder / "config.json"), sched)
@@ -235,14 +285,12 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
                   family)
 
 
-def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> tuple[GaussianPath, str]:
-    from .schedules import path_from_config
-
+def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> tuple[dict, str]:
     if model_class in ("VelocityAdapter", "DiffusionAdapter"):
         config = _read_json(model_folder / "config.json")
-        return path_from_config(config["target_path"]), config["target_prediction"]
+        return config["target_path"], config["target_prediction"]
     try:
-        return path_from_scheduler_config(sched)
+        return path_config(sched)
     except ValueError as error:
         raise FmconvertError(str(error)) from None
 
@@ -251,7 +299,7 @@ def denoiser_class(source: Source, trust_remote_code: bool = False) -> type:
     """The source denoiser's class: fmconvert's, diffusers', or (``trust_remote_code``) the repo's."""
     import diffusers
 
-    cls = _OWN_CLASSES.get(source.model_class) or getattr(diffusers, source.model_class, None)
+    cls = _own_class(source.model_class) if source.converted else getattr(diffusers, source.model_class, None)
     if cls is not None:
         return cls
     if not (trust_remote_code and source.model_index):
@@ -306,10 +354,7 @@ def network_files(folder: Path, variant: str | None = None, allow_pickle: bool =
     """The files diffusers' ``from_pretrained`` reads for the network in ``folder`` with
     ``variant``: config.json and its weights (one file, or an index and the shards it
     lists), safetensors unless ``allow_pickle``. Raises FmconvertError naming what is there."""
-    from diffusers.utils import (SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
-                                 _add_variant)
-
-    kinds = [(SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME)]
+    kinds = [(SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)]
     if allow_pickle:
         kinds.append((WEIGHTS_INDEX_NAME, WEIGHTS_NAME))
     for index_name, weights_name in kinds:
@@ -367,25 +412,30 @@ def target_schedule(schedule: str | None, to: str = "v_prediction") -> dict:
     raise UsageError(f"unknown --schedule '{name}': use {', '.join(SCHEDULES)} or a scheduler_config.json path")
 
 
-def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
-            schedule: str | None = None) -> tuple[PathAdapter, Any]:
-    """The converted denoiser and a stock scheduler to drive it."""
+def convert(source: Source, to: str = "velocity", schedule: str | None = None,
+            trust_remote_code: bool = False) -> tuple[dict, dict]:
+    """The converted denoiser's config (its class's arguments, under ``_class_name``) and the
+    config of a stock scheduler that drives it in the pipeline.
+
+    ``--to velocity``: from configs alone (:mod:`fmconvert.configs`), for any model size.
+    ``--to epsilon`` / ``v_prediction`` (flow sources): :meth:`DiffusionAdapter.from_flow` on a
+    meta-device skeleton of the network, with DDIMScheduler on the target schedule.
+    """
     if to not in TARGETS:
         raise UsageError(f"unknown --to '{to}': use {', '.join(TARGETS)}")
     is_flow = source.prediction_type == "flow_prediction"
-    T = getattr(source.path, "num_train_timesteps", 1000)
     if to == "velocity":
         if is_flow:
             raise UsageError(
                 f"'{source.reference}' is already a flow-matching model; use --to epsilon or --to v_prediction"
             )
-        adapter = VelocityAdapter._wrap(model, source.path, source.prediction_type, RectifiedFlow(num_train_timesteps=T),
-                                        "flow_prediction", "float64")
-        if source.family.sample_scaling is None:
-            return adapter, FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)
-        schedule = {k: source.scheduler[k] for k in DiscreteVPSchedule.CONFIG_KEYS if k in source.scheduler}
-        return adapter, FlowMatchEulerScheduler(num_train_timesteps=T, sample_scaling=source.family.sample_scaling,
-                                                source_schedule=schedule)
+        model_config = _read_json(source.model_folder / "config.json")
+        try:
+            init = velocity_adapter_init(source.model_class, model_config, source.path_config, source.prediction_type)
+            scheduler = velocity_scheduler_config(source.path_config, source.family.sample_scaling)
+        except ValueError as error:
+            raise FmconvertError(f"'{source.reference}': {error}") from None
+        return {"_class_name": "VelocityAdapter", **init}, scheduler
     if not is_flow:
         raise UsageError(
             f"'{source.reference}' is a diffusion model ({source.prediction_type}); --to {to} converts flow-matching "
@@ -396,17 +446,32 @@ def convert(source: Source, model: torch.nn.Module, to: str = "velocity",
             f"pipeline {source.pipeline_class} calls its scheduler with flow-only arguments; --to {to} supports "
             "unconditional pipelines (DDPMPipeline) and bare UNet2DModel folders"
         )
+    from diffusers import DDIMScheduler
+
+    from .adapters import DiffusionAdapter
+
     config = target_schedule(schedule, to)
     ddim = DDIMScheduler.from_config({**config, "prediction_type": to, "timestep_spacing": "trailing",
                                       "clip_sample": False, "set_alpha_to_one": True})
     try:
-        adapter = DiffusionAdapter.from_flow(model, to, schedule=config, flow_scheduler=source.scheduler or None)
+        adapter = DiffusionAdapter.from_flow(denoiser_skeleton(source, trust_remote_code), to, schedule=config,
+                                             flow_scheduler=source.scheduler or None)
     except ValueError as error:
         raise FmconvertError(str(error)) from None
-    return adapter, ddim
+    return ({"_class_name": "DiffusionAdapter", **dict(adapter.config)},
+            {"_class_name": "DDIMScheduler", **dict(ddim.config)})
 
 
-def _model_card(source: Source, adapter: PathAdapter, to: str, out_name: str) -> str:
+def _write_config(folder: Path, name: str, config: dict) -> None:
+    """A diffusers config file (as ConfigMixin.save_config writes it: ``_class_name``,
+    ``_diffusers_version``, then the arguments; private keys dropped)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"_class_name": config["_class_name"], "_diffusers_version": _diffusers_version(),
+            **{k: v for k, v in config.items() if not k.startswith("_")}}
+    (folder / name).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def _model_card(source: Source, adapter: dict, to: str, out_name: str) -> str:
     tags = ["flow-matching", "fmconvert", source.prediction_type, f"to-{to}"]
     front = ["---"]
     if source.hub_id:
@@ -420,7 +485,7 @@ def _model_card(source: Source, adapter: PathAdapter, to: str, out_name: str) ->
 converted by [fmconvert](https://pypi.org/project/fmconvert/) {__version__} into {what}.
 The conversion is exact to floating-point rounding: the same network, other coordinates.
 
-Source path: `{source.path!r}`; target path: `{adapter.target!r}`.
+Source path: `{describe_path(source.path_config)}`; target path: `{describe_path(adapter["target_path"])}`.
 
 ## Load with stock diffusers
 
@@ -450,38 +515,36 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
     byte (``variant``: which of the source's weight files), never loaded, so time and memory
     do not grow with the model. ``dtype``: the dtype the folder declares for loading the
     network (None: as diffusers loads the source's). Returns a summary for --json."""
-    from .adapters import LOAD_DTYPES, NETWORK_FOLDER
-
     if dtype is not None and dtype not in LOAD_DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}': use {', '.join(LOAD_DTYPES)}")
     if source.converted and variant is not None:
         raise UsageError("--variant picks a source's weight files; a converted folder keeps the variant it was written with")
     files = [] if source.converted else network_files(source.model_folder, variant, allow_pickle)  # checked first
-    adapter, scheduler = convert(source, denoiser_skeleton(source, trust_remote_code), to, schedule)
-    adapter.register_to_config(network_variant=variant, network_dtype=dtype)
+    adapter, scheduler = convert(source, to, schedule, trust_remote_code)
+    adapter.update(network_variant=variant, network_dtype=dtype)
     out = Path(out)
     with atomic_folder(out, force) as tmp:
         index = dict(source.model_index) if source.model_index else {"_class_name": "DDPMPipeline"}
         if source.unconditional:
             index["_class_name"] = "DDPMPipeline"
         index.pop("_name_or_path", None)
-        index["_diffusers_version"] = __import__("diffusers").__version__
+        index["_diffusers_version"] = _diffusers_version()
         # the other components, unchanged
         for name, value in (source.model_index or {}).items():
             if isinstance(value, list) and value[0] and name not in (source.denoiser, "scheduler"):
                 if (source.folder / name).is_dir():
                     shutil.copytree(source.folder / name, tmp / name, copy_function=link_or_copy)
         denoiser = "unet" if source.model_index is None else source.denoiser
-        adapter.save_config(tmp / denoiser)
+        _write_config(tmp / denoiser, "config.json", adapter)
         files = link_network(source, tmp / denoiser / NETWORK_FOLDER, files, variant)
         (tmp / denoiser / f"{ADAPTER_SHIM}.py").write_text(_SHIMS[ADAPTER_SHIM])
-        index[denoiser] = [ADAPTER_SHIM, type(adapter).__name__]
-        scheduler.save_pretrained(tmp / "scheduler")
-        if isinstance(scheduler, FlowMatchEulerScheduler):
+        index[denoiser] = [ADAPTER_SHIM, adapter["_class_name"]]
+        _write_config(tmp / "scheduler", "scheduler_config.json", scheduler)
+        if scheduler["_class_name"] in OWN_CLASSES:
             (tmp / "scheduler" / f"{SCHEDULER_SHIM}.py").write_text(_SHIMS[SCHEDULER_SHIM])
-            index["scheduler"] = [SCHEDULER_SHIM, "FlowMatchEulerScheduler"]
+            index["scheduler"] = [SCHEDULER_SHIM, scheduler["_class_name"]]
         else:
-            index["scheduler"] = ["diffusers", type(scheduler).__name__]
+            index["scheduler"] = ["diffusers", scheduler["_class_name"]]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         provenance = {
             "fmconvert_version": __version__,
@@ -491,7 +554,7 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
         }
         (tmp / "fmconvert.json").write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(source, adapter, to, out.name))
-    return {"out": str(out), "to": to, "adapter": type(adapter).__name__, "scheduler": type(scheduler).__name__,
+    return {"out": str(out), "to": to, "adapter": adapter["_class_name"], "scheduler": scheduler["_class_name"],
             "pipeline_class": index["_class_name"], "network_files": files, "network_variant": variant,
             "network_dtype": dtype, **{"loaded": source.describe()}}
 
@@ -508,7 +571,7 @@ def _register_shim_modules() -> None:
     for name, classes in ((ADAPTER_SHIM, ("VelocityAdapter", "DiffusionAdapter")), (SCHEDULER_SHIM, ("FlowMatchEulerScheduler",))):
         if name not in sys.modules:
             module = types.ModuleType(name, f"fmconvert's classes under the shim name {name}")
-            module.__dict__.update({c: _OWN_CLASSES[c] for c in classes}, ModelMixin=ModelMixin, SchedulerMixin=SchedulerMixin)
+            module.__dict__.update({c: _own_class(c) for c in classes}, ModelMixin=ModelMixin, SchedulerMixin=SchedulerMixin)
             sys.modules[name] = module
 
 
@@ -523,7 +586,7 @@ def load(folder: str | Path, dtype: torch.dtype | None = None, **kwargs):
     components = {}
     for name, value in index.items():
         if isinstance(value, list) and value[0] in _SHIMS:
-            cls = _OWN_CLASSES[value[1]]
+            cls = _own_class(value[1])
             if name == "scheduler":
                 components[name] = cls.from_pretrained(folder, subfolder=name)
             else:

@@ -22,22 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .configs import canonical_prediction_type
 from .schedules import Point
-
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction", "score")
-_ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction", "v": "v_prediction", "x0": "sample"}
-
-
-def canonical_prediction_type(name: str) -> str:
-    """diffusers' name for a prediction type; accepts the aliases flow, velocity, v, x0."""
-    canonical = _ALIASES.get(name, name)
-    if canonical not in PREDICTION_TYPES:
-        raise ValueError(
-            f"unknown prediction_type {name!r}: supported are {', '.join(PREDICTION_TYPES)} "
-            f"(aliases: {', '.join(_ALIASES)})"
-        )
-    return canonical
-
 
 def coefficients(prediction_type: str, p: Point) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """(a, b) with prediction = a·x̂0 + b·ε̂ at point p."""

@@ -67,6 +67,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
                  device: str = "cpu", force: bool = False, progress: bool = False, log=print) -> dict:
     from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from .fid import make_extractor, reference_stats, fid_between, plot_sweep, sweep
+    from .grids import trained_log_snr_range
     from .io import atomic_folder, atomic_write
     from .pipelines import inspect_source, write_converted
     from .sampling import generate, generate_baseline, load_velocity_model
@@ -94,7 +95,8 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         stage("convert")
         source = inspect_source(model)
         write_converted(source, tmp / "converted")
-        numbers["loaded"] = source.describe()
+        lam_max, lam_min = trained_log_snr_range(source.path)
+        numbers["loaded"] = {**source.describe(), "trained_log_snr_range": [lam_min, lam_max]}
         done()
 
         stage("samples")

@@ -14,7 +14,9 @@ between them. Convention everywhere: larger ``t`` is noisier.
 - :class:`CosinePath`: α = cos(πt/2), σ = sin(πt/2), t ∈ [0, 1].
 - :class:`VEPath`: EDM / variance-exploding sigmas, α = 1, σ = t ∈ [σ_min, σ_max].
 
-:func:`path_from_scheduler_config` reads a diffusers scheduler config.
+:func:`path_from_config` builds a path from its description (:mod:`fmconvert.configs`, where
+:func:`~fmconvert.configs.path_config` reads a diffusers scheduler config without torch);
+:func:`path_from_scheduler_config` does both.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+
+from .configs import discrete_vp_config, path_config, rectified_flow
 
 F64 = torch.float64
 
@@ -146,9 +150,6 @@ class DiscreteVPSchedule(GaussianPath):
     """
 
     kind = "discrete_vp"
-    #: the diffusers scheduler config keys :meth:`from_config` reads
-    CONFIG_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
-                   "rescale_betas_zero_snr")
 
     def __init__(self, alphas_cumprod: torch.Tensor | list[float]):
         acp = torch.as_tensor(alphas_cumprod, dtype=F64).flatten()
@@ -163,6 +164,7 @@ class DiscreteVPSchedule(GaussianPath):
         self.zero_terminal_snr = bool(acp[-1] == 0)
         # knots where λ is finite; with zero terminal SNR the last one is −∞
         self._finite = self.num_train_timesteps - 1 if self.zero_terminal_snr else self.num_train_timesteps
+        self._description: dict[str, Any] | None = None  # the beta settings it was built from, if any
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "DiscreteVPSchedule":
@@ -172,29 +174,28 @@ class DiscreteVPSchedule(GaussianPath):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
         """Build from a diffusers scheduler config (beta_schedule, beta_start, beta_end,
-        trained_betas, num_train_timesteps, rescale_betas_zero_snr), reproducing diffusers'
-        float32 betas bit for bit."""
-        T = int(config.get("num_train_timesteps", 1000))
-        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
-        schedule = config.get("beta_schedule", "linear")
-        if config.get("trained_betas") is not None:
-            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+        trained_betas, num_train_timesteps, rescale_betas_zero_snr) or the path description
+        :func:`~fmconvert.configs.discrete_vp_config` makes of one, reproducing diffusers'
+        float32 betas bit for bit. ValueError for a schedule it cannot reproduce."""
+        description = discrete_vp_config(config)
+        T = int(description.get("num_train_timesteps", 1000))
+        start, end = float(description.get("beta_start", 0.0001)), float(description.get("beta_end", 0.02))
+        schedule = description.get("beta_schedule", "linear")
+        if description.get("trained_betas") is not None:
+            betas = torch.tensor(description["trained_betas"], dtype=torch.float32)
         elif schedule == "linear":
             betas = torch.linspace(start, end, T, dtype=torch.float32)
         elif schedule == "scaled_linear":
             betas = torch.linspace(start**0.5, end**0.5, T, dtype=torch.float32) ** 2
         elif schedule == "squaredcos_cap_v2":
             betas = cosine_betas(T)
-        elif schedule == "sigmoid":
+        else:  # "sigmoid", the last of configs.BETA_SCHEDULES
             betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (end - start) + start
-        else:
-            raise ValueError(
-                f"unsupported beta_schedule {schedule!r}: supported are 'linear', 'scaled_linear', "
-                "'squaredcos_cap_v2', 'sigmoid', or trained_betas"
-            )
-        if config.get("rescale_betas_zero_snr", False):
+        if description.get("rescale_betas_zero_snr", False):
             betas = rescale_zero_terminal_snr(betas)
-        return cls.from_betas(betas)
+        path = cls.from_betas(betas)
+        path._description = description
+        return path
 
     def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = t.to(F64).clamp(self.t_min, self.t_max)
@@ -246,6 +247,9 @@ class DiscreteVPSchedule(GaussianPath):
         return torch.where(near, n.to(F64), t)
 
     def to_config(self) -> dict[str, Any]:
+        """The beta settings it was built from (:meth:`from_config`), else the ᾱ table."""
+        if self._description is not None:
+            return dict(self._description)
         return {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
 
 
@@ -300,7 +304,7 @@ class RectifiedFlow(GaussianPath):
         return 4 * eps / (1 - s).clamp_min(eps)
 
     def to_config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shift": self.shift, "num_train_timesteps": self.num_train_timesteps}
+        return rectified_flow(self.shift, self.num_train_timesteps)
 
 
 class CosinePath(GaussianPath):
@@ -346,65 +350,21 @@ _PATHS = {cls.kind: cls for cls in (DiscreteVPSchedule, RectifiedFlow, CosinePat
 
 
 def path_from_config(config: Mapping[str, Any]) -> GaussianPath:
-    """Inverse of ``GaussianPath.to_config``."""
+    """Inverse of ``GaussianPath.to_config``: the path a description stands for (a discrete VP
+    schedule by its beta settings or, as fmconvert 0.1 wrote it, its ᾱ table)."""
     config = dict(config)
     kind = config.pop("kind", None)
     if kind not in _PATHS:
         raise ValueError(f"unknown path kind {kind!r}: supported are {', '.join(_PATHS)}")
+    if kind == DiscreteVPSchedule.kind and "alphas_cumprod" not in config:
+        return DiscreteVPSchedule.from_config(config)
     return _PATHS[kind](**config)
-
-
-#: diffusers schedulers whose config describes a discrete VP (beta) schedule
-VP_SCHEDULERS = (
-    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
-    "SASolverScheduler", "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
-)
-#: diffusers schedulers for flow-matching (rectified flow) models
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-#: schedulers that take prediction_type="flow_prediction" together with use_flow_sigmas=True
-FLOW_CAPABLE = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
-                "DEISMultistepScheduler", "SASolverScheduler")
-
-
-def scheduler_config(scheduler: Any) -> dict[str, Any]:
-    """A config dict with ``_class_name`` from a diffusers scheduler or its config dict."""
-    if isinstance(scheduler, Mapping):
-        return dict(scheduler)
-    config = dict(scheduler.config)
-    config["_class_name"] = type(scheduler).__name__
-    return config
 
 
 def path_from_scheduler_config(scheduler: Any) -> tuple[GaussianPath, str]:
     """The Gaussian path and prediction type a diffusers scheduler (or its config dict;
-    without ``_class_name`` taken as DDPMScheduler's) describes.
-
-    Returns ``(path, prediction_type)`` with prediction_type in diffusers' names
-    ("epsilon", "sample", "v_prediction", "flow_prediction"). Raises ValueError naming
-    the offending option for schedulers or settings fmconvert cannot map exactly.
-    """
-    from .predictions import canonical_prediction_type
-
-    config = scheduler_config(scheduler)
-    name = config.get("_class_name", "DDPMScheduler")
-    T = int(config.get("num_train_timesteps", 1000))
-    if name in FLOW_SCHEDULERS:
-        # (use_dynamic_shifting changes sampling times only, not the path)
-        return RectifiedFlow(shift=config.get("shift", 1.0), num_train_timesteps=T), "flow_prediction"
-    if name not in VP_SCHEDULERS:
-        raise ValueError(
-            f"unsupported scheduler {name!r}: supported are {', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}"
-        )
-    prediction = canonical_prediction_type(config.get("prediction_type", "epsilon"))
-    if prediction == "flow_prediction":
-        if not (name in FLOW_CAPABLE and config.get("use_flow_sigmas", False)):
-            raise ValueError(
-                f"{name} with prediction_type='flow_prediction' needs use_flow_sigmas=True "
-                "(with VP sigmas the flow output is misread); set use_flow_sigmas=True or use "
-                "FlowMatchEulerDiscreteScheduler"
-            )
-        return RectifiedFlow(shift=config.get("flow_shift", 1.0), num_train_timesteps=T), "flow_prediction"
-    return DiscreteVPSchedule.from_config(config), prediction
+    without ``_class_name`` taken as DDPMScheduler's) describes: :func:`~fmconvert.configs.path_config`,
+    built. Raises ValueError naming the offending option for schedulers or settings fmconvert
+    cannot map exactly."""
+    description, prediction = path_config(scheduler)
+    return path_from_config(description), prediction

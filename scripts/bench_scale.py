@@ -17,10 +17,10 @@ alternating, median over --repeats:
 
 - wrap: time against `cp -r` of the same folder (target: ≤ 2×); peak memory against an empty
   `fmconvert --help` (target: ≤ +300 MB); output bytes against the source's (target: < +100 KB).
-  `fmconvert --help` imports neither torch nor diffusers, and `wrap` must (about 0.8 GB and
-  5–7 s on this CPU machine before it reads a file), so the rows in parentheses also give both
-  measured from that floor (`python -c "import fmconvert.cli, fmconvert.pipelines"`): what
-  grows with the model;
+  Neither `fmconvert --help` nor `wrap` imports torch or diffusers (together about 0.8 GB and
+  5–7 s on this CPU machine): wrap reads JSON configs and links the network's files. The rows
+  in parentheses give both measured from the floor of fmconvert's own imports
+  (`python -c "import fmconvert.cli, fmconvert.pipelines"`): what grows with the model;
 - load: `VelocityAdapter.from_pretrained(OUT/unet, dtype=float16)` against the source network's
   `from_pretrained(SRC/unet, dtype=float16)`: time and peak memory ratios (target: ≤ 1.05).
 

@@ -5,10 +5,13 @@ source does; folders of the earlier layout still load."""
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import error, make_unet, ok
+from replicas import build_replica
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DModel
 
 import fmconvert
@@ -70,6 +73,53 @@ def test_wrap_reads_configs_only(tmp_path, monkeypatch):
     assert DiffusionPipeline.from_pretrained(tmp_path / "out", trust_remote_code=True).unet.model.dtype == torch.float32
 
 
+def test_wrap_imports_neither_torch_nor_diffusers(tmp_path, tmp_path_factory):
+    """--to velocity writes the folder from JSON configs: its time and memory are the file
+    system's, whatever the model's size (torch and diffusers alone cost ~0.8 GB and seconds)."""
+    names = ("ddpm", "sdxl", "dit", "kandinsky22")
+    jobs = [[str(build_replica(name, tmp_path_factory)), str(tmp_path / name)] for name in names]
+    script = """
+import json, sys
+from typer.testing import CliRunner
+from fmconvert.cli import app
+codes = [CliRunner().invoke(app, ["wrap", src, "--out", out]).exit_code for src, out in json.loads(sys.argv[1])]
+print(json.dumps({"codes": codes, "imported": sorted(m for m in ("torch", "diffusers") if m in sys.modules)}))
+"""
+    run = subprocess.run([sys.executable, "-c", script, json.dumps(jobs)], capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout.splitlines()[-1]) == {"codes": [0] * len(names), "imported": []}
+    for name in names:  # and what it wrote loads as a pipeline
+        components = fmconvert.load(tmp_path / name).components.values()
+        assert any(isinstance(c, fmconvert.VelocityAdapter) for c in components), name
+
+
+def test_converted_config_mirrors_the_network_with_its_defaults(tmp_path):
+    """The adapter's config mirrors the network's as loaded (pipelines read sample_size,
+    in_channels, ...), keys a config.json leaves to the class's defaults included."""
+    src = source(tmp_path / "src", torch.float32)
+    config = json.loads((src / "unet" / "config.json").read_text())
+    for key in ("norm_eps", "dropout", "time_embedding_type"):
+        del config[key]
+    (src / "unet" / "config.json").write_text(json.dumps(config))
+    ok("wrap", src, "--out", tmp_path / "out")
+    original = DiffusionPipeline.from_pretrained(src).unet.config
+    converted = fmconvert.load(tmp_path / "out").unet.config
+    assert all(converted[k] == v for k, v in original.items() if not k.startswith("_"))
+
+
+def test_weight_file_names_are_diffusers(tmp_path):
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    from diffusers.utils import _add_variant as diffusers_add_variant
+
+    from fmconvert import pipelines
+
+    ours = (pipelines.SAFE_WEIGHTS_NAME, pipelines.SAFE_WEIGHTS_INDEX_NAME, pipelines.WEIGHTS_NAME,
+            pipelines.WEIGHTS_INDEX_NAME)
+    assert ours == (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    for name in ours:
+        for variant in (None, "fp16", "bf16"):
+            assert pipelines._add_variant(name, variant) == diffusers_add_variant(name, variant)
+
+
 def test_variants_and_declared_dtype(tmp_path):
     src = source(tmp_path / "src", torch.float32, variant="fp16")
     plain, fp16 = tmp_path / "plain", tmp_path / "fp16"
@@ -106,6 +156,9 @@ def test_folders_of_the_earlier_layout_still_load(tmp_path):
             path.unlink() if path.is_file() else path.rmdir()
     ModelMixin.save_pretrained(new.unet, legacy_unet)  # the earlier layout
     assert "network" not in os.listdir(legacy_unet)
+    config = json.loads((legacy_unet / "config.json").read_text())  # and its source schedule as an ᾱ table
+    config["source_path"] = {"kind": "discrete_vp", "alphas_cumprod": new.unet.source.alphas_cumprod.tolist()}
+    (legacy_unet / "config.json").write_text(json.dumps(config))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for old in (fmconvert.load(out), DiffusionPipeline.from_pretrained(out, trust_remote_code=True)):
         assert torch.equal(old.unet(x, torch.tensor([300.0])).sample, new.unet(x, torch.tensor([300.0])).sample)

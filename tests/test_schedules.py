@@ -181,3 +181,26 @@ def test_cosine_path_is_variance_preserving_and_ends_at_noise():
     p = CosinePath().point(torch.tensor([0.0, 0.3, 1.0], dtype=F64))
     torch.testing.assert_close(p.alpha**2 + p.sigma**2, torch.ones(3, dtype=F64))
     assert p.alpha[-1] < 1e-15 and p.sigma[0] == 0 and math.isclose(p.sigma[-1].item(), 1.0)
+
+
+@pytest.mark.parametrize("config", BETA_CONFIGS)
+def test_a_schedule_is_described_by_its_beta_settings(config):
+    """A discrete VP path is written to configs as its beta settings (what `wrap` writes without
+    torch, :func:`fmconvert.configs.path_config`), read back to the same ᾱ bit for bit as
+    diffusers' and as the ᾱ table fmconvert 0.1 wrote."""
+    from fmconvert.configs import path_config
+
+    description, _ = path_config({"_class_name": "DDIMScheduler", **config})
+    path = path_from_config(description)
+    assert path.to_config() == description and "alphas_cumprod" not in description
+    expected = DDPMScheduler(**config).alphas_cumprod.to(F64)
+    table = path_from_config({"kind": "discrete_vp", "alphas_cumprod": expected.tolist()})
+    assert torch.equal(path.alphas_cumprod, expected) and torch.equal(table.alphas_cumprod, expected)
+    assert torch.equal(path_from_config(table.to_config()).alphas_cumprod, expected)
+
+
+def test_trained_betas_out_of_range_are_refused_from_the_config():
+    from fmconvert.configs import path_config
+
+    with pytest.raises(ValueError, match="trained_betas"):
+        path_config({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 1.5]})

@@ -1,0 +1,172 @@
+"""The conversion on configs alone: plain Python, no torch and no diffusers import.
+
+``fmconvert wrap`` writes a converted folder from JSON configs (the weights are linked,
+never loaded), so what it needs to know is here, importable in milliseconds:
+
+- prediction type names (:func:`canonical_prediction_type`);
+- which diffusers schedulers describe which Gaussian path: :func:`path_config` turns a
+  scheduler config into a *path description*, the dict that
+  :func:`fmconvert.schedules.path_from_config` builds a :class:`~fmconvert.schedules.GaussianPath`
+  from (a discrete VP schedule is described by its beta settings, so diffusers' betas are
+  computed in one place, :meth:`~fmconvert.schedules.DiscreteVPSchedule.from_config`);
+- the converted model's configs: :func:`velocity_adapter_init` (the arguments of
+  :class:`~fmconvert.adapters.VelocityAdapter`, which its Python constructor uses too) and
+  :func:`velocity_scheduler_config` (the scheduler that drives it in a stock pipeline);
+- where a converted folder keeps the network (:data:`NETWORK_FOLDER`) and the dtypes it may
+  declare for loading it (:data:`LOAD_DTYPES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction", "score")
+_ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction", "v": "v_prediction", "x0": "sample"}
+
+#: diffusers schedulers whose config describes a discrete VP (beta) schedule
+VP_SCHEDULERS = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+    "SASolverScheduler", "LCMScheduler", "TCDScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+)
+#: diffusers schedulers for flow-matching (rectified flow) models
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+#: schedulers that take prediction_type="flow_prediction" together with use_flow_sigmas=True
+FLOW_CAPABLE = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                "DEISMultistepScheduler", "SASolverScheduler")
+#: the scheduler config keys that define a discrete VP schedule (its betas)
+DISCRETE_VP_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                    "rescale_betas_zero_snr")
+#: diffusers' beta_schedule names that fmconvert reproduces bit for bit
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+#: dtypes a converted folder may declare for loading its network
+LOAD_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: the subfolder of a saved adapter that holds the network's own files
+NETWORK_FOLDER = "network"
+
+
+def canonical_prediction_type(name: str) -> str:
+    """diffusers' name for a prediction type; accepts the aliases flow, velocity, v, x0."""
+    canonical = _ALIASES.get(name, name)
+    if canonical not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {name!r}: supported are {', '.join(PREDICTION_TYPES)} "
+            f"(aliases: {', '.join(_ALIASES)})"
+        )
+    return canonical
+
+
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A config dict with ``_class_name`` from a diffusers scheduler or its config dict."""
+    if isinstance(scheduler, Mapping):
+        return dict(scheduler)
+    config = dict(scheduler.config)
+    config["_class_name"] = type(scheduler).__name__
+    return config
+
+
+def discrete_vp_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The path description of the discrete VP schedule in a scheduler config: its
+    :data:`DISCRETE_VP_KEYS` that are set. ValueError for a schedule fmconvert cannot reproduce."""
+    schedule = {k: config[k] for k in DISCRETE_VP_KEYS if config.get(k) is not None}
+    betas = schedule.get("trained_betas")
+    if betas is not None:
+        if len(betas) < 2 or not all(0 <= float(b) <= 1 for b in betas):
+            raise ValueError("trained_betas must hold at least 2 values in [0, 1]")
+    elif schedule.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        raise ValueError(f"unsupported beta_schedule {schedule['beta_schedule']!r}: supported are "
+                         f"{', '.join(repr(s) for s in BETA_SCHEDULES)}, or trained_betas")
+    return {"kind": "discrete_vp", **schedule}
+
+
+def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
+    """The path description and prediction type that a diffusers scheduler (or its config
+    dict; without ``_class_name`` taken as DDPMScheduler's) stands for.
+
+    Returns ``(path, prediction_type)``: ``path`` is what
+    :func:`fmconvert.schedules.path_from_config` reads; prediction_type in diffusers' names
+    ("epsilon", "sample", "v_prediction", "flow_prediction"). Raises ValueError naming the
+    offending option for schedulers or settings fmconvert cannot map exactly.
+    """
+    config = scheduler_config(scheduler)
+    name = config.get("_class_name", "DDPMScheduler")
+    T = int(config.get("num_train_timesteps", 1000))
+    if name in FLOW_SCHEDULERS:
+        # (use_dynamic_shifting changes sampling times only, not the path)
+        return rectified_flow(config.get("shift", 1.0), T), "flow_prediction"
+    if name not in VP_SCHEDULERS:
+        raise ValueError(
+            f"unsupported scheduler {name!r}: supported are {', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}"
+        )
+    prediction = canonical_prediction_type(config.get("prediction_type", "epsilon"))
+    if prediction == "flow_prediction":
+        if not (name in FLOW_CAPABLE and config.get("use_flow_sigmas", False)):
+            raise ValueError(
+                f"{name} with prediction_type='flow_prediction' needs use_flow_sigmas=True "
+                "(with VP sigmas the flow output is misread); set use_flow_sigmas=True or use "
+                "FlowMatchEulerDiscreteScheduler"
+            )
+        return rectified_flow(config.get("flow_shift", 1.0), T), "flow_prediction"
+    return discrete_vp_config(config), prediction
+
+
+def rectified_flow(shift: float = 1.0, num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """The path description of diffusers' FlowMatch path (:class:`~fmconvert.schedules.RectifiedFlow`)."""
+    return {"kind": "rectified_flow", "shift": float(shift), "num_train_timesteps": int(num_train_timesteps)}
+
+
+def num_train_timesteps(path: Mapping[str, Any]) -> int:
+    """T of a path description: the length of a discrete VP schedule (its ᾱ table or
+    trained_betas, else num_train_timesteps), a FlowMatch path's num_train_timesteps; 1000 else."""
+    for table in ("alphas_cumprod", "trained_betas"):
+        if path.get(table) is not None:
+            return len(path[table])
+    return int(path.get("num_train_timesteps", 1000))
+
+
+def describe_path(path: Mapping[str, Any]) -> str:
+    """A path description in one line, ``kind(key=value, ...)``, tables shortened to their length."""
+    args = ", ".join(f"{k}=[{len(v)} values]" if isinstance(v, (list, tuple)) else f"{k}={v!r}"
+                     for k, v in path.items() if k != "kind")
+    return f"{path.get('kind')}({args})"
+
+
+def velocity_adapter_init(model_class: str, model_config: Mapping[str, Any], source_path: Mapping[str, Any],
+                          source_prediction: str, compute_dtype: str = "float64") -> dict[str, Any]:
+    """The arguments of :class:`~fmconvert.adapters.VelocityAdapter` for a ``model_class``
+    network with config ``model_config`` that predicts ``source_prediction`` on the path
+    ``source_path`` (a description, :func:`path_config`). The target is diffusers' FlowMatch
+    path with the source's T. ValueError for a flow source."""
+    source_prediction = canonical_prediction_type(source_prediction)
+    if source_prediction == "flow_prediction":
+        raise ValueError("the source is already a flow-matching model; use DiffusionAdapter to convert it back")
+    return {
+        "model_class": model_class,
+        "model_config": {k: v for k, v in model_config.items() if not k.startswith("_")},
+        "source_path": dict(source_path),
+        "source_prediction": source_prediction,
+        "target_path": rectified_flow(num_train_timesteps=num_train_timesteps(source_path)),
+        "target_prediction": "flow_prediction",
+        "compute_dtype": compute_dtype,
+    }
+
+
+def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: str | None) -> dict[str, Any]:
+    """The config of the scheduler that drives a converted velocity model in its stock
+    pipeline: diffusers' FlowMatchEulerDiscreteScheduler where the pipeline calls neither
+    ``scale_model_input`` nor ``init_noise_sigma`` (``sample_scaling`` None), else fmconvert's
+    :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` with that ``sample_scaling`` and the
+    source's beta schedule (``source_path``: its description). Keys left out take the class's
+    defaults. ValueError where the source's schedule has no beta settings."""
+    T = num_train_timesteps(source_path)
+    if sample_scaling is None:
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T}
+    if source_path.get("kind") != "discrete_vp" or "alphas_cumprod" in source_path:
+        raise ValueError(f"sample_scaling {sample_scaling!r} needs the source's beta schedule; "
+                         f"got the path {describe_path(source_path)}")
+    schedule = {k: v for k, v in source_path.items() if k != "kind"}
+    return {"_class_name": "FlowMatchEulerScheduler", "num_train_timesteps": T, "sample_scaling": sample_scaling,
+            "source_schedule": schedule}
