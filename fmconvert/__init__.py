@@ -19,7 +19,7 @@ _EXPORTS = {
     "schedulers": ("FlowMatchEulerScheduler",),
     "configs": ("PREDICTION_TYPES", "canonical_prediction_type"),
     "predictions": ("from_x0_eps", "pf_ode_drift", "to_x0_eps"),
-    "schedules": ("CosinePath", "DiscreteVPSchedule", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
+    "schedules": ("CosinePath", "DiscreteVPSchedule", "EDMPath", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
                   "path_from_config", "path_from_scheduler_config"),
     "pipelines": ("load",),
 }

@@ -322,6 +322,7 @@ def agree(
     """How closely the converted field agrees with its source (or two fields with each other)."""
     from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from .sampling import generate, load_velocity_model
+    from .schedules import DiscreteVPSchedule
 
     _interactive(as_json)
     dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -347,7 +348,7 @@ def agree(
         log(f"field of {model} against its source's PF-ODE drift at {num_times} times, dtypes {', '.join(dtype_list)}")
         result = field_vs_source(vm.velocity, points, num_times, dtype_list, seed=seed, device=device)
         payload["field"] = {"s": result.s, **result.per_dtype}
-        if vm.source.prediction_type != "flow_prediction" and not vm.source.converted:
+        if isinstance(vm.grid_source, DiscreteVPSchedule) and not vm.source.converted:  # DDIM needs its timesteps
             log(f"trajectories: Euler vs the source's DDIM at NFE {steps}")
             payload["trajectories"] = trajectory_agreement(vm, steps_list, num_images, seed=seed, device=device)
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction", "score")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction", "score", "edm", "edm_v")
 _ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction", "v": "v_prediction", "x0": "sample"}
 
 #: diffusers schedulers whose config describes a discrete VP (beta) schedule
@@ -33,6 +33,13 @@ VP_SCHEDULERS = (
 )
 #: diffusers schedulers for flow-matching (rectified flow) models
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+#: score-SDE variance-exploding schedulers (NCSN++: the network takes σ and returns the score)
+VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
+#: schedulers with Karras et al. (2022) preconditioning (c_in, c_noise = ¼·log σ, c_skip, c_out)
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+#: their prediction_type → fmconvert's name for what the network outputs (F_θ, or −F_θ)
+EDM_PREDICTIONS = {"epsilon": "edm", "v_prediction": "edm_v"}
+SUPPORTED_SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS + VE_SCHEDULERS + EDM_SCHEDULERS
 #: schedulers that take prediction_type="flow_prediction" together with use_flow_sigmas=True
 FLOW_CAPABLE = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
                 "DEISMultistepScheduler", "SASolverScheduler")
@@ -88,8 +95,18 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
 
     Returns ``(path, prediction_type)``: ``path`` is what
     :func:`fmconvert.schedules.path_from_config` reads; prediction_type in diffusers' names
-    ("epsilon", "sample", "v_prediction", "flow_prediction"). Raises ValueError naming the
-    offending option for schedulers or settings fmconvert cannot map exactly.
+    ("epsilon", "sample", "v_prediction", "flow_prediction"), or "score" (score-SDE VE) and
+    "edm" / "edm_v" (Karras-preconditioned networks). Raises ValueError naming the offending
+    option for schedulers or settings fmconvert cannot map exactly.
+
+    - FlowMatch schedulers: diffusers' rectified path (timestep 1000·s);
+    - ScoreSdeVeScheduler: the VE path x0 + σ·ε, σ ∈ [sigma_min, sigma_max], timestep σ,
+      output the score;
+    - EDM schedulers: x = c_in·(x0 + σ·ε), c_in = 1/√(σ² + σ_d²), timestep ¼·log σ;
+    - EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+      (the only combination diffusers hands ¼·log σ): the same with σ_d = 1, between
+      sigma_min and sigma_max where the config sets them, else the beta schedule's σ range;
+    - every other VP scheduler: its discrete beta schedule, integer timesteps.
     """
     config = scheduler_config(scheduler)
     name = config.get("_class_name", "DDPMScheduler")
@@ -97,10 +114,18 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     if name in FLOW_SCHEDULERS:
         # (use_dynamic_shifting changes sampling times only, not the path)
         return rectified_flow(config.get("shift", 1.0), T), "flow_prediction"
+    if name in VE_SCHEDULERS:
+        return {"kind": "ve", "sigma_min": float(config.get("sigma_min", 0.01)),
+                "sigma_max": float(config.get("sigma_max", 1348.0))}, "score"
+    if name in EDM_SCHEDULERS:
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction not in EDM_PREDICTIONS:
+            raise ValueError(f"{name} with prediction_type={prediction!r}: supported are {', '.join(EDM_PREDICTIONS)}")
+        return {"kind": "edm", "sigma_min": float(config.get("sigma_min", 0.002)),
+                "sigma_max": float(config.get("sigma_max", 80.0)),
+                "sigma_data": float(config.get("sigma_data", 0.5))}, EDM_PREDICTIONS[prediction]
     if name not in VP_SCHEDULERS:
-        raise ValueError(
-            f"unsupported scheduler {name!r}: supported are {', '.join(VP_SCHEDULERS + FLOW_SCHEDULERS)}"
-        )
+        raise ValueError(f"unsupported scheduler {name!r}: supported are {', '.join(SUPPORTED_SCHEDULERS)}")
     prediction = canonical_prediction_type(config.get("prediction_type", "epsilon"))
     if prediction == "flow_prediction":
         if not (name in FLOW_CAPABLE and config.get("use_flow_sigmas", False)):
@@ -110,6 +135,15 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
                 "FlowMatchEulerDiscreteScheduler"
             )
         return rectified_flow(config.get("flow_shift", 1.0), T), "flow_prediction"
+    if name == "EulerDiscreteScheduler" and config.get("timestep_type") == "continuous" and prediction == "v_prediction":
+        if config.get("rescale_betas_zero_snr"):
+            raise ValueError("EulerDiscreteScheduler with timestep_type='continuous' and rescale_betas_zero_snr has "
+                             "σ = ∞ at its last step; fmconvert cannot map it")
+        path = {"kind": "edm", "sigma_min": config.get("sigma_min"), "sigma_max": config.get("sigma_max"),
+                "sigma_data": 1.0}
+        if path["sigma_min"] is None or path["sigma_max"] is None:  # the beta schedule's range
+            path["schedule"] = {k: v for k, v in discrete_vp_config(config).items() if k != "kind"}
+        return path, prediction
     return discrete_vp_config(config), prediction
 
 
@@ -159,14 +193,10 @@ def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: st
     pipeline: diffusers' FlowMatchEulerDiscreteScheduler where the pipeline calls neither
     ``scale_model_input`` nor ``init_noise_sigma`` (``sample_scaling`` None), else fmconvert's
     :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` with that ``sample_scaling`` and the
-    source's beta schedule (``source_path``: its description). Keys left out take the class's
-    defaults. ValueError where the source's schedule has no beta settings."""
+    source's path description (``source_schedule``: for the grids that follow the source's
+    timesteps). Keys left out take the class's defaults."""
     T = num_train_timesteps(source_path)
     if sample_scaling is None:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T}
-    if source_path.get("kind") != "discrete_vp" or "alphas_cumprod" in source_path:
-        raise ValueError(f"sample_scaling {sample_scaling!r} needs the source's beta schedule; "
-                         f"got the path {describe_path(source_path)}")
-    schedule = {k: v for k, v in source_path.items() if k != "kind"}
     return {"_class_name": "FlowMatchEulerScheduler", "num_train_timesteps": T, "sample_scaling": sample_scaling,
-            "source_schedule": schedule}
+            "source_schedule": dict(source_path)}

@@ -39,6 +39,9 @@ from .schedules import GaussianPath, log_snr_of
 def check_pair(path: GaussianPath, prediction_type: str) -> str:
     """Validate a (path, prediction type) pair; returns the canonical prediction type."""
     kind = canonical_prediction_type(prediction_type)
+    if kind in ("edm", "edm_v") and getattr(path, "kind", None) != "edm":
+        raise ValueError(f"prediction_type={kind!r} is the output of a Karras-preconditioned network: it needs the "
+                         f"EDM path (an EDM scheduler's config), not {path!r}")
     if kind in ("epsilon", "score") and getattr(path, "zero_terminal_snr", False):
         raise ValueError(
             f"prediction_type={kind!r} on a zero-terminal-SNR schedule (rescale_betas_zero_snr=True) has no "

@@ -320,8 +320,8 @@ class Family:
 
 
 class PixelUnconditional(Family):
-    name, title = "ddpm", "unconditional pixel diffusion (DDPM / DDIM pipelines)"
-    pipelines = ("DDPMPipeline", "DDIMPipeline")
+    name, title = "ddpm", "unconditional pixel diffusion (DDPM / DDIM / score-SDE VE pipelines)"
+    pipelines = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
     models = ("UNet2DModel",)
     sample_scaling = None
 

@@ -49,6 +49,10 @@ def trained_log_snr_range(source: GaussianPath | None) -> tuple[float, float]:
         if source.zero_terminal_snr:  # λ = −∞ at the end: use the last finite knot
             lam_min = source.log_snr(torch.tensor(source.t_max - 1, dtype=F64)).item()
         return lam_max, lam_min
+    if source is not None:  # a continuous range (VE, EDM): its ends, where finite
+        ends = source.log_snr(torch.tensor([source.t_min, source.t_max], dtype=F64))
+        if bool(torch.isfinite(ends).all()):
+            return float(ends[0]), float(ends[1])
     T = getattr(source, "num_train_timesteps", 1000)
     flow = RectifiedFlow()
     lam = flow.log_snr(torch.tensor([1 / T, 1 - 1 / T], dtype=F64)).tolist()

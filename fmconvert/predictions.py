@@ -11,11 +11,20 @@ sample             x̂0                               (1, 0)
 v_prediction       α·ε̂ − σ·x̂0  (Salimans & Ho)      (−σ, α)
 flow_prediction    dx/dt = α̇·x̂0 + σ̇·ε̂              (α̇, σ̇)
 score              ∇log p = −ε̂/σ                    (0, −1/σ)
+edm                F_θ = (σ·x̂0 − σ_d²·α·ε̂)/σ_d      (σ/σ_d, −σ_d·α)
+edm_v              −F_θ                             (−σ/σ_d, σ_d·α)
 =================  ==============================  ===============
 
-On diffusers' rectified path (α = 1 − s, σ = s) flow_prediction is ε̂ − x̂0. Recovering
-(x̂0, ε̂) solves the 2×2 system [α σ; a b]·(x̂0, ε̂) = (x, p). This module is the only
-place these formulas are written.
+On diffusers' rectified path (α = 1 − s, σ = s) flow_prediction is ε̂ − x̂0. ``edm`` is the raw
+output F_θ of a network with Karras et al. (2022, eq. 7) preconditioning, D = c_skip·x_VE +
+c_out·F_θ with c_skip = σ_d²/(σ_VE² + σ_d²), c_out = σ_VE·σ_d/√(σ_VE² + σ_d²) (diffusers' EDM
+schedulers with prediction_type "epsilon"; "v_prediction" flips c_out's sign: ``edm_v``), on the
+path the network sees, α = c_in = 1/√(σ_VE² + σ_d²), σ = σ_VE·c_in (:class:`~fmconvert.schedules.EDMPath`),
+where σ_d = √(1 − σ²)/α. With σ_d = 1 that path is variance preserving and edm_v is
+v_prediction.
+
+Recovering (x̂0, ε̂) solves the 2×2 system [α σ; a b]·(x̂0, ε̂) = (x, p). This module is the
+only place these formulas are written.
 """
 
 from __future__ import annotations
@@ -36,6 +45,11 @@ def coefficients(prediction_type: str, p: Point) -> tuple[torch.Tensor | float, 
         return -p.sigma, p.alpha
     if kind == "flow_prediction":
         return p.d_alpha, p.d_sigma
+    if kind in ("edm", "edm_v"):
+        # on the EDM path (α = c_in, σ = σ_VE·c_in, c_in = 1/√(σ_VE² + σ_d²)): σ_d = √(1 − σ²)/α
+        sigma_data = torch.sqrt(1 - p.sigma**2) / p.alpha
+        sign = 1.0 if kind == "edm" else -1.0
+        return sign * p.sigma / sigma_data, -sign * sigma_data * p.alpha
     return 0.0, -1.0 / p.sigma  # score
 
 

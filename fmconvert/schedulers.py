@@ -22,8 +22,8 @@ Two config options beyond the parent's:
   The scalings are 1 at s = 1 and s = 0, so with the parent's default grid (from s = 1) the
   images are the parent's.
 - ``timestep_spacing``: ``"flowmatch"`` (the parent's grid) or a grid of
-  :func:`fmconvert.grids.time_grid` (``trailing`` on the source's schedule, given in
-  ``source_schedule``, makes the pipeline's own ``__call__`` reproduce the source's
+  :func:`fmconvert.grids.time_grid` (``trailing`` on the source's schedule, whose path
+  description is ``source_schedule``, makes the pipeline's own ``__call__`` reproduce the source's
   DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)).
 
 ``variance_type`` is None (there is no variance to learn on an ODE): pipelines that read it
@@ -39,7 +39,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
 
-from .schedules import DiscreteVPSchedule, RectifiedFlow
+from .schedules import RectifiedFlow, path_from_config
 
 SAMPLE_SCALINGS = ("variance_preserving", "initial", "none")
 
@@ -87,8 +87,9 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         return 1.0
 
     def _source_path(self):
-        if self.config.source_schedule:
-            return DiscreteVPSchedule.from_config(self.config.source_schedule)
+        schedule = self.config.source_schedule
+        if schedule:  # a path description; beta settings alone (fmconvert 0.1) are a discrete schedule
+            return path_from_config(schedule if "kind" in schedule else {"kind": "discrete_vp", **schedule})
         return RectifiedFlow(num_train_timesteps=self.config.num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,

@@ -12,7 +12,8 @@ between them. Convention everywhere: larger ``t`` is noisier.
   α = 1 − s, σ = s, model timestep = num_train_timesteps·s; ``shift`` remaps uniform
   sampling times as FlowMatchEulerDiscreteScheduler does.
 - :class:`CosinePath`: α = cos(πt/2), σ = sin(πt/2), t ∈ [0, 1].
-- :class:`VEPath`: EDM / variance-exploding sigmas, α = 1, σ = t ∈ [σ_min, σ_max].
+- :class:`VEPath`: variance-exploding sigmas (score SDE), α = 1, σ = t ∈ [σ_min, σ_max], timestep σ.
+- :class:`EDMPath`: Karras et al. (2022) preconditioning, α = c_in, σ = t·c_in, timestep ¼·log t.
 
 :func:`path_from_config` builds a path from its description (:mod:`fmconvert.configs`, where
 :func:`~fmconvert.configs.path_config` reads a diffusers scheduler config without torch);
@@ -325,7 +326,8 @@ class CosinePath(GaussianPath):
 
 
 class VEPath(GaussianPath):
-    """Variance exploding / EDM sigmas: x = x0 + σ·ε, time t = σ ∈ [sigma_min, sigma_max]."""
+    """Variance exploding (score SDE, Song et al. 2021): x = x0 + σ·ε, time t = σ ∈ [sigma_min,
+    sigma_max]; the network's timestep is σ itself (ScoreSdeVeScheduler, NCSN++)."""
 
     kind = "ve"
 
@@ -346,7 +348,62 @@ class VEPath(GaussianPath):
         return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
-_PATHS = {cls.kind: cls for cls in (DiscreteVPSchedule, RectifiedFlow, CosinePath, VEPath)}
+class EDMPath(VEPath):
+    """Karras et al. (2022) preconditioning as a path: the network sees x = c_in·(x0 + σ_VE·ε),
+    c_in = 1/√(σ_VE² + σ_d²), so α = c_in, σ = σ_VE·c_in; time t = σ_VE ∈ [sigma_min,
+    sigma_max], timestep c_noise = ¼·log σ_VE (diffusers' EDM schedulers; also
+    EulerDiscreteScheduler's ``timestep_type="continuous"``, where σ_d = 1 and the path is
+    variance preserving). λ = −log σ_VE, as on the VE path."""
+
+    kind = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+        super().__init__(sigma_min, sigma_max)
+        if not sigma_min > 0 or not sigma_data > 0:
+            raise ValueError(f"need sigma_min > 0 and sigma_data > 0, got {sigma_min}, {sigma_data}")
+        self.sigma_data = float(sigma_data)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "EDMPath":
+        """From its description (``kind`` "edm"); a missing sigma bound is taken from the beta
+        schedule in ``schedule`` (σ_VE = √((1 − ᾱ)/ᾱ) at its first and last timestep)."""
+        config = {k: v for k, v in config.items() if k != "kind"}
+        schedule = config.pop("schedule", None)
+        if schedule is not None and (config.get("sigma_min") is None or config.get("sigma_max") is None):
+            acp = DiscreteVPSchedule.from_config(schedule).alphas_cumprod
+            ends = ((1 - acp[[0, -1]]) / acp[[0, -1]]).sqrt().tolist()
+            config["sigma_min"] = config.get("sigma_min") or ends[0]
+            config["sigma_max"] = config.get("sigma_max") or ends[1]
+        path = cls(**config)
+        path._schedule = schedule
+        return path
+
+    def point(self, t: torch.Tensor) -> Point:
+        s = torch.as_tensor(t, dtype=F64)
+        c = 1 / torch.sqrt(s**2 + self.sigma_data**2)
+        return Point(c, s * c, -s * c**3, self.sigma_data**2 * c**3)
+
+    def model_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (0.25 * torch.log(torch.as_tensor(t, dtype=F64))).to(dtype)
+
+    def time_from_model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        return torch.exp(4 * timestep.to(F64))
+
+    def timestep_log_snr_resolution(self, timestep: torch.Tensor) -> torch.Tensor | float:
+        # λ = −4·timestep: a timestep rounded to its dtype moves λ by at most 4·eps·|timestep|; twice that
+        if not timestep.is_floating_point():
+            return 0.0
+        return 8 * torch.finfo(timestep.dtype).eps * timestep.to(F64).abs()
+
+    def to_config(self) -> dict[str, Any]:
+        config = {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                  "sigma_data": self.sigma_data}
+        if getattr(self, "_schedule", None) is not None:
+            config["schedule"] = self._schedule
+        return config
+
+
+_PATHS = {cls.kind: cls for cls in (DiscreteVPSchedule, RectifiedFlow, CosinePath, VEPath, EDMPath)}
 
 
 def path_from_config(config: Mapping[str, Any]) -> GaussianPath:
@@ -358,6 +415,8 @@ def path_from_config(config: Mapping[str, Any]) -> GaussianPath:
         raise ValueError(f"unknown path kind {kind!r}: supported are {', '.join(_PATHS)}")
     if kind == DiscreteVPSchedule.kind and "alphas_cumprod" not in config:
         return DiscreteVPSchedule.from_config(config)
+    if kind == EDMPath.kind:
+        return EDMPath.from_config(config)
     return _PATHS[kind](**config)
 
 

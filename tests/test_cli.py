@@ -240,11 +240,11 @@ def test_not_a_diffusers_folder(tmp_path):
 
 
 def test_unsupported_scheduler(tmp_path):
-    folder = save_ddpm_folder(tmp_path / "ve")
+    folder = save_ddpm_folder(tmp_path / "vp-sde")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    config["_class_name"] = "ScoreSdeVeScheduler"
+    config["_class_name"] = "ScoreSdeVpScheduler"
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    one_line_error(run("wrap", folder, "--out", tmp_path / "o"), 1, "unsupported scheduler", "ScoreSdeVeScheduler")
+    one_line_error(run("wrap", folder, "--out", tmp_path / "o"), 1, "unsupported scheduler", "ScoreSdeVpScheduler")
 
 
 def test_unsupported_model_class(tmp_path):

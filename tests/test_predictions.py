@@ -3,11 +3,12 @@ diffusers' own formulas, and the flow velocity equals the PF-ODE drift analytica
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler
 
 from fmconvert import (
     PREDICTION_TYPES,
     CosinePath,
+    EDMPath,
     DiscreteVPSchedule,
     RectifiedFlow,
     VEPath,
@@ -18,7 +19,8 @@ from fmconvert import (
 )
 
 F64 = torch.float64
-PATHS = [DiscreteVPSchedule.from_config({"beta_schedule": "linear"}), RectifiedFlow(), CosinePath(), VEPath(0.01, 50.0)]
+PATHS = [DiscreteVPSchedule.from_config({"beta_schedule": "linear"}), RectifiedFlow(), CosinePath(), VEPath(0.01, 50.0),
+         EDMPath(0.002, 80.0, 0.5), EDMPath(0.002, 120.0, 1.0)]
 
 
 def _samples(path, n=64, seed=0):
@@ -29,8 +31,12 @@ def _samples(path, n=64, seed=0):
     return p, x0, eps, p.alpha * x0 + p.sigma * eps
 
 
-@pytest.mark.parametrize("path", PATHS, ids=repr)
-@pytest.mark.parametrize("kind", PREDICTION_TYPES)
+# (the EDM output is defined on the EDM path only: check_pair refuses the others)
+PAIRS = [(path, kind) for path in PATHS for kind in PREDICTION_TYPES
+         if isinstance(path, EDMPath) or not kind.startswith("edm")]
+
+
+@pytest.mark.parametrize("path, kind", PAIRS, ids=[f"{p!r}-{k}" for p, k in PAIRS])
 def test_every_prediction_type_round_trips(path, kind):
     p, x0, eps, x = _samples(path)
     out = from_x0_eps(kind, x0, eps, p)
@@ -79,3 +85,25 @@ def test_prediction_type_names():
         canonical_prediction_type("noise")
     message = str(info.value)
     assert "'noise'" in message and all(k in message for k in PREDICTION_TYPES)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sigma_data", [0.5, 1.0])
+def test_edm_output_matches_diffusers_preconditioning(prediction_type, sigma_data):
+    """x̂0 from the EDM output equals EDMEulerScheduler.precondition_outputs (D = c_skip·x_VE +
+    c_out·F) on the unscaled sample, at the EDM path's point; with σ_d = 1, edm_v is v_prediction."""
+    from fmconvert.configs import path_config
+    from fmconvert.schedules import path_from_config
+
+    scheduler = EDMEulerScheduler(sigma_data=sigma_data, prediction_type=prediction_type)
+    description, kind = path_config(scheduler)
+    path = path_from_config(description)
+    g = torch.Generator().manual_seed(1)
+    sigma = torch.tensor([0.002, 0.3, 1.0, 7.0, 80.0], dtype=F64)
+    x_ve, out = torch.randn(5, 4, dtype=F64, generator=g), torch.randn(5, 4, dtype=F64, generator=g)
+    p = path.point(sigma).view_as_batch(2)
+    ours, _ = to_x0_eps(kind, out, p.alpha * x_ve, p)  # the network sees c_in·x_VE
+    reference = scheduler.precondition_outputs(x_ve, out, sigma.view(-1, 1))
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    if sigma_data == 1.0:
+        torch.testing.assert_close(from_x0_eps("edm_v", x_ve, out, p), from_x0_eps("v_prediction", x_ve, out, p))
