@@ -36,8 +36,8 @@ from .configs import (  # noqa: F401 (LOAD_DTYPES re-exported)
     velocity_adapter_init,
 )
 from .core import Conversion, apply_conversion, check_pair, plan_conversion, reparameterize  # noqa: F401 (re-exported)
-from .families import network_call, refuse_nonlinear_options
-from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_config, path_from_scheduler_config
+from .families import flow_timestep_path, network_call, refuse_nonlinear_options
+from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_config
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -322,9 +322,10 @@ class DiffusionAdapter(PathAdapter):
             schedule = DiscreteVPSchedule.from_config({"beta_schedule": "linear"})
         elif not isinstance(schedule, DiscreteVPSchedule):
             schedule = DiscreteVPSchedule.from_config(scheduler_config(schedule))
-        source = RectifiedFlow()
+        source = RectifiedFlow().to_config()
         if flow_scheduler is not None:
-            source, src_pred = path_from_scheduler_config(flow_scheduler)
+            source, src_pred = path_config(flow_scheduler)
             if src_pred != "flow_prediction":
                 raise ValueError("flow_scheduler must describe a flow-matching model (e.g. FlowMatchEulerDiscreteScheduler)")
+        source = path_from_config(flow_timestep_path(source, type(model).__name__))  # FLUX's network takes s
         return cls._wrap(model, source, "flow_prediction", schedule, pred, compute_dtype)

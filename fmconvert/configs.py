@@ -112,7 +112,10 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     name = config.get("_class_name", "DDPMScheduler")
     T = int(config.get("num_train_timesteps", 1000))
     if name in FLOW_SCHEDULERS:
-        # (use_dynamic_shifting changes sampling times only, not the path)
+        if config.get("invert_sigmas"):
+            raise ValueError(f"{name} with invert_sigmas=True hands its network 1 − s (noise at 0): fmconvert cannot "
+                             "map that timestep yet")
+        # (use_dynamic_shifting, shift_terminal and the sigma options change sampling times only, not the path)
         return rectified_flow(config.get("shift", 1.0), T), "flow_prediction"
     if name in VE_SCHEDULERS:
         return {"kind": "ve", "sigma_min": float(config.get("sigma_min", 0.01)),
@@ -147,9 +150,14 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     return discrete_vp_config(config), prediction
 
 
-def rectified_flow(shift: float = 1.0, num_train_timesteps: int = 1000) -> dict[str, Any]:
-    """The path description of diffusers' FlowMatch path (:class:`~fmconvert.schedules.RectifiedFlow`)."""
-    return {"kind": "rectified_flow", "shift": float(shift), "num_train_timesteps": int(num_train_timesteps)}
+def rectified_flow(shift: float = 1.0, num_train_timesteps: int = 1000,
+                   timestep_scale: float | None = None) -> dict[str, Any]:
+    """The path description of diffusers' FlowMatch path (:class:`~fmconvert.schedules.RectifiedFlow`);
+    ``timestep_scale``: the network's timestep per unit of s where it is not num_train_timesteps."""
+    path = {"kind": "rectified_flow", "shift": float(shift), "num_train_timesteps": int(num_train_timesteps)}
+    if timestep_scale is not None:
+        path["timestep_scale"] = float(timestep_scale)
+    return path
 
 
 def num_train_timesteps(path: Mapping[str, Any]) -> int:
@@ -188,15 +196,20 @@ def velocity_adapter_init(model_class: str, model_config: Mapping[str, Any], sou
     }
 
 
-def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: str | None) -> dict[str, Any]:
+def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: str | None,
+                              steps_offset: int = 0) -> dict[str, Any]:
     """The config of the scheduler that drives a converted velocity model in its stock
     pipeline: diffusers' FlowMatchEulerDiscreteScheduler where the pipeline calls neither
     ``scale_model_input`` nor ``init_noise_sigma`` (``sample_scaling`` None), else fmconvert's
     :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` with that ``sample_scaling`` and the
     source's path description (``source_schedule``: for the grids that follow the source's
-    timesteps). Keys left out take the class's defaults."""
+    timesteps) and ``steps_offset`` (its scheduler's, for the leading spacing). Keys left out
+    take the class's defaults."""
     T = num_train_timesteps(source_path)
     if sample_scaling is None:
         return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": T}
-    return {"_class_name": "FlowMatchEulerScheduler", "num_train_timesteps": T, "sample_scaling": sample_scaling,
-            "source_schedule": dict(source_path)}
+    config = {"_class_name": "FlowMatchEulerScheduler", "num_train_timesteps": T, "sample_scaling": sample_scaling,
+              "source_schedule": dict(source_path)}
+    if steps_offset:
+        config["steps_offset"] = int(steps_offset)
+    return config

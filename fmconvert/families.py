@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import FmconvertError, UsageError
@@ -48,10 +48,20 @@ class NetworkCall:
     timestep_positional: bool
     channels: int | None
     learned_variance: bool
+    #: the network takes its latents packed in 2×2 patches, (B, h/2·w/2, 4·C) (FLUX): packed
+    #: and unpacked around the call by its pipeline's own static methods
+    packed: bool = False
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, args: tuple,
                  kwargs: dict) -> torch.Tensor:
-        """The network's raw output (all its channels)."""
+        """The network's raw output (all its channels), shaped as ``x``."""
+        if self.packed:
+            from diffusers import FluxPipeline
+
+            b, c, h, w = x.shape
+            packed = FluxPipeline._pack_latents(x, b, c, h, w)
+            out = model(*args, **{self.input_name: packed, "timestep": timestep}, **kwargs, return_dict=False)[0]
+            return FluxPipeline._unpack_latents(out, h, w, 1)
         if self.timestep_positional:
             return model(x, timestep, *args, **kwargs, return_dict=False)[0]
         return model(*args, **{self.input_name: x, "timestep": timestep}, **kwargs, return_dict=False)[0]
@@ -78,7 +88,9 @@ def network_call(model: torch.nn.Module) -> NetworkCall:
     params = list(inspect.signature(model.forward).parameters)
     config = getattr(model, "config", {})
     channels = config.get("in_channels") if hasattr(config, "get") else None
-    return NetworkCall(params[0], len(params) > 1 and params[1] == "timestep", channels, learned_variance(config))
+    packed = any(type(model).__name__ in f.models and f.packs_latents for f in FAMILIES)
+    return NetworkCall(params[0], len(params) > 1 and params[1] == "timestep", channels, learned_variance(config),
+                       packed)
 
 
 # -- what a user asks for ------------------------------------------------------------------------
@@ -221,6 +233,29 @@ class Family:
     splits_variance: ClassVar[bool] = False
     #: the network takes only the sample size it was built for (positional embeddings)
     fixed_size: ClassVar[bool] = False
+    #: a flow network's timestep per unit of s, where it is not num_train_timesteps (FLUX: 1,
+    #: its pipeline divides by 1000): part of the source's path description
+    timestep_scale: ClassVar[float | None] = None
+    #: the network takes latents packed in 2×2 patches (see :class:`NetworkCall`)
+    packs_latents: ClassVar[bool] = False
+    #: a flow family whose pipeline can step a stock discrete scheduler (DDIM, DPM-Solver):
+    #: ``wrap --to epsilon|v_prediction`` keeps its pipeline (no flow-only arguments, no
+    #: ``scale_model_input`` expected)
+    steps_discrete_schedulers: ClassVar[bool] = False
+
+    def latent_channels(self, config: Any) -> int | None:
+        """C of one sample (the network's in_channels, unpacked)."""
+        return config.get("in_channels")
+
+    def image_seq_len(self, config: Any, size: tuple[int, int]) -> int | None:
+        """The sequence length its pipeline computes a dynamic shift (mu) from, for a sample of
+        ``size`` (h, w); None: its pipeline has no such rule."""
+        return None
+
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """The sigmas its pipeline hands a FlowMatch scheduler's set_timesteps (None: the
+        scheduler's own default grid)."""
+        return None
 
     def downsampling(self, pipe: Any) -> int:
         """Pixels per sample element along each side (1 in pixel space)."""
@@ -324,6 +359,7 @@ class PixelUnconditional(Family):
     pipelines = ("DDPMPipeline", "DDIMPipeline", "ScoreSdeVePipeline")
     models = ("UNet2DModel",)
     sample_scaling = None
+    steps_discrete_schedulers = True  # (as a DDPMPipeline)
 
 
 class LatentUnconditional(Family):
@@ -552,9 +588,92 @@ class KandinskyV22(Family):
             return _images(movq.decode(x.to(movq.dtype), force_not_quantize=True).sample)
 
 
+class StableDiffusion3(_TextConditioned, _VAEDecoded):
+    """Flow matching: the transformer takes 1000·s, text from three encoders (pooled too)."""
+
+    name, title = "sd3", "Stable Diffusion 3 / 3.5 (flow matching)"
+    pipelines = ("StableDiffusion3Pipeline",)
+    models = ("SD3Transformer2DModel",)
+    steps_discrete_schedulers = True  # (it hands the scheduler mu only where its config shifts dynamically)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        cond, uncond, pooled, uncond_pooled = _text(pipe, request, batch, device, prompt_2=None, prompt_3=None)
+        kwargs = {"encoder_hidden_states": cond, "pooled_projections": pooled}
+        if not request.guided:
+            return kwargs, None
+        return kwargs, {"encoder_hidden_states": uncond, "pooled_projections": uncond_pooled}
+
+    def image_seq_len(self, config, size):
+        patch = config.get("patch_size", 2)
+        return (size[0] // patch) * (size[1] // patch)
+
+
+class Flux(_VAEDecoded):
+    """FLUX.1: latents packed in 2×2 patches with their position ids, timestep s (its pipeline
+    divides 1000·s by 1000), no classifier-free guidance: FLUX.1-dev's guidance is an input
+    of the network (``--guidance-scale``, default 1 here, 3.5 in the pipeline's __call__),
+    FLUX.1-schnell has none. Its pipeline hands the scheduler sigmas linspace(1, 1/N, N)
+    and a dynamic shift from the packed sequence length."""
+
+    name, title = "flux", "FLUX.1 (flow matching, packed latents, guidance embedding)"
+    pipelines = ("FluxPipeline",)
+    models = ("FluxTransformer2DModel",)
+    accepts = ("prompt",)
+    timestep_scale = 1.0
+    packs_latents = True
+
+    def latent_channels(self, config):
+        return config.get("in_channels") // 4
+
+    def sample_size(self, pipe, config, height, width):
+        own = getattr(pipe, "default_sample_size", 128)
+        factor = self.downsampling(pipe)
+        size = Family.sample_size(self, pipe, {"sample_size": own}, height, width)
+        if size[0] % 2 or size[1] % 2:
+            raise UsageError(f"--height/--width must be multiples of {2 * factor} for {self.title} (its latents are "
+                             f"packed in 2×2 patches), got {size[0] * factor}×{size[1] * factor}")
+        return size
+
+    def image_seq_len(self, config, size):
+        return (size[0] // 2) * (size[1] // 2)
+
+    def flow_sigmas(self, steps):
+        import numpy as np
+
+        return np.linspace(1.0, 1 / steps, steps).tolist()
+
+    def check(self, request, pipeline_class, pipe=None, config=None, num_images=None):
+        guided = request.guidance_scale != 1.0
+        if guided and config is not None and not config.get("guidance_embeds", False):
+            raise UsageError(f"{pipeline_class} ({self.title}) without a guidance embedding (FLUX.1-schnell) takes no "
+                             f"--guidance-scale, got {request.guidance_scale}")
+        # the guidance scale is an input of the network here, not classifier-free guidance
+        Family.check(self, replace(request, guidance_scale=1.0), pipeline_class, pipe, config, num_images)
+
+    def encode(self, pipe, request, first, batch, device, config, size):
+        import torch
+
+        with torch.no_grad():
+            cond, pooled, text_ids = pipe.encode_prompt(prompt=request.prompt or "", prompt_2=None, device=device,
+                                                        num_images_per_prompt=batch)
+        image_ids = pipe._prepare_latent_image_ids(batch, size[0] // 2, size[1] // 2, device, cond.dtype)
+        guidance = (torch.full([batch], request.guidance_scale, device=device, dtype=torch.float32)
+                    if config.get("guidance_embeds", False) else None)
+        return {"encoder_hidden_states": cond, "pooled_projections": pooled, "txt_ids": text_ids,
+                "img_ids": image_ids, "guidance": guidance}, None
+
+
 FAMILIES: tuple[Family, ...] = (PixelUnconditional(), LatentUnconditional(), StableDiffusion(), StableDiffusionXL(),
-                                DiT(), PixArtAlpha(), DeepFloydIF(), KandinskyV22())
+                                DiT(), PixArtAlpha(), DeepFloydIF(), KandinskyV22(), StableDiffusion3(), Flux())
 _BY_PIPELINE = {p: f for f in FAMILIES for p in f.pipelines}
+
+
+def flow_timestep_path(path: dict, model_class: str | None) -> dict:
+    """A flow path description with the timestep form of ``model_class``'s family (FLUX: s)."""
+    scale = next((f.timestep_scale for f in FAMILIES if model_class in f.models and f.timestep_scale), None)
+    if scale is None or path.get("kind") != "rectified_flow":
+        return path
+    return {**path, "timestep_scale": scale}
 
 
 def supported() -> str:

@@ -60,8 +60,9 @@ def trained_log_snr_range(source: GaussianPath | None) -> tuple[float, float]:
 
 
 def time_grid(kind: str, steps: int, source: GaussianPath | None = None, shift: float = 1.0,
-              rho: float = 7.0) -> torch.Tensor:
-    """``steps + 1`` decreasing times s in [0, 1], ending at 0 (float64)."""
+              rho: float = 7.0, steps_offset: int = 0) -> torch.Tensor:
+    """``steps + 1`` decreasing times s in [0, 1], ending at 0 (float64). ``steps_offset``:
+    the source scheduler's, which its ``leading`` spacing adds to every timestep."""
     if kind not in GRIDS:
         raise ValueError(f"unknown grid {kind!r}: supported are {', '.join(GRIDS)}")
     if not isinstance(steps, int) or steps < 1:
@@ -81,7 +82,10 @@ def time_grid(kind: str, steps: int, source: GaussianPath | None = None, shift: 
             raise ValueError(f"grid {kind!r} needs a source with a discrete schedule; use uniform, karras or logsnr")
         if steps > source.num_train_timesteps:
             raise ValueError(f"steps={steps} exceeds the source's {source.num_train_timesteps} trained timesteps")
-        t = torch.from_numpy(discrete_timesteps(kind, steps, source.num_train_timesteps).copy()).to(F64)
+        t = torch.from_numpy(discrete_timesteps(kind, steps, source.num_train_timesteps, steps_offset).copy()).to(F64)
+        if int(t.max()) >= source.num_train_timesteps:
+            raise ValueError(f"steps_offset={steps_offset} puts a leading timestep at {int(t.max())}, beyond the "
+                             f"source's {source.num_train_timesteps} trained timesteps")
         return torch.cat([flow.time_at_log_snr(source.log_snr(t)), zero])
     lam_max, lam_min = trained_log_snr_range(source)
     if kind == "logsnr":

@@ -16,8 +16,10 @@ The converted folder is a pipeline folder:
   :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` (exact, float timesteps, with the
   family's ``sample_scaling``), also through a shim;
 - ``--to epsilon`` / ``--to v_prediction``: an unconditional flow source becomes a
-  DDPMPipeline with DDIMScheduler(timestep_spacing="trailing", clip_sample=False,
-  set_alpha_to_one=True) on the chosen discrete schedule. Defaults: v_prediction on
+  DDPMPipeline, a Stable Diffusion 3 source keeps its pipeline, each with
+  DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True) on the
+  chosen discrete schedule (a family whose pipeline hands its scheduler flow-only arguments,
+  FLUX, is refused). Defaults: v_prediction on
   squaredcos_cap_v2 (its s-range [0.006, 0.99995] covers the flow path best, and
   x̂0 = α·x − σ·v stays well conditioned); epsilon on DDPM's linear betas, because
   x̂0 = (x − σ·ε̂)/α divides by α_T, which is 5e-5 on the cosine schedule (float32
@@ -54,7 +56,7 @@ from .configs import (
     velocity_scheduler_config,
 )
 from .errors import FmconvertError, UsageError
-from .families import FAMILIES, Family, PixelUnconditional, family_of
+from .families import FAMILIES, Family, PixelUnconditional, family_of, flow_timestep_path
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
 
@@ -271,6 +273,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
             "(a model, with its scheduler config beside it)"
         )
     path, prediction = _path_and_prediction(model_folder, model_class, sched)
+    path = flow_timestep_path(path, model_class)
     converted = model_class in OWN_CLASSES
     # a model class diffusers does not have is custom code: load_denoiser refuses it or, with
     # --trust-remote-code, loads it for the pipeline's family
@@ -426,13 +429,15 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
     is_flow = source.prediction_type == "flow_prediction"
     if to == "velocity":
         if is_flow:
-            raise UsageError(
-                f"'{source.reference}' is already a flow-matching model; use --to epsilon or --to v_prediction"
-            )
+            back = ("--to epsilon or --to v_prediction converts it back" if source.family.steps_discrete_schedulers
+                    else f"converting a {source.pipeline_class} back to epsilon / v_prediction is not supported yet")
+            raise UsageError(f"'{source.reference}' is already a flow-matching model (fmconvert sample drives it as "
+                             f"it is); {back}")
         model_config = _read_json(source.model_folder / "config.json")
         try:
             init = velocity_adapter_init(source.model_class, model_config, source.path_config, source.prediction_type)
-            scheduler = velocity_scheduler_config(source.path_config, source.family.sample_scaling)
+            scheduler = velocity_scheduler_config(source.path_config, source.family.sample_scaling,
+                                                  int(source.scheduler.get("steps_offset") or 0))
         except ValueError as error:
             raise FmconvertError(f"'{source.reference}': {error}") from None
         return {"_class_name": "VelocityAdapter", **init}, scheduler
@@ -441,10 +446,11 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
             f"'{source.reference}' is a diffusion model ({source.prediction_type}); --to {to} converts flow-matching "
             "models, use --to velocity"
         )
-    if not source.unconditional:
+    if not source.family.steps_discrete_schedulers:
         raise FmconvertError(
-            f"pipeline {source.pipeline_class} calls its scheduler with flow-only arguments; --to {to} supports "
-            "unconditional pipelines (DDPMPipeline) and bare UNet2DModel folders"
+            f"--to {to} for a {source.pipeline_class} is not supported yet: its pipeline hands the scheduler flow-only "
+            "arguments (sigmas, mu) and the network s; supported: unconditional pipelines, bare UNet2DModel folders "
+            "and Stable Diffusion 3"
         )
     from diffusers import DDIMScheduler
 

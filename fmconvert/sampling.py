@@ -14,6 +14,7 @@ x_{s_0} = ε·√((1 − s_0)² + s_0²), the noise at the first grid time (ε i
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .core import invert
 from .errors import FmconvertError, UsageError
 from .families import Conditioning, guide, network_call, network_kwargs
+from .configs import FLOW_SCHEDULERS
 from .grids import time_grid
 from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
@@ -106,6 +108,42 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     return VelocityModel(velocity.eval(), grid_source, source, shift, pipeline, source.describe())
 
 
+def sampling_grid(vm: VelocityModel, kind: str, steps: int) -> torch.Tensor:
+    """``steps + 1`` times s from 1 (noise) to 0 for ``vm``: :func:`fmconvert.grids.time_grid`
+    with the options of the scheduler a grid copies: the source's ``steps_offset`` (leading), and
+    for a source that ships FlowMatchEulerDiscreteScheduler, ``flowmatch`` is that scheduler's
+    own sigmas (shift, shift_terminal, karras / exponential / beta sigmas: computed by diffusers).
+    ValueError where the source's scheduler shifts dynamically (mu from the image's sequence
+    length, by a pipeline rule fmconvert does not have for this model) and the grid would use it.
+
+    With ``use_dynamic_shifting`` the shift is that of the family's pipeline: mu from the
+    sample's sequence length (diffusers' ``calculate_shift``); ``flowmatch`` hands the scheduler
+    the sigmas that pipeline does (FLUX: linspace(1, 1/N, N)), ``uniform`` shifts by e^mu."""
+    config, family = vm.source.scheduler, vm.source.family
+    flow_source = config.get("_class_name") in FLOW_SCHEDULERS
+    shift, mu = vm.shift, None
+    if config.get("use_dynamic_shifting") and kind in ("uniform", "flowmatch"):
+        length = family.image_seq_len(vm.velocity.config, sample_shape(vm)[1:]) if flow_source else None
+        if length is None or config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"{config.get('_class_name')} of {vm.source.reference} shifts its times dynamically "
+                             "(use_dynamic_shifting: mu from the image's sequence length, a rule of its pipeline that "
+                             f"fmconvert does not have for {vm.source.pipeline_class or 'a bare model'}); use --grid "
+                             "karras or logsnr")
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(length, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        shift = math.exp(mu)
+    if kind == "flowmatch" and flow_source:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        sigmas = family.flow_sigmas(steps)
+        scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
+        return scheduler.sigmas.to(torch.float64)
+    return time_grid(kind, steps, vm.grid_source, shift=shift, steps_offset=int(config.get("steps_offset") or 0))
+
+
 def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code):
     """The source pipeline's other components, with the already-loaded denoiser passed in."""
     if source.model_index is None:
@@ -183,7 +221,7 @@ def batches_of(num_images: int, batch_size: int) -> list[tuple[int, int]]:
 
 def sample_shape(vm: VelocityModel) -> tuple[int, ...]:
     """(C, h, w) of one sample: the denoiser's channels at :attr:`VelocityModel.size`."""
-    channels = vm.velocity.config.get("in_channels")
+    channels = vm.source.family.latent_channels(vm.velocity.config)
     if channels is None:
         raise FmconvertError(f"cannot tell the sample shape of {vm.source.model_class}: its config has no in_channels")
     size = vm.size or vm.source.family.sample_size(vm.pipeline, vm.velocity.config, None, None)
@@ -219,7 +257,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    s_grid = time_grid(grid, steps, vm.grid_source, shift=vm.shift)
+    s_grid = sampling_grid(vm, grid, steps)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
     start_scale = float(RectifiedFlow().point(s_grid[0]).norm)  # ε at the first grid time

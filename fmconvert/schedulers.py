@@ -59,7 +59,7 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, sample_scaling: str = "none",
                  timestep_spacing: str = "flowmatch", source_schedule: dict | None = None,
-                 variance_type: str | None = None, **kwargs: Any):
+                 variance_type: str | None = None, steps_offset: int = 0, **kwargs: Any):
         from .grids import GRIDS
 
         if sample_scaling not in SAMPLE_SCALINGS:
@@ -68,6 +68,11 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use {', '.join(GRIDS)}")
         if variance_type is not None:
             raise ValueError("FlowMatchEulerScheduler has no variance: variance_type must be None")
+        reshaping = [k for k in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                                 "use_beta_sigmas", "invert_sigmas") if kwargs.get(k)]
+        if timestep_spacing != "flowmatch" and reshaping:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r} is a grid of the source's times; {reshaping[0]} "
+                             "would reshape it: use one or the other")
         super().__init__(num_train_timesteps=num_train_timesteps, shift=shift, **kwargs)
         self._lifted = False
 
@@ -101,7 +106,8 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         if sigmas is None and timesteps is None and spacing != "flowmatch":
             from .grids import time_grid
 
-            sigmas = time_grid(spacing, int(num_inference_steps), self._source_path())[:-1].tolist()
+            sigmas = time_grid(spacing, int(num_inference_steps), self._source_path(),
+                               steps_offset=self.config.steps_offset)[:-1].tolist()
             num_inference_steps = None
         super().set_timesteps(num_inference_steps, device, sigmas, mu, timesteps)
         self._lifted = False

@@ -265,11 +265,15 @@ class RectifiedFlow(GaussianPath):
 
     kind = "rectified_flow"
 
-    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000, timestep_scale: float | None = None):
         if shift <= 0:
             raise ValueError(f"shift must be positive, got {shift}")
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
+        self.timestep_scale = None if timestep_scale is None else float(timestep_scale)
+        # the network's timestep per unit of s: T as diffusers' FlowMatch schedulers hand it, or
+        # the family's (FLUX's pipeline divides by 1000: s itself)
+        self._scale = self.num_train_timesteps if timestep_scale is None else self.timestep_scale
 
     def point(self, t: torch.Tensor) -> Point:
         s = torch.as_tensor(t, dtype=F64)
@@ -290,10 +294,10 @@ class RectifiedFlow(GaussianPath):
 
     def model_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # in float32 exactly as diffusers computes it: sigmas.float() * num_train_timesteps
-        return torch.as_tensor(t).to(dtype) * self.num_train_timesteps
+        return torch.as_tensor(t).to(dtype) * self._scale
 
     def time_from_model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
-        return (timestep.to(F64) / self.num_train_timesteps).clamp(0.0, 1.0)
+        return (timestep.to(F64) / self._scale).clamp(0.0, 1.0)
 
     def timestep_log_snr_resolution(self, timestep: torch.Tensor) -> torch.Tensor | float:
         # a timestep rounded to its dtype has |δs| ≤ eps·s, so |δλ| = |δs|/(s(1−s)) ≤ eps/(1−s);
@@ -305,7 +309,7 @@ class RectifiedFlow(GaussianPath):
         return 4 * eps / (1 - s).clamp_min(eps)
 
     def to_config(self) -> dict[str, Any]:
-        return rectified_flow(self.shift, self.num_train_timesteps)
+        return rectified_flow(self.shift, self.num_train_timesteps, self.timestep_scale)
 
 
 class CosinePath(GaussianPath):

@@ -324,6 +324,8 @@ S_GRID = torch.cat([torch.tensor([0.0, 1e-6, 1e-3, 0.999, 0.99999, 1.0]), torch.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("prediction_type, config", [
     ("epsilon", {"beta_schedule": "linear"}),
+    ("epsilon", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}),
+    ("epsilon", {"beta_schedule": "squaredcos_cap_v2"}),
     ("v_prediction", {"beta_schedule": "squaredcos_cap_v2"}),
     ("sample", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}),
     ("v_prediction", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True}),
@@ -339,6 +341,23 @@ def test_endpoints_are_finite_in_every_dtype(prediction_type, config, dtype):
         e = back(x[:4], torch.tensor([0, 1, 998, 999])).sample
     assert u.dtype == dtype and e.dtype == dtype
     assert torch.isfinite(u).all() and torch.isfinite(e).all()
+
+
+def test_float16_output_beyond_its_range_is_its_largest_value():
+    """An epsilon source on the cosine schedule: near s = 1 the velocity is ~1e4–1e5 (x̂0 divides by
+    α = 5e-5), beyond float16's 65504. In float16 those entries are ±65504, never Inf; every other
+    entry is the float32 value rounded; asked for float32, the value is exact."""
+    unet = make_unet(seed=2).half()
+    wrapped = VelocityAdapter.from_diffusion(unet, ddim("squaredcos_cap_v2"))
+    x = noise((2, 3, 8, 8), seed=12).half()
+    s = torch.tensor([1.0, 0.9999])
+    with torch.no_grad():
+        exact = wrapped.evaluate(x, 1000 * s, output_dtype=torch.float32)
+        half = wrapped(x, 1000 * s).sample
+    big = exact.abs() > torch.finfo(torch.float16).max
+    assert big.any() and torch.isfinite(half).all()
+    assert torch.equal(half[big].float(), torch.finfo(torch.float16).max * exact[big].sign())
+    assert torch.equal(half[~big], exact[~big].half())
 
 
 def test_endpoint_policy_values(unet):

@@ -30,6 +30,17 @@ def converted_euler(unet, scheduler, sigmas, x_ve):
     return x_s.double() * (1 + sigmas[-1])
 
 
+def own_scheduler(unet, scheduler):
+    """(initial VE sample, final sample) of the source's own scheduler loop, as its pipeline runs it."""
+    x = noise() * scheduler.init_noise_sigma
+    reference = x.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(reference, t), t).sample
+            reference = scheduler.step(out, t, reference).prev_sample
+    return x, reference
+
+
 def test_score_sde_ve_pf_ode_is_euler_on_the_converted_field():
     """NCSN++ layout (fourier time embedding: the UNet divides by σ, returning the score):
     PF-ODE dx/dσ = −σ·∇log p, Euler in σ down the scheduler's geometric sigmas, then to 0."""
@@ -58,12 +69,7 @@ def test_edm_euler_scheduler_is_euler_on_the_converted_field(prediction_type, si
     unet = make_unet(seed=6)
     scheduler = EDMEulerScheduler(sigma_data=sigma_data, prediction_type=prediction_type)
     scheduler.set_timesteps(10)
-    x = noise() * scheduler.init_noise_sigma
-    reference = x.clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = unet(scheduler.scale_model_input(reference, t), t).sample
-            reference = scheduler.step(out, t, reference).prev_sample
+    x, reference = own_scheduler(unet, scheduler)
     ours = converted_euler(unet, EDMEulerScheduler(sigma_data=sigma_data, prediction_type=prediction_type),
                            scheduler.sigmas, x)
     assert rel_max(ours, reference.double()) <= 1e-5
@@ -82,12 +88,7 @@ def test_continuous_euler_discrete_is_euler_on_the_converted_field():
     scheduler = EulerDiscreteScheduler(**config)
     scheduler.set_timesteps(10)
     assert torch.allclose(scheduler.timesteps.double(), 0.25 * scheduler.sigmas[:-1].double().log(), atol=1e-6)
-    x = noise() * scheduler.init_noise_sigma
-    reference = x.clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = unet(scheduler.scale_model_input(reference, t), t).sample
-            reference = scheduler.step(out, t, reference).prev_sample
+    x, reference = own_scheduler(unet, scheduler)
     ours = converted_euler(unet, EulerDiscreteScheduler(**config), scheduler.sigmas, x)
     assert rel_max(ours, reference.double()) <= 1e-5
 

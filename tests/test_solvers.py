@@ -125,3 +125,73 @@ def test_flow_sources_have_no_discrete_spacing():
 
 def test_all_solvers_registered():
     assert set(SOLVERS) == {"euler", "heun", "midpoint", "rk4", "ab2", "dopri5"}
+
+
+# -- grids honour the options of the scheduler they copy ------------------------------------------------------
+
+
+def _vm(scheduler: dict, path):
+    """What sampling_grid reads of a loaded model: its source's scheduler config and path."""
+    from types import SimpleNamespace
+
+    from fmconvert.families import PixelUnconditional
+
+    shift = scheduler.get("shift", 1.0)
+    source = SimpleNamespace(scheduler=scheduler, reference="src", pipeline_class=None, family=PixelUnconditional())
+    velocity = SimpleNamespace(config={"in_channels": 3, "sample_size": 8})
+    return SimpleNamespace(source=source, grid_source=path, shift=shift, velocity=velocity, size=None, pipeline=None)
+
+
+@pytest.mark.parametrize("steps", [10, 7])
+def test_leading_grid_keeps_the_sources_steps_offset(steps):
+    """SD 1.5 ships DDIM/PNDM with steps_offset=1: its leading timesteps are 901 … 1, not 900 … 0
+    (sampling, and the converted pipeline's scheduler with timestep_spacing="leading")."""
+    from fmconvert.sampling import sampling_grid
+    from fmconvert.schedulers import FlowMatchEulerScheduler
+
+    config = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+              "beta_end": 0.012, "steps_offset": 1}
+    path = DiscreteVPSchedule.from_config(config)
+    ddim = DDIMScheduler.from_config({**config, "timestep_spacing": "leading"})
+    ddim.set_timesteps(steps)
+    expected = RectifiedFlow().time_at_log_snr(path.log_snr(ddim.timesteps.to(torch.float64)))
+    grid = sampling_grid(_vm(config, path), "leading", steps)
+    torch.testing.assert_close(grid[:-1], expected, rtol=1e-14, atol=0)
+    converted = FlowMatchEulerScheduler(sample_scaling="variance_preserving", timestep_spacing="leading",
+                                        source_schedule={"kind": "discrete_vp", **{k: config[k] for k in config if k.startswith("beta")}},
+                                        steps_offset=1)
+    converted.set_timesteps(steps)
+    torch.testing.assert_close(converted.sigmas[:-1].to(torch.float64), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"shift": 3.0}, {"shift_terminal": 0.1}, {"use_karras_sigmas": True},
+                                     {"use_exponential_sigmas": True}, {"use_beta_sigmas": True},
+                                     {"shift": 3.0, "use_karras_sigmas": True}],
+                         ids=lambda o: ",".join(o) or "default")
+def test_flowmatch_grid_is_the_flow_sources_own_scheduler(options):
+    """A flow source's --grid flowmatch is its FlowMatchEulerDiscreteScheduler's sigmas, every option
+    honoured, bit for bit (it was the static-shift grid whatever the config said)."""
+    from fmconvert.sampling import sampling_grid
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**options)
+    scheduler.set_timesteps(9)
+    config = {**scheduler.config, "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    grid = sampling_grid(_vm(config, RectifiedFlow(shift=options.get("shift", 1.0))), "flowmatch", 9)
+    torch.testing.assert_close(grid, scheduler.sigmas.to(torch.float64), rtol=0, atol=0)
+
+
+def test_options_a_grid_cannot_honour_are_refused():
+    from fmconvert.configs import path_config
+    from fmconvert.sampling import sampling_grid
+    from fmconvert.schedulers import FlowMatchEulerScheduler
+
+    dynamic = {**FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config,
+               "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    for kind in ("flowmatch", "uniform"):
+        with pytest.raises(ValueError, match="use_dynamic_shifting"):
+            sampling_grid(_vm(dynamic, RectifiedFlow()), kind, 8)
+    assert len(sampling_grid(_vm(dynamic, RectifiedFlow()), "karras", 8)) == 9
+    with pytest.raises(ValueError, match="invert_sigmas"):
+        path_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True})
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        FlowMatchEulerScheduler(timestep_spacing="trailing", use_karras_sigmas=True)
