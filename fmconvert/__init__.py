@@ -20,7 +20,7 @@ _EXPORTS = {
     "configs": ("PREDICTION_TYPES", "canonical_prediction_type"),
     "predictions": ("from_x0_eps", "pf_ode_drift", "to_x0_eps"),
     "schedules": ("CosinePath", "DiscreteVPSchedule", "EDMPath", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
-                  "path_from_config", "path_from_scheduler_config"),
+                  "VPSDEPath", "path_from_config", "path_from_scheduler_config"),
     "pipelines": ("load",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -35,11 +35,13 @@ VP_SCHEDULERS = (
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 #: score-SDE variance-exploding schedulers (NCSN++: the network takes σ and returns the score)
 VE_SCHEDULERS = ("ScoreSdeVeScheduler",)
+#: the continuous-time VP SDE (DDPM++ cont.: the network takes t ∈ [sampling_eps, 1], returns ε)
+VP_SDE_SCHEDULERS = ("ScoreSdeVpScheduler",)
 #: schedulers with Karras et al. (2022) preconditioning (c_in, c_noise = ¼·log σ, c_skip, c_out)
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 #: their prediction_type → fmconvert's name for what the network outputs (F_θ, or −F_θ)
 EDM_PREDICTIONS = {"epsilon": "edm", "v_prediction": "edm_v"}
-SUPPORTED_SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS + VE_SCHEDULERS + EDM_SCHEDULERS
+SUPPORTED_SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS + VE_SCHEDULERS + VP_SDE_SCHEDULERS + EDM_SCHEDULERS
 #: schedulers that take prediction_type="flow_prediction" together with use_flow_sigmas=True
 FLOW_CAPABLE = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
                 "DEISMultistepScheduler", "SASolverScheduler")
@@ -102,6 +104,7 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     - FlowMatch schedulers: diffusers' rectified path (timestep 1000·s);
     - ScoreSdeVeScheduler: the VE path x0 + σ·ε, σ ∈ [sigma_min, sigma_max], timestep σ,
       output the score;
+    - ScoreSdeVpScheduler: the continuous VP SDE, t ∈ [sampling_eps, 1], timestep t, output ε;
     - EDM schedulers: x = c_in·(x0 + σ·ε), c_in = 1/√(σ² + σ_d²), timestep ¼·log σ;
     - EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
       (the only combination diffusers hands ¼·log σ): the same with σ_d = 1, between
@@ -120,6 +123,10 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     if name in VE_SCHEDULERS:
         return {"kind": "ve", "sigma_min": float(config.get("sigma_min", 0.01)),
                 "sigma_max": float(config.get("sigma_max", 1348.0))}, "score"
+    if name in VP_SDE_SCHEDULERS:
+        return {"kind": "vp_sde", "beta_min": float(config.get("beta_min", 0.1)),
+                "beta_max": float(config.get("beta_max", 20.0)),
+                "sampling_eps": float(config.get("sampling_eps", 1e-3))}, "epsilon"
     if name in EDM_SCHEDULERS:
         prediction = config.get("prediction_type", "epsilon")
         if prediction not in EDM_PREDICTIONS:

@@ -14,6 +14,7 @@ between them. Convention everywhere: larger ``t`` is noisier.
 - :class:`CosinePath`: α = cos(πt/2), σ = sin(πt/2), t ∈ [0, 1].
 - :class:`VEPath`: variance-exploding sigmas (score SDE), α = 1, σ = t ∈ [σ_min, σ_max], timestep σ.
 - :class:`EDMPath`: Karras et al. (2022) preconditioning, α = c_in, σ = t·c_in, timestep ¼·log t.
+- :class:`VPSDEPath`: the continuous-time VP SDE of score-SDE models, t ∈ [sampling_eps, 1].
 
 :func:`path_from_config` builds a path from its description (:mod:`fmconvert.configs`, where
 :func:`~fmconvert.configs.path_config` reads a diffusers scheduler config without torch);
@@ -407,7 +408,43 @@ class EDMPath(VEPath):
         return config
 
 
-_PATHS = {cls.kind: cls for cls in (DiscreteVPSchedule, RectifiedFlow, CosinePath, VEPath, EDMPath)}
+class VPSDEPath(GaussianPath):
+    """The continuous-time VP SDE (Song et al. 2021, eq. 11; ScoreSdeVpScheduler): β(t) = β_min +
+    t·(β_max − β_min), log α(t) = −¼·t²·(β_max − β_min) − ½·t·β_min, σ = √(1 − α²), t ∈
+    [sampling_eps, 1] (1 = noise); the network receives t itself, as the scheduler's timesteps."""
+
+    kind = "vp_sde"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, sampling_eps: float = 1e-3):
+        if not 0 <= beta_min < beta_max or not 0 < sampling_eps < 1:
+            raise ValueError(f"need 0 <= beta_min < beta_max and 0 < sampling_eps < 1, got {beta_min}, {beta_max}, "
+                             f"{sampling_eps}")
+        self.beta_min, self.beta_max, self.sampling_eps = float(beta_min), float(beta_max), float(sampling_eps)
+        self.t_min, self.t_max = self.sampling_eps, 1.0
+
+    def point(self, t: torch.Tensor) -> Point:
+        t = torch.as_tensor(t, dtype=F64)
+        spread = self.beta_max - self.beta_min
+        log_alpha = -0.25 * t**2 * spread - 0.5 * t * self.beta_min
+        d_log_alpha = -0.5 * t * spread - 0.5 * self.beta_min
+        alpha = torch.exp(log_alpha)
+        sigma = torch.sqrt(-torch.expm1(2 * log_alpha))
+        d_alpha = alpha * d_log_alpha
+        return Point(alpha, sigma, d_alpha, -alpha * d_alpha / sigma)
+
+    def time_at_log_snr(self, log_snr: torch.Tensor, snap_tol: torch.Tensor | float = 0.0) -> torch.Tensor:
+        # α² = sigmoid(2λ): solve ¼·Δβ·t² + ½·β_min·t + log α = 0 for t ≥ 0
+        log_alpha = -0.5 * torch.nn.functional.softplus(-2 * log_snr.to(F64))
+        a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+        t = 2 * (-log_alpha) / (b + torch.sqrt(b**2 - 4 * a * log_alpha))  # (the stable root)
+        return t.clamp(self.t_min, self.t_max)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "sampling_eps": self.sampling_eps}
+
+
+_PATHS = {cls.kind: cls for cls in (DiscreteVPSchedule, RectifiedFlow, CosinePath, VEPath, EDMPath, VPSDEPath)}
 
 
 def path_from_config(config: Mapping[str, Any]) -> GaussianPath:

@@ -11,7 +11,7 @@ from conftest import make_unet
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
 from test_adapters import noise, rel_max
 
-from fmconvert import EDMPath, VelocityAdapter, VEPath
+from fmconvert import EDMPath, VelocityAdapter, VEPath, VPSDEPath
 from fmconvert.agreement import pf_ode_reference
 from fmconvert.configs import path_config
 from fmconvert.solvers import solve
@@ -59,6 +59,31 @@ def test_score_sde_ve_pf_ode_is_euler_on_the_converted_field():
             reference = reference + (nxt - sigma) * (-sigma * score)
     ours = converted_euler(unet, scheduler, sigmas, x)
     assert rel_max(ours, reference) <= 1e-5
+
+
+def test_vp_sde_ddim_in_its_own_time_is_euler_on_the_converted_field():
+    """ScoreSdeVpScheduler (continuous VP SDE, the network takes t ∈ [sampling_eps, 1] and returns ε):
+    DDIM along the scheduler's own continuous times, x' = α(t')·x̂0 + σ(t')·ε̂ (Euler on its PF-ODE
+    in σ/α), equals Euler on the converted field on s = σ/(α + σ)."""
+    from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
+
+    torch.set_num_threads(1)
+    unet = make_unet(seed=9)
+    scheduler = ScoreSdeVpScheduler()
+    scheduler.set_timesteps(12)
+    adapter = VelocityAdapter.from_diffusion(unet, scheduler)
+    t = scheduler.timesteps.to(F64)
+    p = adapter.source.point(t)
+    x = noise()
+    reference = x.double()
+    with torch.no_grad():
+        for k in range(len(t) - 1):
+            eps = unet(reference.float(), t[k].float().expand(x.shape[0])).sample.double()
+            x0 = (reference - p.sigma[k] * eps) / p.alpha[k]
+            reference = p.alpha[k + 1] * x0 + p.sigma[k + 1] * eps
+        grid = p.sigma / (p.alpha + p.sigma)
+        ours = solve(lambda y, s: adapter.evaluate(y, 1000 * s), (x.double() / (p.alpha[0] + p.sigma[0])).float(), grid).x
+    assert rel_max(ours.double() * (p.alpha[-1] + p.sigma[-1]), reference) <= 1e-5
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -115,14 +140,15 @@ def test_continuous_sources_describe_their_paths():
 
 
 @pytest.mark.parametrize("scheduler", [ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=348.0),
-                                       EDMEulerScheduler(sigma_data=0.5)], ids=["ve", "edm"])
+                                       EDMEulerScheduler(sigma_data=0.5), {"_class_name": "ScoreSdeVpScheduler"}],
+                         ids=["ve", "edm", "vp-sde"])
 def test_converted_field_is_the_pf_ode_drift(scheduler):
     """The converted field against the PF-ODE drift f·x − ½g²·∇log p computed from the
     network's output in score form (agree's reference), across the trained range."""
     torch.set_num_threads(1)
     unet = make_unet(seed=8, **({"time_embedding_type": "fourier"} if isinstance(scheduler, ScoreSdeVeScheduler) else {}))
     adapter = VelocityAdapter.from_diffusion(unet, scheduler)
-    assert isinstance(adapter.source, VEPath)
+    assert isinstance(adapter.source, (VEPath, VPSDEPath))
     x = noise()
     for sigma in (0.02, 0.5, 3.0, 40.0):
         s = torch.full((2,), sigma / (1 + sigma), dtype=F64)

@@ -8,10 +8,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler
 from fmconvert import (
     PREDICTION_TYPES,
     CosinePath,
-    EDMPath,
     DiscreteVPSchedule,
+    EDMPath,
     RectifiedFlow,
     VEPath,
+    VPSDEPath,
     canonical_prediction_type,
     from_x0_eps,
     pf_ode_drift,
@@ -20,7 +21,7 @@ from fmconvert import (
 
 F64 = torch.float64
 PATHS = [DiscreteVPSchedule.from_config({"beta_schedule": "linear"}), RectifiedFlow(), CosinePath(), VEPath(0.01, 50.0),
-         EDMPath(0.002, 80.0, 0.5), EDMPath(0.002, 120.0, 1.0)]
+         EDMPath(0.002, 80.0, 0.5), EDMPath(0.002, 120.0, 1.0), VPSDEPath()]
 
 
 def _samples(path, n=64, seed=0):

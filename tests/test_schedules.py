@@ -13,7 +13,16 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from fmconvert import CosinePath, DiscreteVPSchedule, RectifiedFlow, VEPath, path_from_config, path_from_scheduler_config
+from fmconvert import (
+    CosinePath,
+    DiscreteVPSchedule,
+    EDMPath,
+    RectifiedFlow,
+    VEPath,
+    VPSDEPath,
+    path_from_config,
+    path_from_scheduler_config,
+)
 
 F64 = torch.float64
 
@@ -87,6 +96,8 @@ PATHS = [
     RectifiedFlow(),
     CosinePath(),
     VEPath(0.002, 80.0),
+    EDMPath(0.002, 80.0, 0.5),
+    VPSDEPath(0.1, 20.0, 1e-3),
 ]
 
 
@@ -204,3 +215,20 @@ def test_trained_betas_out_of_range_are_refused_from_the_config():
 
     with pytest.raises(ValueError, match="trained_betas"):
         path_config({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 1.5]})
+
+
+def test_vp_sde_path_is_score_sde_vp_schedulers():
+    """α and σ of ScoreSdeVpScheduler's step (log_mean_coeff, std), its config read as the path."""
+    from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
+
+    from fmconvert.configs import path_config
+
+    scheduler = ScoreSdeVpScheduler(beta_min=0.1, beta_max=20.0, sampling_eps=1e-3)
+    description, prediction = path_config(scheduler)
+    path = path_from_config(description)
+    assert isinstance(path, VPSDEPath) and prediction == "epsilon" and (path.t_min, path.t_max) == (1e-3, 1.0)
+    t = torch.linspace(1e-3, 1, 50, dtype=F64)
+    log_mean = -0.25 * t**2 * (20.0 - 0.1) - 0.5 * t * 0.1
+    p = path.point(t)
+    torch.testing.assert_close(p.alpha, log_mean.exp(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(p.sigma, torch.sqrt(1.0 - torch.exp(2.0 * log_mean)), rtol=1e-12, atol=0)
