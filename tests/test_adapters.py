@@ -399,8 +399,8 @@ def test_x0_and_eps_stay_consistent_beyond_the_trained_range(unet):
 @pytest.mark.parametrize("build, words", [
     (lambda m: VelocityAdapter.from_diffusion(m, ddim("linear"), prediction_type="noise"),
      ["prediction_type", "'noise'", "epsilon", "v_prediction"]),
-    (lambda m: VelocityAdapter.from_diffusion(m, {"_class_name": "ScoreSdeVpScheduler"}),
-     ["ScoreSdeVpScheduler", "DDIMScheduler"]),
+    (lambda m: VelocityAdapter.from_diffusion(m, {"_class_name": "CMStochasticIterativeScheduler"}),
+     ["CMStochasticIterativeScheduler", "DDIMScheduler"]),
     (lambda m: VelocityAdapter.from_diffusion(m, {"_class_name": "DDIMScheduler", "beta_schedule": "cubic"}),
      ["beta_schedule", "'cubic'", "linear"]),
     (lambda m: VelocityAdapter.from_diffusion(m, ddim("linear", rescale_betas_zero_snr=True)),

@@ -240,11 +240,11 @@ def test_not_a_diffusers_folder(tmp_path):
 
 
 def test_unsupported_scheduler(tmp_path):
-    folder = save_ddpm_folder(tmp_path / "vp-sde")
+    folder = save_ddpm_folder(tmp_path / "consistency")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    config["_class_name"] = "ScoreSdeVpScheduler"
+    config["_class_name"] = "CMStochasticIterativeScheduler"
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    one_line_error(run("wrap", folder, "--out", tmp_path / "o"), 1, "unsupported scheduler", "ScoreSdeVpScheduler")
+    one_line_error(run("wrap", folder, "--out", tmp_path / "o"), 1, "unsupported scheduler", "CMStochasticIterativeScheduler")
 
 
 def test_unsupported_model_class(tmp_path):
