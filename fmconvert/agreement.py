@@ -150,14 +150,17 @@ def field_vs_field(first: PathAdapter, second: PathAdapter, data: torch.Tensor, 
 
 def trajectory_agreement(vm, steps_list, num_images: int = 64, batch_size: int = 64, seed: int = 0,
                          device: str = "cpu") -> list[dict]:
-    """fmconvert's Euler on the trailing grid against the source's own DDIMScheduler at the
-    same NFE and seeds: relative L2 and largest |difference| of the final samples, per NFE."""
+    """fmconvert's Euler on the trailing grid against DDIM on the source stepping along the same
+    listed (trailing) timesteps, at the same NFE and seeds: relative L2 and largest |difference|
+    of the final samples, per NFE. (diffusers' DDIMScheduler.step steps to t − T//N, which for
+    N not dividing T is not its next listed timestep: compared with it, the rows would measure
+    that step rule, not the conversion.)"""
     from .sampling import generate, generate_baseline
 
     rows = []
     for steps in steps_list:
         ours = generate(vm, num_images, batch_size, seed, "euler", "trailing", steps, device)
-        ddim = generate_baseline(vm, num_images, batch_size, seed, steps, device, "ddim")
+        ddim = generate_baseline(vm, num_images, batch_size, seed, steps, device, "ddim", along_list=True)
         diff = (ours.samples.double() - ddim.samples.double())
         rows.append({"nfe": steps, "relative_l2": (diff.norm() / ddim.samples.double().norm()).item(),
                      "max_abs_error": diff.abs().max().item()})
@@ -165,13 +168,15 @@ def trajectory_agreement(vm, steps_list, num_images: int = 64, batch_size: int =
 
 
 def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
-    """Images in data space [−1, 1] from builtin:digits[/train|/held_out] or an image folder."""
-    from pathlib import Path
+    """Images in data space [−1, 1] from builtin:digits[/train|/held_out] or an image folder
+    (:func:`fmconvert.data.parse_data`)."""
+    from .data import parse_data
 
-    if reference.startswith("builtin:digits"):
+    ref = parse_data(reference)
+    if ref.kind == "builtin":
         from .digits import load_digits
 
-        return load_digits(reference.split("/", 1)[1] if "/" in reference else "all").data[:limit]
+        return load_digits(ref.split).data[:limit]
     from .images import load_folder
 
-    return load_folder(Path(reference), limit).float() / 127.5 - 1
+    return load_folder(ref.path, limit).float() / 127.5 - 1

@@ -223,7 +223,7 @@ def sample(
     try:
         if baseline is not None:
             log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
-            solver, grid = baseline, "trailing"
+            solver, grid, options = baseline, "trailing", None
 
             def make_batches(ranges):
                 return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges,
@@ -242,7 +242,7 @@ def sample(
             store = ShardStore(samples_dir, {
                 "model": model, "model_class": vm.source.model_class, "solver": solver, "grid": grid, "steps": steps,
                 "seed": seed, "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
-                "dtype": dtype, **conditioning.describe(),
+                "dtype": dtype, "solver_options": options, **conditioning.describe(),
             })
         result, reused = generate_sharded(vm, make_batches, num_images, batch_size, store, device)
     except ValueError as error:  # a grid the source cannot have, steps beyond its schedule, ...
@@ -321,6 +321,7 @@ def agree(
 ):
     """How closely the converted field agrees with its source (or two fields with each other)."""
     from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
+    from .data import parse_data
     from .sampling import generate, load_velocity_model
     from .schedules import DiscreteVPSchedule
 
@@ -332,6 +333,8 @@ def agree(
     for name, value in (("--num-times", num_times), ("--num-points", num_points), ("--num-images", num_images)):
         if value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value}")
+    if data is not None:
+        parse_data(data)  # (before any model is loaded)
     device = _device(device)
     # the agreement measures the conversion: apply it in float64 (the network keeps its dtype)
     vm = load_velocity_model(model, device=device, compute_dtype="float64")
@@ -395,6 +398,7 @@ def fid(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ):
     """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep."""
+    from .data import parse_data
     from .fid import FEATURES, make_extractor, reference_stats, save_stats, sweep
     from .grids import GRIDS
     from .sampling import BASELINES, load_velocity_model
@@ -412,6 +416,7 @@ def fid(
     for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
         if value < 2:
             raise UsageError(f"{name} must be at least 2, got {value}")
+    parse_data(reference, statistics=True)  # (before any model is loaded or sample drawn)
     device = _device(device)
     import torch
 

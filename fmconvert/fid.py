@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .data import DataRef, parse_data
 from .errors import FmconvertError, UsageError
 
 FEATURES = ("digits", "inception")
@@ -244,19 +245,15 @@ def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str 
     return stats
 
 
-def _reference_batches(reference: str, batch_size: int) -> tuple[Iterator[torch.Tensor], str]:
-    """uint8 batches of REF (builtin:digits[/train|/held_out] or an image folder) and a cache key part."""
-    if reference.startswith("builtin:digits"):
+def _reference_batches(ref: DataRef, batch_size: int) -> tuple[Iterator[torch.Tensor], str]:
+    """uint8 batches of a builtin dataset or an image folder, and a cache key part."""
+    if ref.kind == "builtin":
         from .digits import digits_path, load_digits
 
-        which = reference.split("/", 1)[1] if "/" in reference else "all"
-        if which not in ("all", "train", "held_out"):
-            raise UsageError(f"unknown split '{which}' in '{reference}': use builtin:digits, /train or /held_out")
-        images = load_digits(which).images
-        return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), f"{reference}:{_sha256(digits_path())}"
-    folder = Path(reference).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"reference '{reference}' is not builtin:digits, an image folder or a statistics file")
+        images = load_digits(ref.split).images
+        key = f"builtin:{ref.name}/{ref.split}:{_sha256(digits_path())}"
+        return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), key
+    folder = ref.path
     from .images import image_files, load_files
 
     files = image_files(folder)
@@ -281,10 +278,9 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
 
     from .io import atomic_write
 
-    as_file = Path(reference).expanduser()
-    if as_file.is_file():
-        if as_file.suffix != ".safetensors":
-            raise UsageError(f"reference file '{reference}' must be a .safetensors statistics file")
+    ref = parse_data(reference, statistics=True)
+    if ref.kind == "stats":
+        as_file = ref.path
         tensors = load_file(as_file)
         meta = json.loads(_metadata(as_file).get("fmconvert", "{}"))
         if meta.get("extractor") not in (None, extractor.name) or meta.get("weights_sha256") not in (None, extractor.weights_sha256):
@@ -293,7 +289,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
         return ReferenceStats(FeatureStats.from_tensors(tensors, device), "file", str(as_file))
     from . import distributed
 
-    batches, key = _reference_batches(reference, batch_size)
+    batches, key = _reference_batches(ref, batch_size)
     digest = hashlib.sha256(f"{key}|{extractor.name}|{extractor.weights_sha256}".encode()).hexdigest()[:24]
     path = cache_dir() / f"{digest}.safetensors"
     cached = use_cache and path.is_file()
@@ -363,6 +359,7 @@ def sweep(vm, reference: str, extractor: Extractor, solvers: list[str], steps_li
     runs += [(solver, steps, False) for solver in solvers for steps in steps_list]
     common = {"model": vm.source.reference, "model_class": vm.source.model_class, "seed": seed,
               "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
+              "dtype": str(vm.velocity.network_dtype).removeprefix("torch."),
               "fmconvert": __import__("fmconvert").__version__}
     bar = None
     if progress:

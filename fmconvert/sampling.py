@@ -330,10 +330,16 @@ def ddim_baseline(vm: VelocityModel):
 
 def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, steps: int = 50,
                   device: str = "cpu", baseline: str = "ddim", ranges: list[tuple[int, int]] | None = None,
-                  conditioning: Conditioning | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+                  conditioning: Conditioning | None = None,
+                  along_list: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The source's own diffusers sampler driving the unconverted network on the same noise
     and conditioning (guidance on the source's prediction, as its pipeline applies it), batch
-    by batch (or over the given global index ranges)."""
+    by batch (or over the given global index ranges).
+
+    ``along_list``: DDIM stepping from each of the scheduler's listed timesteps to the next
+    listed one (the last to α = 1), x' = α'·x̂0 + σ'·ε̂ in float64 on the source's ᾱ, instead of
+    diffusers' ``DDIMScheduler.step``, which steps to t − T//N: for N not dividing T that is
+    not the next timestep it evaluates (NOTES §8), so it is not one ODE solver on one grid."""
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
     conditioning = conditioning or Conditioning()
@@ -359,15 +365,33 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                     pair = call.split(call(model, torch.cat([x, x]).to(model.dtype),
                                            t.to(device).expand(2 * x.shape[0]), (), both))[0]
                     out = guide(*pair.float().chunk(2), w, phi)
-                x = scheduler.step(out.float(), t, x).prev_sample
+                x = (_ddim_along(vm, scheduler.timesteps, out, x, t) if along_list
+                     else scheduler.step(out.float(), t, x).prev_sample)
         yield x.float(), to_images(vm, x.float()), steps
+
+
+def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+    """One DDIM (η = 0) step from ``t`` to the next of ``timesteps`` (after the last: α = 1),
+    float64 on the source's path: x' = α'·x̂0 + σ'·ε̂."""
+    from .predictions import to_x0_eps
+
+    path, listed = vm.grid_source, timesteps.tolist()
+    k = listed.index(t.item())
+    p = path.point(t.to(torch.float64).reshape(1))
+    x0, eps = to_x0_eps(vm.source.prediction_type, out.double(), x.double(), p)
+    if k + 1 == len(listed):
+        return x0.float()
+    q = path.point(timesteps[k + 1].to(torch.float64).reshape(1))
+    return (q.alpha * x0 + q.sigma * eps).float()
 
 
 def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
                       steps: int = 50, device: str = "cpu", baseline: str = "ddim",
-                      conditioning: Conditioning | None = None) -> SampleResult:
+                      conditioning: Conditioning | None = None, along_list: bool = False) -> SampleResult:
     """All samples of :func:`iter_baseline`."""
-    batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, conditioning=conditioning)
+    batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, conditioning=conditioning,
+                            along_list=along_list)
     return _collect(batches)
 
 

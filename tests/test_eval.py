@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import error
 from typer.testing import CliRunner
 
 from fmconvert.cli import app
@@ -31,14 +32,16 @@ def private_cache(tmp_path, monkeypatch):
 
 def test_agree_converted_field_matches_the_source_drift(ddpm_folder):
     payload = json.loads(ok("agree", ddpm_folder, "--num-times", 6, "--num-points", 8, "--dtypes", "float32,bfloat16",
-                            "--steps", "2,5", "--num-images", 4, "--json").stdout)
+                            "--steps", "2,7", "--num-images", 4, "--json").stdout)
     field = payload["field"]
     assert len(field["s"]) == 6 and min(field["s"]) > 0 and max(field["s"]) < 1
     assert max(field["float32"]["relative_l2"]) < 1e-5
     assert min(field["float32"]["cosine"]) > 1 - 1e-9
     # bfloat16 is measurably worse but still close: the check can tell dtypes apart
     assert 1e-5 < max(field["bfloat16"]["relative_l2"]) < 0.1
-    assert [row["nfe"] for row in payload["trajectories"]] == [2, 5]
+    # against DDIM along its own listed timesteps: 7 does not divide 1000, where diffusers' DDIM step
+    # (to t − T//N) read 6.5e-3 while fmconvert matched DDIM along the list to 2e-7
+    assert [row["nfe"] for row in payload["trajectories"]] == [2, 7]
     assert all(row["relative_l2"] < 1e-5 for row in payload["trajectories"])
 
 
@@ -184,3 +187,32 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     text = (out / "report.md").read_text()
     assert "FID vs DDIM baseline" in text and "![samples](samples.png)" in text
     assert runner.invoke(app, ["report", str(ddpm_folder), "--out", str(out)]).exit_code == 2  # exists: needs --force
+
+
+def test_data_and_reference_strings_have_one_parser(ddpm_folder, tmp_path):
+    """`agree --data builtin:digits/heldout` (a typo for held_out) used the 1,500-image train split
+    silently while `fid` refused it: both refuse it now, in one line listing the valid forms,
+    before any model is loaded; an unknown builtin name too."""
+    from fmconvert.data import parse_data
+
+    line = error(2, "agree", "no/such/model", "--data", "builtin:digits/heldout")
+    assert "heldout" in line and "builtin:digits/held_out" in line and "builtin:digits/train" in line
+    line = error(2, "fid", "no/such/model", "--reference", "builtin:digits/heldout")
+    assert "heldout" in line and "builtin:digits/held_out" in line
+    assert "builtin:digits" in error(2, "fid", ddpm_folder, "--reference", "builtin:digitz", "--steps", 1)
+    assert "does not exist" in error(2, "agree", ddpm_folder, "--data", tmp_path / "missing")
+    (tmp_path / "stats.txt").write_text("x")
+    assert "is a file" in error(2, "fid", ddpm_folder, "--reference", tmp_path / "stats.txt", "--steps", 1)
+    assert parse_data("builtin:digits").split == "all" and parse_data("builtin:digits/train").split == "train"
+    assert parse_data(str(tmp_path)).kind == "folder"
+
+
+def test_fid_samples_dir_knows_the_dtype(tmp_path, ddpm_folder):
+    """The same fid command with --dtype bfloat16 after float32 reported every shard reused and the
+    identical FID: fid's record of a run had no dtype. Now the second run is refused."""
+    args = ["fid", ddpm_folder, "--reference", "builtin:digits", "--steps", 2, "--num-images", 4, "--batch-size", 2,
+            "--samples-dir", tmp_path / "s"]
+    first = json.loads(ok(*args, "--dtype", "float32", "--json").stdout)
+    assert first["rows"][0]["shards_reused"] == 0
+    assert json.loads(ok(*args, "--dtype", "float32", "--json").stdout)["rows"][0]["shards_reused"] == 2
+    assert "other settings" in error(1, *args, "--dtype", "bfloat16")
