@@ -163,6 +163,7 @@ def cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
     """Network keyword arguments with every floating tensor in ``dtype`` (nested dicts too),
     as pipelines cast their embeddings to the network's dtype."""
     import torch
+
     out = {}
     for key, value in kwargs.items():
         if isinstance(value, dict):
@@ -177,6 +178,7 @@ def concat_kwargs(first: dict, second: dict) -> dict:
     """Network keyword arguments for the batch [first; second] (tensors concatenated on dim 0,
     nested dicts recursively, anything else taken from ``second``)."""
     import torch
+
     out = {}
     for key, value in second.items():
         other = first.get(key)
@@ -373,6 +375,7 @@ class LatentUnconditional(Family):
 
     def decode(self, pipe, x):
         import torch
+
         vq = self._decoder(pipe)
         with torch.no_grad():
             return _images(vq.decode(x.to(vq.dtype) / vq.config.scaling_factor).sample)
@@ -389,6 +392,7 @@ class _VAEDecoded(Family):
         (SDXL's pipeline), else latents/scaling + shift_factor; float32 where the VAE asks
         for it (force_upcast) and is float16."""
         import torch
+
         vae = self._decoder(pipe)
         config = vae.config
         dtype = torch.float32 if (vae.dtype == torch.float16 and config.get("force_upcast", False)) else vae.dtype
@@ -412,6 +416,7 @@ def _text(pipe: Any, request: Conditioning, batch: int, device: Any, negative_de
           **extra) -> tuple:
     """The pipeline's own encode_prompt, by keyword (the signatures differ per pipeline)."""
     import torch
+
     if not hasattr(pipe, "encode_prompt"):
         raise FmconvertError(f"{type(pipe).__name__} has no encode_prompt; cannot encode --prompt")
     with torch.no_grad():
@@ -495,6 +500,7 @@ class DiT(_VAEDecoded):
 
     def encode(self, pipe, request, first, batch, device, config, size):
         import torch
+
         labels = self.labels(request, pipe, config)
         index = torch.arange(first, first + batch) % len(labels)
         cond = torch.tensor(labels)[index].to(device)
@@ -510,6 +516,7 @@ class PixArtAlpha(_TextConditioned, _VAEDecoded):
 
     def encode(self, pipe, request, first, batch, device, config, size):
         import torch
+
         cond, mask, uncond, uncond_mask = _text(pipe, request, batch, device, negative_default="", clean_caption=False)
         added = {"resolution": None, "aspect_ratio": None}
         if config.sample_size == 128:  # PixArt-α 1024's micro-conditions, as its pipeline builds them
@@ -583,6 +590,7 @@ class KandinskyV22(Family):
 
     def decode(self, pipe, x):
         import torch
+
         movq = self._decoder(pipe)
         with torch.no_grad():
             return _images(movq.decode(x.to(movq.dtype), force_not_quantize=True).sample)
