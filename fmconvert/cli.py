@@ -51,7 +51,12 @@ def emit_json(payload: dict) -> None:
 
 
 def handle_errors(command):
-    """One-line errors with the right exit code; tracebacks only with FMCONVERT_DEBUG=1."""
+    """One-line errors with the right exit code; tracebacks only with FMCONVERT_DEBUG=1.
+
+    FmconvertError: its exit code (UsageError 2, else 1). ValueError: the library's way of
+    saying an argument cannot be honoured (a grid the source cannot have, steps beyond its
+    schedule, a config it cannot map), so a usage error, exit 2, in every command. Anything
+    else: exit 1, with its type."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -67,14 +72,23 @@ def handle_errors(command):
         except KeyboardInterrupt:
             log("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except ValueError as error:
+            if os.environ.get("FMCONVERT_DEBUG") == "1":
+                raise
+            log(f"error: {_first_line(error)}")
+            raise typer.Exit(UsageError.exit_code) from None
         except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
             if os.environ.get("FMCONVERT_DEBUG") == "1":
                 raise
-            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            log(f"error: {type(error).__name__}: {text} (set FMCONVERT_DEBUG=1 for the traceback)")
+            log(f"error: {type(error).__name__}: {_first_line(error)} (set FMCONVERT_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _choice(value: str, choices, option: str) -> str:
@@ -220,33 +234,30 @@ def sample(
                              channels_last=channels_last, compile=compile)
     vm.resize(height, width)
     vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    try:
-        if baseline is not None:
-            log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
-            solver, grid, options = baseline, "trailing", None
+    if baseline is not None:
+        log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
+        solver, grid, options = baseline, "trailing", None
 
-            def make_batches(ranges):
-                return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges,
-                                     conditioning=conditioning)
-        else:
-            log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
-            options = {"rtol": rtol, "atol": atol} if solver == "dopri5" else None
+        def make_batches(ranges):
+            return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges,
+                                 conditioning=conditioning)
+    else:
+        log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
+        options = {"rtol": rtol, "atol": atol} if solver == "dopri5" else None
 
-            def make_batches(ranges):
-                return iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning,
-                                     progress=interactive, solver_options=options, ranges=ranges)
-        store = None
-        if samples_dir is not None:
-            from .shards import ShardStore
+        def make_batches(ranges):
+            return iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning,
+                                 progress=interactive, solver_options=options, ranges=ranges)
+    store = None
+    if samples_dir is not None:
+        from .shards import ShardStore
 
-            store = ShardStore(samples_dir, {
-                "model": model, "model_class": vm.source.model_class, "solver": solver, "grid": grid, "steps": steps,
-                "seed": seed, "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
-                "dtype": dtype, "solver_options": options, **conditioning.describe(),
-            })
-        result, reused = generate_sharded(vm, make_batches, num_images, batch_size, store, device)
-    except ValueError as error:  # a grid the source cannot have, steps beyond its schedule, ...
-        raise UsageError(str(error)) from None
+        store = ShardStore(samples_dir, {
+            "model": model, "model_class": vm.source.model_class, "solver": solver, "grid": grid, "steps": steps,
+            "seed": seed, "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
+            "dtype": dtype, "solver_options": options, **conditioning.describe(),
+        })
+    result, reused = generate_sharded(vm, make_batches, num_images, batch_size, store, device)
     if result is None:  # not rank 0: rank 0 writes and prints
         return
     outputs = {}
@@ -428,11 +439,8 @@ def fid(
     extractor.check(image_shape(vm))
     log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
         f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
-    try:
-        result = sweep(vm, reference, extractor, solvers, steps_list, num_images, batch_size, seed, grid, baseline,
-                       device, progress=interactive, use_cache=not no_cache, samples_dir=samples_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    result = sweep(vm, reference, extractor, solvers, steps_list, num_images, batch_size, seed, grid, baseline,
+                   device, progress=interactive, use_cache=not no_cache, samples_dir=samples_dir)
     result["model"], result["loaded"] = model, vm.info
     if save_reference_stats is not None:
         stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise

@@ -373,3 +373,13 @@ def test_baseline_runs_the_sources_own_ddim_on_the_same_noise(tmp_path, ddpm_fol
     assert rel(baseline, reference) < 1e-6 and rel(euler, baseline) <= 1e-5
     one_line_error(run("sample", flow_folder, "--baseline", "ddim"), 2, "flow model")  # a usage error
     one_line_error(run("sample", ddpm_folder, "--baseline", "plms"), 2, "--baseline", "ddim")
+
+
+def test_value_errors_are_usage_errors_in_every_command(tmp_path):
+    """A ValueError from the library (an argument the model cannot honour) was exit 2 in sample and fid
+    only; agree printed "ValueError: ..." with exit 1. One place maps it now, for every command."""
+    folder = save_ddpm_folder(tmp_path / "m")
+    line = one_line_error(run("agree", folder, "--steps", "2000", "--num-points", 2, "--num-times", 2, "--num-images", 1),
+                          2, "exceeds")
+    assert "ValueError" not in line
+    one_line_error(run("sample", folder, "--steps", 2000, "--grid", "trailing", "--num-images", 1), 2, "exceeds")
