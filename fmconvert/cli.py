@@ -433,6 +433,9 @@ def fid(
 
     _choice(dtype, DTYPES, "--dtype")
     extractor = make_extractor(features, inception_weights, inception_layer, device)
+    if num_images <= extractor.num_features:
+        log(f"warning: {num_images} samples for {extractor.num_features}-dimensional {extractor.name} features: the "
+            "covariance is singular and the FID is biased high; use more samples than dimensions to compare numbers")
     vm = load_velocity_model(model, dtype=getattr(torch, dtype), device=device, channels_last=channels_last, compile=compile)
     from .sampling import image_shape
 

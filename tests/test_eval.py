@@ -216,3 +216,11 @@ def test_fid_samples_dir_knows_the_dtype(tmp_path, ddpm_folder):
     assert first["rows"][0]["shards_reused"] == 0
     assert json.loads(ok(*args, "--dtype", "float32", "--json").stdout)["rows"][0]["shards_reused"] == 2
     assert "other settings" in error(1, *args, "--dtype", "bfloat16")
+
+
+def test_fewer_samples_than_feature_dimensions_are_warned_of(ddpm_folder):
+    result = runner.invoke(app, ["fid", str(ddpm_folder), "--reference", "builtin:digits", "--steps", "1",
+                                 "--num-images", "4", "--batch-size", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: 4 samples for 128-dimensional digits features" in result.stderr
+    assert json.loads(result.stdout)["rows"][0]["num_samples"] == 4
