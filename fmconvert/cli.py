@@ -202,11 +202,10 @@ def sample(
     """Sample MODEL as a velocity field with an ODE solver."""
     import torch
 
+    from .families import Conditioning
     from .grids import GRIDS
     from .sampling import BASELINES
     from .solvers import SOLVERS
-
-    from .families import Conditioning
 
     _choice(solver, SOLVERS, "--solver")
     if baseline is not None:

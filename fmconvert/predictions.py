@@ -34,6 +34,7 @@ import torch
 from .configs import canonical_prediction_type
 from .schedules import Point
 
+
 def coefficients(prediction_type: str, p: Point) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """(a, b) with prediction = a·x̂0 + b·ε̂ at point p."""
     kind = canonical_prediction_type(prediction_type)

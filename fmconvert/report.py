@@ -66,7 +66,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
                  solvers=("euler", "heun"), num_images: int = 1000, num_times: int = 20, seed: int = 0,
                  device: str = "cpu", force: bool = False, progress: bool = False, log=print) -> dict:
     from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
-    from .fid import make_extractor, reference_stats, fid_between, plot_sweep, sweep
+    from .fid import fid_between, make_extractor, plot_sweep, reference_stats, sweep
     from .grids import trained_log_snr_range
     from .io import atomic_folder, atomic_write
     from .pipelines import inspect_source, write_converted

@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from .configs import FLOW_SCHEDULERS
 from .core import invert
 from .errors import FmconvertError, UsageError
 from .families import Conditioning, guide, network_call, network_kwargs
-from .configs import FLOW_SCHEDULERS
 from .grids import time_grid
 from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
@@ -149,6 +149,7 @@ def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code
     if source.model_index is None:
         return None
     from diffusers import DiffusionPipeline
+
     from .pipelines import load
 
     if source.converted:
