@@ -30,6 +30,7 @@ from diffusers.utils import BaseOutput
 from .configs import (  # noqa: F401 (LOAD_DTYPES re-exported)
     LOAD_DTYPES,
     NETWORK_FOLDER,
+    adapter_init,
     canonical_prediction_type,
     path_config,
     scheduler_config,
@@ -124,16 +125,8 @@ class PathAdapter(ModelMixin, ConfigMixin):
     @classmethod
     def _wrap(cls, model: ModelMixin, source: GaussianPath, source_prediction: str, target: GaussianPath,
               target_prediction: str, compute_dtype: str) -> "PathAdapter":
-        return cls(
-            model_class=type(model).__name__,
-            model_config=_public_config(model),
-            source_path=source.to_config(),
-            source_prediction=source_prediction,
-            target_path=target.to_config(),
-            target_prediction=target_prediction,
-            compute_dtype=compute_dtype,
-            model=model,
-        )
+        return cls(**adapter_init(type(model).__name__, _public_config(model), source.to_config(), source_prediction,
+                                  target.to_config(), target_prediction, compute_dtype), model=model)
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
                         safe_serialization: bool = True, variant: str | None = None, **kwargs: Any) -> None:

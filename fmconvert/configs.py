@@ -183,6 +183,23 @@ def describe_path(path: Mapping[str, Any]) -> str:
     return f"{path.get('kind')}({args})"
 
 
+def adapter_init(model_class: str, model_config: Mapping[str, Any], source_path: Mapping[str, Any],
+                 source_prediction: str, target_path: Mapping[str, Any], target_prediction: str,
+                 compute_dtype: str = "float64") -> dict[str, Any]:
+    """The arguments of a :class:`~fmconvert.adapters.PathAdapter` (its config): a ``model_class``
+    network with config ``model_config`` (private keys dropped), seen from the source path and
+    prediction on the target's (paths as descriptions)."""
+    return {
+        "model_class": model_class,
+        "model_config": {k: v for k, v in model_config.items() if not k.startswith("_")},
+        "source_path": dict(source_path),
+        "source_prediction": source_prediction,
+        "target_path": dict(target_path),
+        "target_prediction": target_prediction,
+        "compute_dtype": compute_dtype,
+    }
+
+
 def velocity_adapter_init(model_class: str, model_config: Mapping[str, Any], source_path: Mapping[str, Any],
                           source_prediction: str, compute_dtype: str = "float64") -> dict[str, Any]:
     """The arguments of :class:`~fmconvert.adapters.VelocityAdapter` for a ``model_class``
@@ -192,15 +209,9 @@ def velocity_adapter_init(model_class: str, model_config: Mapping[str, Any], sou
     source_prediction = canonical_prediction_type(source_prediction)
     if source_prediction == "flow_prediction":
         raise ValueError("the source is already a flow-matching model; use DiffusionAdapter to convert it back")
-    return {
-        "model_class": model_class,
-        "model_config": {k: v for k, v in model_config.items() if not k.startswith("_")},
-        "source_path": dict(source_path),
-        "source_prediction": source_prediction,
-        "target_path": rectified_flow(num_train_timesteps=num_train_timesteps(source_path)),
-        "target_prediction": "flow_prediction",
-        "compute_dtype": compute_dtype,
-    }
+    target = rectified_flow(num_train_timesteps=num_train_timesteps(source_path))
+    return adapter_init(model_class, model_config, source_path, source_prediction, target, "flow_prediction",
+                        compute_dtype)
 
 
 def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: str | None,

@@ -73,8 +73,9 @@ _SHIMS = {
 }
 #: shim texts written by earlier versions (still fmconvert's own one-line imports)
 _LEGACY_SHIMS = {SCHEDULER_SHIM: "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n"}
-#: fmconvert's classes that a converted folder names (behind the shims)
-OWN_CLASSES = ("VelocityAdapter", "DiffusionAdapter", "FlowMatchEulerScheduler")
+#: fmconvert's classes that a converted folder names (behind the shims): its denoisers, its scheduler
+ADAPTER_CLASSES = ("VelocityAdapter", "DiffusionAdapter")
+OWN_CLASSES = (*ADAPTER_CLASSES, "FlowMatchEulerScheduler")
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 DENOISERS = ("unet", "transformer")
 #: diffusers' weight file names (diffusers.utils.constants)
@@ -124,6 +125,8 @@ def _diffusers_model(name: str) -> bool:
     import diffusers
 
     return hasattr(diffusers, name)
+
+
 SCHEDULES = {
     "cosine": {"beta_schedule": "squaredcos_cap_v2"},
     "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -164,7 +167,7 @@ class Source:
 
     @property
     def converted(self) -> bool:
-        return self.model_class in ("VelocityAdapter", "DiffusionAdapter")
+        return self.model_class in ADAPTER_CLASSES
 
     @property
     def pipeline_class(self) -> str | None:
@@ -266,7 +269,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
         if not isinstance(model_class, str):
             raise FmconvertError(f"'{reference}' has a config.json without a diffusers _class_name; not a diffusers model")
         _check_safety(folder, [""], allow_pickle, trust_remote_code)
-        sched = _scheduler_beside(folder) if model_class not in OWN_CLASSES else {}
+        sched = _scheduler_beside(folder) if model_class not in ADAPTER_CLASSES else {}
     else:
         raise FmconvertError(
             f"'{reference}' is not a diffusers folder: expected model_index.json (a pipeline) or config.json "
@@ -274,7 +277,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
         )
     path, prediction = _path_and_prediction(model_folder, model_class, sched)
     path = flow_timestep_path(path, model_class)
-    converted = model_class in OWN_CLASSES
+    converted = model_class in ADAPTER_CLASSES
     # a model class diffusers does not have is custom code: load_denoiser refuses it or, with
     # --trust-remote-code, loads it for the pipeline's family
     family = family_of(index.get("_class_name") if index else None, model_class,
@@ -289,7 +292,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
 
 
 def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> tuple[dict, str]:
-    if model_class in ("VelocityAdapter", "DiffusionAdapter"):
+    if model_class in ADAPTER_CLASSES:
         config = _read_json(model_folder / "config.json")
         return config["target_path"], config["target_prediction"]
     try:
@@ -574,7 +577,7 @@ def _register_shim_modules() -> None:
 
     from diffusers import ModelMixin, SchedulerMixin
 
-    for name, classes in ((ADAPTER_SHIM, ("VelocityAdapter", "DiffusionAdapter")), (SCHEDULER_SHIM, ("FlowMatchEulerScheduler",))):
+    for name, classes in ((ADAPTER_SHIM, ADAPTER_CLASSES), (SCHEDULER_SHIM, ("FlowMatchEulerScheduler",))):
         if name not in sys.modules:
             module = types.ModuleType(name, f"fmconvert's classes under the shim name {name}")
             module.__dict__.update({c: _own_class(c) for c in classes}, ModelMixin=ModelMixin, SchedulerMixin=SchedulerMixin)

@@ -340,14 +340,14 @@ def save_zsnr(folder: Path, seed: int = 4) -> Path:
 SDXL_TIME_DIM = 8  # addition_time_embed_dim (256 in the real UNet)
 
 
-def save_sdxl(folder: Path, seed: int = 5) -> Path:
-    """stabilityai/stable-diffusion-xl-base-1.0: two CLIP text encoders (the second with projection,
-    whose pooled output + 6 time ids feed the "text_time" added embedding), EulerDiscreteScheduler."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+def sdxl_components(make_vae) -> dict:
+    """The SDXL replica's components but its scheduler: a CLIP-L-like encoder (quick_gelu,
+    <|endoftext|> padding) and a bigG-like one with projection ("!" padding), whose pooled output and
+    6 time ids feed the UNet's "text_time" added embedding, and the VAE ``make_vae()`` builds (after
+    the UNet). Call after seeding; replicas of other SDXL repos (tests/replicas_continuous.py) share it."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
     tokenizer, vocab = _clip_tokenizer()
     tokenizer_2, vocab_2 = _clip_tokenizer(pad_token="!")
     text_encoder = CLIPTextModel(_clip_text_config(vocab, "<|endoftext|>", hidden=16, act="quick_gelu", projection=16))
@@ -360,12 +360,22 @@ def save_sdxl(folder: Path, seed: int = 5) -> Path:
         cross_attention_dim=16 + 32, norm_num_groups=8, addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_DIM, projection_class_embeddings_input_dim=projection_dim + 6 * SDXL_TIME_DIM,
     )
-    vae = _kl_vae(0.13025, force_upcast=True)
+    vae = make_vae()
     _reinit_zero_weights(unet, vae)
+    return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet)
+
+
+def save_sdxl(folder: Path, seed: int = 5) -> Path:
+    """stabilityai/stable-diffusion-xl-base-1.0: two CLIP text encoders (the second with projection,
+    whose pooled output + 6 time ids feed the "text_time" added embedding), EulerDiscreteScheduler."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
     StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=_scheduler("sdxl"), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
+        **sdxl_components(lambda: _kl_vae(0.13025, force_upcast=True)), scheduler=_scheduler("sdxl"),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
     ).save_pretrained(folder)
     _patch_model_index(folder, drop_null=("image_encoder", "feature_extractor"), add_watermarker=None)
     return folder

@@ -46,7 +46,6 @@ import torch
 
 from replicas import (
     PROMPT,
-    SDXL_TIME_DIM,
     TEXT_ARGS,
     TEXT_CALL,
     Replica,
@@ -55,6 +54,7 @@ from replicas import (
     _kl_vae,
     _patch_model_index,
     _reinit_zero_weights,
+    sdxl_components,
     _t5,
 )
 
@@ -255,30 +255,8 @@ def save_ncsnpp_ve(folder: Path, seed: int = 23) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # SDXL UNet under EDM-style schedulers: Playground v2.5, CosXL
+# (the components: replicas.sdxl_components, as the sdxl replica's)
 # --------------------------------------------------------------------------------------------------
-
-def _sdxl_components(vae) -> dict:
-    """The SDXL replica's components (tests/replicas.py save_sdxl, same widths): CLIP-L-like encoder
-    (quick_gelu, <|endoftext|> padding) + bigG-like encoder with projection ("!" padding) whose pooled
-    output and 6 time ids feed the "text_time" added embedding. Call after seeding."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer, vocab = _clip_tokenizer()
-    tokenizer_2, vocab_2 = _clip_tokenizer(pad_token="!")
-    text_encoder = CLIPTextModel(_clip_text_config(vocab, "<|endoftext|>", hidden=16, act="quick_gelu", projection=16))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(vocab_2, "!", hidden=32, act="gelu", projection=32))
-    projection_dim = text_encoder_2.config.projection_dim
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=16 + 32, norm_num_groups=8, addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_DIM, projection_class_embeddings_input_dim=projection_dim + 6 * SDXL_TIME_DIM,
-    )
-    _reinit_zero_weights(unet, vae)
-    return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                tokenizer_2=tokenizer_2, unet=unet)
 
 
 def save_playground25(folder: Path, seed: int = 24) -> Path:
@@ -290,10 +268,9 @@ def save_playground25(folder: Path, seed: int = 24) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    vae = _kl_vae(0.5, latents_mean=PLAYGROUND_LATENTS_MEAN, latents_std=PLAYGROUND_LATENTS_STD)
     StableDiffusionXLPipeline(
-        **_sdxl_components(vae), scheduler=_scheduler("playground25"), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
+        **sdxl_components(lambda: _kl_vae(0.5, latents_mean=PLAYGROUND_LATENTS_MEAN, latents_std=PLAYGROUND_LATENTS_STD)),
+        scheduler=_scheduler("playground25"), force_zeros_for_empty_prompt=True, add_watermarker=False,
     ).save_pretrained(folder)
     return folder
 
@@ -308,10 +285,9 @@ def save_cosxl(folder: Path, seed: int = 25) -> Path:
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    vae = _kl_vae(0.13025, force_upcast=True)
     StableDiffusionXLPipeline(
-        **_sdxl_components(vae), scheduler=_scheduler("cosxl"), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
+        **sdxl_components(lambda: _kl_vae(0.13025, force_upcast=True)), scheduler=_scheduler("cosxl"),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
     ).save_pretrained(folder)
     _patch_model_index(folder, drop_null=("image_encoder", "feature_extractor"), add_watermarker=None)
     return folder
