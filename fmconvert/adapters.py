@@ -37,7 +37,7 @@ from .configs import (  # noqa: F401 (LOAD_DTYPES re-exported)
     velocity_adapter_init,
 )
 from .core import Conversion, apply_conversion, check_pair, plan_conversion, reparameterize  # noqa: F401 (re-exported)
-from .families import flow_timestep_path, network_call, refuse_nonlinear_options
+from .families import family_timestep_path, network_call, refuse_nonlinear_options
 from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_config
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -297,7 +297,7 @@ class VelocityAdapter(PathAdapter):
 class DiffusionAdapter(PathAdapter):
     """A flow-matching velocity model as an epsilon or v_prediction model on a discrete VP
     schedule, called with integer or float timesteps t ∈ [0, T−1] as DDIM, DPM-Solver and
-    Euler schedulers pass them."""
+    Euler schedulers pass them (t / 1000 for a FLUX network: its pipeline divides them)."""
 
     @classmethod
     def from_flow(cls, model: ModelMixin, prediction_type: str = "epsilon", schedule: Any = None,
@@ -320,5 +320,8 @@ class DiffusionAdapter(PathAdapter):
             source, src_pred = path_config(flow_scheduler)
             if src_pred != "flow_prediction":
                 raise ValueError("flow_scheduler must describe a flow-matching model (e.g. FlowMatchEulerDiscreteScheduler)")
-        source = path_from_config(flow_timestep_path(source, type(model).__name__))  # FLUX's network takes s
-        return cls._wrap(model, source, "flow_prediction", schedule, pred, compute_dtype)
+        # the timesteps as the family's pipeline hands them over (FLUX's network: s; the adapter: t / 1000)
+        name = type(model).__name__
+        source = path_from_config(family_timestep_path(source, name))
+        target = path_from_config(family_timestep_path(schedule.to_config(), name))
+        return cls._wrap(model, source, "flow_prediction", target, pred, compute_dtype)

@@ -49,13 +49,14 @@ class NetworkCall:
     channels: int | None
     learned_variance: bool
     #: the network takes its latents packed in 2×2 patches, (B, h/2·w/2, 4·C) (FLUX): packed
-    #: and unpacked around the call by its pipeline's own static methods
+    #: and unpacked around a call on (B, C, h, w) latents by its pipeline's own static methods (its
+    #: pipeline hands a converted network packed latents: they pass as they are)
     packed: bool = False
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, args: tuple,
                  kwargs: dict) -> torch.Tensor:
         """The network's raw output (all its channels), shaped as ``x``."""
-        if self.packed:
+        if self.packed and x.ndim == 4:  # (its own pipeline hands it packed latents, (B, h/2·w/2, 4·C))
             from diffusers import FluxPipeline
 
             b, c, h, w = x.shape
@@ -235,14 +236,17 @@ class Family:
     splits_variance: ClassVar[bool] = False
     #: the network takes only the sample size it was built for (positional embeddings)
     fixed_size: ClassVar[bool] = False
-    #: a flow network's timestep per unit of s, where it is not num_train_timesteps (FLUX: 1,
-    #: its pipeline divides by 1000): part of the source's path description
-    timestep_scale: ClassVar[float | None] = None
+    #: its pipeline hands the network the scheduler's timestep divided by this (FLUX: 1000, so a
+    #: flow network gets s): part of the path descriptions on both sides (:func:`family_timestep_path`)
+    timestep_divisor: ClassVar[float | None] = None
+    #: its pipeline hands every scheduler the flow-only arguments sigmas (a FlowMatch grid) and mu:
+    #: a converted folder steps fmconvert's FlowPipeline* schedulers (:mod:`fmconvert.schedulers`)
+    hands_flow_arguments: ClassVar[bool] = False
     #: the network takes latents packed in 2×2 patches (see :class:`NetworkCall`)
     packs_latents: ClassVar[bool] = False
-    #: a flow family whose pipeline can step a stock discrete scheduler (DDIM, DPM-Solver):
-    #: ``wrap --to epsilon|v_prediction`` keeps its pipeline (no flow-only arguments, no
-    #: ``scale_model_input`` expected)
+    #: a flow family whose pipeline can step a discrete scheduler (DDIM, DPM-Solver, Euler; through
+    #: fmconvert's FlowPipeline* schedulers where it hands flow-only arguments or calls no
+    #: ``scale_model_input``): ``wrap --to epsilon|v_prediction`` keeps its pipeline
     steps_discrete_schedulers: ClassVar[bool] = False
 
     def latent_channels(self, config: Any) -> int | None:
@@ -627,8 +631,10 @@ class Flux(_VAEDecoded):
     pipelines = ("FluxPipeline",)
     models = ("FluxTransformer2DModel",)
     accepts = ("prompt",)
-    timestep_scale = 1.0
+    timestep_divisor = 1000.0
     packs_latents = True
+    steps_discrete_schedulers = True
+    hands_flow_arguments = True
 
     def latent_channels(self, config):
         return config.get("in_channels") // 4
@@ -676,12 +682,19 @@ FAMILIES: tuple[Family, ...] = (PixelUnconditional(), LatentUnconditional(), Sta
 _BY_PIPELINE = {p: f for f in FAMILIES for p in f.pipelines}
 
 
-def flow_timestep_path(path: dict, model_class: str | None) -> dict:
-    """A flow path description with the timestep form of ``model_class``'s family (FLUX: s)."""
-    scale = next((f.timestep_scale for f in FAMILIES if model_class in f.models and f.timestep_scale), None)
-    if scale is None or path.get("kind") != "rectified_flow":
+def family_timestep_path(path: dict, model_class: str | None) -> dict:
+    """A path description with the timestep form that ``model_class``'s family's pipeline hands
+    its network: the scheduler's timestep over the family's ``timestep_divisor`` (FLUX: a flow
+    network gets 1000·s / 1000 = s, a converted one t / 1000). Unchanged for other families."""
+    divisor = next((f.timestep_divisor for f in FAMILIES if model_class in f.models and f.timestep_divisor), None)
+    if divisor is None:
         return path
-    return {**path, "timestep_scale": scale}
+    if path.get("kind") == "rectified_flow":
+        return {**path, "timestep_scale": path.get("num_train_timesteps", 1000) / divisor}
+    if path.get("kind") == "discrete_vp":
+        return {**path, "timestep_scale": 1.0 / divisor}
+    raise ValueError(f"{model_class}'s pipeline divides its timesteps by {divisor:g}: no timestep form for a "
+                     f"{path.get('kind')} path")
 
 
 def supported() -> str:

@@ -16,10 +16,12 @@ The converted folder is a pipeline folder:
   :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` (exact, float timesteps, with the
   family's ``sample_scaling``), also through a shim;
 - ``--to epsilon`` / ``--to v_prediction``: an unconditional flow source becomes a
-  DDPMPipeline, a Stable Diffusion 3 source keeps its pipeline, each with
+  DDPMPipeline, a Stable Diffusion 3 or FLUX.1 source keeps its pipeline, each with
   DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True) on the
-  chosen discrete schedule (a family whose pipeline hands its scheduler flow-only arguments,
-  FLUX, is refused). Defaults: v_prediction on
+  chosen discrete schedule; FLUX's pipeline hands every scheduler flow-only arguments (sigmas,
+  mu), so its folder gets :class:`~fmconvert.schedulers.FlowPipelineDDIMScheduler`, through the
+  scheduler shim (swap in FlowPipelineEulerDiscreteScheduler or
+  FlowPipelineDPMSolverMultistepScheduler the same way). Defaults: v_prediction on
   squaredcos_cap_v2 (its s-range [0.006, 0.99995] covers the flow path best, and
   x̂0 = α·x − σ·v stays well conditioned); epsilon on DDPM's linear betas, because
   x̂0 = (x − σ·ε̂)/α divides by α_T, which is 5e-5 on the cosine schedule (float32
@@ -56,7 +58,7 @@ from .configs import (
     velocity_scheduler_config,
 )
 from .errors import FmconvertError, UsageError
-from .families import FAMILIES, Family, PixelUnconditional, family_of, flow_timestep_path
+from .families import FAMILIES, Family, PixelUnconditional, family_of, family_timestep_path
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
 from .io import atomic_folder, link_or_copy
 
@@ -69,13 +71,18 @@ ADAPTER_SHIM = "fmconvert_adapter"
 SCHEDULER_SHIM = "fmconvert_scheduler"
 _SHIMS = {
     ADAPTER_SHIM: "from fmconvert.adapters import DiffusionAdapter, VelocityAdapter  # noqa: F401\n",
-    SCHEDULER_SHIM: "from fmconvert.schedulers import FlowMatchEulerScheduler  # noqa: F401\n",
+    SCHEDULER_SHIM: "from fmconvert.schedulers import (  # noqa: F401\n"
+                    "    FlowMatchEulerScheduler, FlowPipelineDDIMScheduler, FlowPipelineDPMSolverMultistepScheduler,\n"
+                    "    FlowPipelineEulerDiscreteScheduler)\n",
 }
 #: shim texts written by earlier versions (still fmconvert's own one-line imports)
-_LEGACY_SHIMS = {SCHEDULER_SHIM: "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n"}
-#: fmconvert's classes that a converted folder names (behind the shims): its denoisers, its scheduler
+_LEGACY_SHIMS = {SCHEDULER_SHIM: ("from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n",
+                                  "from fmconvert.schedulers import FlowMatchEulerScheduler  # noqa: F401\n")}
+#: fmconvert's classes that a converted folder names (behind the shims): its denoisers, its schedulers
 ADAPTER_CLASSES = ("VelocityAdapter", "DiffusionAdapter")
-OWN_CLASSES = (*ADAPTER_CLASSES, "FlowMatchEulerScheduler")
+SCHEDULER_CLASSES = ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "FlowPipelineDPMSolverMultistepScheduler",
+                     "FlowPipelineEulerDiscreteScheduler")
+OWN_CLASSES = (*ADAPTER_CLASSES, *SCHEDULER_CLASSES)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 DENOISERS = ("unet", "transformer")
 #: diffusers' weight file names (diffusers.utils.constants)
@@ -84,11 +91,11 @@ WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.bin", "diffusion_pyt
 
 
 def _own_class(name: str) -> type:
-    from .adapters import DiffusionAdapter, VelocityAdapter
-    from .schedulers import FlowMatchEulerScheduler
+    from . import adapters, schedulers
 
-    return {"VelocityAdapter": VelocityAdapter, "DiffusionAdapter": DiffusionAdapter,
-            "FlowMatchEulerScheduler": FlowMatchEulerScheduler}[name]
+    if name not in OWN_CLASSES:
+        raise KeyError(name)
+    return getattr(adapters if name in ADAPTER_CLASSES else schedulers, name)
 
 
 def _add_variant(name: str, variant: str | None) -> str:
@@ -220,7 +227,7 @@ def _check_safety(folder: Path, components: list[str], allow_pickle: bool, trust
                 f"'{part}' has only pickle weights ({weights[0].name}); loading pickles can run code: "
                 "convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
-        code = [p for p in files if p.suffix == ".py" and p.read_text() not in (_SHIMS.get(p.stem), _LEGACY_SHIMS.get(p.stem))]
+        code = [p for p in files if p.suffix == ".py" and p.read_text() not in (_SHIMS.get(p.stem), *_LEGACY_SHIMS.get(p.stem, ()))]
         if code and not trust_remote_code:
             raise FmconvertError(
                 f"'{part}' contains code ({code[0].name}) that would run on load; pass --trust-remote-code "
@@ -276,7 +283,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
             "(a model, with its scheduler config beside it)"
         )
     path, prediction = _path_and_prediction(model_folder, model_class, sched)
-    path = flow_timestep_path(path, model_class)
+    path = family_timestep_path(path, model_class)
     converted = model_class in ADAPTER_CLASSES
     # a model class diffusers does not have is custom code: load_denoiser refuses it or, with
     # --trust-remote-code, loads it for the pipeline's family
@@ -450,11 +457,8 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
             "models, use --to velocity"
         )
     if not source.family.steps_discrete_schedulers:
-        raise FmconvertError(
-            f"--to {to} for a {source.pipeline_class} is not supported yet: its pipeline hands the scheduler flow-only "
-            "arguments (sigmas, mu) and the network s; supported: unconditional pipelines, bare UNet2DModel folders "
-            "and Stable Diffusion 3"
-        )
+        raise FmconvertError(f"--to {to} for a {source.pipeline_class} is not supported yet; supported: unconditional "
+                             "pipelines, bare UNet2DModel folders, Stable Diffusion 3 and FLUX.1")
     from diffusers import DDIMScheduler
 
     from .adapters import DiffusionAdapter
@@ -467,8 +471,8 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
                                              flow_scheduler=source.scheduler or None)
     except ValueError as error:
         raise FmconvertError(str(error)) from None
-    return ({"_class_name": "DiffusionAdapter", **dict(adapter.config)},
-            {"_class_name": "DDIMScheduler", **dict(ddim.config)})
+    scheduler = "FlowPipelineDDIMScheduler" if source.family.hands_flow_arguments else "DDIMScheduler"
+    return ({"_class_name": "DiffusionAdapter", **dict(adapter.config)}, {**dict(ddim.config), "_class_name": scheduler})
 
 
 def _write_config(folder: Path, name: str, config: dict) -> None:
@@ -577,7 +581,7 @@ def _register_shim_modules() -> None:
 
     from diffusers import ModelMixin, SchedulerMixin
 
-    for name, classes in ((ADAPTER_SHIM, ADAPTER_CLASSES), (SCHEDULER_SHIM, ("FlowMatchEulerScheduler",))):
+    for name, classes in ((ADAPTER_SHIM, ADAPTER_CLASSES), (SCHEDULER_SHIM, SCHEDULER_CLASSES)):
         if name not in sys.modules:
             module = types.ModuleType(name, f"fmconvert's classes under the shim name {name}")
             module.__dict__.update({c: _own_class(c) for c in classes}, ModelMixin=ModelMixin, SchedulerMixin=SchedulerMixin)

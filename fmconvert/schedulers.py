@@ -35,8 +35,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.configuration_utils import register_to_config
 
 from .schedules import RectifiedFlow, path_from_config
@@ -141,3 +147,96 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             return out
         x0 = (x.to(torch.float32) - float(self.sigmas[index]) * model_output.to(torch.float32)).to(model_output.dtype)
         return prev, x0
+
+
+# -- discrete schedulers in the pipelines of flow models -------------------------------------------
+
+
+def pipeline_default_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The grid a flow pipeline (FluxPipeline) hands its scheduler when the user gives none:
+    linspace(1, 1/N, N), exactly as its ``__call__`` computes it."""
+    return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+
+
+class FlowPipelineSchedulerMixin:
+    """``set_timesteps`` that accepts the flow-only arguments flow pipelines hand every scheduler.
+
+    FluxPipeline calls ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=...)`` whether or not the
+    user chose a grid. On a discrete schedule:
+
+    - ``sigmas`` equal to that default stand for ``num_inference_steps = N`` (the scheduler's own
+      grid, by its ``timestep_spacing``); any other sigmas are refused (ValueError, one line):
+      a FlowMatch grid has no exact counterpart on integer timesteps;
+    - ``mu``, the dynamic shift the pipeline computes from the image size, shifts FlowMatch grids
+      only: unused here, as FlowMatchEulerDiscreteScheduler leaves it unused without
+      ``use_dynamic_shifting`` (the converted folder's grid is the discrete scheduler's);
+    - ``timesteps`` go to the parent where it takes them (DPM-Solver, Euler).
+
+    These pipelines neither scale their initial noise nor call ``scale_model_input``: their
+    latents hold the variance-preserving x_t from randn, as DDIM's and DPM-Solver's do.
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,
+                      mu: float | None = None, timesteps: Any = None) -> None:
+        if sigmas is not None:
+            sigmas = np.asarray(sigmas.cpu() if torch.is_tensor(sigmas) else sigmas, dtype=np.float64)
+            n = len(sigmas)
+            if n == 0 or not np.array_equal(sigmas, pipeline_default_sigmas(n)):
+                raise ValueError(f"{type(self).__name__} steps a discrete schedule and cannot follow custom flow sigmas; "
+                                 "pass num_inference_steps (and leave sigmas unset)")
+            num_inference_steps = n
+        if timesteps is None:
+            super().set_timesteps(num_inference_steps, device)
+        elif "timesteps" in inspect.signature(super().set_timesteps).parameters:
+            super().set_timesteps(device=device, timesteps=timesteps)
+        else:
+            raise ValueError(f"{type(self).__name__} takes no custom timesteps; pass num_inference_steps")
+
+
+class FlowPipelineDDIMScheduler(FlowPipelineSchedulerMixin, DDIMScheduler):
+    """DDIMScheduler for flow pipelines (:class:`FlowPipelineSchedulerMixin`). On a converted
+    FLUX.1 / SD3 folder, DDIM(trailing) equals the source's FlowMatchEulerDiscreteScheduler on
+    the mapped grid s(t_k) (DDIM is Euler on the rectified path)."""
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """FluxPipeline calls it; DDIM steps by the timestep it is handed, so there is no index to set."""
+
+
+class FlowPipelineDPMSolverMultistepScheduler(FlowPipelineSchedulerMixin, DPMSolverMultistepScheduler):
+    """DPMSolverMultistepScheduler for flow pipelines (:class:`FlowPipelineSchedulerMixin`)."""
+
+
+class FlowPipelineEulerDiscreteScheduler(FlowPipelineSchedulerMixin, EulerDiscreteScheduler):
+    """EulerDiscreteScheduler for flow pipelines (:class:`FlowPipelineSchedulerMixin`).
+
+    Euler works on x_t·√(σ_t² + 1) (σ = √((1 − ᾱ)/ᾱ)) and expects its pipeline to scale the
+    noise by ``init_noise_sigma`` and call ``scale_model_input``; flow pipelines do neither and
+    hold x_t. So ``init_noise_sigma`` is 1, ``scale_model_input`` is the identity, and ``step``
+    maps x_t in and out of Euler's variable: the images are those of the stock scheduler in a
+    pipeline that scales (and equal DDIM's on the same timesteps, both being Euler on the
+    probability-flow ODE in σ).
+    """
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        self.is_scale_input_called = True
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args, return_dict: bool = True,
+             **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        sigma, sigma_next = (self.sigmas[index].double(), self.sigmas[index + 1].double())
+        self.is_scale_input_called = True
+        x = (sample.double() * (sigma**2 + 1).sqrt()).to(torch.float32)
+        out = super().step(model_output, timestep, x, *args, return_dict=return_dict, **kwargs)
+        prev = out.prev_sample if return_dict else out[0]
+        prev = (prev.double() / (sigma_next**2 + 1).sqrt()).to(model_output.dtype)
+        if return_dict:
+            out.prev_sample = prev
+            return out
+        return (prev, *out[1:])

@@ -149,11 +149,16 @@ class DiscreteVPSchedule(GaussianPath):
     diffusers' ``_sigma_to_t`` do), so every integer is exact. Where the schedule has zero
     terminal SNR (λ_{T−1} = −∞) the last interval is interpolated linearly in
     s = σ/(α+σ) instead.
+
+    The network receives timestep = t (as the schedulers hand it over), or t·``timestep_scale``
+    where its pipeline rescales the scheduler's timesteps (FLUX's divides them by 1000:
+    ``timestep_scale`` = 1/1000); such a timestep is snapped back to the integer t it was
+    rounded from.
     """
 
     kind = "discrete_vp"
 
-    def __init__(self, alphas_cumprod: torch.Tensor | list[float]):
+    def __init__(self, alphas_cumprod: torch.Tensor | list[float], timestep_scale: float | None = None):
         acp = torch.as_tensor(alphas_cumprod, dtype=F64).flatten()
         if acp.numel() < 2 or not bool(((acp >= 0) & (acp <= 1)).all()):
             raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1]")
@@ -167,11 +172,14 @@ class DiscreteVPSchedule(GaussianPath):
         # knots where λ is finite; with zero terminal SNR the last one is −∞
         self._finite = self.num_train_timesteps - 1 if self.zero_terminal_snr else self.num_train_timesteps
         self._description: dict[str, Any] | None = None  # the beta settings it was built from, if any
+        self.timestep_scale = None if timestep_scale is None else float(timestep_scale)
+        if self.timestep_scale is not None and not self.timestep_scale > 0:
+            raise ValueError(f"timestep_scale must be positive, got {timestep_scale}")
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> "DiscreteVPSchedule":
+    def from_betas(cls, betas: torch.Tensor, timestep_scale: float | None = None) -> "DiscreteVPSchedule":
         """ᾱ_n = Π_{i≤n}(1 − β_i), accumulated in the betas' dtype exactly as diffusers does."""
-        return cls(torch.cumprod(1.0 - betas, dim=0))
+        return cls(torch.cumprod(1.0 - betas, dim=0), timestep_scale)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
@@ -195,7 +203,9 @@ class DiscreteVPSchedule(GaussianPath):
             betas = torch.sigmoid(torch.linspace(-6, 6, T)) * (end - start) + start
         if description.get("rescale_betas_zero_snr", False):
             betas = rescale_zero_terminal_snr(betas)
-        path = cls.from_betas(betas)
+        path = cls.from_betas(betas, config.get("timestep_scale"))
+        if path.timestep_scale is not None:
+            description["timestep_scale"] = path.timestep_scale
         path._description = description
         return path
 
@@ -248,11 +258,30 @@ class DiscreteVPSchedule(GaussianPath):
         near = near | ((lam == self._lambdas.to(lam.device)[n]))
         return torch.where(near, n.to(F64), t)
 
+    def model_timestep(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        t = torch.as_tensor(t).to(dtype)
+        return t if self.timestep_scale is None else t * self.timestep_scale
+
+    def time_from_model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        t = timestep.to(F64)
+        if self.timestep_scale is None:
+            return t
+        t = t / self.timestep_scale
+        if not timestep.is_floating_point():
+            return t
+        # t·scale arrived rounded to its dtype: an integer t it is within that rounding of is that t
+        n = t.round()
+        near = (t - n).abs() <= 8 * torch.finfo(timestep.dtype).eps * n.abs().clamp_min(1.0)
+        return torch.where(near, n, t)
+
     def to_config(self) -> dict[str, Any]:
         """The beta settings it was built from (:meth:`from_config`), else the ᾱ table."""
         if self._description is not None:
             return dict(self._description)
-        return {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        config = {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        if self.timestep_scale is not None:
+            config["timestep_scale"] = self.timestep_scale
+        return config
 
 
 class RectifiedFlow(GaussianPath):
@@ -437,6 +466,7 @@ class VPSDEPath(GaussianPath):
         log_alpha = -0.5 * torch.nn.functional.softplus(-2 * log_snr.to(F64))
         a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
         t = 2 * (-log_alpha) / (b + torch.sqrt(b**2 - 4 * a * log_alpha))  # (the stable root)
+        t = torch.where(torch.isinf(log_alpha), self.t_max, t)  # λ = −∞ (pure noise): ∞/∞ above
         return t.clamp(self.t_min, self.t_max)
 
     def to_config(self) -> dict[str, Any]:

@@ -215,3 +215,48 @@ def test_score_sde_ve_replica_converts_and_agrees(tmp_path, tmp_path_factory):
         report = json.loads(ok("agree", folder, "--num-points", 8, "--num-times", 5, "--json").stdout)
         assert max(report["field"]["float32"]["relative_l2"]) < 1e-5
         assert "trajectories" not in report  # (its rows compare with DDIM: a discrete schedule's)
+
+
+def test_vp_sde_model_folder_converts_and_agrees(tmp_path):
+    """A continuous-time VP score model (score_sde's DDPM++ cont. VP, as ScoreSdeVpScheduler describes it: β(t)
+    linear from 0.1 to 20, t ∈ [1e-3, 1], 2000 training steps, network output ε). diffusers has no pipeline
+    for it, so it is a bare model folder with its scheduler_config.json beside: wrap writes a DDPMPipeline that
+    stock diffusers runs, and `fmconvert agree` measures the converted field against the PF-ODE drift."""
+    import json
+
+    from diffusers import DiffusionPipeline
+    from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
+    from replicas import one_thread
+
+    from conftest import ok
+
+    with one_thread():
+        folder = tmp_path / "vp-sde"
+        make_unet(seed=10).save_pretrained(folder)
+        ScoreSdeVpScheduler(num_train_timesteps=2000, beta_min=0.1, beta_max=20.0, sampling_eps=1e-3).save_config(folder)
+        out = tmp_path / "converted"
+        summary = json.loads(ok("wrap", folder, "--out", out, "--json").stdout)
+        assert summary["pipeline_class"] == "DDPMPipeline" and summary["loaded"]["path"]["kind"] == "vp_sde"
+        pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+        images = pipe(num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        assert bool(torch.isfinite(torch.from_numpy(images)).all())
+        report = json.loads(ok("agree", folder, "--num-points", 8, "--num-times", 5, "--json").stdout)
+        assert max(report["field"]["float32"]["relative_l2"]) < 1e-5
+
+
+@pytest.mark.parametrize("scheduler", [ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=348.0),
+                                       EDMEulerScheduler(sigma_data=0.5),
+                                       EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction",
+                                                              use_karras_sigmas=True, sigma_min=0.002, sigma_max=120.0),
+                                       {"_class_name": "ScoreSdeVpScheduler"}],
+                         ids=["ve", "edm", "continuous-euler", "vp-sde"])
+def test_converted_continuous_sources_are_finite_at_both_ends(scheduler):
+    """s = 1 (pure noise, λ = −∞) and s = 0 lie beyond every continuous source's trained range: the
+    endpoint policy gives finite velocities there. (The VP SDE's time at λ = −∞ was ∞/∞ = NaN before.)"""
+    torch.set_num_threads(1)
+    unet = make_unet(seed=8, **({"time_embedding_type": "fourier"} if isinstance(scheduler, ScoreSdeVeScheduler) else {}))
+    adapter = VelocityAdapter.from_diffusion(unet, scheduler)
+    x = noise()
+    with torch.no_grad():
+        for s in (1.0, 0.0):
+            assert bool(torch.isfinite(adapter(x, torch.tensor([1000 * s])).sample).all()), s
