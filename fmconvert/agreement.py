@@ -25,6 +25,7 @@ from torchmetrics import Metric
 
 from .adapters import PathAdapter
 from .predictions import from_x0_eps, pf_ode_drift, to_x0_eps
+from .runs import Run
 from .schedules import RectifiedFlow
 
 F64 = torch.float64
@@ -148,23 +149,28 @@ def field_vs_field(first: PathAdapter, second: PathAdapter, data: torch.Tensor, 
     return AgreementResult(s_values.tolist(), {"float32": {k: v.tolist() for k, v in metric.compute().items()}})
 
 
-def trajectory_agreement(vm, steps_list, num_images: int = 64, batch_size: int = 64, seed: int = 0,
-                         device: str = "cpu") -> list[dict]:
+def trajectory_agreement(vm, base: Run, steps_list, num_images: int = 64, batch_size: int = 64,
+                         device: str = "cpu") -> tuple[list[dict], list[Run]]:
     """fmconvert's Euler on the trailing grid against DDIM on the source stepping along the same
-    listed (trailing) timesteps, at the same NFE and seeds: relative L2 and largest |difference|
-    of the final samples, per NFE. (diffusers' DDIMScheduler.step steps to t − T//N, which for
-    N not dividing T is not its next listed timestep: compared with it, the rows would measure
-    that step rule, not the conversion.)"""
-    from .sampling import generate, generate_baseline
+    listed (trailing) timesteps, at the same NFE and seeds (``base``'s model, seed, dtype): relative
+    L2 and largest |difference| of the final samples, per NFE; and the runs compared. (diffusers'
+    DDIMScheduler.step steps to t − T//N, which for N not dividing T is not its next listed
+    timestep: compared with it, the rows would measure that step rule, not the conversion.)"""
+    import dataclasses
 
-    rows = []
+    from .sampling import generate_run
+
+    rows, runs = [], []
     for steps in steps_list:
-        ours = generate(vm, num_images, batch_size, seed, "euler", "trailing", steps, device)
-        ddim = generate_baseline(vm, num_images, batch_size, seed, steps, device, "ddim", along_list=True)
-        diff = (ours.samples.double() - ddim.samples.double())
-        rows.append({"nfe": steps, "relative_l2": (diff.norm() / ddim.samples.double().norm()).item(),
+        ours = dataclasses.replace(base, sampler="euler", grid="trailing", baseline=False, steps=steps, options=(),
+                                   num_images=num_images, shard_size=batch_size)
+        ddim = dataclasses.replace(ours, sampler="ddim", baseline=True, options=(("along_list", True),))
+        ours_samples, ddim_samples = generate_run(vm, ours, device).samples, generate_run(vm, ddim, device).samples
+        diff = (ours_samples.double() - ddim_samples.double())
+        rows.append({"nfe": steps, "relative_l2": (diff.norm() / ddim_samples.double().norm()).item(),
                      "max_abs_error": diff.abs().max().item()})
-    return rows
+        runs += [ours, ddim]
+    return rows, runs
 
 
 def load_points(reference: str, limit: int | None = None) -> torch.Tensor:

@@ -12,18 +12,53 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
+from .baselines import BASELINES
+from .configs import SAMPLE_DTYPES
 from .errors import FmconvertError, UsageError
+from .features import FEATURES
+from .grids import GRIDS
+from .solvers import SOLVERS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
     help="Convert diffusion models to flow-matching velocity fields and back, exactly; sample them with ODE solvers.",
 )
 
-DTYPES = ("float32", "bfloat16", "float16")
+
+def _listing(registry: dict) -> str:
+    return "; ".join(f"{name}: {entry.summary}" for name, entry in registry.items())
+
+
+def _solver_option_help(option: str) -> str:
+    takers = {name: dict(s.options)[option] for name, s in SOLVERS.items() if option in dict(s.options)}
+    return f"Solver option {option} ({', '.join(f'{n}: default {d:g}' for n, d in takers.items())}); refused for other solvers."
+
+
+# -- options shared by several commands, declared once (read from the registries) ---------------------
+Steps = Annotated[str, typer.Option(help="Solver steps (the NFE is counted and reported, not assumed); comma-separated for a sweep.")]
+Solver = Annotated[str, typer.Option(help="ODE solver: " + _listing(SOLVERS) + ".")]
+Grid = Annotated[str, typer.Option(help="Time grid: " + _listing(GRIDS) + ".")]
+Baseline = Annotated[Optional[str], typer.Option(help="The source's own diffusers sampler on the same noise: " + _listing(BASELINES) + ".")]
+Rtol = Annotated[Optional[float], typer.Option(help=_solver_option_help("rtol"))]
+Atol = Annotated[Optional[float], typer.Option(help=_solver_option_help("atol"))]
+Dtype = Annotated[str, typer.Option(help="Network dtype: " + ", ".join(SAMPLE_DTYPES) + " (the conversion's coefficients stay float64).")]
+Seed = Annotated[int, typer.Option(help="Noise seed: torch.randn((N, C, H, W), generator=Generator('cpu').manual_seed(seed)).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+NumImages = Annotated[int, typer.Option("--num-images", help="How many samples (per run).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per model call, and per shard of --samples-dir.")]
+SamplesDir = Annotated[Optional[Path], typer.Option("--samples-dir", help="Keep samples in shards here; a rerun reuses complete shards of the same run and refuses other settings.")]
+ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="GPU fast path: channels-last memory format.")]
+Compile = Annotated[bool, typer.Option("--compile", help="GPU fast path: torch.compile the network.")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickle weights (.bin/.ckpt): they can run code.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow running code shipped with the model.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+NumTimes = Annotated[int, typer.Option("--num-times", help="Times spread over the trained range.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
 def _main_process() -> bool:
@@ -133,16 +168,16 @@ def wrap(
     out: Path = typer.Option(..., "--out", "-o", help="The converted pipeline folder to write."),
     to: str = typer.Option("velocity", help="velocity (for epsilon / v / sample sources), epsilon or v_prediction (for flow sources)."),
     schedule: Optional[str] = typer.Option(None, help="Discrete target schedule for --to epsilon (default linear) / v_prediction (default cosine): cosine, linear, scaled_linear, or a scheduler_config.json."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
+    revision: Revision = None,
     variant: Optional[str] = typer.Option(None, help="Which of the source's weight files: fp16, bf16, ... (diffusers' variant); default: its plain files."),
     dtype: Optional[str] = typer.Option(None, help="The dtype the converted folder declares for loading its network (float32, float16, bfloat16); default: as the source loads."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (.bin/.ckpt): they can run code."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the source."),
+    force: Force = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
     push_to: Optional[str] = typer.Option(None, "--push", help="Then publish the folder to this Hub repo id."),
     private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
     token: Optional[str] = typer.Option(None, "--token", help="With --push: Hub token (default: HF_TOKEN or the login cache)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    as_json: AsJson = False,
 ):
     """Convert SOURCE into a pipeline folder that stock diffusers loads."""
     from .pipelines import TARGETS, inspect_source, write_converted
@@ -169,16 +204,16 @@ def wrap(
 @handle_errors
 def sample(
     model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
-    solver: str = typer.Option("euler", help="euler, heun, midpoint, rk4, ab2 (2nd-order multistep), dopri5 (adaptive)."),
-    grid: str = typer.Option("uniform", help="uniform, flowmatch (diffusers' default), trailing, leading, linspace, karras, logsnr."),
-    steps: int = typer.Option(50, help="Number of solver steps (the NFE is reported, not assumed)."),
-    num_images: int = typer.Option(16, "--num-images", help="How many samples."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples per model call."),
-    seed: int = typer.Option(0, help="Noise seed: torch.randn((N, C, H, W), generator=Generator('cpu').manual_seed(seed))."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16 (the conversion stays float64)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="GPU fast path: channels-last memory format."),
-    compile: bool = typer.Option(False, "--compile", help="GPU fast path: torch.compile the network."),
+    solver: Solver = "euler",
+    grid: Grid = "uniform",
+    steps: Steps = "50",
+    num_images: NumImages = 16,
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    channels_last: ChannelsLast = False,
+    compile: Compile = False,
     prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (the unconditional branch of guidance)."),
     class_label: Optional[list[str]] = typer.Option(None, "--class-label", help="Class label (int or id2label name) for class-conditional models (DiT); repeat it to cycle labels over the images."),
@@ -187,31 +222,22 @@ def sample(
     height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's sample_size)."),
     width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's sample_size)."),
     guidance_rescale: float = typer.Option(0.0, "--guidance-rescale", help="Rescale the guided prediction (Lin et al. 2024), applied to the source's own prediction: exact (SD, SDXL)."),
-    baseline: Optional[str] = typer.Option(None, help="Instead of fmconvert's solver, run the source's own diffusers sampler on the same noise: ddim (trailing, no clipping)."),
-    rtol: float = typer.Option(1e-5, help="dopri5 relative tolerance."),
-    atol: float = typer.Option(1e-5, help="dopri5 absolute tolerance."),
+    baseline: Baseline = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid, or a folder of PNGs."),
     save_tensor: Optional[Path] = typer.Option(None, "--save-tensor", help="Write the final samples (float32, data space: latents for latent models) as safetensors, key 'samples', and the decoded images in [0, 1], key 'images'."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
-    samples_dir: Optional[Path] = typer.Option(None, "--samples-dir", help="Keep samples in shards here; a rerun reuses complete shards."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow running code shipped with the model."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    force: Force = False,
+    samples_dir: SamplesDir = None,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+    as_json: AsJson = False,
 ):
-    """Sample MODEL as a velocity field with an ODE solver."""
-    import torch
-
+    """Sample MODEL as a velocity field with an ODE solver (or, with --baseline, its own sampler)."""
     from .families import Conditioning
-    from .grids import GRIDS
-    from .sampling import BASELINES
-    from .solvers import SOLVERS
 
-    _choice(solver, SOLVERS, "--solver")
-    if baseline is not None:
-        _choice(baseline, BASELINES, "--baseline")
-    _choice(grid, GRIDS, "--grid")
-    _choice(dtype, DTYPES, "--dtype")
+    (steps_value,) = _steps(steps, single=True)
     if not 0.0 <= guidance_rescale <= 1.0:
         raise UsageError(f"--guidance-rescale must be in [0, 1], got {guidance_rescale}")
     embeds = _read_embeddings(image_embeds) if image_embeds is not None else {}
@@ -219,44 +245,45 @@ def sample(
                                 image_embeds=embeds.get("image_embeds"),
                                 negative_image_embeds=embeds.get("negative_image_embeds"),
                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-    for name, value in (("--steps", steps), ("--num-images", num_images), ("--batch-size", batch_size)):
-        if value < 1:
-            raise UsageError(f"{name} must be a positive integer, got {value}")
+    _positive(num_images=num_images, batch_size=batch_size)
     if out is not None and out.suffix.lower() != ".png" and out.exists() and not force:
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    run = _run(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baseline=baseline, grid=grid,
+               steps=steps_value, seed=seed, dtype=dtype, conditioning=conditioning, num_images=num_images,
+               shard_size=batch_size, rtol=rtol, atol=atol)
+    if baseline is not None:
+        mixed = [f"--{k} {v}" for k, v, default in (("solver", solver, "euler"), ("grid", grid, "uniform"),
+                                                    ("rtol", rtol, None), ("atol", atol, None)) if v != default]
+        if mixed:
+            raise UsageError(f"--baseline {baseline} samples with its own scheduler on its {BASELINES[baseline].grid} "
+                             f"timesteps: {mixed[0]} does not apply")
+        from .runs import sweep_runs
+
+        (run,) = sweep_runs(run, [], [steps_value], baseline)
+    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
+        from .shards import ShardStore
+
+        ShardStore.check(samples_dir, run.manifest())
     device = _device(device)
 
-    from .sampling import generate_sharded, iter_baseline, iter_generate, load_velocity_model, sample_shape
+    import torch
+
+    from .sampling import generate_sharded, iter_run, load_velocity_model, sample_shape
 
     interactive = _interactive(as_json)
     vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
                              channels_last=channels_last, compile=compile)
     vm.resize(height, width)
     vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    if baseline is not None:
-        log(f"sampling {num_images} images of {model} with its own {baseline} scheduler, {steps} steps, on {device}")
-        solver, grid, options = baseline, "trailing", None
-
-        def make_batches(ranges):
-            return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges,
-                                 conditioning=conditioning)
-    else:
-        log(f"sampling {num_images} images of {model} with {solver} on the {grid} grid, {steps} steps, on {device}")
-        options = {"rtol": rtol, "atol": atol} if solver == "dopri5" else None
-
-        def make_batches(ranges):
-            return iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning,
-                                 progress=interactive, solver_options=options, ranges=ranges)
+    run = run.loaded(vm.source.model_class, sample_shape(vm))
     store = None
     if samples_dir is not None:
         from .shards import ShardStore
 
-        store = ShardStore(samples_dir, {
-            "model": model, "model_class": vm.source.model_class, "solver": solver, "grid": grid, "steps": steps,
-            "seed": seed, "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
-            "dtype": dtype, "solver_options": options, **conditioning.describe(),
-        })
-    result, reused = generate_sharded(vm, make_batches, num_images, batch_size, store, device)
+        store = ShardStore(samples_dir, run.manifest())
+    log(f"sampling {run.describe()}, on {device}")
+    result, reused = generate_sharded(vm, lambda ranges: iter_run(vm, run, device, ranges, progress=interactive),
+                                      num_images, batch_size, store, device)
     if result is None:  # not rank 0: rank 0 writes and prints
         return
     outputs = {}
@@ -273,9 +300,9 @@ def sample(
                                                           "images": result.images.contiguous()}, str(tmp)))
         outputs["tensor"] = str(save_tensor)
     payload = {
-        "loaded": vm.info, "solver": solver, "grid": grid, "steps": steps,
+        "loaded": vm.info, "run": run.manifest(), "solver": run.sampler, "grid": run.grid, "steps": run.steps,
         "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
-        "seed": seed, "device": device, "dtype": dtype, "shape": list(sample_shape(vm)),
+        "seed": seed, "device": device, "dtype": dtype, "shape": list(run.shape or ()),
         "conditioning": conditioning.describe(), "seconds": round(result.seconds, 4), "outputs": outputs,
     }
     if samples_dir is not None:
@@ -285,6 +312,36 @@ def sample(
     else:
         log(f"done: NFE {payload['nfe']}, {result.seconds:.2f} s" +
             "".join(f"; wrote {v}" for v in outputs.values()))
+
+
+def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, solvers: list[str], grid: str,
+         dtype: str, baseline: str | None = None, rtol: float | None = None, atol: float | None = None, **fields):
+    """The first solver's run from the command line (:class:`fmconvert.runs.Run`; a sweep's others
+    follow by :func:`fmconvert.runs.sweep_runs`), every choice checked against its registry; the
+    model is read for its fingerprint only (configs and the ends of its files, no loading)."""
+    from .pipelines import inspect_source
+    from .runs import Run, model_fingerprint, solver_options
+
+    for name in solvers:
+        _choice(name, SOLVERS, "--solver")
+    _choice(grid, GRIDS, "--grid")
+    _choice(dtype, SAMPLE_DTYPES, "--dtype")
+    if baseline is not None:
+        _choice(baseline, BASELINES, "--baseline")
+    given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
+    for option in given:
+        if not any(option in dict(SOLVERS[name].options) for name in solvers):
+            takers = ", ".join(n for n, s in SOLVERS.items() if option in dict(s.options))
+            raise UsageError(f"--{option} is an option of {takers}; {', '.join(solvers)} does not take it")
+    source = inspect_source(model, revision, allow_pickle, trust_remote_code)
+    return Run(model=model, fingerprint=model_fingerprint(source), sampler=solvers[0], grid=grid, dtype=dtype,
+               options=solver_options(solvers[0], **given), **fields)
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
 def _read_embeddings(path: Path) -> dict:
@@ -304,13 +361,16 @@ def _read_embeddings(path: Path) -> dict:
     return tensors
 
 
-def _int_list(value: str, option: str) -> list[int]:
+def _steps(value: str, single: bool = False) -> list[int]:
+    """--steps: solver steps, comma-separated for a sweep (``single``: a command that draws one run)."""
     try:
         values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{option} takes comma-separated integers, got '{value}'") from None
+        raise UsageError(f"--steps takes comma-separated positive integers, got '{value}'") from None
     if not values or min(values) < 1:
-        raise UsageError(f"{option} values must be positive integers, got '{value}'")
+        raise UsageError(f"--steps values must be positive integers, got '{value}'")
+    if single and len(values) > 1:
+        raise UsageError(f"this command draws one run: give one --steps value, got '{value}' (fid sweeps step counts)")
     return values
 
 
@@ -320,50 +380,57 @@ def agree(
     model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
     other: Optional[str] = typer.Argument(None, help="A second model: compare the two fields on one path."),
     data: Optional[str] = typer.Option(None, help="Points from the forward process of this data: builtin:digits or an image folder (default: the model's own samples)."),
-    num_times: int = typer.Option(20, "--num-times", help="Times spread over the trained range."),
+    num_times: NumTimes = 20,
     num_points: int = typer.Option(256, "--num-points", help="Data points per time."),
-    dtypes: str = typer.Option("float32", help="Comma-separated: float32,bfloat16,float16."),
-    steps: str = typer.Option("4,8,16,32", help="NFE sweep for the trajectory check (Euler vs the source's DDIM)."),
-    num_images: int = typer.Option(64, "--num-images", help="Trajectories per NFE."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    dtypes: str = typer.Option("float32", help="Network dtypes to measure the field in, comma-separated: " + ", ".join(SAMPLE_DTYPES) + "."),
+    steps: Steps = "4,8,16,32",
+    num_images: NumImages = 64,
+    seed: Seed = 0,
+    device: Device = "auto",
+    as_json: AsJson = False,
 ):
-    """How closely the converted field agrees with its source (or two fields with each other)."""
+    """How closely the converted field agrees with its source (or two fields with each other); with a discrete
+    source, also Euler on the trailing grid against the source's DDIM along the same timesteps, per --steps."""
     from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from .data import parse_data
-    from .sampling import generate, load_velocity_model
+    from .sampling import generate_run, load_velocity_model, sample_shape
     from .schedules import DiscreteVPSchedule
 
     _interactive(as_json)
     dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
     for d in dtype_list:
-        _choice(d, DTYPES, "--dtypes")
-    steps_list = _int_list(steps, "--steps")
-    for name, value in (("--num-times", num_times), ("--num-points", num_points), ("--num-images", num_images)):
-        if value < 1:
-            raise UsageError(f"{name} must be a positive integer, got {value}")
+        _choice(d, SAMPLE_DTYPES, "--dtypes")
+    steps_list = _steps(steps)
+    _positive(num_times=num_times, num_points=num_points, num_images=num_images)
     if data is not None:
         parse_data(data)  # (before any model is loaded)
+    # the points, when no --data: the model's own samples, Euler 50 steps (a run like any other)
+    points_run = _run(model, None, False, False, solvers=["euler"], grid="uniform", dtype="float32", steps=50, seed=seed,
+                      num_images=num_points, shard_size=256)
     device = _device(device)
     # the agreement measures the conversion: apply it in float64 (the network keeps its dtype)
     vm = load_velocity_model(model, device=device, compute_dtype="float64")
     if vm.source.family.accepts:
         raise UsageError(f"agree compares unconditional fields; {vm.source.pipeline_class} ({vm.source.family.title}) "
                          "needs its conditioning, which agree does not take yet")
+    payload: dict = {"model": model, "loaded": vm.info, "data": data or "own samples", "runs": []}
+    points_run = points_run.loaded(vm.source.model_class, sample_shape(vm))
     if data is not None:
         points = load_points(data, num_points)
     else:
-        log(f"no --data: using {num_points} of the model's own samples (Euler, 50 steps)")
-        points = generate(vm, num_points, 256, seed, "euler", "uniform", 50, device).samples
-    payload: dict = {"model": model, "loaded": vm.info, "num_points": len(points), "data": data or "own samples"}
+        log(f"no --data: using {points_run.describe()} as the points")
+        points = generate_run(vm, points_run, device).samples
+        payload["runs"].append(points_run.manifest())
+    payload["num_points"] = len(points)
     if other is None:
         log(f"field of {model} against its source's PF-ODE drift at {num_times} times, dtypes {', '.join(dtype_list)}")
         result = field_vs_source(vm.velocity, points, num_times, dtype_list, seed=seed, device=device)
         payload["field"] = {"s": result.s, **result.per_dtype}
         if isinstance(vm.grid_source, DiscreteVPSchedule) and not vm.source.converted:  # DDIM needs its timesteps
-            log(f"trajectories: Euler vs the source's DDIM at NFE {steps}")
-            payload["trajectories"] = trajectory_agreement(vm, steps_list, num_images, seed=seed, device=device)
+            log(f"trajectories: Euler vs the source's DDIM along the same timesteps at steps {steps}")
+            rows, runs = trajectory_agreement(vm, points_run, steps_list, num_images, device=device)
+            payload["trajectories"] = rows
+            payload["runs"] += [run.manifest() for run in runs]
     else:
         vm2 = load_velocity_model(other, device=device, compute_dtype="float64")
         log(f"field of {model} against the field of {other} at {num_times} times")
@@ -387,50 +454,54 @@ def agree(
 def fid(
     model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
     reference: str = typer.Option(..., "--reference", help="builtin:digits[/train|/held_out], an image folder, or a statistics file (.safetensors)."),
-    features: str = typer.Option("digits", help="digits (the zoo's classifier) or inception (torch-fidelity's, paper-comparable)."),
+    features: str = typer.Option("digits", help="Feature extractor: " + _listing(FEATURES) + "."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, else download."),
     inception_layer: str = typer.Option("2048", "--inception-layer", help="Inception feature layer: 64, 192, 768, 2048."),
-    steps: str = typer.Option("4,8,16,32", help="Comma-separated step counts (the NFE sweep)."),
-    solver: str = typer.Option("euler", help="Comma-separated solvers."),
-    grid: str = typer.Option("uniform", help="Time grid for fmconvert's solvers."),
-    baseline: Optional[str] = typer.Option(None, help="Also run the source's own sampler (ddim) at the same NFE and seeds."),
-    num_images: int = typer.Option(1000, "--num-images"),
-    batch_size: int = typer.Option(250, "--batch-size"),
-    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16, float16."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="GPU fast path: channels-last memory format."),
-    compile: bool = typer.Option(False, "--compile", help="GPU fast path: torch.compile the network."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    steps: Steps = "4,8,16,32",
+    solver: Solver = "euler",
+    grid: Grid = "uniform",
+    baseline: Baseline = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    num_images: NumImages = 1000,
+    batch_size: BatchSize = 250,
+    dtype: Dtype = "float32",
+    channels_last: ChannelsLast = False,
+    compile: Compile = False,
+    seed: Seed = 0,
+    device: Device = "auto",
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
-    samples_dir: Optional[Path] = typer.Option(None, "--samples-dir", help="Keep samples in shards here; a rerun reuses complete shards."),
+    samples_dir: SamplesDir = None,
     save_reference_stats: Optional[Path] = typer.Option(None, "--save-reference-stats", help="Also write the reference statistics to this .safetensors file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write FID against NFE as a PNG."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    as_json: AsJson = False,
 ):
-    """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep."""
+    """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep; --solver takes a
+    comma-separated list."""
     from .data import parse_data
-    from .fid import FEATURES, make_extractor, reference_stats, save_stats, sweep
-    from .grids import GRIDS
-    from .sampling import BASELINES, load_velocity_model
-    from .solvers import SOLVERS
+    from .fid import make_extractor, reference_stats, save_stats, sweep
+    from .runs import sweep_runs
+    from .sampling import load_velocity_model
 
     interactive = _interactive(as_json)
     _choice(features, FEATURES, "--features")
-    _choice(grid, GRIDS, "--grid")
     solvers = [v.strip() for v in solver.split(",") if v.strip()]
-    for name in solvers:
-        _choice(name, SOLVERS, "--solver")
-    if baseline is not None:
-        _choice(baseline, BASELINES, "--baseline")
-    steps_list = _int_list(steps, "--steps")
+    steps_list = _steps(steps)
     for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
         if value < 2:
             raise UsageError(f"{name} must be at least 2, got {value}")
     parse_data(reference, statistics=True)  # (before any model is loaded or sample drawn)
+    base = _run(model, None, False, False, solvers=solvers, baseline=baseline, grid=grid, dtype=dtype, rtol=rtol,
+                atol=atol, steps=steps_list[0], seed=seed, num_images=num_images, shard_size=batch_size)
+    runs = sweep_runs(base, solvers, steps_list, baseline, rtol=rtol, atol=atol)
+    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
+        from .shards import ShardStore
+
+        for run in runs:
+            ShardStore.check(Path(samples_dir) / f"{run.sampler}-{run.grid}-{run.steps}", run.manifest())
     device = _device(device)
     import torch
 
-    _choice(dtype, DTYPES, "--dtype")
     extractor = make_extractor(features, inception_weights, inception_layer, device)
     if num_images <= extractor.num_features:
         log(f"warning: {num_images} samples for {extractor.num_features}-dimensional {extractor.name} features: the "
@@ -441,8 +512,8 @@ def fid(
     extractor.check(image_shape(vm))
     log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
         f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
-    result = sweep(vm, reference, extractor, solvers, steps_list, num_images, batch_size, seed, grid, baseline,
-                   device, progress=interactive, use_cache=not no_cache, samples_dir=samples_dir)
+    result = sweep(vm, reference, extractor, runs, device, progress=interactive, use_cache=not no_cache,
+                   samples_dir=samples_dir)
     result["model"], result["loaded"] = model, vm.info
     if save_reference_stats is not None:
         stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise
@@ -474,13 +545,13 @@ def report(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="The report folder."),
     data: str = typer.Option("builtin:digits/held_out", help="Points for the field agreement."),
     reference: str = typer.Option("builtin:digits", help="FID reference (digits features)."),
-    steps: str = typer.Option("4,8,16,32", help="NFE sweep."),
-    num_images: int = typer.Option(1000, "--num-images", help="Samples per FID run."),
-    num_times: int = typer.Option(20, "--num-times"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print the numbers as one JSON object on stdout."),
+    steps: Steps = "4,8,16,32",
+    num_images: NumImages = 1000,
+    num_times: NumTimes = 20,
+    seed: Seed = 0,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: AsJson = False,
 ):
     """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
     from .report import build_report
@@ -488,7 +559,7 @@ def report(
     interactive = _interactive(as_json)
     if out.exists() and not force:
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
-    numbers = build_report(model, other or None, out, data, reference, tuple(_int_list(steps, "--steps")),
+    numbers = build_report(model, other or None, out, data, reference, tuple(_steps(steps)),
                            num_images=num_images, num_times=num_times, seed=seed, device=_device(device), force=force,
                            progress=interactive, log=log)
     if as_json:
@@ -508,7 +579,7 @@ def push(
     commit_message: Optional[str] = typer.Option(None, "--commit-message"),
     token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: HF_TOKEN or the login cache); never printed."),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="A folder from fmconvert report: its tables and grids go into the model card."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    as_json: AsJson = False,
 ):
     """Publish a converted folder to the Hugging Face Hub in one commit."""
     from .push import push as push_folder

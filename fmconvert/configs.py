@@ -53,6 +53,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 
 #: dtypes a converted folder may declare for loading its network
 LOAD_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: dtypes a network is run in to sample or to measure agreement (the conversion itself stays float64)
+SAMPLE_DTYPES = ("float32", "bfloat16", "float16")
 #: the subfolder of a saved adapter that holds the network's own files
 NETWORK_FOLDER = "network"
 

@@ -31,8 +31,9 @@ from torch import nn
 
 from .data import DataRef, parse_data
 from .errors import FmconvertError, UsageError
+from .features import FEATURES
+from .runs import Run
 
-FEATURES = ("digits", "inception")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 INCEPTION_LAYERS = ("64", "192", "768", "2048")
@@ -98,9 +99,10 @@ class Extractor:
         channels, height, width = image_shape
         if channels not in (1, 3):
             raise UsageError(f"{self.name} features take 1- or 3-channel images; these have {channels}")
-        if self.name == "digits" and (height, width) != (8, 8):
-            raise UsageError(f"--features digits takes the zoo's 8×8 digits; these images are {height}×{width}: "
-                             "use --features inception")
+        size = FEATURES[self.name.split("-")[0]].size
+        if size is not None and (height, width) != size:
+            raise UsageError(f"--features {self.name} takes {size[0]}×{size[1]} images; these are {height}×{width}: "
+                             f"use --features {next(n for n, f in FEATURES.items() if f.size is None)}")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W) → float64 features (N, d)."""
@@ -344,61 +346,55 @@ def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_siz
     return stats, max(distributed.gather_objects(nfe)), distributed.sum_int(reused)
 
 
-def sweep(vm, reference: str, extractor: Extractor, solvers: list[str], steps_list: list[int], num_images: int,
-          batch_size: int = 250, seed: int = 0, grid: str = "uniform", baseline: str | None = None,
-          device: str = "cpu", progress: bool = False, use_cache: bool = True, samples_dir: Path | None = None) -> dict:
-    """FID (and KID) of every sampler × NFE against REF and, with a baseline, against the
-    baseline's samples at the same NFE and seeds. Samples are streamed, never all held;
-    with ``samples_dir`` they are kept in shards and a rerun reuses the complete ones."""
-    from .sampling import iter_baseline, iter_generate, sample_shape
+def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str = "cpu", progress: bool = False,
+          use_cache: bool = True, samples_dir: Path | None = None) -> dict:
+    """FID (and KID) of every run (:func:`fmconvert.runs.sweep_runs`) against REF and, for a
+    solver run whose step count a baseline run has too, against the baseline's samples (same
+    seeds). Samples are streamed, never all held; with ``samples_dir`` each run keeps them in
+    shards under a folder of its own, whose manifest is the run's (:meth:`Run.manifest`), and a
+    rerun reuses the complete ones."""
+    from .sampling import iter_run, sample_shape
     from .shards import ShardStore
 
     ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
     rows, baseline_stats = [], {}
-    runs = [(baseline, steps, True) for steps in steps_list] if baseline else []
-    runs += [(solver, steps, False) for solver in solvers for steps in steps_list]
-    common = {"model": vm.source.reference, "model_class": vm.source.model_class, "seed": seed,
-              "shape": list(sample_shape(vm)), "shard_size": batch_size, "num_images": num_images,
-              "dtype": str(vm.velocity.network_dtype).removeprefix("torch."),
-              "fmconvert": __import__("fmconvert").__version__}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(runs), desc="FID sweep", unit="run", file=__import__("sys").stderr, leave=False)
-    for sampler, steps, is_baseline in runs:
-        run_grid = "trailing" if is_baseline else grid
+    for run in runs:
+        run = run.loaded(vm.source.model_class, sample_shape(vm))
         store = None
         if samples_dir is not None:
-            settings = {**common, "sampler": sampler, "grid": run_grid, "steps": steps, "baseline": is_baseline}
-            store = ShardStore(Path(samples_dir) / f"{sampler}-{run_grid}-{steps}", settings)
-        if is_baseline:
-            def make_batches(ranges, steps=steps):
-                return iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, ranges=ranges)
-        else:
-            def make_batches(ranges, sampler=sampler, steps=steps):
-                return iter_generate(vm, num_images, batch_size, seed, sampler, grid, steps, device, ranges=ranges)
-        stats, nfe, reused = run_stats(vm, extractor, make_batches, num_images, batch_size, store, device)
-        row = {"sampler": sampler, "grid": run_grid, "steps": steps, "nfe": nfe, "baseline": is_baseline,
+            store = ShardStore(Path(samples_dir) / f"{run.sampler}-{run.grid}-{run.steps}", run.manifest())
+
+        def make_batches(ranges, run=run):
+            return iter_run(vm, run, device, ranges)
+
+        stats, nfe, reused = run_stats(vm, extractor, make_batches, run.num_images, run.shard_size, store, device)
+        row = {"sampler": run.sampler, "grid": run.grid, "steps": run.steps, "nfe": nfe, "baseline": run.baseline,
                "num_samples": stats.count, "fid": fid_between(ref.stats, stats)}
         if samples_dir is not None:
             row["shards_reused"] = reused
-        kid = kid_between(ref.stats, stats, seed)
+        kid = kid_between(ref.stats, stats, run.seed)
         if kid is not None:
             row["kid"], row["kid_std"] = kid
-        if is_baseline:
-            baseline_stats[steps] = stats
-        elif baseline is not None:
-            row["fid_vs_baseline"] = fid_between(baseline_stats[steps], stats)
+        if run.baseline:
+            baseline_stats[run.steps] = stats
+        elif run.steps in baseline_stats:
+            row["fid_vs_baseline"] = fid_between(baseline_stats[run.steps], stats)
         rows.append(row)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return {"reference": reference, "features": extractor.name, "num_images": num_images, "seed": seed,
+    first = runs[0] if runs else None
+    return {"reference": reference, "features": extractor.name, "num_images": first.num_images if first else 0,
+            "seed": first.seed if first else 0,
             "reference_stats": {"source": ref.source, "path": ref.path, "num_samples": ref.stats.count,
                                 "reused": ref.source in ("cache", "file")},
-            "rows": rows}
+            "runs": [run.manifest() for run in runs], "rows": rows}
 
 
 def plot_sweep(result: dict, path: Path) -> Path:

@@ -19,17 +19,41 @@ s ∈ [1/T, 1 − 1/T].
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .schedules import DiscreteVPSchedule, GaussianPath, RectifiedFlow
+if TYPE_CHECKING:  # imported where a grid is computed: the CLI's --help reads GRIDS without them
+    import numpy as np
+    import torch
 
-GRIDS = ("uniform", "flowmatch", "trailing", "leading", "linspace", "karras", "logsnr")
-F64 = torch.float64
+    from .schedules import GaussianPath
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A kind of time grid: ``summary`` for --help; ``discrete``: it needs the source's integer
+    timesteps (a discrete VP schedule)."""
+
+    name: str
+    summary: str
+    discrete: bool = False
+
+
+GRIDS: dict[str, Grid] = {g.name: g for g in (
+    Grid("uniform", "uniform in s, with the scheduler's shift"),
+    Grid("flowmatch", "FlowMatchEulerDiscreteScheduler's own sigmas (what a flow pipeline's __call__ uses)"),
+    Grid("trailing", "the source's DDIM trailing timesteps mapped to s (Euler on it is DDIM)", discrete=True),
+    Grid("leading", "the source's leading timesteps (with its steps_offset) mapped to s", discrete=True),
+    Grid("linspace", "the source's linspace timesteps mapped to s", discrete=True),
+    Grid("karras", "Karras et al. rho = 7 in sigma/alpha over the trained range"),
+    Grid("logsnr", "uniform in log-SNR over the trained range"),
+)}
 
 
 def discrete_timesteps(spacing: str, steps: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:
     """Integer timesteps, noisiest first, by diffusers' DDIMScheduler.set_timesteps rules."""
+    import numpy as np
+
     T = num_train_timesteps
     if spacing == "linspace":
         return np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
@@ -43,6 +67,11 @@ def discrete_timesteps(spacing: str, steps: int, num_train_timesteps: int, steps
 
 def trained_log_snr_range(source: GaussianPath | None) -> tuple[float, float]:
     """(λ_max, λ_min): the cleanest and noisiest log-SNR the source was trained on."""
+    import torch
+
+    from .schedules import DiscreteVPSchedule, RectifiedFlow
+
+    F64 = torch.float64
     if isinstance(source, DiscreteVPSchedule):
         ends = source.log_snr(torch.tensor([source.t_min, source.t_max], dtype=F64))
         lam_max, lam_min = ends.tolist()
@@ -63,6 +92,12 @@ def time_grid(kind: str, steps: int, source: GaussianPath | None = None, shift: 
               rho: float = 7.0, steps_offset: int = 0) -> torch.Tensor:
     """``steps + 1`` decreasing times s in [0, 1], ending at 0 (float64). ``steps_offset``:
     the source scheduler's, which its ``leading`` spacing adds to every timestep."""
+    import numpy as np
+    import torch
+
+    from .schedules import DiscreteVPSchedule, RectifiedFlow
+
+    F64 = torch.float64
     if kind not in GRIDS:
         raise ValueError(f"unknown grid {kind!r}: supported are {', '.join(GRIDS)}")
     if not isinstance(steps, int) or steps < 1:
@@ -77,7 +112,7 @@ def time_grid(kind: str, steps: int, source: GaussianPath | None = None, shift: 
         s_min = float(np.float32(flow.shifted(torch.tensor(1 / T, dtype=F64))))
         u = torch.from_numpy(np.linspace(1.0, s_min, steps))
         return torch.cat([flow.shifted(u).to(torch.float32).to(F64), zero])
-    if kind in ("trailing", "leading", "linspace"):
+    if GRIDS[kind].discrete:
         if not isinstance(source, DiscreteVPSchedule):
             raise ValueError(f"grid {kind!r} needs a source with a discrete schedule; use uniform, karras or logsnr")
         if steps > source.num_train_timesteps:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -70,7 +71,8 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from .grids import trained_log_snr_range
     from .io import atomic_folder, atomic_write
     from .pipelines import inspect_source, write_converted
-    from .sampling import generate, generate_baseline, load_velocity_model
+    from .runs import Run, model_fingerprint, sweep_runs
+    from .sampling import generate_run, load_velocity_model, sample_shape
 
     started = time.perf_counter()
     stages = ["convert", "samples", "agreement", "two models", "FID sweep"]
@@ -102,8 +104,14 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         stage("samples")
         converted = load_velocity_model(str(tmp / "converted"), device=device)
         original = load_velocity_model(model, device=device)
-        ours = generate(converted, 64, 64, seed, "euler", "trailing", 50, device)
-        ddim = generate_baseline(original, 64, 64, seed, 50, device)
+        base = Run(model=model, fingerprint=model_fingerprint(source), sampler="euler", steps=50, seed=seed,
+                   num_images=64, shard_size=64).loaded(source.model_class, sample_shape(original))
+        ours_run = dataclasses.replace(base, model=str(tmp / "converted"), grid="trailing",
+                                       fingerprint=model_fingerprint(converted.source),
+                                       model_class=converted.source.model_class)
+        (ddim_run,) = sweep_runs(base, [], [50], "ddim")
+        ours, ddim = generate_run(converted, ours_run, device), generate_run(original, ddim_run, device)
+        numbers["runs"] = [ours_run.manifest(), ddim_run.manifest()]
         from .images import save_grid
 
         save_grid(ours.images, tmp / "converted-euler.png", columns=8)
@@ -122,7 +130,8 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         numbers["field"] = {"data": data, "num_points": len(points), "s": field.s, **field.per_dtype}
         # DDIM along its own listed timesteps: any step count, dividing T or not
         traj_steps = [4, 7, 10, 30, 50]
-        numbers["trajectories"] = trajectory_agreement(original, traj_steps, 64, seed=seed, device=device)
+        numbers["trajectories"], runs = trajectory_agreement(original, base, traj_steps, 64, device=device)
+        numbers["runs"] += [run.manifest() for run in runs]
         _plot_agreement(field.s, {d: v["relative_l2"] for d, v in field.per_dtype.items()}, tmp / "agreement.png",
                         "converted field vs the source's PF-ODE drift", "relative L2 error")
         done()
@@ -139,8 +148,9 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
         stage("FID sweep")
         extractor = make_extractor("digits", device=device)
-        result = sweep(original, reference, extractor, list(solvers), list(steps), num_images, 250, seed, "uniform",
-                       "ddim", device)
+        runs = sweep_runs(dataclasses.replace(base, num_images=num_images, shard_size=250), list(solvers), list(steps),
+                          "ddim")
+        result = sweep(original, reference, extractor, runs, device)
         numbers["fid"] = dict(result)
         if reference == "builtin:digits":
             numbers["fid"]["real_train_vs_held_out"] = fid_between(

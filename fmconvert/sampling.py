@@ -18,21 +18,22 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from .configs import FLOW_SCHEDULERS
 from .core import invert
-from .errors import FmconvertError, UsageError
+from .errors import FmconvertError
 from .families import Conditioning, guide, network_call, network_kwargs
 from .grids import time_grid
 from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
-from .solvers import solve
+from .solvers import SOLVERS, solve
 
-EVALS_PER_STEP = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2, "rk4": 4}
+if TYPE_CHECKING:
+    from .runs import Run
 
 
 @dataclass
@@ -262,7 +263,6 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
     start_scale = float(RectifiedFlow().point(s_grid[0]).norm)  # ε at the first grid time
-    per_step = EVALS_PER_STEP.get(solver)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -278,8 +278,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                 result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
                                **(solver_options or {}))
             if result.first_bad_nfe is not None:
-                k = result.first_bad_nfe
-                where = f"step {min(k // per_step, steps - 1) + 1} of {steps}" if per_step else f"evaluation {k + 1}"
+                where = SOLVERS[solver].step_of(result.first_bad_nfe, steps)
                 raise FmconvertError(
                     f"the model produced NaN/Inf at {where} (images {first}..{first + eps.shape[0] - 1}); "
                     "try --dtype float32, or check the model's weights"
@@ -310,25 +309,6 @@ def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed
     return _collect(batches)
 
 
-BASELINES = ("ddim",)
-
-
-def ddim_baseline(vm: VelocityModel):
-    """DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
-    thresholding=False) from a diffusion source's scheduler config: the ODE sampler that
-    Euler on the converted field reproduces (clipping and thresholding clamp x̂0, which no
-    ODE does)."""
-    from diffusers import DDIMScheduler
-
-    source = vm.source
-    if source.prediction_type == "flow_prediction" or source.converted:
-        raise UsageError("--baseline ddim runs a diffusion source's own scheduler; "
-                             f"'{source.reference}' is {'a converted model' if source.converted else 'a flow model'}")
-    return DDIMScheduler.from_config({**source.scheduler, "prediction_type": source.prediction_type},
-                                     timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True,
-                                     thresholding=False)
-
-
 def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, steps: int = 50,
                   device: str = "cpu", baseline: str = "ddim", ranges: list[tuple[int, int]] | None = None,
                   conditioning: Conditioning | None = None,
@@ -341,12 +321,14 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     listed one (the last to α = 1), x' = α'·x̂0 + σ'·ε̂ in float64 on the source's ᾱ, instead of
     diffusers' ``DDIMScheduler.step``, which steps to t − T//N: for N not dividing T that is
     not the next timestep it evaluates (NOTES §8), so it is not one ODE solver on one grid."""
+    from .baselines import BASELINES
+
     if baseline not in BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
     conditioning = conditioning or Conditioning()
     family = vm.source.family
     family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    scheduler = ddim_baseline(vm)
+    scheduler = BASELINES[baseline].build(vm.source)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
     model = vm.velocity.model
@@ -394,6 +376,22 @@ def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int =
     batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, conditioning=conditioning,
                             along_list=along_list)
     return _collect(batches)
+
+
+def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tuple[int, int]] | None = None,
+             progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The batches of ``run`` (:class:`fmconvert.runs.Run`): :func:`iter_baseline` for a
+    baseline, else :func:`iter_generate`, over the given global index ranges (default: all)."""
+    if run.baseline:
+        return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, run.sampler, ranges=ranges,
+                             conditioning=run.conditioning, **dict(run.options))
+    return iter_generate(vm, run.num_images, run.shard_size, run.seed, run.sampler, run.grid, run.steps, device,
+                         run.conditioning, progress, dict(run.options), ranges)
+
+
+def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: bool = False) -> SampleResult:
+    """All samples of ``run``, kept (:func:`iter_run`)."""
+    return _collect(iter_run(vm, run, device, progress=progress))
 
 
 def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch: int, device) -> Callable:

@@ -20,6 +20,9 @@ from .io import atomic_write
 
 
 class ShardStore:
+    """The shards of one run in ``folder``, whose manifest is ``settings`` (a run's
+    :meth:`~fmconvert.runs.Run.manifest`): created with it, or refused if made with others."""
+
     def __init__(self, folder: Path, settings: dict):
         from . import distributed
 
@@ -27,12 +30,7 @@ class ShardStore:
         self.settings = json.loads(json.dumps(settings, default=str))
         manifest = self.folder / "manifest.json"
         if manifest.is_file():
-            existing = json.loads(manifest.read_text())
-            differ = sorted(k for k in set(existing) | set(self.settings) if existing.get(k) != self.settings.get(k))
-            if differ:
-                detail = ", ".join(f"{k}: {existing.get(k)!r} there, {self.settings.get(k)!r} now" for k in differ[:3])
-                raise FmconvertError(f"samples folder '{self.folder}' was made with other settings ({detail}); "
-                                     "use another --samples-dir or remove it")
+            self.check(self.folder, self.settings, whole=True)
         elif distributed.is_main():
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(manifest, lambda tmp: tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n"))
@@ -40,6 +38,24 @@ class ShardStore:
             for stale in self.folder.glob(".shard-*"):
                 stale.unlink(missing_ok=True)
         distributed.barrier()
+
+    @staticmethod
+    def check(folder: Path, settings: dict, whole: bool = False) -> None:
+        """Refuse (FmconvertError, one line naming the settings that differ) a samples folder
+        whose manifest differs from ``settings``: on every key, or (``whole=False``, a check
+        before the model is loaded) on the keys ``settings`` has. Nothing to check where there
+        is no manifest yet."""
+        manifest = Path(folder) / "manifest.json"
+        if not manifest.is_file():
+            return
+        existing = json.loads(manifest.read_text())
+        settings = json.loads(json.dumps(settings, default=str))
+        keys = set(existing) | set(settings) if whole else set(settings)
+        differ = sorted(k for k in keys if existing.get(k) != settings.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
+            raise FmconvertError(f"samples folder '{folder}' was made with other settings ({detail}); "
+                                 "use another --samples-dir or remove it")
 
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:06d}.safetensors"

@@ -13,16 +13,21 @@ s_0 > s_1 > ... > s_N, with h_i = s_{i+1} − s_i < 0:
 - dopri5:    adaptive Dormand–Prince through torchdiffeq (optional extra), --rtol / --atol
 
 NFE is counted by :class:`CountingField`, never assumed from the step count.
+
+:data:`SOLVERS` is the registry: each :class:`Solver` carries its step function, evaluations
+per step, order and options; the command line's choices and help, the NaN report and the tests
+are read from it. torch is imported where a solver runs (the CLI's --help does not need it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Velocity = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 class CountingField:
@@ -37,6 +42,8 @@ class CountingField:
         self.sums: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        import torch
+
         u = self.velocity(x, s)
         self.sums.append(u.sum(dtype=torch.float32 if u.device.type == "mps" else torch.float64))
         self.nfe += 1
@@ -44,6 +51,8 @@ class CountingField:
 
     def first_bad(self) -> Optional[int]:
         """The first evaluation that returned NaN/Inf, or None (one synchronisation)."""
+        import torch
+
         if not self.sums:
             return None
         bad = ~torch.isfinite(torch.stack(self.sums))
@@ -116,6 +125,8 @@ def ab2(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torc
 
 def dopri5(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, rtol: float = 1e-5,
            atol: float = 1e-5) -> torch.Tensor:
+    import torch
+
     try:
         from torchdiffeq import odeint
     except ImportError as error:  # pragma: no cover - depends on the extra
@@ -126,7 +137,36 @@ def dopri5(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, rtol
     return out[-1]
 
 
-SOLVERS = {"euler": euler, "heun": heun, "midpoint": midpoint, "rk4": rk4, "ab2": ab2, "dopri5": dopri5}
+@dataclass(frozen=True)
+class Solver:
+    """A solver of dx/ds = u(x, s): ``step`` integrates along a whole grid (the module's
+    signature); ``evals_per_step``: field evaluations per grid step (None: adaptive, counted);
+    ``order``: its order of accuracy; ``options``: (name, default) of the keyword options it
+    takes (the command line's --rtol / --atol); ``summary``: one line for --help."""
+
+    name: str
+    step: Callable
+    evals_per_step: int | None
+    order: int
+    summary: str
+    options: tuple[tuple[str, float], ...] = ()
+
+    def step_of(self, evaluation: int, steps: int) -> str:
+        """Where the 0-based field ``evaluation`` falls, in words ("step 3 of 10")."""
+        if self.evals_per_step is None:
+            return f"evaluation {evaluation + 1}"
+        return f"step {min(evaluation // self.evals_per_step, steps - 1) + 1} of {steps}"
+
+
+SOLVERS: dict[str, Solver] = {s.name: s for s in (
+    Solver("euler", euler, 1, 1, "1st order, 1 evaluation a step (DDIM's grid: DDIM itself)"),
+    Solver("heun", heun, 2, 2, "2nd order, 2 evaluations a step (Euler into s = 0)"),
+    Solver("midpoint", midpoint, 2, 2, "2nd order, 2 evaluations a step"),
+    Solver("rk4", rk4, 4, 4, "classic Runge-Kutta, 4 evaluations a step"),
+    Solver("ab2", ab2, 1, 2, "Adams-Bashforth 2 on variable steps, 1 evaluation a step"),
+    Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), --rtol / --atol",
+           (("rtol", 1e-5), ("atol", 1e-5))),
+)}
 
 
 @dataclass
@@ -144,10 +184,18 @@ def solve(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str =
     """Integrate dx/ds = u(x, s) along ``grid`` (float64, decreasing) with the named solver.
 
     ``u`` receives s as a (B,) tensor on the grid's device: a CPU grid (as fmconvert's
-    sampler uses) keeps every step free of host-device synchronisation."""
+    sampler uses) keeps every step free of host-device synchronisation. ``options``: the
+    solver's own (:attr:`Solver.options`); any other is refused (ValueError)."""
+    import torch
+
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: supported are {', '.join(SOLVERS)}")
+    known = dict(SOLVERS[solver].options)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} ({takes})")
     field = CountingField(velocity)
     grid = grid.to(torch.float64)
-    x = SOLVERS[solver](field, x, grid, callback=callback, **options)
+    x = SOLVERS[solver].step(field, x, grid, callback=callback, **options)
     return SolveResult(x=x, nfe=field.nfe, first_bad_nfe=field.first_bad())

@@ -1,0 +1,128 @@
+"""What a run is: everything that determines a set of samples, in one frozen description.
+
+``sample``, ``fid``, ``agree`` and ``report`` describe every set of samples they draw as a
+:class:`Run`; a samples folder's ``manifest.json`` is written from :meth:`Run.manifest` and
+compared against it (:class:`fmconvert.shards.ShardStore`), so samples made with other settings
+are refused, never reused. A test checks that every field reaches the manifest: an option added
+to Run cannot be forgotten there.
+
+The model is named by its reference and a fingerprint of its files (:func:`model_fingerprint`),
+so a folder whose weights changed under the same path is another model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .families import Conditioning
+
+if TYPE_CHECKING:
+    from .pipelines import Source
+
+#: how much of each file the fingerprint reads at each end (weights are hashed by their ends and size)
+_EDGE = 1 << 20
+
+
+def model_fingerprint(source: Source) -> str:
+    """``hub:ID@COMMIT`` for a Hub model (the snapshot's commit), else ``sha256:…`` over the
+    folder's files: their paths, sizes and first and last MiB (cheap at any size; a changed
+    weight file changes its ends or its size in practice)."""
+    folder = Path(source.folder)
+    if source.hub_id:
+        commit = folder.name if folder.parent.name == "snapshots" else (source.revision or "main")
+        return f"hub:{source.hub_id}@{commit}"
+    digest = hashlib.sha256()
+    roots = {folder.resolve(), Path(source.model_folder).resolve()}
+    for root in sorted(roots):
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "README.md"):
+            size = path.stat().st_size
+            digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
+            with path.open("rb") as handle:
+                digest.update(handle.read(_EDGE))
+                if size > 2 * _EDGE:
+                    handle.seek(size - _EDGE)
+                    digest.update(handle.read(_EDGE))
+    return "sha256:" + digest.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One set of samples: draw ``num_images`` samples of ``model`` with ``sampler`` (a solver
+    of :data:`fmconvert.solvers.SOLVERS` on ``grid``, or with ``baseline`` a scheduler of
+    :data:`fmconvert.baselines.BASELINES` on its own timesteps) in ``steps`` steps, from the
+    noise of ``seed`` (:mod:`fmconvert.sampling`'s convention), in ``dtype``, conditioned by
+    ``conditioning``; ``shard_size`` samples a batch and a shard. ``shape``: one sample's
+    (C, H, W), known once the model is loaded (None before)."""
+
+    model: str
+    fingerprint: str
+    sampler: str
+    steps: int
+    grid: str = "uniform"
+    baseline: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+    dtype: str = "float32"
+    conditioning: Conditioning = field(default_factory=Conditioning)
+    num_images: int = 16
+    shard_size: int = 16
+    model_class: str | None = None
+    shape: tuple[int, ...] | None = None
+    fmconvert_version: str = __version__
+
+    def manifest(self) -> dict[str, Any]:
+        """The JSON-ready record of every field (``conditioning``: its description; fields still
+        unknown, None, are left out, so a record made before loading compares with a whole one
+        on what it has)."""
+        record: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "conditioning":
+                value = value.describe()
+            elif f.name == "options":
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            record[f.name] = value
+        return record
+
+    def loaded(self, model_class: str, shape: tuple[int, ...]) -> "Run":
+        """The same run with what loading the model tells: its class and one sample's shape."""
+        return dataclasses.replace(self, model_class=model_class, shape=tuple(int(n) for n in shape))
+
+    def describe(self) -> str:
+        """In words, for logs."""
+        how = f"its own {self.sampler} scheduler" if self.baseline else f"{self.sampler} on the {self.grid} grid"
+        return f"{self.num_images} images of {self.model} with {how}, {self.steps} steps"
+
+
+def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
+    """The options ``solver`` takes (:attr:`fmconvert.solvers.Solver.options`), from ``given``
+    where given, else their defaults; options it does not take are not recorded."""
+    from .solvers import SOLVERS
+
+    return tuple((name, given.get(name, default) if given.get(name) is not None else default)
+                 for name, default in SOLVERS[solver].options)
+
+
+def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baseline: str | None = None,
+               **given_options: Any) -> list[Run]:
+    """The runs of an NFE sweep: the baseline at every step count first (if any), then every
+    solver at every step count; everything else as in ``base``."""
+    from .baselines import BASELINES
+
+    runs = []
+    if baseline is not None:
+        runs += [dataclasses.replace(base, sampler=baseline, baseline=True, grid=BASELINES[baseline].grid, steps=steps,
+                                     options=()) for steps in steps_list]
+    runs += [dataclasses.replace(base, sampler=solver, baseline=False, steps=steps,
+                                 options=solver_options(solver, **given_options))
+             for solver in solvers for steps in steps_list]
+    return runs

@@ -1,0 +1,132 @@
+"""One run description (fmconvert.runs.Run) from the command line to the shards, and registries that
+carry their own metadata (solvers, grids, baselines, features): the CLI's choices, help, option
+checks and the NaN report are read from them."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import error, ok, save_ddpm_folder
+from typer.testing import CliRunner
+
+from fmconvert.baselines import BASELINES
+from fmconvert.cli import app
+from fmconvert.families import Conditioning
+from fmconvert.features import FEATURES
+from fmconvert.grids import GRIDS
+from fmconvert.pipelines import inspect_source
+from fmconvert.runs import Run, model_fingerprint, sweep_runs
+from fmconvert.shards import ShardStore
+from fmconvert.solvers import SOLVERS, solve
+
+runner = CliRunner()
+
+#: a value other than the default for every field of Run (a new field without one fails the test below)
+OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": "heun", "steps": 9, "grid": "karras",
+         "baseline": True, "options": (("rtol", 1e-3),), "seed": 7, "dtype": "bfloat16",
+         "conditioning": Conditioning(prompt="a cat", guidance_scale=3.0), "num_images": 5, "shard_size": 3,
+         "model_class": "UNet2DModel", "shape": (3, 8, 8), "fmconvert_version": "9.9"}
+
+
+def test_every_field_of_a_run_reaches_its_manifest_and_is_compared(tmp_path):
+    """Each field of Run, changed alone, changes the manifest; a samples folder made with the other value
+    is refused, before loading (the fields known then) and after. A new Run field without an entry in OTHER
+    fails here, so it cannot be left out of the record."""
+    base = Run(model="m", fingerprint="sha256:x", sampler="euler", steps=4, model_class="A", shape=(1, 2, 2))
+    assert set(OTHER) == {f.name for f in dataclasses.fields(Run)}
+    assert set(base.manifest()) == set(OTHER)
+    ShardStore(tmp_path / "s", base.manifest())
+    for name, value in OTHER.items():
+        changed = dataclasses.replace(base, **{name: value})
+        assert changed.manifest() != base.manifest(), name
+        with pytest.raises(Exception, match="other settings"):
+            ShardStore(tmp_path / "s", changed.manifest())
+        with pytest.raises(Exception, match="other settings"):
+            ShardStore.check(tmp_path / "s", changed.manifest())
+    # a record made before loading (no shape or class yet) compares on what it has
+    ShardStore.check(tmp_path / "s", dataclasses.replace(base, model_class=None, shape=None).manifest())
+
+
+def test_the_fingerprint_names_the_files_not_the_path(tmp_path):
+    """A folder's fingerprint follows its weights (same path, other weights: another model) and not its path."""
+    first = save_ddpm_folder(tmp_path / "a", seed=0)
+    save_ddpm_folder(tmp_path / "b", seed=0)
+    printed = model_fingerprint(inspect_source(str(first)))
+    assert printed.startswith("sha256:") and printed == model_fingerprint(inspect_source(str(tmp_path / "b")))
+    save_ddpm_folder(first, seed=1)
+    assert model_fingerprint(inspect_source(str(first))) != printed
+
+
+def test_sample_refuses_a_samples_dir_of_other_settings_before_loading(tmp_path):
+    """The manifest is compared before the model is loaded: with weights that cannot load, the samples-dir
+    refusal comes first (it used to come after loading and sampling had been set up)."""
+    folder = save_ddpm_folder(tmp_path / "m")
+    args = ["sample", folder, "--steps", 2, "--num-images", 2, "--batch-size", 2, "--samples-dir", tmp_path / "s"]
+    ok(*args)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: loading fails; the fingerprint changes too
+    assert "other settings" in error(1, *args)
+    assert "other settings" in error(1, *args[:-2], "--samples-dir", tmp_path / "s", "--seed", 5)
+
+
+def test_solver_options_come_from_the_registry_in_every_command(tmp_path):
+    """fid passes --rtol/--atol to dopri5 (it could not before) and records them in each run; a solver that
+    takes no such option refuses it in one line; --baseline refuses the solver's options and grid."""
+    folder = save_ddpm_folder(tmp_path / "m")
+    result = json.loads(ok("fid", folder, "--reference", "builtin:digits", "--solver", "euler,dopri5", "--steps", 2,
+                           "--num-images", 2, "--batch-size", 2, "--rtol", 1e-3, "--json").stdout)
+    options = {run["sampler"]: run["options"] for run in result["runs"]}
+    assert options == {"euler": {}, "dopri5": {"rtol": 1e-3, "atol": 1e-5}}
+    line = error(2, "sample", folder, "--solver", "heun", "--rtol", 1e-3, "--steps", 2)
+    assert "--rtol is an option of dopri5" in line
+    assert "does not apply" in error(2, "sample", folder, "--baseline", "ddim", "--grid", "karras", "--steps", 2)
+    with pytest.raises(ValueError, match="has no option 'rtol'"):
+        solve(lambda x, s: x, torch.zeros(1, 1), torch.tensor([1.0, 0.0]), "euler", rtol=1e-3)
+
+
+def test_steps_means_solver_steps_everywhere(tmp_path):
+    """--steps is one declaration: solver steps, a comma list; a command that draws one run takes one value."""
+    folder = save_ddpm_folder(tmp_path / "m")
+    assert "give one --steps value" in error(2, "sample", folder, "--steps", "2,4")
+    for command in ("sample", "agree", "fid", "report"):
+        help_text = runner.invoke(app, [command, "--help"], terminal_width=400).stdout
+        assert "Solver steps (the NFE is counted and reported, not assumed)" in " ".join(help_text.split()), command
+
+
+def test_the_cli_reads_its_choices_and_help_from_the_registries():
+    """Every registered solver, grid, baseline and feature extractor is offered with its summary; an
+    unknown one is refused with the registry's names."""
+    sample_help = " ".join(runner.invoke(app, ["sample", "--help"], terminal_width=400).stdout.split())
+    fid_help = " ".join(runner.invoke(app, ["fid", "--help"], terminal_width=400).stdout.split())
+    for registry, text in ((SOLVERS, sample_help), (GRIDS, sample_help), (BASELINES, sample_help), (FEATURES, fid_help)):
+        for name, entry in registry.items():
+            assert f"{name}: {entry.summary}" in text, name
+    result = runner.invoke(app, ["sample", "x", "--solver", "rk5"])
+    assert result.exit_code == 2 and ", ".join(SOLVERS) in result.stderr
+
+
+@pytest.mark.parametrize("solver", [name for name, s in SOLVERS.items() if s.evals_per_step])
+def test_the_nan_report_counts_steps_by_the_registry(solver):
+    """A field that turns NaN at its k-th evaluation is reported at step k // evaluations-per-step + 1."""
+    per_step = SOLVERS[solver].evals_per_step
+    calls = []
+
+    def field(x, s):
+        calls.append(1)
+        return x * float("nan") if len(calls) > 2 * per_step else -x
+
+    grid = torch.linspace(1, 0.1, 5, dtype=torch.float64)
+    result = solve(field, torch.ones(1, 2), grid, solver)
+    assert result.first_bad_nfe == 2 * per_step
+    assert SOLVERS[solver].step_of(result.first_bad_nfe, 4) == "step 3 of 4"
+
+
+def test_a_sweep_is_its_runs():
+    base = Run(model="m", fingerprint="f", sampler="euler", steps=1, seed=3, num_images=8)
+    runs = sweep_runs(base, ["euler", "dopri5"], [2, 4], "ddim", rtol=1e-4)
+    assert [(r.sampler, r.steps, r.baseline) for r in runs] == [
+        ("ddim", 2, True), ("ddim", 4, True), ("euler", 2, False), ("euler", 4, False), ("dopri5", 2, False),
+        ("dopri5", 4, False)]
+    assert runs[0].grid == BASELINES["ddim"].grid and all(r.seed == 3 and r.num_images == 8 for r in runs)
+    assert dict(runs[-1].options) == {"rtol": 1e-4, "atol": 1e-5} and runs[2].options == ()
