@@ -50,7 +50,7 @@ class AdapterOutput(BaseOutput):
     sample: torch.Tensor
 
 
-def _resolve_model_class(name: str) -> type:
+def _resolve_model_class(name: str) -> type[ModelMixin]:
     """A model class by name, from fmconvert.adapters or diffusers only (no arbitrary imports)."""
     import diffusers
 
@@ -315,13 +315,13 @@ class DiffusionAdapter(PathAdapter):
             schedule = DiscreteVPSchedule.from_config({"beta_schedule": "linear"})
         elif not isinstance(schedule, DiscreteVPSchedule):
             schedule = DiscreteVPSchedule.from_config(scheduler_config(schedule))
-        source = RectifiedFlow().to_config()
+        flow = RectifiedFlow().to_config()
         if flow_scheduler is not None:
-            source, src_pred = path_config(flow_scheduler)
+            flow, src_pred = path_config(flow_scheduler)
             if src_pred != "flow_prediction":
                 raise ValueError("flow_scheduler must describe a flow-matching model (e.g. FlowMatchEulerDiscreteScheduler)")
         # the timesteps as the family's pipeline hands them over (FLUX's network: s; the adapter: t / 1000)
         name = type(model).__name__
-        source = path_from_config(family_timestep_path(source, name))
+        source = path_from_config(family_timestep_path(flow, name))
         target = path_from_config(family_timestep_path(schedule.to_config(), name))
         return cls._wrap(model, source, "flow_prediction", target, pred, compute_dtype)

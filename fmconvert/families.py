@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .errors import FmconvertError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where it computes: `fmconvert wrap` reads configs only
+    from types import FrameType
+
     import torch
 
 # -- the network ---------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ def concat_kwargs(first: dict, second: dict) -> dict:
     nested dicts recursively, anything else taken from ``second``)."""
     import torch
 
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in second.items():
         other = first.get(key)
         if isinstance(value, dict):
@@ -211,7 +213,8 @@ def _images(x: torch.Tensor) -> torch.Tensor:
 
 def _autoencoder_factor(autoencoder: torch.nn.Module) -> int:
     """2^(levels − 1): pixels per latent along a side, as the pipelines' vae_scale_factor."""
-    return 2 ** (len(autoencoder.config.block_out_channels) - 1)
+    config: Any = autoencoder.config  # a diffusers model's config (torch's stubs: Tensor | Module)
+    return 2 ** (len(config.block_out_channels) - 1)
 
 
 class Family:
@@ -283,8 +286,10 @@ class Family:
         if any(v is not None and v <= 0 for v in (height, width)):
             raise UsageError(f"--height and --width must be positive, got {height}×{width}")
         factor = self.downsampling(pipe)
-        height = height if height is not None else own[0] * factor
-        width = width if width is not None else own[1] * factor
+        # own is None when the config has no sample_size and only one of height / width is given:
+        # that case raises TypeError here rather than a UsageError (known; behaviour kept as it was)
+        height = height if height is not None else own[0] * factor  # type: ignore[index]
+        width = width if width is not None else own[1] * factor  # type: ignore[index]
         if height % factor or width % factor:
             raise UsageError(f"--height/--width must be multiples of {factor} for {self.title}, got {height}×{width}")
         size = (height // factor, width // factor)
@@ -354,7 +359,7 @@ class Family:
         return _images(x)
 
     def _decoder(self, pipe: Any) -> torch.nn.Module:
-        module = getattr(pipe, self.decoder, None) if pipe is not None else None
+        module = getattr(pipe, self.decoder, None) if pipe is not None and self.decoder is not None else None
         if module is None:
             raise FmconvertError(f"cannot decode {self.title} samples: the pipeline has no '{self.decoder}' component")
         return module
@@ -723,7 +728,7 @@ def refuse_nonlinear_options(max_depth: int = 12) -> None:
     the stack has set an option that rescales the guided prediction nonlinearly (its std,
     as ``guidance_rescale``), raise ValueError — applied to a velocity instead of the
     source's prediction it would give another image, silently."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(max_depth):
         if frame is None:
             return

@@ -40,7 +40,7 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` then rename tmp to ``path`` (same folder, same suffix)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ from .io import atomic_folder, link_or_copy
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import ModelMixin, SchedulerMixin
 
     from .schedules import GaussianPath
 
@@ -90,7 +91,7 @@ SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensor
 WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json"
 
 
-def _own_class(name: str) -> type:
+def _own_class(name: str) -> type[ModelMixin] | type[SchedulerMixin]:
     from . import adapters, schedulers
 
     if name not in OWN_CLASSES:
@@ -134,7 +135,7 @@ def _diffusers_model(name: str) -> bool:
     return hasattr(diffusers, name)
 
 
-SCHEDULES = {
+SCHEDULES: dict[str, dict[str, Any]] = {
     "cosine": {"beta_schedule": "squaredcos_cap_v2"},
     "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
     "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
@@ -308,7 +309,7 @@ def _path_and_prediction(model_folder: Path, model_class: str, sched: dict) -> t
         raise FmconvertError(str(error)) from None
 
 
-def denoiser_class(source: Source, trust_remote_code: bool = False) -> type:
+def denoiser_class(source: Source, trust_remote_code: bool = False) -> type[ModelMixin]:
     """The source denoiser's class: fmconvert's, diffusers', or (``trust_remote_code``) the repo's."""
     import diffusers
 
@@ -327,7 +328,7 @@ def denoiser_class(source: Source, trust_remote_code: bool = False) -> type:
 
 
 def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False, variant: str | None = None) -> torch.nn.Module:
+                  trust_remote_code: bool = False, variant: str | None = None) -> ModelMixin:
     """The source's denoiser (its ``variant``'s weight files), from safetensors unless ``allow_pickle``."""
     cls = denoiser_class(source, trust_remote_code)
     try:
@@ -339,7 +340,7 @@ def load_denoiser(source: Source, dtype: torch.dtype | None = None, allow_pickle
     return model.eval()
 
 
-def denoiser_skeleton(source: Source, trust_remote_code: bool = False) -> torch.nn.Module:
+def denoiser_skeleton(source: Source, trust_remote_code: bool = False) -> ModelMixin:
     """The source's denoiser built from its config on the meta device (accelerate's
     ``init_empty_weights``): its class, config and call signature, no weights, no memory."""
     from accelerate import init_empty_weights
@@ -471,8 +472,8 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
                                              flow_scheduler=source.scheduler or None)
     except ValueError as error:
         raise FmconvertError(str(error)) from None
-    scheduler = "FlowPipelineDDIMScheduler" if source.family.hands_flow_arguments else "DDIMScheduler"
-    return ({"_class_name": "DiffusionAdapter", **dict(adapter.config)}, {**dict(ddim.config), "_class_name": scheduler})
+    scheduler_class = "FlowPipelineDDIMScheduler" if source.family.hands_flow_arguments else "DDIMScheduler"
+    return ({"_class_name": "DiffusionAdapter", **dict(adapter.config)}, {**dict(ddim.config), "_class_name": scheduler_class})
 
 
 def _write_config(folder: Path, name: str, config: dict) -> None:

@@ -69,7 +69,7 @@ def _card_with_report(card: str, report: Path) -> str:
     return card.rstrip() + "\n\n## Evaluation (fmconvert report)\n" + body
 
 
-def _transport_errors() -> type:
+def _transport_errors() -> type[Exception]:
     try:
         import httpx
 

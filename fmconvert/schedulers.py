@@ -33,7 +33,7 @@ Two config options beyond the parent's:
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,11 @@ from diffusers import (
 from diffusers.configuration_utils import register_to_config
 
 from .schedules import RectifiedFlow, path_from_config
+
+if TYPE_CHECKING:  # what the mixin's super() reaches: the diffusers scheduler it is mixed into
+    from diffusers import SchedulerMixin as _SchedulerBase
+else:
+    _SchedulerBase = object
 
 SAMPLE_SCALINGS = ("variance_preserving", "initial", "none")
 
@@ -112,6 +117,8 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         if sigmas is None and timesteps is None and spacing != "flowmatch":
             from .grids import time_grid
 
+            if num_inference_steps is None:  # the TypeError int(None) raised, with its reason
+                raise TypeError("set_timesteps needs num_inference_steps, sigmas or timesteps")
             sigmas = time_grid(spacing, int(num_inference_steps), self._source_path(),
                                steps_offset=self.config.steps_offset)[:-1].tolist()
             num_inference_steps = None
@@ -158,7 +165,7 @@ def pipeline_default_sigmas(num_inference_steps: int) -> np.ndarray:
     return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
 
 
-class FlowPipelineSchedulerMixin:
+class FlowPipelineSchedulerMixin(_SchedulerBase):
     """``set_timesteps`` that accepts the flow-only arguments flow pipelines hand every scheduler.
 
     FluxPipeline calls ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=...)`` whether or not the

@@ -278,7 +278,7 @@ class DiscreteVPSchedule(GaussianPath):
         """The beta settings it was built from (:meth:`from_config`), else the ᾱ table."""
         if self._description is not None:
             return dict(self._description)
-        config = {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
+        config: dict[str, Any] = {"kind": self.kind, "alphas_cumprod": self.alphas_cumprod.tolist()}
         if self.timestep_scale is not None:
             config["timestep_scale"] = self.timestep_scale
         return config
@@ -303,7 +303,7 @@ class RectifiedFlow(GaussianPath):
         self.timestep_scale = None if timestep_scale is None else float(timestep_scale)
         # the network's timestep per unit of s: T as diffusers' FlowMatch schedulers hand it, or
         # the family's (FLUX's pipeline divides by 1000: s itself)
-        self._scale = self.num_train_timesteps if timestep_scale is None else self.timestep_scale
+        self._scale: float = self.num_train_timesteps if self.timestep_scale is None else self.timestep_scale
 
     def point(self, t: torch.Tensor) -> Point:
         s = torch.as_tensor(t, dtype=F64)
@@ -390,6 +390,7 @@ class EDMPath(VEPath):
     variance preserving). λ = −log σ_VE, as on the VE path."""
 
     kind = "edm"
+    _schedule: Mapping[str, Any] | None  # the beta schedule it was described from (from_config), if any
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
         super().__init__(sigma_min, sigma_max)
