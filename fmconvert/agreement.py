@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torchmetrics import Metric
@@ -36,6 +37,13 @@ class FieldAgreement(Metric):
 
     full_state_update = False
     higher_is_better = None
+    # the states add_state registers (torchmetrics types them loosely)
+    sq_diff: torch.Tensor
+    sq_ref: torch.Tensor
+    sq_field: torch.Tensor
+    dot: torch.Tensor
+    max_abs: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, num_times: int, **kwargs):
         super().__init__(**kwargs)
@@ -123,7 +131,7 @@ def field_vs_source(adapter: PathAdapter, data: torch.Tensor, num_times: int = 2
     reference_adapter = _with_dtype(adapter, torch.float32).to(device)
     metrics = {d: FieldAgreement(num_times).to(device) for d in dtypes}
     fields = {d: _with_dtype(reference_adapter, getattr(torch, d)) for d in dtypes}
-    T = adapter.target.num_train_timesteps
+    T = cast(RectifiedFlow, adapter.target).num_train_timesteps  # (velocity adapters target the flow path)
     for i, s, x_s in _point_batches(data, batch_size, s_values.tolist(), seed, device):
         s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
         reference = pf_ode_reference(reference_adapter, x_s, s_batch)
@@ -141,7 +149,7 @@ def field_vs_field(first: PathAdapter, second: PathAdapter, data: torch.Tensor, 
     lo, hi = max(s1.min(), s2.min()).item(), min(s1.max(), s2.max()).item()
     s_values = torch.linspace(hi, lo, num_times, dtype=F64)
     metric = FieldAgreement(num_times).to(device)
-    T1, T2 = first.target.num_train_timesteps, second.target.num_train_timesteps
+    T1, T2 = (cast(RectifiedFlow, a.target).num_train_timesteps for a in (first, second))
     for i, s, x_s in _point_batches(data, batch_size, s_values.tolist(), seed, device):
         s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
         metric.update(i, first.evaluate(x_s, T1 * s_batch, output_dtype=F64),
@@ -185,4 +193,5 @@ def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
         return load_digits(ref.split).data[:limit]
     from .images import load_folder
 
+    assert ref.path is not None  # (a folder reference)
     return load_folder(ref.path, limit).float() / 127.5 - 1

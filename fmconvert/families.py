@@ -277,19 +277,22 @@ class Family:
     def sample_size(self, pipe: Any, config: Any, height: int | None, width: int | None) -> tuple[int, int]:
         """The sample's (h, w) for an image of height × width pixels (None: the denoiser's
         own sample_size). UsageError where the family cannot honour it."""
-        own = config.get("sample_size")
-        own = (own, own) if isinstance(own, int) else tuple(own) if own is not None else None
-        if height is None and width is None:
-            if own is None:
+        given = config.get("sample_size")
+        if given is None:
+            if height is None or width is None:
                 raise UsageError(f"the {self.title} denoiser has no sample_size in its config: pass --height and --width")
-            return own
+            own = None
+        else:
+            own = (int(given), int(given)) if isinstance(given, int) else (int(given[0]), int(given[1]))
+            if height is None and width is None:
+                return own
         if any(v is not None and v <= 0 for v in (height, width)):
             raise UsageError(f"--height and --width must be positive, got {height}×{width}")
         factor = self.downsampling(pipe)
-        # own is None when the config has no sample_size and only one of height / width is given:
-        # that case raises TypeError here rather than a UsageError (known; behaviour kept as it was)
-        height = height if height is not None else own[0] * factor  # type: ignore[index]
-        width = width if width is not None else own[1] * factor  # type: ignore[index]
+        if own is not None:  # (one of them may be missing: the other from sample_size)
+            height = height if height is not None else own[0] * factor
+            width = width if width is not None else own[1] * factor
+        assert height is not None and width is not None
         if height % factor or width % factor:
             raise UsageError(f"--height/--width must be multiples of {factor} for {self.title}, got {height}×{width}")
         size = (height // factor, width // factor)

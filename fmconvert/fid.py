@@ -256,6 +256,7 @@ def _reference_batches(ref: DataRef, batch_size: int) -> tuple[Iterator[torch.Te
         key = f"builtin:{ref.name}/{ref.split}:{_sha256(digits_path())}"
         return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), key
     folder = ref.path
+    assert folder is not None  # (a folder reference)
     from .images import image_files, load_files
 
     files = image_files(folder)
@@ -283,6 +284,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
     ref = parse_data(reference, statistics=True)
     if ref.kind == "stats":
         as_file = ref.path
+        assert as_file is not None  # (a statistics file)
         tensors = load_file(as_file)
         meta = json.loads(_metadata(as_file).get("fmconvert", "{}"))
         if meta.get("extractor") not in (None, extractor.name) or meta.get("weights_sha256") not in (None, extractor.weights_sha256):

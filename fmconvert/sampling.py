@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 
@@ -221,13 +221,13 @@ def batches_of(num_images: int, batch_size: int) -> list[tuple[int, int]]:
     return [(lo, min(num_images, lo + batch_size)) for lo in range(0, num_images, batch_size)]
 
 
-def sample_shape(vm: VelocityModel) -> tuple[int, ...]:
+def sample_shape(vm: VelocityModel) -> tuple[int, int, int]:
     """(C, h, w) of one sample: the denoiser's channels at :attr:`VelocityModel.size`."""
     channels = vm.source.family.latent_channels(vm.velocity.config)
     if channels is None:
         raise FmconvertError(f"cannot tell the sample shape of {vm.source.model_class}: its config has no in_channels")
-    size = vm.size or vm.source.family.sample_size(vm.pipeline, vm.velocity.config, None, None)
-    return (channels, *size)
+    height, width = vm.size or vm.source.family.sample_size(vm.pipeline, vm.velocity.config, None, None)
+    return (channels, height, width)
 
 
 def image_shape(vm: VelocityModel) -> tuple[int, ...]:
@@ -338,7 +338,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):
         x = noise.take(first, stop).to(device)
         cond, both = network_kwargs(family, vm.pipeline, conditioning, first, x.shape[0], device, model.config,
-                                    tuple(x.shape[2:]), model.dtype)
+                                    (x.shape[2], x.shape[3]), model.dtype)
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
@@ -347,7 +347,8 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                 else:
                     pair = call.split(call(model, torch.cat([x, x]).to(model.dtype),
                                            t.to(device).expand(2 * x.shape[0]), (), both))[0]
-                    out = guide(*pair.float().chunk(2), w, phi)
+                    uncond, cond_out = pair.float().chunk(2)
+                    out = guide(uncond, cond_out, w, phi)
                 x = (_ddim_along(vm, scheduler.timesteps, out, x, t) if along_list
                      else scheduler.step(out.float(), t, x).prev_sample)
         yield x.float(), to_images(vm, x.float()), steps
@@ -400,10 +401,11 @@ def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch:
     summing to one, so it commutes with the conversion), and ``guidance_rescale`` applied to
     the source's own prediction (diffusers' ``rescale_noise_cfg``): the guided and the
     conditional velocity are taken back through the conversion, rescaled, and brought forward."""
-    velocity, T = vm.velocity, vm.velocity.target.num_train_timesteps
-    channels, *size = sample_shape(vm)
+    velocity = vm.velocity
+    T = cast(RectifiedFlow, velocity.target).num_train_timesteps  # (the flow path, by construction)
+    channels, height, width = sample_shape(vm)
     cond, both = network_kwargs(vm.source.family, vm.pipeline, request, first, batch, device, velocity.config,
-                                tuple(size), velocity.network_dtype)
+                                (height, width), velocity.network_dtype)
     if both is None:
         return lambda x, s: velocity.evaluate(x, T * s, output_dtype=torch.float32, **cond)[:, :channels]
     w, phi = request.guidance_scale, request.guidance_rescale

@@ -109,7 +109,7 @@ def rk4(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torc
 
 
 def ab2(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
-    previous, h_prev = None, None
+    previous, h_prev = None, grid[1] - grid[0]
     for i in range(len(grid) - 1):
         h = grid[i + 1] - grid[i]
         current = u(x, _s(grid[i], x))

@@ -307,3 +307,13 @@ def test_the_math_imports_without_diffusers():
     blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['diffusers'] = None; import fmconvert.adapters"],
                              capture_output=True, text=True)
     assert blocked.returncode != 0  # the check above can fail: the glue does need diffusers
+
+
+def test_one_of_height_and_width_without_a_sample_size_is_a_usage_error():
+    """A denoiser config with no sample_size and only --height: a one-line usage error (was a TypeError)."""
+    from fmconvert.errors import UsageError
+    from fmconvert.families import PixelUnconditional
+
+    with pytest.raises(UsageError, match="pass --height and --width"):
+        PixelUnconditional().sample_size(None, {}, 64, None)
+    assert PixelUnconditional().sample_size(None, {"sample_size": 8}, 16, None) == (16, 8)

@@ -33,9 +33,9 @@ def builtin_path(name: str, kind: str | None = None) -> Path:
     names = available(kind)
     if name not in names:
         listing = ", ".join(f"builtin:{n}" for n in names) or "none are installed"
-        if name in available():
-            raise UsageError(f"builtin:{name} is {NOUNS[kind_of(ZOO_DIR / name)]}, not {NOUNS[kind]}: "
-                             f"available are {listing}")
-        raise UsageError(f"unknown builtin {NOUNS.get(kind, 'an entry').split(' ', 1)[1]} 'builtin:{name}': "
+        actual = kind_of(ZOO_DIR / name) if name in available() else None
+        if actual is not None and kind is not None:  # (another kind of entry)
+            raise UsageError(f"builtin:{name} is {NOUNS[actual]}, not {NOUNS[kind]}: available are {listing}")
+        raise UsageError(f"unknown builtin {NOUNS.get(kind or '', 'an entry').split(' ', 1)[1]} 'builtin:{name}': "
                          f"available are {listing}")
     return ZOO_DIR / name
