@@ -130,3 +130,20 @@ def test_a_sweep_is_its_runs():
         ("dopri5", 4, False)]
     assert runs[0].grid == BASELINES["ddim"].grid and all(r.seed == 3 and r.num_images == 8 for r in runs)
     assert dict(runs[-1].options) == {"rtol": 1e-4, "atol": 1e-5} and runs[2].options == ()
+
+
+def test_images_the_features_cannot_take_are_refused_before_sampling(tmp_path, monkeypatch):
+    """fid of a 16×16 model with --features digits sampled every image and then failed with a matrix-shape
+    error inside the classifier; now a one-line usage error from the registry's input size, before any sample."""
+    from conftest import make_unet
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    import fmconvert.sampling
+
+    folder = tmp_path / "big"
+    DDPMPipeline(unet=make_unet(size=16), scheduler=DDPMScheduler()).save_pretrained(folder)
+    monkeypatch.setattr(fmconvert.sampling, "iter_generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    result = runner.invoke(app, ["fid", str(folder), "--reference", "builtin:digits", "--steps", "1", "--num-images", "4",
+                                 "--batch-size", "4"])
+    assert result.exit_code == 2
+    assert "--features digits takes 8×8 images; these are 16×16: use --features inception" in result.stderr
