@@ -42,7 +42,7 @@ def _solver_option_help(option: str) -> str:
 Steps = Annotated[str, typer.Option(help="Solver steps (the NFE is counted and reported, not assumed); comma-separated for a sweep.")]
 Solver = Annotated[str, typer.Option(help="ODE solver: " + _listing(SOLVERS) + ".")]
 Grid = Annotated[str, typer.Option(help="Time grid: " + _listing(GRIDS) + ".")]
-Baseline = Annotated[Optional[str], typer.Option(help="The source's own diffusers sampler on the same noise: " + _listing(BASELINES) + ".")]
+Baseline = Annotated[Optional[list[str]], typer.Option(help="A diffusers scheduler driving the unconverted source on the same noise (NFE counted from network calls), NAME[:key=value,...]; repeat it for several. NAME: " + _listing(BASELINES) + "; or a diffusers scheduler class name.")]
 Rtol = Annotated[Optional[float], typer.Option(help=_solver_option_help("rtol"))]
 Atol = Annotated[Optional[float], typer.Option(help=_solver_option_help("atol"))]
 Dtype = Annotated[str, typer.Option(help="Network dtype: " + ", ".join(SAMPLE_DTYPES) + " (the conversion's coefficients stay float64).")]
@@ -248,15 +248,17 @@ def sample(
     _positive(num_images=num_images, batch_size=batch_size)
     if out is not None and out.suffix.lower() != ".png" and out.exists() and not force:
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
-    run = _run(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baseline=baseline, grid=grid,
+    if baseline is not None and len(baseline) > 1:
+        raise UsageError(f"sample draws one run: give one --baseline, got {len(baseline)} (fid compares several)")
+    run = _run(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baselines=baseline or [], grid=grid,
                steps=steps_value, seed=seed, dtype=dtype, conditioning=conditioning, num_images=num_images,
                shard_size=batch_size, rtol=rtol, atol=atol)
-    if baseline is not None:
+    if baseline:
         mixed = [f"--{k} {v}" for k, v, default in (("solver", solver, "euler"), ("grid", grid, "uniform"),
                                                     ("rtol", rtol, None), ("atol", atol, None)) if v != default]
         if mixed:
-            raise UsageError(f"--baseline {baseline} samples with its own scheduler on its {BASELINES[baseline].grid} "
-                             f"timesteps: {mixed[0]} does not apply")
+            raise UsageError(f"--baseline {baseline[0]} samples with its own scheduler on its own timesteps: "
+                             f"{mixed[0]} does not apply")
         from .runs import sweep_runs
 
         (run,) = sweep_runs(run, [], [steps_value], baseline)
@@ -315,7 +317,8 @@ def sample(
 
 
 def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, solvers: list[str], grid: str,
-         dtype: str, baseline: str | None = None, rtol: float | None = None, atol: float | None = None, **fields):
+         dtype: str, baselines: list[str] | None = None, rtol: float | None = None, atol: float | None = None,
+         **fields):
     """The first solver's run from the command line (:class:`fmconvert.runs.Run`; a sweep's others
     follow by :func:`fmconvert.runs.sweep_runs`), every choice checked against its registry; the
     model is read for its fingerprint only (configs and the ends of its files, no loading)."""
@@ -326,8 +329,10 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
         _choice(name, SOLVERS, "--solver")
     _choice(grid, GRIDS, "--grid")
     _choice(dtype, SAMPLE_DTYPES, "--dtype")
-    if baseline is not None:
-        _choice(baseline, BASELINES, "--baseline")
+    from .baselines import parse_baseline
+
+    for spec in baselines or []:
+        parse_baseline(spec)  # (an unknown name or a malformed option: refused here)
     given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
     for option in given:
         if not any(option in dict(SOLVERS[name].options) for name in solvers):
@@ -491,14 +496,14 @@ def fid(
         if value < 2:
             raise UsageError(f"{name} must be at least 2, got {value}")
     parse_data(reference, statistics=True)  # (before any model is loaded or sample drawn)
-    base = _run(model, None, False, False, solvers=solvers, baseline=baseline, grid=grid, dtype=dtype, rtol=rtol,
+    base = _run(model, None, False, False, solvers=solvers, baselines=baseline, grid=grid, dtype=dtype, rtol=rtol,
                 atol=atol, steps=steps_list[0], seed=seed, num_images=num_images, shard_size=batch_size)
-    runs = sweep_runs(base, solvers, steps_list, baseline, rtol=rtol, atol=atol)
+    runs = sweep_runs(base, solvers, steps_list, baseline or [], rtol=rtol, atol=atol)
     if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
         from .shards import ShardStore
 
         for run in runs:
-            ShardStore.check(Path(samples_dir) / f"{run.sampler}-{run.grid}-{run.steps}", run.manifest())
+            ShardStore.check(Path(samples_dir) / run.slug(), run.manifest())
     device = _device(device)
     import torch
 
@@ -511,7 +516,7 @@ def fid(
 
     extractor.check(image_shape(vm))
     log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
-        f"{' and ' + baseline + ' (baseline)' if baseline else ''} at steps {steps}, {num_images} samples each")
+        f"{''.join(f' and {b} (baseline)' for b in baseline or [])} at steps {steps}, {num_images} samples each")
     result = sweep(vm, reference, extractor, runs, device, progress=interactive, use_cache=not no_cache,
                    samples_dir=samples_dir)
     result["model"], result["loaded"] = model, vm.info

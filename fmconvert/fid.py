@@ -359,7 +359,8 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
     from .shards import ShardStore
 
     ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
-    rows, baseline_stats = [], {}
+    rows: list[dict] = []
+    baseline_stats: dict[int, FeatureStats] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -369,13 +370,14 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
         run = run.loaded(vm.source.model_class, sample_shape(vm))
         store = None
         if samples_dir is not None:
-            store = ShardStore(Path(samples_dir) / f"{run.sampler}-{run.grid}-{run.steps}", run.manifest())
+            store = ShardStore(Path(samples_dir) / run.slug(), run.manifest())
 
         def make_batches(ranges, run=run):
             return iter_run(vm, run, device, ranges)
 
         stats, nfe, reused = run_stats(vm, extractor, make_batches, run.num_images, run.shard_size, store, device)
-        row = {"sampler": run.sampler, "grid": run.grid, "steps": run.steps, "nfe": nfe, "baseline": run.baseline,
+        row = {"sampler": run.baseline_spec if run.baseline else run.sampler, "grid": run.grid, "steps": run.steps,
+               "nfe": nfe, "baseline": run.baseline,
                "num_samples": stats.count, "fid": fid_between(ref.stats, stats)}
         if samples_dir is not None:
             row["shards_reused"] = reused
@@ -383,7 +385,7 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
         if kid is not None:
             row["kid"], row["kid_std"] = kid
         if run.baseline:
-            baseline_stats[run.steps] = stats
+            baseline_stats.setdefault(run.steps, stats)  # (the first baseline listed is the comparison)
         elif run.steps in baseline_stats:
             row["fid_vs_baseline"] = fid_between(baseline_stats[run.steps], stats)
         rows.append(row)

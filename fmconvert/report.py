@@ -109,7 +109,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         ours_run = dataclasses.replace(base, model=str(tmp / "converted"), grid="trailing",
                                        fingerprint=model_fingerprint(converted.source),
                                        model_class=converted.source.model_class)
-        (ddim_run,) = sweep_runs(base, [], [50], "ddim")
+        (ddim_run,) = sweep_runs(base, [], [50], ["ddim"])
         ours, ddim = generate_run(converted, ours_run, device), generate_run(original, ddim_run, device)
         numbers["runs"] = [ours_run.manifest(), ddim_run.manifest()]
         from .images import save_grid
@@ -149,7 +149,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         stage("FID sweep")
         extractor = make_extractor("digits", device=device)
         runs = sweep_runs(dataclasses.replace(base, num_images=num_images, shard_size=250), list(solvers), list(steps),
-                          "ddim")
+                          ["ddim"])
         result = sweep(original, reference, extractor, runs, device)
         numbers["fid"] = dict(result)
         if reference == "builtin:digits":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +57,8 @@ class Run:
     of :data:`fmconvert.solvers.SOLVERS` on ``grid``, or with ``baseline`` a scheduler of
     :data:`fmconvert.baselines.BASELINES` on its own timesteps) in ``steps`` steps, from the
     noise of ``seed`` (:mod:`fmconvert.sampling`'s convention), in ``dtype``, conditioned by
-    ``conditioning``; ``shard_size`` samples a batch and a shard. ``shape``: one sample's
+    ``conditioning``; ``shard_size`` samples a batch and a shard. ``options``: the solver's
+    (rtol, atol) or the baseline scheduler's (use_karras_sigmas, ...). ``shape``: one sample's
     (C, H, W), known once the model is loaded (None before)."""
 
     model: str
@@ -97,6 +99,19 @@ class Run:
         """The same run with what loading the model tells: its class and one sample's shape."""
         return dataclasses.replace(self, model_class=model_class, shape=tuple(int(n) for n in shape))
 
+    @property
+    def baseline_spec(self) -> str:
+        """A baseline run's scheduler as :func:`fmconvert.baselines.parse_baseline` reads it."""
+        options = [f"{k}={json.dumps(v)}" for k, v in self.options if k != "along_list"]
+        return self.sampler + (":" + ",".join(options) if options else "")
+
+    def slug(self) -> str:
+        """A name for the run's samples folder: sampler-grid-steps, and a hash of its options if any."""
+        name = f"{self.sampler}-{self.grid}-{self.steps}"
+        if self.options:
+            name += "-" + hashlib.sha256(json.dumps(self.options, default=str).encode()).hexdigest()[:8]
+        return name
+
     def describe(self) -> str:
         """In words, for logs."""
         how = f"its own {self.sampler} scheduler" if self.baseline else f"{self.sampler} on the {self.grid} grid"
@@ -112,16 +127,18 @@ def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
                  for name, default in SOLVERS[solver].options)
 
 
-def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baseline: str | None = None,
+def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: list[str] | tuple[str, ...] = (),
                **given_options: Any) -> list[Run]:
-    """The runs of an NFE sweep: the baseline at every step count first (if any), then every
-    solver at every step count; everything else as in ``base``."""
-    from .baselines import BASELINES
+    """The runs of an NFE sweep: each baseline (a spec of :func:`fmconvert.baselines.parse_baseline`,
+    its options recorded) at every step count first, then every solver at every step count;
+    everything else as in ``base``."""
+    from .baselines import parse_baseline
 
     runs = []
-    if baseline is not None:
-        runs += [dataclasses.replace(base, sampler=baseline, baseline=True, grid=BASELINES[baseline].grid, steps=steps,
-                                     options=()) for steps in steps_list]
+    for spec in baselines:
+        baseline, options = parse_baseline(spec)
+        runs += [dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid, steps=steps,
+                                     options=options) for steps in steps_list]
     runs += [dataclasses.replace(base, sampler=solver, baseline=False, steps=steps,
                                  options=solver_options(solver, **given_options))
              for solver in solvers for steps in steps_list]

@@ -313,45 +313,55 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                   device: str = "cpu", baseline: str = "ddim", ranges: list[tuple[int, int]] | None = None,
                   conditioning: Conditioning | None = None,
                   along_list: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The source's own diffusers sampler driving the unconverted network on the same noise
-    and conditioning (guidance on the source's prediction, as its pipeline applies it), batch
-    by batch (or over the given global index ranges).
+    """A diffusers scheduler (``baseline``: a spec of :func:`fmconvert.baselines.parse_baseline`)
+    driving the unconverted source network on the same noise and conditioning (guidance on the
+    source's prediction, as its pipeline applies it), batch by batch (or over the given global
+    index ranges), as a pipeline drives it: noise × ``init_noise_sigma``, ``scale_model_input``,
+    ``step``. Yields (samples, images, network evaluations per trajectory, counted). A stochastic
+    scheduler draws its step noise from a generator seeded by (seed, first image index).
 
-    ``along_list``: DDIM stepping from each of the scheduler's listed timesteps to the next
+    ``along_list`` (ddim): DDIM stepping from each of the scheduler's listed timesteps to the next
     listed one (the last to α = 1), x' = α'·x̂0 + σ'·ε̂ in float64 on the source's ᾱ, instead of
     diffusers' ``DDIMScheduler.step``, which steps to t − T//N: for N not dividing T that is
     not the next timestep it evaluates (NOTES §8), so it is not one ODE solver on one grid."""
-    from .baselines import BASELINES
+    import inspect
 
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}: supported are {', '.join(BASELINES)}")
+    from .baselines import build_scheduler, parse_baseline, stochastic
+
+    if along_list and parse_baseline(baseline)[0].name != "ddim":
+        raise ValueError("along_list is DDIM's: use baseline 'ddim'")
     conditioning = conditioning or Conditioning()
     family = vm.source.family
     family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    scheduler = BASELINES[baseline].build(vm.source)
+    scheduler = build_scheduler(baseline, vm.source)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters and stochastic(scheduler)
     model = vm.velocity.model
     call = network_call(model)
     w, phi = conditioning.guidance_scale, conditioning.guidance_rescale
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):
-        x = noise.take(first, stop).to(device)
+        scheduler.set_timesteps(steps)  # (also resets a multistep scheduler's history)
+        x = noise.take(first, stop).to(device) * scheduler.init_noise_sigma
         cond, both = network_kwargs(family, vm.pipeline, conditioning, first, x.shape[0], device, model.config,
                                     (x.shape[2], x.shape[3]), model.dtype)
-        scheduler.set_timesteps(steps)
+        extra = {"generator": torch.Generator().manual_seed(seed * 1_000_003 + first)} if takes_generator else {}
+        nfe = 0
         with torch.no_grad():
             for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(x, t)
                 if both is None:
-                    out = call.split(call(model, x.to(model.dtype), t.to(device).expand(x.shape[0]), (), cond))[0]
+                    out = call.split(call(model, x_in.to(model.dtype), t.to(device).expand(x.shape[0]), (), cond))[0]
                 else:
-                    pair = call.split(call(model, torch.cat([x, x]).to(model.dtype),
+                    pair = call.split(call(model, torch.cat([x_in, x_in]).to(model.dtype),
                                            t.to(device).expand(2 * x.shape[0]), (), both))[0]
                     uncond, cond_out = pair.float().chunk(2)
                     out = guide(uncond, cond_out, w, phi)
+                nfe += 1
                 x = (_ddim_along(vm, scheduler.timesteps, out, x, t) if along_list
-                     else scheduler.step(out.float(), t, x).prev_sample)
-        yield x.float(), to_images(vm, x.float()), steps
+                     else scheduler.step(out.float(), t, x, **extra).prev_sample)
+        yield x.float(), to_images(vm, x.float()), nfe
 
 
 def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
@@ -384,8 +394,9 @@ def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tupl
     """The batches of ``run`` (:class:`fmconvert.runs.Run`): :func:`iter_baseline` for a
     baseline, else :func:`iter_generate`, over the given global index ranges (default: all)."""
     if run.baseline:
-        return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, run.sampler, ranges=ranges,
-                             conditioning=run.conditioning, **dict(run.options))
+        return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, run.baseline_spec,
+                             ranges=ranges, conditioning=run.conditioning,
+                             along_list=bool(dict(run.options).get("along_list", False)))
     return iter_generate(vm, run.num_images, run.shard_size, run.seed, run.sampler, run.grid, run.steps, device,
                          run.conditioning, progress, dict(run.options), ranges)
 

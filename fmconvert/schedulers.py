@@ -39,9 +39,11 @@ import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.configuration_utils import register_to_config
 
@@ -247,3 +249,78 @@ class FlowPipelineEulerDiscreteScheduler(FlowPipelineSchedulerMixin, EulerDiscre
             out.prev_sample = prev
             return out
         return (prev, *out[1:])
+
+
+# -- multistep schedulers in flow mode, for converted velocity models -----------------------------------
+
+
+class FlowSigmasMixin:
+    """diffusers' multistep schedulers in their flow mode (``use_flow_sigmas``,
+    ``prediction_type="flow_prediction"``: x̂0 = x − s·u, λ = log((1 − s)/s)) with float timesteps.
+
+    The stock classes hand the network int64 timesteps floor(1000·s); a converted network then
+    answers at another s than the step assumes ("usable, not exact"). Here the timesteps are
+    1000·s in float32, as FlowMatchEulerDiscreteScheduler hands them, and ``set_timesteps`` also
+    takes ``sigmas`` (flow times s, from 1 towards 0, without the final one, which stays the
+    parent's: 0, or DEIS's own; default: the parent's flow sigmas). DPM-Solver++ in data
+    prediction depends only on λ and x/α, so on a converted model with the source's sigmas
+    mapped it is the same solver as on the source (test; UniPC too).
+
+    ``from_config`` of a converted folder's scheduler config sets the flow mode and takes its
+    ``shift`` as ``flow_shift``: ``pipe.scheduler = FlowDPMSolverMultistepScheduler.from_config(
+    pipe.scheduler.config)``. ``init_noise_sigma`` is 1 and ``scale_model_input`` the identity, so
+    the pipeline's sample is x_s whether or not it calls them.
+    """
+
+    config: Any
+
+    @classmethod
+    def from_config(cls, config: Any = None, **kwargs: Any):
+        config = {k: v for k, v in dict(config or {}).items() if k not in ("sample_scaling", "source_schedule")}
+        config.update(use_flow_sigmas=True, prediction_type="flow_prediction",
+                      flow_shift=float(config.get("flow_shift", config.get("shift", 1.0)) or 1.0))
+        if config.get("timestep_spacing") not in (None, "linspace", "leading", "trailing"):
+            config.pop("timestep_spacing")  # (fmconvert's grid names: the flow mode has its own sigmas)
+        return super().from_config(config, **kwargs)  # type: ignore[misc]
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,
+                      mu: float | None = None, timesteps: Any = None) -> None:
+        T = self.config.num_train_timesteps
+        if timesteps is not None:
+            raise ValueError(f"{type(self).__name__} takes sigmas (flow times s), not timesteps")
+        if mu is not None:
+            raise ValueError(f"{type(self).__name__} has no dynamic shifting: mu cannot be honoured; pass sigmas")
+        if sigmas is None:
+            super().set_timesteps(num_inference_steps, device)  # type: ignore[misc]
+            s = self.sigmas[:-1].to(torch.float64)  # type: ignore[has-type]
+        else:
+            s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+            if s.numel() == 0 or not bool(((s > 0) & (s <= 1)).all()) or not bool((s[1:] < s[:-1]).all()):
+                raise ValueError("sigmas must be flow times s in (0, 1], decreasing (the final one is the scheduler's)")
+            super().set_timesteps(len(s), device)  # type: ignore[misc]
+            # (that reset the multistep state); the final sigma stays the parent's: 0, or DEIS's
+            last: torch.Tensor = self.sigmas[-1:]  # type: ignore[has-type]
+            self.sigmas = torch.cat([s, last.to(torch.float64)]).to(torch.float32)
+            self.num_inference_steps = len(s)
+        self.timesteps = (s.to(torch.float32) * T).to(device)
+
+
+class _NoNoiseStep:
+    """``step`` that accepts a ``generator`` (DDPMPipeline passes one) and uses none: these steps
+    draw no noise."""
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
+             generator: Any = None, **kwargs: Any):
+        return super().step(model_output, timestep, sample, *args, **kwargs)  # type: ignore[misc]
+
+
+class FlowDPMSolverMultistepScheduler(FlowSigmasMixin, DPMSolverMultistepScheduler):
+    """DPMSolverMultistepScheduler in flow mode with float timesteps (:class:`FlowSigmasMixin`)."""
+
+
+class FlowUniPCMultistepScheduler(FlowSigmasMixin, _NoNoiseStep, UniPCMultistepScheduler):
+    """UniPCMultistepScheduler in flow mode with float timesteps (:class:`FlowSigmasMixin`)."""
+
+
+class FlowDEISMultistepScheduler(FlowSigmasMixin, _NoNoiseStep, DEISMultistepScheduler):
+    """DEISMultistepScheduler in flow mode with float timesteps (:class:`FlowSigmasMixin`)."""

@@ -124,7 +124,7 @@ def test_the_nan_report_counts_steps_by_the_registry(solver):
 
 def test_a_sweep_is_its_runs():
     base = Run(model="m", fingerprint="f", sampler="euler", steps=1, seed=3, num_images=8)
-    runs = sweep_runs(base, ["euler", "dopri5"], [2, 4], "ddim", rtol=1e-4)
+    runs = sweep_runs(base, ["euler", "dopri5"], [2, 4], ["ddim"], rtol=1e-4)
     assert [(r.sampler, r.steps, r.baseline) for r in runs] == [
         ("ddim", 2, True), ("ddim", 4, True), ("euler", 2, False), ("euler", 4, False), ("dopri5", 2, False),
         ("dopri5", 4, False)]
