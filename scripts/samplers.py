@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Sample quality per network evaluation: fmconvert's solvers × grids against diffusers' schedulers.
+
+    python scripts/samplers.py [--num-images 1000] [--nfe 3,4,5,6,8,10,16] [--out SAMPLERS.md]
+
+On each zoo model (builtin:digits-eps, -v, -flow), from the same noise (seed 0): FID in digits
+features against builtin:digits of
+
+- every fmconvert solver on every grid that suits the source, at a step count whose counted NFE
+  is the target;
+- diffusers' schedulers driving the unconverted network (``--baseline`` aliases, Karras sigmas
+  as an option), likewise at the target NFE (counted from the network calls);
+- the converged solve of the same ODE: rk4 at 100 NFE (25 steps).
+
+Excess FID = FID − converged FID. The targets (issue 17): where the best diffusers scheduler's
+excess is above 1, fmconvert's best excess is at most half of it; where it is below, fmconvert's
+best FID is at most the best diffusers FID + 0.3. Writes the Markdown tables (OUT), a plot
+(OUT with .png) and the numbers (OUT with .json), with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fmconvert  # noqa: E402
+from fmconvert.fid import make_extractor, sweep  # noqa: E402
+from fmconvert.grids import GRIDS  # noqa: E402
+from fmconvert.runs import Run, model_fingerprint  # noqa: E402
+from fmconvert.sampling import load_velocity_model, sample_shape  # noqa: E402
+from fmconvert.solvers import SOLVERS  # noqa: E402
+
+MODELS = ("digits-eps", "digits-v", "digits-flow")
+REFERENCE = "builtin:digits"
+#: diffusers' schedulers compared (aliases of fmconvert.baselines, with options), ODE samplers only
+DIFFUSION_BASELINES = ("ddim", "euler", "heun", "lms", "pndm", "dpm++2m", "dpm++3m", "unipc", "deis",
+                       "dpm++2m:use_karras_sigmas=true", "dpm++3m:use_karras_sigmas=true", "unipc:use_karras_sigmas=true")
+FLOW_BASELINES = ("default", "dpm++2m", "dpm++3m", "unipc", "deis")
+
+
+def solver_steps(solver: str, nfe: int) -> int | None:
+    """Steps of ``solver`` whose NFE is ``nfe`` on a grid ending at 0 (Heun: Euler into 0)."""
+    per = SOLVERS[solver].evals_per_step
+    if per is None:
+        return None
+    if solver == "heun":
+        return (nfe + 1) // 2 if nfe % 2 == 1 else None
+    return nfe // per if nfe % per == 0 else None
+
+
+def baseline_steps(spec: str, nfe: int) -> int | None:
+    """Steps of a diffusers scheduler whose network calls are ``nfe`` (Heun: 2·steps − 1; PLMS: steps + 1)."""
+    name = spec.split(":")[0]
+    if name == "heun":
+        return (nfe + 1) // 2 if nfe % 2 == 1 else None
+    if name == "pndm":
+        return nfe - 1 if nfe > 2 else None
+    return nfe
+
+
+def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int]) -> list[Run]:
+    grids = [g for g, spec in GRIDS.items() if (discrete or not spec.discrete) and (flow or g != "flowmatch")]
+    runs = [dataclasses.replace(base, sampler="rk4", grid="uniform", steps=25)]  # the converged solve
+    for nfe in nfe_list:
+        for spec in (FLOW_BASELINES if flow else DIFFUSION_BASELINES):
+            steps = baseline_steps(spec, nfe)
+            if steps:
+                from fmconvert.baselines import parse_baseline
+
+                baseline, options = parse_baseline(spec)
+                runs.append(dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid,
+                                                steps=steps, options=options))
+        for solver in SOLVERS:
+            steps = solver_steps(solver, nfe)
+            if steps:
+                runs += [dataclasses.replace(base, sampler=solver, grid=grid, steps=steps) for grid in grids]
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--nfe", default="3,4,5,6,8,10,16")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--out", type=Path, default=Path("SAMPLERS.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    nfe_list = [int(v) for v in args.nfe.split(",")]
+    extractor = make_extractor("digits")
+    results: dict = {}
+    started = time.perf_counter()
+    for name in args.models.split(","):
+        vm = load_velocity_model(f"builtin:{name}")
+        flow = vm.source.prediction_type == "flow_prediction"
+        discrete = type(vm.grid_source).__name__ == "DiscreteVPSchedule"
+        base = Run(model=f"builtin:{name}", fingerprint=model_fingerprint(vm.source), sampler="euler", steps=1,
+                   num_images=args.num_images, shard_size=250).loaded(vm.source.model_class, sample_shape(vm))
+        runs = runs_for(base, discrete, flow, nfe_list)
+        print(f"{name}: {len(runs)} runs", file=sys.stderr, flush=True)
+        out = sweep(vm, REFERENCE, extractor, runs)
+        converged = out["rows"][0]["fid"]
+        rows = [{**row, "excess": row["fid"] - converged} for row in out["rows"][1:]]
+        results[name] = {"converged": converged, "rows": rows}
+    seconds = time.perf_counter() - started
+    meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
+            "python": platform.python_version(), "torch": torch.__version__, "fmconvert": fmconvert.__version__,
+            "diffusers": __import__("diffusers").__version__, "num_images": args.num_images, "seconds": round(seconds)}
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=2) + "\n")
+    args.out.write_text(render(results, meta, nfe_list))
+    plot(results, nfe_list, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} ({seconds:.0f} s)", file=sys.stderr)
+
+
+def label(row: dict) -> str:
+    return row["sampler"] if row["baseline"] else f"{row['sampler']}/{row['grid']}"
+
+
+def best(rows: list[dict], nfe: int, baseline: bool) -> dict | None:
+    pool = [r for r in rows if r["nfe"] == nfe and r["baseline"] == baseline]
+    return min(pool, key=lambda r: r["fid"]) if pool else None
+
+
+def verdict(ours: dict, theirs: dict) -> str:
+    if theirs["excess"] > 1:
+        ratio = ours["excess"] / theirs["excess"]
+        return f"{'met' if ratio <= 0.5 else 'missed'} (excess ratio {ratio:.2f})"
+    gap = ours["fid"] - theirs["fid"]
+    return f"{'met' if gap <= 0.3 else 'missed'} (FID {gap:+.2f} vs diffusers)"
+
+
+def render(results: dict, meta: dict, nfe_list: list[int]) -> str:
+    lines = ["# Samplers: FID per network evaluation", "",
+             f"Made by `python scripts/samplers.py` in {meta['seconds']} s on {meta['machine']}; python {meta['python']}, "
+             f"torch {meta['torch']}, diffusers {meta['diffusers']}, fmconvert {meta['fmconvert']}.", "",
+             f"FID in the zoo's digits features against {REFERENCE}, {meta['num_images']} samples per run, the same "
+             "noise (seed 0) for every sampler. NFE is counted from the network calls. Excess = FID − the FID of "
+             "the converged solve of the same ODE (rk4, 100 NFE). diffusers' schedulers drive the unconverted "
+             "network; fmconvert's solvers drive the converted field. Target: where diffusers' best excess is "
+             "above 1, fmconvert's best excess is at most half of it; else fmconvert's best FID ≤ diffusers' best + 0.3.",
+             "", "![samplers](SAMPLERS.png)", ""]
+    for name, result in results.items():
+        rows = result["rows"]
+        lines += [f"## builtin:{name} (converged FID {result['converged']:.2f})", "",
+                  "| NFE | best diffusers | FID | excess | best fmconvert | FID | excess | target |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for nfe in nfe_list:
+            theirs, ours = best(rows, nfe, True), best(rows, nfe, False)
+            if theirs is None or ours is None:
+                continue
+            lines.append(f"| {nfe} | {label(theirs)} | {theirs['fid']:.2f} | {theirs['excess']:.2f} | {label(ours)} | "
+                         f"{ours['fid']:.2f} | {ours['excess']:.2f} | {verdict(ours, theirs)} |")
+        lines += ["", "<details><summary>every run</summary>", "", "| sampler | steps | NFE | FID |", "|---|---|---|---|"]
+        lines += [f"| {label(r)} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |" for r in sorted(rows, key=lambda r: (r["nfe"], r["fid"]))]
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, nfe_list: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        for baseline, style in ((True, "o--"), (False, "s-")):
+            points = [(n, best(result["rows"], n, baseline)) for n in nfe_list]
+            points = [(n, r["fid"]) for n, r in points if r is not None]
+            ax.plot(*zip(*points), style, label="best diffusers scheduler" if baseline else "best fmconvert solver/grid")
+        ax.axhline(result["converged"], color="grey", lw=0.8, label="converged (rk4, 100 NFE)")
+        ax.set(title=f"builtin:{name}", xlabel="NFE", ylabel="FID (digits features)", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
