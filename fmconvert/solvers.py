@@ -10,7 +10,20 @@ s_0 > s_1 > ... > s_N, with h_i = s_{i+1} − s_i < 0:
 - rk4:       classic fourth-order Runge–Kutta                    (4)
 - ab2:       second-order Adams–Bashforth on variable steps:     (1)
              x ← x + h·((1 + r/2)·u_i − (r/2)·u_{i−1}),  r = h_i/h_{i−1}; Euler first
+- dpmpp_2m:  DPM-Solver++(2M) in data prediction x̂0 = x − s·u:      (1)
+             x ← (σ_{i+1}/σ_i)·x − α_{i+1}(e^{−h} − 1)·(x̂0_i + ½(x̂0_i − x̂0_{i−1})/r),
+             α = 1 − s, σ = s, λ = log(α/σ), h = λ_{i+1} − λ_i, r = h_{i−1}/h; first order
+             first and into s = 0 (x ← x̂0): diffusers' DPMSolverMultistepScheduler
+- dpmpp_3m:  DPM-Solver++(3M) as diffusers has it (second order:   (1)
+             its D2 is half the third-order term)
+- unipc:     UniPC: UniP-2 predictor + UniC corrector,             (1)
+             B(h) = e^h − 1, data prediction, as diffusers' UniPCMultistepScheduler(solver_order=2);
+             the corrector reuses the next step's evaluation
 - dopri5:    adaptive Dormand–Prince through torchdiffeq (optional extra), --rtol / --atol
+
+The exponential integrators read only λ, σ_{i+1}/σ_i, α_{i+1} and x̂0: on the grid
+s = σ/(α + σ) of a VP schedule, with x = x_VP/(α + σ), they take the diffusers scheduler's
+steps exactly.
 
 NFE is counted by :class:`CountingField`, never assumed from the step count.
 
@@ -21,6 +34,7 @@ are read from it. torch is imported where a solver runs (the CLI's --help does n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -137,6 +151,152 @@ def dopri5(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, rtol
     return out[-1]
 
 
+# -- exponential integrators in data prediction ------------------------------------------------------
+#
+# On the rectified path α_s = 1 − s, σ_s = s and λ = log(α/σ) (−∞ at s = 1, +∞ at s = 0); the
+# data prediction of a velocity is x̂0 = x − s·u. The exact solution from s to t (λ_s < λ_t) is
+# x_t = (σ_t/σ_s)·x_s + σ_t·∫ e^λ x̂0 dλ: these solvers approximate x̂0 in λ by polynomials
+# through earlier evaluations. Their update reads only λ, σ_t/σ_s, α_t and x̂0, so they are the
+# same solver on every Gaussian path with the same λ: on s = σ/(α + σ), x = x_VP/(α + σ), each
+# takes the steps of the diffusers scheduler it mirrors on the source's own VP path.
+
+
+def _lambdas(grid: torch.Tensor) -> list[float]:
+    """λ_i = log((1 − s_i)/s_i) as Python floats: −∞ at s = 1, +∞ at s = 0."""
+    return [-math.inf if s >= 1 else math.inf if s <= 0 else math.log1p(-s) - math.log(s) for s in grid.tolist()]
+
+
+def _data_prediction(u: Velocity, x: torch.Tensor, grid: torch.Tensor, i: int) -> torch.Tensor:
+    """x̂0 = x − s_i·u(x, s_i): one evaluation."""
+    return x.add(u(x, _s(grid[i], x)), alpha=-float(grid[i]))
+
+
+def _dpm_order(order: int, i: int, n: int, final_zero: bool) -> int:
+    """DPMSolverMultistepScheduler.step's order for step i of n (lower_order_final=True):
+    warm-up 1, 2, ...; the last step first order when it goes to s = 0 or n < 15; with
+    n < 15 the second-to-last at most second order."""
+    if i == n - 1 and (final_zero or n < 15):
+        return 1
+    if i == n - 2 and n < 15:
+        order = min(order, 2)
+    return min(order, i + 1)
+
+
+def _dpmpp_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, order: int, callback=None) -> torch.Tensor:
+    """DPM-Solver++(order M) in data prediction, diffusers' dpmsolver++ updates ("midpoint" at order 2)."""
+    lam, s = _lambdas(grid), grid.tolist()
+    n = len(s) - 1
+    m: list[torch.Tensor] = []  # x̂0 of the last (up to) three evaluations, newest last
+    for i in range(n):
+        m = (m + [_data_prediction(u, x, grid, i)])[-3:]
+        k = _dpm_order(order, i, n, s[-1] == 0)
+        h = lam[i + 1] - lam[i]
+        ratio, alpha, phi = s[i + 1] / s[i], 1 - s[i + 1], math.expm1(-h)  # σ_t/σ_s, α_t, e^{−h} − 1
+        if k == 1:
+            x = ratio * x - (alpha * phi) * m[-1]
+        elif k == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d1 = (1.0 / r0) * (m[-1] - m[-2])
+            x = ratio * x - (alpha * phi) * m[-1] - (0.5 * alpha * phi) * d1
+        else:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            d1_0, d1_1 = (1.0 / r0) * (m[-1] - m[-2]), (1.0 / r1) * (m[-2] - m[-3])
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+            x = (ratio * x - (alpha * phi) * m[-1] + (alpha * (phi / h + 1.0)) * d1
+                 - (alpha * ((phi + h) / h**2 - 0.5)) * d2)
+        callback and callback(i)
+    return x
+
+
+def dpmpp_2m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), in data prediction on
+    the rectified path (α = 1 − s, σ = s, λ = log(α/σ), x̂0 = x − s·u). Step s_i → s_{i+1},
+    h = λ_{i+1} − λ_i, r = h_{i−1}/h:
+
+        x ← (σ_{i+1}/σ_i)·x − α_{i+1}·(e^{−h} − 1)·(D0 + ½·D1),  D0 = x̂0_i,  D1 = (x̂0_i − x̂0_{i−1})/r
+
+    D1 = 0 on the first step; the step into s = 0 (σ = 0) is first order: x ← x̂0 of the last
+    evaluation. Mirrors diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
+    solver_order=2, solver_type="midpoint", lower_order_final=True) step for step
+    (multistep_dpm_solver_first_order_update / multistep_dpm_solver_second_order_update).
+    One evaluation a step."""
+    return _dpmpp_multistep(u, x, grid, 2, callback)
+
+
+def dpmpp_3m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022, "DPM-Solver++"), in data prediction on the rectified
+    path. With r0 = h_{i−1}/h, r1 = h_{i−2}/h, D1_0 = (x̂0_i − x̂0_{i−1})/r0,
+    D1_1 = (x̂0_{i−1} − x̂0_{i−2})/r1, D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1),
+    D2 = (D1_0 − D1_1)/(r0 + r1):
+
+        x ← (σ_{i+1}/σ_i)·x − α_{i+1}(e^{−h} − 1)·x̂0_i + α_{i+1}((e^{−h} − 1)/h + 1)·D1
+              − α_{i+1}((e^{−h} − 1 + h)/h² − ½)·D2
+
+    Warm-up: first order on the first step, (2M) on the second; the step into s = 0 first order
+    (x ← x̂0); with fewer than 15 steps the second-to-last is at most (2M) (diffusers'
+    lower_order_final). Mirrors DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
+    solver_order=3) (multistep_dpm_solver_third_order_update). One evaluation a step.
+
+    Its order is 2, not 3: D2 ≈ h²·x̂0''/2 while the φ₃ coefficient needs h²·x̂0'' (the
+    Taylor term of x̂0 in λ), so the local error is O(h³), not O(h⁴) (with 2·D2 it is O(h⁴)).
+    It is kept as diffusers (and Lu et al.'s dpm_solver_pytorch) computes it, step for step."""
+    return _dpmpp_multistep(u, x, grid, 3, callback)
+
+
+def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework"), B(h) = e^h − 1
+    ("bh2"), in data prediction on the rectified path: the predictor UniP-2, which with
+    B(h) = e^{−h} − 1 is DPM-Solver++(2M) (φ = e^{−h} − 1, D1 = (x̂0_{i−1} − x̂0_i)/r_k,
+    r_k = (λ_{i−1} − λ_i)/h):
+
+        x̃_{i+1} = (σ_{i+1}/σ_i)·x_i − α_{i+1}·φ·x̂0_i − α_{i+1}·φ·½·D1
+
+    then, once x̂0_{i+1} = x̃_{i+1} − s_{i+1}·u(x̃_{i+1}, s_{i+1}) has been evaluated for the next
+    step, the corrector UniC of the same order replaces x̃_{i+1} by
+
+        x_{i+1} = (σ_{i+1}/σ_i)·x_i − α_{i+1}·φ·x̂0_i − α_{i+1}·φ·(ρ_0·D1 + ρ_1·(x̂0_{i+1} − x̂0_i))
+
+    (ρ = ½ at order 1; at order 2 ρ solves [[1, 1], [r_k, 1]]·ρ = b, b_1 = (φ/(−h) − 1)/φ,
+    b_2 = 2·((φ/(−h) − 1)/(−h) − ½)/φ). The next predictor starts from the corrected x_{i+1}
+    with the x̂0 evaluated at x̃_{i+1}: no extra evaluation. Warm-up: first order on the first
+    step; the last step first order (x ← x̂0 into s = 0) and not corrected. Mirrors diffusers'
+    UniPCMultistepScheduler(solver_order=2, predict_x0=True, solver_type="bh2",
+    lower_order_final=True) (multistep_uni_p_bh_update / multistep_uni_c_bh_update).
+    One evaluation a step."""
+    lam, s = _lambdas(grid), grid.tolist()
+    n = len(s) - 1
+    m: list[torch.Tensor] = []  # x̂0 of the last (up to) three evaluations, newest last
+    base = x  # the corrected sample the last predictor started from
+    order = 0  # the last predictor's order
+    for i in range(n):
+        m = (m + [_data_prediction(u, x, grid, i)])[-3:]
+        if i > 0:  # UniC on the step s_{i−1} → s_i, with the evaluation just made
+            h = lam[i] - lam[i - 1]
+            ratio, alpha, phi = s[i] / s[i - 1], 1 - s[i], math.expm1(-h)
+            x = ratio * base - (alpha * phi) * m[-2]
+            if order == 1:
+                x = x - (alpha * phi * 0.5) * (m[-1] - m[-2])
+            else:
+                rk = (lam[i - 2] - lam[i - 1]) / h
+                b1 = (phi / -h - 1) / phi
+                b2 = 2 * ((phi / -h - 1) / -h - 0.5) / phi
+                rho0 = (b1 - b2) / (1 - rk)
+                rho1 = b1 - rho0
+                d1 = (1.0 / rk) * (m[-3] - m[-2])
+                x = x - (alpha * phi) * (rho0 * d1 + rho1 * (m[-1] - m[-2]))
+        order = min(2, n - i, i + 1)
+        base = x
+        h = lam[i + 1] - lam[i]
+        ratio, alpha, phi = s[i + 1] / s[i], 1 - s[i + 1], math.expm1(-h)
+        x = ratio * x - (alpha * phi) * m[-1]
+        if order == 2:
+            rk = (lam[i - 1] - lam[i]) / h
+            x = x - (alpha * phi * 0.5) * ((1.0 / rk) * (m[-2] - m[-1]))
+        callback and callback(i)
+    return x
+
+
 @dataclass(frozen=True)
 class Solver:
     """A solver of dx/ds = u(x, s): ``step`` integrates along a whole grid (the module's
@@ -164,6 +324,9 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("midpoint", midpoint, 2, 2, "2nd order, 2 evaluations a step"),
     Solver("rk4", rk4, 4, 4, "classic Runge-Kutta, 4 evaluations a step"),
     Solver("ab2", ab2, 1, 2, "Adams-Bashforth 2 on variable steps, 1 evaluation a step"),
+    Solver("dpmpp_2m", dpmpp_2m, 1, 2, "DPM-Solver++(2M) in data prediction, 1 evaluation a step (diffusers' DPMSolverMultistep)"),
+    Solver("dpmpp_3m", dpmpp_3m, 1, 2, "DPM-Solver++(3M) as diffusers has it (2nd order: D2 halved), 1 evaluation a step"),
+    Solver("unipc", unipc, 1, 3, "UniPC-2 bh2 predictor-corrector, 1 evaluation a step (diffusers' UniPCMultistep)"),
     Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), --rtol / --atol",
            (("rtol", 1e-5), ("atol", 1e-5))),
 )}

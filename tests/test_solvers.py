@@ -49,6 +49,98 @@ def test_convergence_order_and_nfe(solver, order, nfe_per_step):
     assert nfe1 == expected and nfe2 == 2 * expected + (1 if solver == "heun" else 0)
 
 
+def exact_flow(s, z):
+    """The exact solution at s from x_1 = z."""
+    return (1 - s) * M + math.sqrt((1 - s) ** 2 * C**2 + s**2) * z
+
+
+def log_snr_grid(steps):
+    """steps − 1 intervals uniform in λ = log((1 − s)/s) from −5 to 9, then the step into s = 0.
+    Exponential integrators take the last step as x ← x̂0, whose error is O(σ²) at the last
+    s (here 1.2e-4: below 1e-7); on linspace(1, 0) it is O(1/N²) with a large constant."""
+    s = torch.sigmoid(-torch.linspace(-5, 9, steps, dtype=torch.float64))
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+def exponential_error(solver, steps):
+    z = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = log_snr_grid(steps)
+    result = solve(gaussian_velocity, exact_flow(grid[0].item(), z), grid, solver)
+    return (result.x - (M + C * z)).abs().max().item(), result.nfe
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+def test_exponential_integrators_converge_at_their_order_with_one_evaluation_a_step(solver):
+    """Measured 40 → 80 → 160 steps: dpmpp_2m 1.98, 2.01; dpmpp_3m 2.32, 2.11 (diffusers'
+    D2 is halved: second order); unipc 2.98, 3.01."""
+    torch.set_num_threads(1)
+    e1, nfe1 = exponential_error(solver, 40)
+    e2, nfe2 = exponential_error(solver, 80)
+    measured = math.log2(e1 / e2)
+    order = SOLVERS[solver].order
+    assert measured >= order - 0.3, f"{solver}: observed order {measured:.2f}"
+    assert (nfe1, nfe2) == (40, 80) and SOLVERS[solver].evals_per_step == 1
+    if solver == "dpmpp_3m":  # diffusers' D2 ≈ h²·x̂0''/2 where its φ₃ coefficient needs h²·x̂0'': O(h³) a step
+        assert math.log2(e2 / exponential_error(solver, 160)[0]) < 2.5
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+def test_exponential_integrators_start_at_pure_noise(solver):
+    """s = 1 is λ = −∞: the first step is DDIM's from pure noise (x̂0 = x − u), the next ones
+    see r = ∞ and drop the terms it multiplies by 0; nothing is NaN, one evaluation a step."""
+    z = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = solve(gaussian_velocity, z, torch.linspace(1, 0, 41, dtype=torch.float64), solver)
+    assert result.nfe == 40 and result.first_bad_nfe is None
+    assert (result.x - (M + C * z)).abs().max() < 1e-2  # measured 4e-3 .. 8e-3: the last step's O(σ²) at s = 1/40
+
+
+# -- the exponential integrators are diffusers' multistep schedulers, step for step ------------------------------
+
+
+def _scheduler(solver, spacing):
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    config = DDPMScheduler().config  # linear betas 1e-4 .. 0.02, epsilon, T = 1000
+    if solver == "unipc":
+        return UniPCMultistepScheduler.from_config(config, solver_order=2, predict_x0=True, solver_type="bh2",
+                                                   lower_order_final=True, disable_corrector=[], timestep_spacing=spacing)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=int(solver[6]),
+                                                   solver_type="midpoint", final_sigmas_type="zero", lower_order_final=True,
+                                                   timestep_spacing=spacing)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+@pytest.mark.parametrize("spacing, steps", [("linspace", 5), ("linspace", 8), ("trailing", 5), ("trailing", 8)])
+def test_exponential_integrators_are_diffusers_schedulers_on_the_converted_field(solver, spacing, steps):
+    """DPM-Solver++ and UniPC in data prediction read only λ, σ'/σ, α' and x̂0, all the same on
+    every Gaussian path with the same λ: on the converted field, on s = σ/(α + σ) of the
+    scheduler's timesteps then 0, from x_T/(α_T + σ_T), each is the diffusers scheduler's own
+    loop on the epsilon UNet. Measured: 3.0e-7 to 5.5e-7 relative (float32); the wrong solver
+    (dpmpp_2m against the 3M scheduler, unipc against 2M, unipc without its corrector)
+    differs by 4.2e-3 to 1.5e-2."""
+    from conftest import make_unet
+    from test_adapters import noise, rel_max
+
+    from fmconvert import VelocityAdapter
+
+    torch.set_num_threads(1)
+    unet = make_unet(seed=3)
+    scheduler = _scheduler(solver, spacing)
+    scheduler.set_timesteps(steps)
+    x = noise() * scheduler.init_noise_sigma
+    reference = x.clone()
+    adapter = VelocityAdapter.from_diffusion(unet, scheduler)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            reference = scheduler.step(unet(reference, t).sample, t, reference).prev_sample
+        p = adapter.source.point(scheduler.timesteps.to(torch.float64))
+        grid = torch.cat([p.sigma / (p.alpha + p.sigma), torch.zeros(1, dtype=torch.float64)])
+        result = solve(lambda y, s: adapter.evaluate(y, 1000 * s), (x.double() / (p.alpha[0] + p.sigma[0])).float(),
+                       grid, solver)
+    assert result.nfe == steps
+    assert rel_max(result.x.double(), reference.double()) <= 1e-5  # x at s = 0 is the VP sample: α + σ = 1
+
+
 def test_dopri5_is_accurate_and_counts_its_evaluations():
     pytest.importorskip("torchdiffeq")
     z = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -124,7 +216,7 @@ def test_flow_sources_have_no_discrete_spacing():
 
 
 def test_all_solvers_registered():
-    assert set(SOLVERS) == {"euler", "heun", "midpoint", "rk4", "ab2", "dopri5"}
+    assert set(SOLVERS) == {"euler", "heun", "midpoint", "rk4", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc", "dopri5"}
 
 
 # -- grids honour the options of the scheduler they copy ------------------------------------------------------
