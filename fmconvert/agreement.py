@@ -195,3 +195,52 @@ def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
 
     assert ref.path is not None  # (a folder reference)
     return load_folder(ref.path, limit).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10, batch_size: int = 256, seed: int = 0,
+                  device: str = "cpu") -> dict[str, list[float]]:
+    """The flow-matching loss of the converted field against the source's epsilon loss, per time.
+
+    At x_s = (1 − s)·x0 + s·ε the converted field's error is û − (ε − x0) = (ε̂ − ε)/(1 − s), where
+    ε̂ is the source's (from its own prediction type, at the matched point x_t = α·x0 + σ·ε): so the
+    flow-matching loss |û − (ε − x0)|² is the epsilon loss |ε̂ − ε|² reweighted by (1 − s)⁻² (NOTES
+    §8; the two training losses are one loss). Measured per sample at ``num_times`` times inside
+    the trained range (a discrete source's integer timesteps, so that no rounding moves the time);
+    the source side calls the network directly, not through the adapter's conversion.
+
+    Returns per time: ``s``, ``flow_matching_loss`` and ``weighted_epsilon_loss`` (means over the
+    points, per element) and ``max_relative_difference`` (largest over the points)."""
+    from .schedules import DiscreteVPSchedule
+
+    source = adapter.source
+    t = torch.linspace(source.t_min, source.t_max, num_times, dtype=F64)
+    if isinstance(source, DiscreteVPSchedule):
+        t = t.round().unique()
+    flow = RectifiedFlow()
+    s_values = flow.time_at_log_snr(source.log_snr(t))
+    T = cast(RectifiedFlow, adapter.target).num_train_timesteps
+    sums = {"flow_matching_loss": torch.zeros(len(t), dtype=F64), "weighted_epsilon_loss": torch.zeros(len(t), dtype=F64)}
+    worst, count = torch.zeros(len(t), dtype=F64), torch.zeros(len(t), dtype=F64)
+    for i, s in enumerate(s_values.tolist()):
+        from .sampling import NoiseStream
+
+        noise = NoiseStream(len(data), tuple(data.shape[1:]), seed + i)
+        for lo in range(0, len(data), batch_size):
+            x0 = data[lo:lo + batch_size].to(F64).to(device)
+            eps = noise.take(lo, lo + len(x0)).to(F64).to(device)
+            x_s = forward_process(x0, s, eps)
+            u = adapter.evaluate(x_s, torch.full((len(x0),), T * s, dtype=F64, device=device), output_dtype=F64)
+            fm = (u - (eps - x0)).square().flatten(1).mean(1)
+            p = source.point(t[i].reshape(1).to(device)).view_as_batch(x0.ndim)
+            x_t = p.alpha * x0 + p.sigma * eps
+            native = adapter.model(x_t.to(adapter.model.dtype), source.model_timestep(t[i].reshape(1).to(device)).expand(len(x0)),
+                                   return_dict=False)[0]
+            _, eps_hat = to_x0_eps(adapter.source_prediction, native.to(F64)[:, : x0.shape[1]], x_t, p)
+            weighted = (eps_hat - eps).square().flatten(1).mean(1) / (1 - s) ** 2
+            sums["flow_matching_loss"][i] += fm.sum().cpu()
+            sums["weighted_epsilon_loss"][i] += weighted.sum().cpu()
+            worst[i] = torch.maximum(worst[i], ((fm - weighted).abs() / weighted).max().cpu())
+            count[i] += len(x0)
+    return {"s": s_values.tolist(), **{k: (v / count).tolist() for k, v in sums.items()},
+            "max_relative_difference": worst.tolist()}

@@ -390,13 +390,14 @@ def agree(
     dtypes: str = typer.Option("float32", help="Network dtypes to measure the field in, comma-separated: " + ", ".join(SAMPLE_DTYPES) + "."),
     steps: Steps = "4,8,16,32",
     num_images: NumImages = 64,
+    loss: bool = typer.Option(False, "--loss", help="Also the loss identity per time: the converted field's flow-matching loss against the source's epsilon loss × (1 − s)⁻², per sample, on the points."),
     seed: Seed = 0,
     device: Device = "auto",
     as_json: AsJson = False,
 ):
     """How closely the converted field agrees with its source (or two fields with each other); with a discrete
     source, also Euler on the trailing grid against the source's DDIM along the same timesteps, per --steps."""
-    from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
+    from .agreement import field_vs_field, field_vs_source, load_points, loss_identity, trajectory_agreement
     from .data import parse_data
     from .sampling import generate_run, load_velocity_model, sample_shape
     from .schedules import DiscreteVPSchedule
@@ -407,6 +408,8 @@ def agree(
         _choice(d, SAMPLE_DTYPES, "--dtypes")
     steps_list = _steps(steps)
     _positive(num_times=num_times, num_points=num_points, num_images=num_images)
+    if loss and other is not None:
+        raise UsageError("--loss compares a model's converted field with its own source; drop OTHER or --loss")
     if data is not None:
         parse_data(data)  # (before any model is loaded)
     # the points, when no --data: the model's own samples, Euler 50 steps (a run like any other)
@@ -422,6 +425,10 @@ def agree(
     points_run = points_run.loaded(vm.source.model_class, sample_shape(vm))
     if data is not None:
         points = load_points(data, num_points)
+        if tuple(points.shape[1:]) != tuple(points_run.shape or ()):
+            raise UsageError(f"--data {data} holds {'×'.join(map(str, points.shape[1:]))} images; {model} takes "
+                             f"{'×'.join(map(str, points_run.shape or ()))} (channels × height × width): give data of "
+                             "that shape, or leave --data out to use the model's own samples")
     else:
         log(f"no --data: using {points_run.describe()} as the points")
         points = generate_run(vm, points_run, device).samples
@@ -436,6 +443,9 @@ def agree(
             rows, runs = trajectory_agreement(vm, points_run, steps_list, num_images, device=device)
             payload["trajectories"] = rows
             payload["runs"] += [run.manifest() for run in runs]
+        if loss:
+            log(f"loss identity: flow-matching loss vs the source's epsilon loss × (1 − s)⁻² at {num_times} times")
+            payload["loss"] = loss_identity(vm.velocity, points, num_times, seed=seed, device=device)
     else:
         vm2 = load_velocity_model(other, device=device, compute_dtype="float64")
         log(f"field of {model} against the field of {other} at {num_times} times")
@@ -452,6 +462,12 @@ def agree(
             say(f"  {s:.4f}  {rows['relative_l2'][i]:.3e}  {rows['cosine'][i]:.8f}  {rows['max_abs_error'][i]:.3e}")
     for row in payload.get("trajectories", []):
         say(f"NFE {row['nfe']:4d}: Euler vs DDIM relative L2 {row['relative_l2']:.3e}, max |error| {row['max_abs_error']:.3e}")
+    if "loss" in payload:
+        say("loss identity: s, flow-matching loss, epsilon loss × (1 − s)⁻², largest relative difference per sample")
+        table = payload["loss"]
+        for i, s in enumerate(table["s"]):
+            say(f"  {s:.4f}  {table['flow_matching_loss'][i]:.6e}  {table['weighted_epsilon_loss'][i]:.6e}  "
+                f"{table['max_relative_difference'][i]:.2e}")
 
 
 @app.command()
