@@ -318,6 +318,18 @@ class Solver:
         return f"step {min(evaluation // self.evals_per_step, steps - 1) + 1} of {steps}"
 
 
+#: ``auto``'s choice by step count (= NFE for these one-evaluation solvers), from the measurements in
+#: SAMPLERS.md (scripts/samplers.py: FID per NFE on the zoo models, against diffusers' schedulers)
+AUTO_CHOICE: tuple[tuple[int, str], ...] = ((4, "ab2"), (1 << 30, "unipc"))
+
+
+def auto(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+    """The solver :data:`AUTO_CHOICE` names for this many steps (``len(grid) − 1``)."""
+    steps = len(grid) - 1
+    name = next(solver for most, solver in AUTO_CHOICE if steps <= most)
+    return SOLVERS[name].step(u, x, grid, callback=callback)
+
+
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("euler", euler, 1, 1, "1st order, 1 evaluation a step (DDIM's grid: DDIM itself)"),
     Solver("heun", heun, 2, 2, "2nd order, 2 evaluations a step (Euler into s = 0)"),
@@ -327,6 +339,8 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("dpmpp_2m", dpmpp_2m, 1, 2, "DPM-Solver++(2M) in data prediction, 1 evaluation a step (diffusers' DPMSolverMultistep)"),
     Solver("dpmpp_3m", dpmpp_3m, 1, 2, "DPM-Solver++(3M) as diffusers has it (2nd order: D2 halved), 1 evaluation a step"),
     Solver("unipc", unipc, 1, 3, "UniPC-2 bh2 predictor-corrector, 1 evaluation a step (diffusers' UniPCMultistep)"),
+    Solver("auto", auto, 1, 2, "ab2 up to 4 steps, unipc above: the best of fmconvert's solvers at those NFE in "
+           "SAMPLERS.md, 1 evaluation a step"),
     Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), --rtol / --atol",
            (("rtol", 1e-5), ("atol", 1e-5))),
 )}

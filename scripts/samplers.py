@@ -71,11 +71,16 @@ def baseline_steps(spec: str, nfe: int) -> int | None:
     return nfe
 
 
-def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int]) -> list[Run]:
-    grids = [g for g in GRIDS_COMPARED if (discrete or not GRIDS[g].discrete) and (flow or g != "flowmatch")]
+def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int], solvers=SOLVERS_COMPARED,
+             grids=GRIDS_COMPARED, baselines: tuple[str, ...] | None = None) -> list[Run]:
+    grids = [g for g in grids if (discrete or not GRIDS[g].discrete) and (flow or g != "flowmatch")]
     runs = [dataclasses.replace(base, sampler="rk4", grid="uniform", steps=25)]  # the converged solve
+    if baselines is None:
+        baselines = FLOW_BASELINES if flow else DIFFUSION_BASELINES
+    elif flow:
+        baselines = tuple(b for b in baselines if b.split(":")[0] in FLOW_BASELINES)
     for nfe in nfe_list:
-        for spec in (FLOW_BASELINES if flow else DIFFUSION_BASELINES):
+        for spec in baselines:
             steps = baseline_steps(spec, nfe)
             if steps:
                 from fmconvert.baselines import parse_baseline
@@ -83,7 +88,7 @@ def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int]) -> list
                 baseline, options = parse_baseline(spec)
                 runs.append(dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid,
                                                 steps=steps, options=options))
-        for solver in SOLVERS_COMPARED:
+        for solver in solvers:
             steps = solver_steps(solver, nfe)
             if steps:
                 runs += [dataclasses.replace(base, sampler=solver, grid=grid, steps=steps) for grid in grids]
@@ -96,7 +101,28 @@ def main() -> None:
     parser.add_argument("--nfe", default="3,4,5,6,8")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", type=Path, default=Path("SAMPLERS.md"))
+    parser.add_argument("--solvers", default=",".join(SOLVERS_COMPARED), help="fmconvert solvers compared")
+    parser.add_argument("--grids", default=",".join(GRIDS_COMPARED), help="grids compared (those that suit the source)")
+    parser.add_argument("--baselines", default=None, help="diffusers schedulers compared, ';'-separated (default: every ODE one listed)")
+    parser.add_argument("--render", default=None, help="comma-separated .json files of earlier runs: merge them into OUT, sample nothing")
     args = parser.parse_args()
+    if args.render:
+        parts = [json.loads(Path(f).read_text()) for f in args.render.split(",")]
+        results: dict = {}
+        for part in parts:  # (runs of one model from several files: their rows together, the first converged FID)
+            for name, result in part["models"].items():
+                if name in results:
+                    results[name]["rows"] += [{**r, "excess": r["fid"] - results[name]["converged"]} for r in result["rows"]]
+                    results[name]["failed"] = results[name].get("failed", []) + result.get("failed", [])
+                else:
+                    results[name] = result
+        meta = {**parts[0]["meta"], "seconds": sum(p["meta"]["seconds"] for p in parts),
+                "command": "; ".join(p["meta"]["command"] for p in parts)}
+        nfe = sorted({r["nfe"] for m in results.values() for r in m["rows"] if not r["baseline"]})
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=2) + "\n")
+        args.out.write_text(render(results, meta, nfe))
+        plot(results, nfe, args.out.with_suffix(".png"))
+        return
     torch.set_num_threads(2)
     nfe_list = [int(v) for v in args.nfe.split(",")]
     extractor = make_extractor("digits")
@@ -108,15 +134,23 @@ def main() -> None:
         discrete = type(vm.grid_source).__name__ == "DiscreteVPSchedule"
         base = Run(model=f"builtin:{name}", fingerprint=model_fingerprint(vm.source), sampler="euler", steps=1,
                    num_images=args.num_images, shard_size=250).loaded(vm.source.model_class, sample_shape(vm))
-        runs = runs_for(base, discrete, flow, nfe_list)
+        runs = runs_for(base, discrete, flow, nfe_list, tuple(v for v in args.solvers.split(",") if v), tuple(args.grids.split(",")),
+                        tuple(args.baselines.split(";")) if args.baselines else None)
         print(f"{name}: {len(runs)} runs", file=sys.stderr, flush=True)
-        out = sweep(vm, REFERENCE, extractor, runs)
-        converged = out["rows"][0]["fid"]
-        rows = [{**row, "excess": row["fid"] - converged} for row in out["rows"][1:]]
-        results[name] = {"converged": converged, "rows": rows}
+        rows, failed = [], []
+        for run in runs:  # one at a time: a scheduler diffusers cannot run at some setting is noted, not fatal
+            try:
+                rows += sweep(vm, REFERENCE, extractor, [run])["rows"]
+            except Exception as error:  # noqa: BLE001 - recorded in the output
+                failed.append({"sampler": run.baseline_spec if run.baseline else f"{run.sampler}/{run.grid}",
+                               "steps": run.steps, "error": f"{type(error).__name__}: {error}"})
+        converged = rows[0]["fid"]
+        rows = [{**row, "excess": row["fid"] - converged} for row in rows[1:]]
+        results[name] = {"converged": converged, "rows": rows, "failed": failed}
         args.out.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")  # (per model)
     seconds = time.perf_counter() - started
     meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
+            "command": "python scripts/samplers.py " + " ".join(sys.argv[1:]),
             "python": platform.python_version(), "torch": torch.__version__, "fmconvert": fmconvert.__version__,
             "diffusers": __import__("diffusers").__version__, "num_images": args.num_images, "seconds": round(seconds)}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=2) + "\n")
@@ -144,7 +178,7 @@ def verdict(ours: dict, theirs: dict) -> str:
 
 def render(results: dict, meta: dict, nfe_list: list[int]) -> str:
     lines = ["# Samplers: FID per network evaluation", "",
-             f"Made by `python scripts/samplers.py` in {meta['seconds']} s on {meta['machine']}; python {meta['python']}, "
+             f"Made by `{meta.get('command', 'python scripts/samplers.py')}` in {meta['seconds']} s of compute on {meta['machine']}; python {meta['python']}, "
              f"torch {meta['torch']}, diffusers {meta['diffusers']}, fmconvert {meta['fmconvert']}.", "",
              f"FID in the zoo's digits features against {REFERENCE}, {meta['num_images']} samples per run, the same "
              "noise (seed 0) for every sampler. NFE is counted from the network calls. Excess = FID − the FID of "
@@ -163,9 +197,19 @@ def render(results: dict, meta: dict, nfe_list: list[int]) -> str:
                 continue
             lines.append(f"| {nfe} | {label(theirs)} | {theirs['fid']:.2f} | {theirs['excess']:.2f} | {label(ours)} | "
                          f"{ours['fid']:.2f} | {ours['excess']:.2f} | {verdict(ours, theirs)} |")
+        ddim = {r["nfe"]: r for r in rows if r["baseline"] and r["sampler"] in ("ddim", "default")}
+        checks = [(n, best(rows, n, False), ddim.get(4 * n)) for n in nfe_list if 4 * n in ddim]
+        if checks:
+            lines += ["", f"fmconvert's best at N NFE against {'DDIM' if 'ddim' in {r['sampler'] for r in ddim.values()} else 'its own scheduler'} at 4N:", "",
+                      "| N | best fmconvert at N | FID | DDIM at 4N | FID | met |", "|---|---|---|---|---|---|"]
+            lines += [f"| {n} | {label(ours)} | {ours['fid']:.2f} | {4 * n} | {theirs['fid']:.2f} | "
+                      f"{'yes' if ours['fid'] <= theirs['fid'] else 'no'} |" for n, ours, theirs in checks if ours]
         lines += ["", "<details><summary>every run</summary>", "", "| sampler | steps | NFE | FID |", "|---|---|---|---|"]
         lines += [f"| {label(r)} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} |" for r in sorted(rows, key=lambda r: (r["nfe"], r["fid"]))]
         lines += ["", "</details>", ""]
+        for fail in result.get("failed", []):
+            lines.append(f"- not run: {fail['sampler']} at {fail['steps']} steps ({fail['error'][:160]})")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -216,7 +216,7 @@ def test_flow_sources_have_no_discrete_spacing():
 
 
 def test_all_solvers_registered():
-    assert set(SOLVERS) == {"euler", "heun", "midpoint", "rk4", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc", "dopri5"}
+    assert set(SOLVERS) == {"euler", "heun", "midpoint", "rk4", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc", "auto", "dopri5"}
 
 
 # -- grids honour the options of the scheduler they copy ------------------------------------------------------
@@ -287,3 +287,15 @@ def test_options_a_grid_cannot_honour_are_refused():
         path_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True})
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         FlowMatchEulerScheduler(timestep_spacing="trailing", use_karras_sigmas=True)
+
+
+def test_auto_is_the_measured_choice_for_its_step_count():
+    """`auto` runs the solver AUTO_CHOICE names for the grid's step count, step for step."""
+    from fmconvert.solvers import AUTO_CHOICE
+
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for steps in (3, 4, 5, 8):
+        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        name = next(solver for most, solver in AUTO_CHOICE if steps <= most)
+        chosen, auto = solve(gaussian_velocity, z, grid, name), solve(gaussian_velocity, z, grid, "auto")
+        assert torch.equal(chosen.x, auto.x) and auto.nfe == chosen.nfe == steps
