@@ -343,14 +343,15 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):
         scheduler.set_timesteps(steps)  # (also resets a multistep scheduler's history)
-        x = noise.take(first, stop).to(device) * scheduler.init_noise_sigma
+        # (FlowMatch schedulers have neither: their pipelines start from the noise and hand x_s as it is)
+        x = noise.take(first, stop).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
         cond, both = network_kwargs(family, vm.pipeline, conditioning, first, x.shape[0], device, model.config,
                                     (x.shape[2], x.shape[3]), model.dtype)
         extra = {"generator": torch.Generator().manual_seed(seed * 1_000_003 + first)} if takes_generator else {}
         nfe = 0
         with torch.no_grad():
             for t in scheduler.timesteps:
-                x_in = scheduler.scale_model_input(x, t)
+                x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
                 if both is None:
                     out = call.split(call(model, x_in.to(model.dtype), t.to(device).expand(x.shape[0]), (), cond))[0]
                 else:

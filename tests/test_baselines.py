@@ -52,8 +52,9 @@ def test_options_class_names_and_refusals(ddpm_folder, flow_folder):
     assert type(build_scheduler("default", flow.source)).__name__ == "FlowMatchEulerDiscreteScheduler"
     with pytest.raises(UsageError, match="has no flow mode"):
         build_scheduler("ddim", flow.source)
-    (x, _, nfe), = list(iter_baseline(flow, 2, 2, 0, STEPS, "cpu", "dpm++2m"))
-    assert nfe == STEPS and bool(torch.isfinite(x).all())
+    for spec in ("dpm++2m", "default"):  # (FlowMatchEuler has no init_noise_sigma or scale_model_input)
+        (x, _, nfe), = list(iter_baseline(flow, 2, 2, 0, STEPS, "cpu", spec))
+        assert nfe == STEPS and bool(torch.isfinite(x).all())
 
 
 def test_fid_sweeps_several_baselines_with_options(tmp_path, ddpm_folder):
