@@ -381,15 +381,6 @@ def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x
     return (q.alpha * x0 + q.sigma * eps).float()
 
 
-def generate_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0,
-                      steps: int = 50, device: str = "cpu", baseline: str = "ddim",
-                      conditioning: Conditioning | None = None, along_list: bool = False) -> SampleResult:
-    """All samples of :func:`iter_baseline`."""
-    batches = iter_baseline(vm, num_images, batch_size, seed, steps, device, baseline, conditioning=conditioning,
-                            along_list=along_list)
-    return _collect(batches)
-
-
 def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tuple[int, int]] | None = None,
              progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The batches of ``run`` (:class:`fmconvert.runs.Run`): :func:`iter_baseline` for a
