@@ -376,7 +376,8 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
             return iter_run(vm, run, device, ranges)
 
         stats, nfe, reused = run_stats(vm, extractor, make_batches, run.num_images, run.shard_size, store, device)
-        row = {"sampler": run.baseline_spec if run.baseline else run.sampler, "grid": run.grid, "steps": run.steps,
+        row = {"sampler": run.baseline_spec if run.baseline else run.sampler, "grid": run.grid, "shift": run.shift,
+               "steps": run.steps,
                "nfe": nfe, "baseline": run.baseline,
                "num_samples": stats.count, "fid": fid_between(ref.stats, stats)}
         if samples_dir is not None:

@@ -1,7 +1,10 @@
 """Time grids on the rectified path: decreasing s_0 > ... > s_N = 0 (s = 1 is noise).
 
 - uniform:   s = shift(u) for u uniform from 1 to 0, with FlowMatchEulerDiscreteScheduler's
-             ``shift``;
+             time shift s = k·u / (1 + (k − 1)·u) (Esser et al. 2024, SD3, eq. 23): the
+             source scheduler's ``shift`` k, or one given (k > 1 puts more steps near the
+             noise; at 3 to 5 NFE a shift of 1.5 to 2 is what the zoo's models sample best
+             with: SAMPLERS.md);
 - flowmatch: FlowMatchEulerDiscreteScheduler's own default, bit for bit: N times from 1 to
              shift(1/T), shifted (again, as diffusers does), then 0 (what a converted
              pipeline's __call__ uses);
@@ -32,22 +35,35 @@ if TYPE_CHECKING:  # imported where a grid is computed: the CLI's --help reads G
 @dataclass(frozen=True)
 class Grid:
     """A kind of time grid: ``summary`` for --help; ``discrete``: it needs the source's integer
-    timesteps (a discrete VP schedule)."""
+    timesteps (a discrete VP schedule); ``shifts``: it takes a time shift (``--shift``)."""
 
     name: str
     summary: str
     discrete: bool = False
+    shifts: bool = False
 
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (
-    Grid("uniform", "uniform in s, with the scheduler's shift"),
-    Grid("flowmatch", "FlowMatchEulerDiscreteScheduler's own sigmas (what a flow pipeline's __call__ uses)"),
+    Grid("uniform", "uniform in s, with the scheduler's time shift or --shift", shifts=True),
+    Grid("flowmatch", "FlowMatchEulerDiscreteScheduler's own sigmas (what a flow pipeline's __call__ uses; "
+                      "--shift replaces its shift)", shifts=True),
     Grid("trailing", "the source's DDIM trailing timesteps mapped to s (Euler on it is DDIM)", discrete=True),
     Grid("leading", "the source's leading timesteps (with its steps_offset) mapped to s", discrete=True),
     Grid("linspace", "the source's linspace timesteps mapped to s", discrete=True),
     Grid("karras", "Karras et al. rho = 7 in sigma/alpha over the trained range"),
     Grid("logsnr", "uniform in log-SNR over the trained range"),
 )}
+
+
+def check_shift(kind: str, shift: float | None) -> None:
+    """ValueError unless ``shift`` (None: the scheduler's own) is a positive shift that ``kind`` takes."""
+    if shift is None:
+        return
+    if not shift > 0:
+        raise ValueError(f"the time shift must be positive, got {shift}")
+    if not GRIDS[kind].shifts:
+        takers = " and ".join(name for name, g in GRIDS.items() if g.shifts)
+        raise ValueError(f"a time shift applies to the {takers} grids, not {kind}")
 
 
 def discrete_timesteps(spacing: str, steps: int, num_train_timesteps: int, steps_offset: int = 0) -> np.ndarray:

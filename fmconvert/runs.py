@@ -58,14 +58,16 @@ class Run:
     :data:`fmconvert.baselines.BASELINES` on its own timesteps) in ``steps`` steps, from the
     noise of ``seed`` (:mod:`fmconvert.sampling`'s convention), in ``dtype``, conditioned by
     ``conditioning``; ``shard_size`` samples a batch and a shard. ``options``: the solver's
-    (rtol, atol) or the baseline scheduler's (use_karras_sigmas, ...). ``shape``: one sample's
-    (C, H, W), known once the model is loaded (None before)."""
+    (rtol, atol) or the baseline scheduler's (use_karras_sigmas, ...). ``shift``: the grid's
+    time shift where not the source scheduler's own (None). ``shape``: one sample's (C, H, W),
+    known once the model is loaded (None before)."""
 
     model: str
     fingerprint: str
     sampler: str
     steps: int
     grid: str = "uniform"
+    shift: float | None = None
     baseline: bool = False
     options: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
@@ -78,13 +80,13 @@ class Run:
     fmconvert_version: str = __version__
 
     def manifest(self) -> dict[str, Any]:
-        """The JSON-ready record of every field (``conditioning``: its description; fields still
-        unknown, None, are left out, so a record made before loading compares with a whole one
-        on what it has)."""
+        """The JSON-ready record of every field (``conditioning``: its description; what loading
+        tells, ``model_class`` and ``shape``, is left out while unknown, so a record made before
+        loading compares with a whole one on what it has)."""
         record: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None and f.name in ("model_class", "shape"):
                 continue
             if f.name == "conditioning":
                 value = value.describe()
@@ -106,15 +108,16 @@ class Run:
         return self.sampler + (":" + ",".join(options) if options else "")
 
     def slug(self) -> str:
-        """A name for the run's samples folder: sampler-grid-steps, and a hash of its options if any."""
-        name = f"{self.sampler}-{self.grid}-{self.steps}"
+        """A name for the run's samples folder: sampler-grid[-shiftK]-steps, and a hash of its options if any."""
+        name = f"{self.sampler}-{self.grid}{'' if self.shift is None else f'-shift{self.shift:g}'}-{self.steps}"
         if self.options:
             name += "-" + hashlib.sha256(json.dumps(self.options, default=str).encode()).hexdigest()[:8]
         return name
 
     def describe(self) -> str:
         """In words, for logs."""
-        how = f"its own {self.sampler} scheduler" if self.baseline else f"{self.sampler} on the {self.grid} grid"
+        shifted = "" if self.shift is None else f" (shift {self.shift:g})"
+        how = f"its own {self.sampler} scheduler" if self.baseline else f"{self.sampler} on the {self.grid} grid{shifted}"
         return f"{self.num_images} images of {self.model} with {how}, {self.steps} steps"
 
 
@@ -130,15 +133,15 @@ def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
 def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: list[str] | tuple[str, ...] = (),
                **given_options: Any) -> list[Run]:
     """The runs of an NFE sweep: each baseline (a spec of :func:`fmconvert.baselines.parse_baseline`,
-    its options recorded) at every step count first, then every solver at every step count;
-    everything else as in ``base``."""
+    its options recorded, on its own timesteps: no grid shift) at every step count first, then
+    every solver at every step count; everything else as in ``base``."""
     from .baselines import parse_baseline
 
     runs = []
     for spec in baselines:
         baseline, options = parse_baseline(spec)
-        runs += [dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid, steps=steps,
-                                     options=options) for steps in steps_list]
+        runs += [dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid, shift=None,
+                                     steps=steps, options=options) for steps in steps_list]
     runs += [dataclasses.replace(base, sampler=solver, baseline=False, steps=steps,
                                  options=solver_options(solver, **given_options))
              for solver in solvers for steps in steps_list]

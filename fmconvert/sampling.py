@@ -109,7 +109,7 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     return VelocityModel(velocity.eval(), grid_source, source, shift, pipeline, source.describe())
 
 
-def sampling_grid(vm: VelocityModel, kind: str, steps: int) -> torch.Tensor:
+def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None = None) -> torch.Tensor:
     """``steps + 1`` times s from 1 (noise) to 0 for ``vm``: :func:`fmconvert.grids.time_grid`
     with the options of the scheduler a grid copies: the source's ``steps_offset`` (leading), and
     for a source that ships FlowMatchEulerDiscreteScheduler, ``flowmatch`` is that scheduler's
@@ -119,11 +119,19 @@ def sampling_grid(vm: VelocityModel, kind: str, steps: int) -> torch.Tensor:
 
     With ``use_dynamic_shifting`` the shift is that of the family's pipeline: mu from the
     sample's sequence length (diffusers' ``calculate_shift``); ``flowmatch`` hands the scheduler
-    the sigmas that pipeline does (FLUX: linspace(1, 1/N, N)), ``uniform`` shifts by e^mu."""
+    the sigmas that pipeline does (FLUX: linspace(1, 1/N, N)), ``uniform`` shifts by e^mu.
+
+    ``shift``: a time shift to use instead of the scheduler's (static or dynamic) one, for the
+    grids that take one (:func:`fmconvert.grids.check_shift`: ValueError for the others)."""
+    from .grids import GRIDS, check_shift
+
+    check_shift(kind, shift)
     config, family = vm.source.scheduler, vm.source.family
     flow_source = config.get("_class_name") in FLOW_SCHEDULERS
-    shift, mu = vm.shift, None
-    if config.get("use_dynamic_shifting") and kind in ("uniform", "flowmatch"):
+    own = shift is None
+    k: float = vm.shift if shift is None else shift
+    mu = None
+    if own and config.get("use_dynamic_shifting") and GRIDS[kind].shifts:
         length = family.image_seq_len(vm.velocity.config, sample_shape(vm)[1:]) if flow_source else None
         if length is None or config.get("time_shift_type", "exponential") != "exponential":
             raise ValueError(f"{config.get('_class_name')} of {vm.source.reference} shifts its times dynamically "
@@ -134,15 +142,16 @@ def sampling_grid(vm: VelocityModel, kind: str, steps: int) -> torch.Tensor:
 
         mu = calculate_shift(length, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        shift = math.exp(mu)
+        k = math.exp(mu)
     if kind == "flowmatch" and flow_source:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            config, **({} if own else {"shift": k, "use_dynamic_shifting": False}))
         sigmas = family.flow_sigmas(steps)
         scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
         return scheduler.sigmas.to(torch.float64)
-    return time_grid(kind, steps, vm.grid_source, shift=shift, steps_offset=int(config.get("steps_offset") or 0))
+    return time_grid(kind, steps, vm.grid_source, shift=k, steps_offset=int(config.get("steps_offset") or 0))
 
 
 def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code):
@@ -252,14 +261,16 @@ class SampleResult:
 def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
                   grid: str = "uniform", steps: int = 50, device: str = "cpu", conditioning: Conditioning | None = None,
                   progress: bool = False, solver_options: dict | None = None,
-                  ranges: list[tuple[int, int]] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+                  ranges: list[tuple[int, int]] | None = None,
+                  shift: float | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Yield (samples, images, nfe) batch by batch (by default all of [0, num_images) in
     batches of ``batch_size``; or the given global index ranges): one batch is held.
+    ``shift``: the grid's time shift instead of the scheduler's (:func:`sampling_grid`).
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    s_grid = sampling_grid(vm, grid, steps)
+    s_grid = sampling_grid(vm, grid, steps, shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
     start_scale = float(RectifiedFlow().point(s_grid[0]).norm)  # ε at the first grid time
@@ -302,10 +313,10 @@ def _collect(batches) -> SampleResult:
 
 def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, solver: str = "euler",
              grid: str = "uniform", steps: int = 50, device: str = "cpu", conditioning: Conditioning | None = None,
-             progress: bool = False, solver_options: dict | None = None) -> SampleResult:
+             progress: bool = False, solver_options: dict | None = None, shift: float | None = None) -> SampleResult:
     """Draw ``num_images`` samples, ``batch_size`` at a time, all kept (see iter_generate)."""
     batches = iter_generate(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning,
-                            progress, solver_options)
+                            progress, solver_options, shift=shift)
     return _collect(batches)
 
 
@@ -390,7 +401,7 @@ def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tupl
                              ranges=ranges, conditioning=run.conditioning,
                              along_list=bool(dict(run.options).get("along_list", False)))
     return iter_generate(vm, run.num_images, run.shard_size, run.seed, run.sampler, run.grid, run.steps, device,
-                         run.conditioning, progress, dict(run.options), ranges)
+                         run.conditioning, progress, dict(run.options), ranges, run.shift)
 
 
 def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: bool = False) -> SampleResult:

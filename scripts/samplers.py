@@ -46,9 +46,16 @@ DIFFUSION_BASELINES = ("ddim", "euler", "heun", "lms", "pndm", "dpm++2m", "dpm++
                        "dpm++2m:use_karras_sigmas=true", "dpm++3m:use_karras_sigmas=true")
 FLOW_BASELINES = ("default", "dpm++2m", "dpm++3m", "unipc", "deis")
 #: fmconvert's solvers and grids compared (every fixed-step solver but midpoint and rk4, which lose to
-#: heun and ab2 at these NFE; every grid but leading and linspace, DDIM's spacings other than trailing)
+#: heun and ab2 at these NFE; every grid but leading and linspace, DDIM's spacings other than trailing;
+#: the uniform grid also with the time shifts 1.5 and 2, GRID:shift=K)
 SOLVERS_COMPARED = ("euler", "heun", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc")
-GRIDS_COMPARED = ("uniform", "flowmatch", "trailing", "karras", "logsnr")
+GRIDS_COMPARED = ("uniform", "uniform:shift=1.5", "uniform:shift=2", "flowmatch", "trailing", "karras", "logsnr")
+
+
+def parse_grid(spec: str) -> tuple[str, float | None]:
+    """``GRID`` or ``GRID:shift=K`` → (grid, shift or None)."""
+    grid, _, shift = spec.partition(":shift=")
+    return grid, float(shift) if shift else None
 
 
 def solver_steps(solver: str, nfe: int) -> int | None:
@@ -73,8 +80,10 @@ def baseline_steps(spec: str, nfe: int) -> int | None:
 
 def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int], solvers=SOLVERS_COMPARED,
              grids=GRIDS_COMPARED, baselines: tuple[str, ...] | None = None) -> list[Run]:
-    grids = [g for g in grids if (discrete or not GRIDS[g].discrete) and (flow or g != "flowmatch")]
-    runs = [dataclasses.replace(base, sampler="rk4", grid="uniform", steps=25)]  # the converged solve
+    """The converged solve (first), then every baseline and solver/grid at each NFE."""
+    grids = [parse_grid(g) for g in grids]
+    grids = [(g, k) for g, k in grids if (discrete or not GRIDS[g].discrete) and (flow or g != "flowmatch")]
+    runs = [converged_run(base)]
     if baselines is None:
         baselines = FLOW_BASELINES if flow else DIFFUSION_BASELINES
     elif flow:
@@ -91,8 +100,13 @@ def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int], solvers
         for solver in solvers:
             steps = solver_steps(solver, nfe)
             if steps:
-                runs += [dataclasses.replace(base, sampler=solver, grid=grid, steps=steps) for grid in grids]
+                runs += [dataclasses.replace(base, sampler=solver, grid=grid, shift=shift, steps=steps) for grid, shift in grids]
     return runs
+
+
+def converged_run(base: Run) -> Run:
+    """The converged solve of the same ODE: rk4 at 100 NFE (25 steps) on the uniform grid."""
+    return dataclasses.replace(base, sampler="rk4", grid="uniform", steps=25)
 
 
 def main() -> None:
@@ -102,8 +116,12 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", type=Path, default=Path("SAMPLERS.md"))
     parser.add_argument("--solvers", default=",".join(SOLVERS_COMPARED), help="fmconvert solvers compared")
-    parser.add_argument("--grids", default=",".join(GRIDS_COMPARED), help="grids compared (those that suit the source)")
+    parser.add_argument("--grids", default=",".join(GRIDS_COMPARED),
+                        help="grids compared (those that suit the source), GRID or GRID:shift=K")
     parser.add_argument("--baselines", default=None, help="diffusers schedulers compared, ';'-separated (default: every ODE one listed)")
+    parser.add_argument("--converged", type=Path, default=None,
+                        help="a .json of an earlier run on the same noise: take each model's converged FID from it "
+                             "instead of solving again")
     parser.add_argument("--render", default=None, help="comma-separated .json files of earlier runs: merge them into OUT, sample nothing")
     args = parser.parse_args()
     if args.render:
@@ -136,16 +154,24 @@ def main() -> None:
                    num_images=args.num_images, shard_size=250).loaded(vm.source.model_class, sample_shape(vm))
         runs = runs_for(base, discrete, flow, nfe_list, tuple(v for v in args.solvers.split(",") if v), tuple(args.grids.split(",")),
                         tuple(args.baselines.split(";")) if args.baselines else None)
+        converged = None
+        if args.converged:  # the same Run (model, noise, rk4 at 25 steps) was solved there
+            earlier = json.loads(args.converged.read_text())
+            if earlier["meta"]["num_images"] != args.num_images:
+                sys.exit(f"--converged {args.converged}: made with {earlier['meta']['num_images']} images, not {args.num_images}")
+            converged, runs = earlier["models"][name]["converged"], runs[1:]
         print(f"{name}: {len(runs)} runs", file=sys.stderr, flush=True)
         rows, failed = [], []
         for run in runs:  # one at a time: a scheduler diffusers cannot run at some setting is noted, not fatal
             try:
                 rows += sweep(vm, REFERENCE, extractor, [run])["rows"]
             except Exception as error:  # noqa: BLE001 - recorded in the output
-                failed.append({"sampler": run.baseline_spec if run.baseline else f"{run.sampler}/{run.grid}",
+                failed.append({"sampler": run.baseline_spec if run.baseline else label({"sampler": run.sampler, "grid": run.grid,
+                                                                                       "shift": run.shift, "baseline": False}),
                                "steps": run.steps, "error": f"{type(error).__name__}: {error}"})
-        converged = rows[0]["fid"]
-        rows = [{**row, "excess": row["fid"] - converged} for row in rows[1:]]
+        if converged is None:
+            converged, rows = rows[0]["fid"], rows[1:]
+        rows = [{**row, "excess": row["fid"] - converged} for row in rows]
         results[name] = {"converged": converged, "rows": rows, "failed": failed}
         args.out.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")  # (per model)
     seconds = time.perf_counter() - started
@@ -160,7 +186,9 @@ def main() -> None:
 
 
 def label(row: dict) -> str:
-    return row["sampler"] if row["baseline"] else f"{row['sampler']}/{row['grid']}"
+    if row["baseline"]:
+        return row["sampler"]
+    return f"{row['sampler']}/{row['grid']}" + ("" if row.get("shift") is None else f":shift={row['shift']:g}")
 
 
 def best(rows: list[dict], nfe: int, baseline: bool) -> dict | None:

@@ -23,7 +23,7 @@ from fmconvert.solvers import SOLVERS, solve
 runner = CliRunner()
 
 #: a value other than the default for every field of Run (a new field without one fails the test below)
-OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": "heun", "steps": 9, "grid": "karras",
+OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": "heun", "steps": 9, "grid": "karras", "shift": 2.0,
          "baseline": True, "options": (("rtol", 1e-3),), "seed": 7, "dtype": "bfloat16",
          "conditioning": Conditioning(prompt="a cat", guidance_scale=3.0), "num_images": 5, "shard_size": 3,
          "model_class": "UNet2DModel", "shape": (3, 8, 8), "fmconvert_version": "9.9"}
@@ -147,3 +147,56 @@ def test_images_the_features_cannot_take_are_refused_before_sampling(tmp_path, m
                                  "--batch-size", "4"])
     assert result.exit_code == 2
     assert "--features digits takes 8×8 images; these are 16×16: use --features inception" in result.stderr
+
+
+def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
+    """--shift k samples on s = k·u / (1 + (k − 1)·u): Euler in 3 steps with k = 2 is Euler on
+    [1, 0.8, 0.5, 0]; the run's record and samples folder carry it, so other shifts are other runs."""
+    from safetensors.torch import load_file
+
+    from fmconvert.sampling import Conditioning, NoiseStream, _velocity_field, load_velocity_model, sample_shape
+
+    folder = save_ddpm_folder(tmp_path / "m")
+    args = ["sample", folder, "--steps", 3, "--num-images", 2, "--batch-size", 2, "--seed", 4]
+    record = json.loads(ok(*args, "--shift", 2, "--save-tensor", tmp_path / "x.safetensors", "--json",
+                           "--samples-dir", tmp_path / "s").stdout)["run"]
+    assert record["shift"] == 2.0 and record["grid"] == "uniform"
+    vm = load_velocity_model(str(folder))
+    field = _velocity_field(vm, Conditioning(), 0, 2, "cpu")
+    x = NoiseStream(2, sample_shape(vm), 4).take(0, 2)
+    with torch.inference_mode():
+        expected = solve(field, x, torch.tensor([1.0, 0.8, 0.5, 0.0], dtype=torch.float64), "euler").x
+    assert torch.allclose(load_file(tmp_path / "x.safetensors")["samples"], expected, rtol=0, atol=1e-6)
+    ok(*args, "--save-tensor", tmp_path / "y.safetensors")
+    assert (load_file(tmp_path / "y.safetensors")["samples"] - expected).abs().max() > 1e-3  # (the shift mattered)
+    assert "other settings" in error(1, *args, "--samples-dir", tmp_path / "s")  # shift 1 is another run
+    assert dataclasses.replace(Run(model="m", fingerprint="f", sampler="ab2", steps=3), shift=1.5).slug() == "ab2-uniform-shift1.5-3"
+
+
+def test_a_time_shift_is_refused_where_it_cannot_apply(tmp_path):
+    """Grids without a shift, a baseline on its own timesteps, and shifts ≤ 0: one line, exit 2, before loading."""
+    folder = save_ddpm_folder(tmp_path / "m")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # (nothing may load: the refusals come first)
+    assert "applies to the uniform and flowmatch grids, not karras" in error(2, "sample", folder, "--grid", "karras", "--shift", 2)
+    assert "must be positive" in error(2, "fid", folder, "--reference", "builtin:digits", "--shift", 0)
+    assert "--shift 2.0 does not apply" in error(2, "sample", folder, "--baseline", "ddim", "--shift", 2)
+
+
+def test_the_flowmatch_grid_with_a_shift_is_the_flow_scheduler_with_that_shift(tmp_path, flow_folder):
+    """On a flow model, Euler on the flowmatch grid with --shift 3 is the pipeline's own __call__ with
+    FlowMatchEulerDiscreteScheduler(shift=3): the shift replaces the scheduler's, and the grid is diffusers'."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import load_file
+
+    pipe = DiffusionPipeline.from_pretrained(flow_folder)
+    assert pipe.scheduler.config.shift != 3.0
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=3.0)
+    images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    ok("sample", flow_folder, "--grid", "flowmatch", "--shift", 3, "--steps", 5, "--num-images", 2, "--seed", 3,
+       "--save-tensor", tmp_path / "s.safetensors")
+    samples = load_file(tmp_path / "s.safetensors")["samples"]
+    assert ((samples / 2 + 0.5).clamp(0, 1) - images).abs().max() < 1e-5
+    ok("sample", flow_folder, "--grid", "flowmatch", "--steps", 5, "--num-images", 2, "--seed", 3,
+       "--save-tensor", tmp_path / "t.safetensors")
+    assert (load_file(tmp_path / "t.safetensors")["samples"] - samples).abs().max() > 1e-3
