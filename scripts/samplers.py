@@ -153,7 +153,7 @@ def main() -> None:
         base = Run(model=f"builtin:{name}", fingerprint=model_fingerprint(vm.source), sampler="euler", steps=1,
                    num_images=args.num_images, shard_size=250).loaded(vm.source.model_class, sample_shape(vm))
         runs = runs_for(base, discrete, flow, nfe_list, tuple(v for v in args.solvers.split(",") if v), tuple(args.grids.split(",")),
-                        tuple(args.baselines.split(";")) if args.baselines else None)
+                        tuple(b for b in args.baselines.split(";") if b) if args.baselines is not None else None)
         converged = None
         if args.converged:  # the same Run (model, noise, rk4 at 25 steps) was solved there
             earlier = json.loads(args.converged.read_text())
