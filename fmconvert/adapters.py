@@ -195,6 +195,11 @@ class PathAdapter(ModelMixin, ConfigMixin):
         return self._call(self.model, x, timestep, args, kwargs)
 
     @property
+    def source_network(self) -> torch.nn.Module:
+        """The network itself: the wrapped model, or inside a round trip the model the inner adapter wraps."""
+        return self.model.model if isinstance(self.model, PathAdapter) else self.model
+
+    @property
     def network_dtype(self) -> torch.dtype:
         """The wrapped model's compute dtype. ``ModelMixin.dtype`` walks every submodule (as
         does ``parameters()``), so it is cached, keyed by the model and the dtype of its first

@@ -37,17 +37,23 @@ def model_fingerprint(source: Source) -> str:
     if source.hub_id:
         commit = folder.name if folder.parent.name == "snapshots" else (source.revision or "main")
         return f"hub:{source.hub_id}@{commit}"
+    return files_fingerprint([folder, Path(source.model_folder)])
+
+
+def files_fingerprint(roots: list[Path], edge: int = _EDGE) -> str:
+    """``sha256:…`` over the files below ``roots`` (README.md aside): their relative paths, sizes
+    and first and last ``edge`` bytes (0: paths and sizes only, for data folders of many files)."""
     digest = hashlib.sha256()
-    roots = {folder.resolve(), Path(source.model_folder).resolve()}
-    for root in sorted(roots):
+    for root in sorted({Path(r).resolve() for r in roots}):
         for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "README.md"):
             size = path.stat().st_size
             digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
-            with path.open("rb") as handle:
-                digest.update(handle.read(_EDGE))
-                if size > 2 * _EDGE:
-                    handle.seek(size - _EDGE)
-                    digest.update(handle.read(_EDGE))
+            if edge:
+                with path.open("rb") as handle:
+                    digest.update(handle.read(edge))
+                    if size > 2 * edge:
+                        handle.seek(size - edge)
+                        digest.update(handle.read(edge))
     return "sha256:" + digest.hexdigest()[:20]
 
 

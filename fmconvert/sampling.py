@@ -93,7 +93,7 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     if need_pipeline or source.family.needs_pipeline:
         pipeline = _load_pipeline(source, model, dtype, allow_pickle, trust_remote_code)
     velocity.to(device)
-    network = velocity.model.model if isinstance(velocity.model, PathAdapter) else velocity.model
+    network = velocity.source_network
     if channels_last:
         network.to(memory_format=torch.channels_last)
     if compile:

@@ -19,6 +19,16 @@ from .errors import FmconvertError
 from .io import atomic_write
 
 
+def differences(existing: dict, settings: dict, whole: bool = True) -> str:
+    """The settings that differ between a stored record and ``settings`` (compared as JSON), as
+    "key: X there, Y now" for the first three; "" when none. ``whole``: on every key of either,
+    else on the keys ``settings`` has."""
+    settings = json.loads(json.dumps(settings, default=str))
+    keys = set(existing) | set(settings) if whole else set(settings)
+    differ = sorted(k for k in keys if existing.get(k) != settings.get(k))
+    return ", ".join(f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
+
+
 class ShardStore:
     """The shards of one run in ``folder``, whose manifest is ``settings`` (a run's
     :meth:`~fmconvert.runs.Run.manifest`): created with it, or refused if made with others."""
@@ -49,11 +59,8 @@ class ShardStore:
         if not manifest.is_file():
             return
         existing = json.loads(manifest.read_text())
-        settings = json.loads(json.dumps(settings, default=str))
-        keys = set(existing) | set(settings) if whole else set(settings)
-        differ = sorted(k for k in keys if existing.get(k) != settings.get(k))
-        if differ:
-            detail = ", ".join(f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
+        detail = differences(existing, settings, whole)
+        if detail:
             raise FmconvertError(f"samples folder '{folder}' was made with other settings ({detail}); "
                                  "use another --samples-dir or remove it")
 
