@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
 from .configs import (
@@ -523,12 +523,15 @@ or from the command line: `fmconvert sample {out_name} --solver heun --steps 20 
 
 def write_converted(source: Source, out: Path, to: str = "velocity", schedule: str | None = None,
                     force: bool = False, variant: str | None = None, dtype: str | None = None,
-                    allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+                    allow_pickle: bool = False, trust_remote_code: bool = False,
+                    finish: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Convert the source's denoiser and write the pipeline folder ``out`` atomically, from
     configs alone: the network's files are linked into the adapter's ``network/`` byte for
     byte (``variant``: which of the source's weight files), never loaded, so time and memory
     do not grow with the model. ``dtype``: the dtype the folder declares for loading the
-    network (None: as diffusers loads the source's). Returns a summary for --json."""
+    network (None: as diffusers loads the source's). ``finish(tmp)``: called on the complete
+    temporary folder before it becomes ``out`` (:func:`write_trained` replaces the network
+    there). Returns a summary for --json."""
     if dtype is not None and dtype not in LOAD_DTYPES:
         raise UsageError(f"unknown --dtype '{dtype}': use {', '.join(LOAD_DTYPES)}")
     if source.converted and variant is not None:
@@ -568,9 +571,63 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
         }
         (tmp / "fmconvert.json").write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(source, adapter, to, out.name))
+        if finish is not None:
+            finish(tmp)
     return {"out": str(out), "to": to, "adapter": adapter["_class_name"], "scheduler": scheduler["_class_name"],
             "pipeline_class": index["_class_name"], "network_files": files, "network_variant": variant,
             "network_dtype": dtype, **{"loaded": source.describe()}}
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``path`` as a new file: a file linked from the source is replaced, never written through."""
+    path.unlink(missing_ok=True)
+    path.write_text(text)
+
+
+def _save_network(folder: Path, network: ModelMixin, variant: str | None) -> None:
+    """``network``'s config and safetensors weights in ``folder``, in place of the network files
+    there (links to the source's: unlinked, so the source's files stay as they are)."""
+    for path in list(folder.iterdir()):
+        if path.is_file() and (path.name == "config.json" or path.name.startswith("diffusion_pytorch_model")):
+            path.unlink()
+    network.save_pretrained(folder, safe_serialization=True, variant=variant)
+
+
+def write_trained(source: Source, out: Path, network: ModelMixin, training: dict[str, Any], force: bool = False,
+                  add_files: Callable[[Path], None] | None = None) -> Path:
+    """``source``'s folder as ``fmconvert sample`` and stock diffusers take it, with ``network``'s
+    weights in place of the source network's, written atomically (what ``fmconvert train`` writes):
+
+    - a diffusion source: the converted folder :func:`write_converted` writes (``--to velocity``);
+    - a converted folder or a flow-matching source: its own layout, the other files linked.
+
+    The network is saved fresh (safetensors; a converted folder's ``network_variant`` kept);
+    ``training`` goes into ``fmconvert.json`` under "trained"; ``add_files(tmp)`` writes more
+    files into the folder before it becomes ``out``."""
+    copied = source.converted or source.prediction_type == "flow_prediction"
+    variant = _read_json(source.model_folder / "config.json").get("network_variant") if source.converted else None
+
+    def finish(tmp: Path) -> None:
+        if copied:
+            denoiser = tmp / Path(source.model_folder).relative_to(source.folder)
+        else:
+            denoiser = tmp / ("unet" if source.model_index is None else source.denoiser)
+        if source.model_index is None and copied and not (denoiser / "scheduler_config.json").is_file():
+            _write_config(denoiser, "scheduler_config.json", source.scheduler)  # (it was beside the folder)
+        _save_network(denoiser / NETWORK_FOLDER if source.converted or not copied else denoiser, network, variant)
+        provenance = _read_json(tmp / "fmconvert.json") if (tmp / "fmconvert.json").is_file() else {
+            "fmconvert_version": __version__, **source.describe()}
+        _replace_file(tmp / "fmconvert.json", json.dumps({**provenance, "trained": training}, indent=2, default=str) + "\n")
+        if add_files is not None:
+            add_files(tmp)
+
+    if copied:
+        with atomic_folder(Path(out), force) as tmp:
+            shutil.copytree(source.folder, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
+            finish(tmp)
+    else:
+        write_converted(source, Path(out), "velocity", force=force, finish=finish)
+    return Path(out)
 
 
 def _register_shim_modules() -> None:
