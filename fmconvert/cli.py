@@ -185,8 +185,7 @@ def wrap(
 
     _interactive(as_json, import_diffusers=False)
     _choice(to, TARGETS, "--to")
-    if out.exists() and not force:
-        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    _new_output(out, force)
     src = inspect_source(source, revision, allow_pickle, trust_remote_code)
     log(f"converting {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")
     summary = write_converted(src, out, to, schedule, force, variant, dtype, allow_pickle, trust_remote_code)
@@ -348,6 +347,12 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
     source = inspect_source(model, revision, allow_pickle, trust_remote_code)
     return Run(model=model, fingerprint=model_fingerprint(source), sampler=solvers[0], grid=grid, shift=shift, dtype=dtype,
                options=solver_options(solvers[0], **given), **fields)
+
+
+def _new_output(out: Path, force: bool) -> None:
+    """Refuse an existing output without --force (before any work)."""
+    if out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
 
 
 def _positive(**values: int) -> None:
@@ -568,6 +573,58 @@ def fid(
 
 @app.command()
 @handle_errors
+def train(
+    model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly): the velocity model to fine-tune."),
+    data: str = typer.Option(..., "--data", help="builtin:digits[/train|/held_out], an image folder (pixels → [-1, 1]), or a folder of latent shards (shard-*.safetensors, key 'samples', as --samples-dir writes them)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The trained converted folder to write; its checkpoint lives in OUT.partial until then."),
+    steps: int = typer.Option(1000, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per step, over all processes."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW's learning rate after the warm-up."),
+    warmup: int = typer.Option(100, "--warmup", help="Steps of linear learning-rate warm-up."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After the warm-up: constant, or cosine down to 10 %."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's weight decay."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Clip the gradient's norm to this (0: no clipping)."),
+    time_sampling: str = typer.Option("uniform", "--time-sampling", help="Density of s (s = 1 is noise), truncated to the source's trained range: uniform, or logit-normal (SD3: logit(s) ~ N(mean, std²))."),
+    logit_mean: float = typer.Option(0.0, "--logit-mean", help="logit-normal's mean m."),
+    logit_std: float = typer.Option(1.0, "--logit-std", help="logit-normal's standard deviation."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA of the weights (torch's AveragedModel), written instead of the raw weights; 0: off."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank (peft) instead of the whole network, merged into the written weights; 0: off."),
+    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA's alpha (default: the rank)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules LoRA adapts (default: the attention projections to_q, to_k, to_v, to_out.0)."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16, or fp16 (GPU only), through accelerate's autocast."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the data order and the noise and times of every step (by step, so a resume repeats them)."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints; a rerun of the same command resumes from the last."),
+    device: Device = "auto",
+    force: Force = False,
+    as_json: AsJson = False,
+):
+    """Fine-tune MODEL with the conditional flow-matching loss on the rectified path; write a converted folder."""
+    from .training import LORA_TARGETS, TrainSettings
+    from .training import train as train_model
+
+    interactive = _interactive(as_json)
+    _new_output(out, force)
+    settings = TrainSettings.create(
+        model, data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, time_sampling=time_sampling.replace("-", "_"),
+        logit_mean=logit_mean, logit_std=logit_std, ema_decay=ema_decay, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else LORA_TARGETS,
+        mixed_precision=mixed_precision, seed=seed)
+    try:
+        summary = train_model(settings, out, device=device, checkpoint_every=checkpoint_every, force=force,
+                              progress=interactive, log=log)
+    except KeyboardInterrupt:
+        log(f"interrupted: rerun the same command to resume from the last checkpoint in {out}.partial")
+        raise typer.Exit(130) from None
+    if as_json:
+        emit_json(summary)
+    else:
+        log(f"trained {steps} steps in {summary['seconds']:.1f} s (loss {summary['first_loss']:.4g} → "
+            f"{summary['last_loss']:.4g}); wrote {out}")
+
+
+@app.command()
+@handle_errors
 def report(
     model: str = typer.Argument("builtin:digits-eps", help="A diffusion SOURCE to convert and evaluate."),
     other: Optional[str] = typer.Option("builtin:digits-flow", help="A second model whose field to compare ('' for none)."),
@@ -586,8 +643,7 @@ def report(
     from .report import build_report
 
     interactive = _interactive(as_json)
-    if out.exists() and not force:
-        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    _new_output(out, force)
     numbers = build_report(model, other or None, out, data, reference, tuple(_steps(steps)),
                            num_images=num_images, num_times=num_times, seed=seed, device=_device(device), force=force,
                            progress=interactive, log=log)

@@ -1,0 +1,379 @@
+"""fmconvert train: the flow-matching loss through the adapter, its identity with the source's
+weighted epsilon loss, resumable checkpoints, EMA, LoRA, and the one-line refusals."""
+
+import dataclasses
+import hashlib
+import json
+import sys
+
+import pytest
+import torch
+from conftest import error, make_unet, ok, save_ddpm_folder
+from safetensors.torch import load_file, save_file
+
+from fmconvert import training
+from fmconvert.training import (
+    CHECKPOINT,
+    Draws,
+    TrainSettings,
+    TrainState,
+    check_checkpoint,
+    flow_matching_loss,
+    load_training_data,
+    sample_times,
+    save_checkpoint,
+    trained_range,
+    work_folder,
+)
+
+DATA = "builtin:digits/train"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 1-channel 8×8 DDPM folder (random ~100k-parameter UNet, linear betas, epsilon): digits fit it."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = tmp_path_factory.mktemp("train") / "tiny"
+    DDPMPipeline(unet=make_unet(0, channels=1), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def run(model, out, **fields):
+    """Library train() with small defaults; returns (summary, training.json)."""
+    checkpoint_every = fields.pop("checkpoint_every", 500)
+    on_step = fields.pop("on_step", None)
+    settings = TrainSettings.create(str(model), fields.pop("data", DATA),
+                                    **{"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup": 0, "ema_decay": 0.0, **fields})
+    summary = training.train(settings, out, checkpoint_every=checkpoint_every, on_step=on_step)
+    return summary, json.loads((out / "training.json").read_text())
+
+
+def network_weights(out):
+    return load_file(str(out / "unet" / "network" / "diffusion_pytorch_model.safetensors"))
+
+
+def source_weights(folder):
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_the_output_loads_in_stock_diffusers_and_fmconvert_sample(tmp_path, tiny):
+    """The trained folder is a converted folder: stock diffusers loads it (and its pipeline runs), fmconvert
+    samples it, its network is the trained one (not the source's), and it carries loss.png and training.json."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "trained"
+    summary = json.loads(ok("train", tiny, "--data", DATA, "--out", out, "--steps", 3, "--batch-size", 8, "--lr", 1e-3,
+                            "--warmup", 0, "--json").stdout)
+    assert summary["steps"] == 3 and summary["resumed_from"] == 0 and not work_folder(out).exists()
+    record = json.loads((out / "training.json").read_text())
+    assert len(record["loss"]) == 3 and all(v > 0 for v in record["loss"])
+    assert record["settings"]["model"] == str(tiny) and record["settings"]["ema_decay"] == 0.999
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "fmconvert.json").read_text())["trained"]["steps"] == 3
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe.unet).__name__ == "VelocityAdapter"
+    trained, before = network_weights(out), source_weights(tiny)
+    assert trained.keys() == before.keys() and any(not torch.equal(trained[k], before[k]) for k in trained)
+    assert all(torch.equal(v, pipe.unet.model.state_dict()[k]) for k, v in trained.items())
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
+    sampled = json.loads(ok("sample", out, "--steps", 2, "--num-images", 2, "--json").stdout)
+    assert sampled["shape"] == [1, 8, 8] and sampled["nfe"] == 2
+
+
+def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
+    """Step 1's logged loss (the pretrained digits-eps, before any update) is the source's epsilon loss on
+    the same draws, each sample weighted by (1 − s)⁻², computed from the network directly (float32); and in
+    float64 the flow-matching loss per sample equals it to rounding."""
+    from fmconvert.sampling import load_velocity_model
+    from fmconvert.schedules import RectifiedFlow
+
+    settings = TrainSettings.create("builtin:digits-eps", DATA, steps=1, batch_size=32, lr=1e-4, warmup=0)
+    out = tmp_path / "eps"
+    training.train(settings, out)
+    logged = json.loads((out / "training.json").read_text())["loss"][0]
+
+    def weighted_epsilon_loss(velocity, x0, eps, s):
+        source, network = velocity.source, velocity.source_network
+        t = source.time_at_log_snr(RectifiedFlow().log_snr(s))
+        p = source.point(t).view_as_batch(4)
+        x_t = p.alpha * x0.double() + p.sigma * eps.double()
+        eps_hat = network(x_t.to(network.dtype), source.model_timestep(t)).sample
+        return (eps_hat.double() - eps.double()).square().flatten(1).mean(1) / (1 - s) ** 2
+
+    vm = load_velocity_model("builtin:digits-eps", compute_dtype="float64")
+    data = load_training_data(DATA, (1, 8, 8), False)
+    x0, eps, s = Draws(settings, data, trained_range(vm.velocity)).batch(0)
+    with torch.no_grad():
+        reference = weighted_epsilon_loss(vm.velocity, x0, eps, s)
+        assert logged == pytest.approx(reference.mean().item(), rel=1e-6)
+        vm64 = load_velocity_model("builtin:digits-eps", dtype=torch.float64, compute_dtype="float64")
+        fm = flow_matching_loss(vm64.velocity, vm64.velocity.target, x0.double(), eps.double(), s)
+        torch.testing.assert_close(fm, weighted_epsilon_loss(vm64.velocity, x0, eps, s), rtol=1e-12, atol=0)
+    assert s.min() >= trained_range(vm.velocity)[0] and s.max() <= trained_range(vm.velocity)[1]
+
+
+def test_the_loss_decreases_from_a_random_network(tmp_path, tiny):
+    """50 steps from random initialisation: the last ten losses average under a quarter of the first ten."""
+    _, record = run(tiny, tmp_path / "fit", steps=50, batch_size=32, lr=3e-3, warmup=5)
+    losses = record["loss"]
+    assert sum(losses[-10:]) < 0.25 * sum(losses[:10]), losses
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny):
+    """Interrupted after step 5 with checkpoints every 3: the rerun resumes from step 3, runs steps 4–8 only,
+    and writes the same weights (network and EMA) and losses as the run that was never interrupted."""
+    fields = dict(steps=8, checkpoint_every=3, ema_decay=0.9, time_sampling="logit_normal")
+    _, whole = run(tiny, tmp_path / "whole", **fields)
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, tmp_path / "cut", on_step=interrupt, **fields)
+    assert not (tmp_path / "cut").exists()
+    assert load_file(str(work_folder(tmp_path / "cut") / CHECKPOINT))["losses"].shape == (3,)
+    done = []
+    summary, resumed = run(tiny, tmp_path / "cut", on_step=done.append, **fields)
+    assert summary["resumed_from"] == 3 and done == [4, 5, 6, 7, 8]
+    assert resumed["loss"] == whole["loss"]
+    a, b = network_weights(tmp_path / "whole"), network_weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not work_folder(tmp_path / "cut").exists()
+
+
+def test_the_command_line_says_how_to_resume_an_interrupted_run(tmp_path, tiny, monkeypatch):
+    """An interruption in the middle of a step (here: drawing step 3's batch) exits 130 with a line saying
+    how to resume; the checkpoint of step 2 stays, and the same command resumes from it."""
+    batch = Draws.batch
+
+    def interrupted(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return batch(self, step)
+
+    args = ["train", tiny, "--data", DATA, "--out", tmp_path / "o", "--steps", 4, "--batch-size", 4,
+            "--checkpoint-every", 2, "--json"]
+    monkeypatch.setattr(Draws, "batch", interrupted)
+    from typer.testing import CliRunner
+
+    from fmconvert.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 130 and "rerun the same command to resume" in result.stderr
+    monkeypatch.setattr(Draws, "batch", batch)
+    assert json.loads(ok(*args).stdout)["resumed_from"] == 2
+
+
+@pytest.fixture
+def no_steps(monkeypatch):
+    """Any training step fails the test loudly: a refusal must come before the first step."""
+
+    def step_taken(self, step):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(Draws, "batch", step_taken)
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_data_is_refused_in_one_line_before_any_step(tmp_path, tiny, ddpm_folder, no_steps):
+    """Wrong channel count, wrong size, an empty folder, latents of the wrong shape: one line, exit 2, no output."""
+    from PIL import Image
+
+    out = tmp_path / "out"
+    line = error(2, "train", ddpm_folder, "--data", DATA, "--out", out)
+    assert "1-channel images" in line and "takes 3 channels" in line
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(2):
+        Image.new("L", (16, 16), 40 * i).save(big / f"{i}.png")
+    line = error(2, "train", tiny, "--data", big, "--out", out)
+    assert "16×16 images" in line and "takes 8×8" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no images" in error(2, "train", tiny, "--data", empty, "--out", out)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({"samples": torch.zeros(4, 3, 8, 8)}, str(shards / "shard-000000.safetensors"))
+    assert "3-channel latents" in error(2, "train", tiny, "--data", shards, "--out", out)
+    assert not out.exists() and not work_folder(out).exists()
+
+
+def test_settings_and_options_that_cannot_run_are_refused_in_one_line(tmp_path, tiny, monkeypatch, no_steps):
+    """fp16 on the CPU, LoRA without peft, an existing output without --force, a bad option value: one line
+    each, before any step, and the existing output untouched."""
+    out = tmp_path / "out"
+    base = ["train", tiny, "--data", DATA, "--out", out]
+    assert "fp16 needs a GPU" in error(2, *base, "--mixed-precision", "fp16", "--device", "cpu")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "peft", None)
+        assert "needs peft" in error(2, *base, "--lora-rank", 4)
+    assert "--ema-decay must be in [0, 1)" in error(2, *base, "--ema-decay", 1.0)
+    assert "unknown --time-sampling" in error(2, *base, "--time-sampling", "beta")
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "already exists" in error(2, *base)
+    assert (out / "keep.txt").read_text() == "mine" and not work_folder(out).exists()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, tiny, monkeypatch):
+    """A rerun with another --lr against an interrupted run's checkpoint: exit 1, one line naming lr, before
+    any step; the checkpoint is byte for byte what it was and no output appears."""
+    out = tmp_path / "out"
+    batch = Draws.batch
+
+    def interrupted(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return batch(self, step)
+
+    monkeypatch.setattr(Draws, "batch", interrupted)
+    error_code = ["train", tiny, "--data", DATA, "--out", out, "--steps", 4, "--batch-size", 4, "--checkpoint-every", 1]
+    from typer.testing import CliRunner
+
+    from fmconvert.cli import app
+
+    assert CliRunner().invoke(app, [str(a) for a in error_code]).exit_code == 130
+    before = digest(work_folder(out))
+
+    def step_taken(self, step):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(Draws, "batch", step_taken)
+    line = error(1, *error_code, "--lr", 0.01)
+    assert "other settings" in line and "lr: 0.0001 there, 0.01 now" in line
+    assert digest(work_folder(out)) == before and not out.exists()
+
+
+def test_lora_trains_only_its_adapters_and_writes_merged_weights(tmp_path, tiny):
+    """--lora-rank: AdamW holds state for the LoRA matrices alone (two per adapted projection); the written
+    network has the source's keys (merged: no peft needed to load it) and differs from the source exactly in
+    the adapted projections' weights."""
+    out = tmp_path / "lora"
+    seen = {}
+
+    def keep_checkpoint(step):
+        if step == 2:
+            seen.update(load_file(str(work_folder(out) / CHECKPOINT)))
+
+    run(tiny, out, steps=3, lora_rank=2, lr=1e-2, checkpoint_every=2, on_step=keep_checkpoint)
+    targets = training.LORA_TARGETS
+    adapted = [k for k in seen if k.startswith("network.") and ".lora_A." in k]
+    assert adapted and all(any(f".{t}.lora_A." in k for t in targets) for k in adapted)
+    optimised = {k.split(".")[1] for k in seen if k.startswith("optimizer.")}
+    assert len(optimised) == 2 * len(adapted)
+    trained, before = network_weights(out), source_weights(tiny)
+    assert trained.keys() == before.keys()
+    changed = {k for k in trained if not torch.equal(trained[k], before[k])}
+    assert changed and all(k.endswith(".weight") and any(f".{t}." in k for t in targets) for k in changed)
+
+
+def test_the_ema_is_the_documented_recursion(tmp_path, tiny):
+    """With a constant learning rate the first k steps do not depend on the run's length, so the raw weights
+    θ1, θ2, θ3 come from runs of 1, 2, 3 steps without EMA; with decay 0.5 the written weights are
+    e3 = 0.25·θ1 + 0.25·θ2 + 0.5·θ3 (e1 = θ1, e_k = d·e_(k−1) + (1 − d)·θ_k); decay 0 writes θ3 itself."""
+    theta = []
+    for k in (1, 2, 3):
+        run(tiny, tmp_path / f"raw{k}", steps=k)
+        theta.append(network_weights(tmp_path / f"raw{k}"))
+    run(tiny, tmp_path / "ema", steps=3, ema_decay=0.5)
+    ema = network_weights(tmp_path / "ema")
+    for key, value in ema.items():
+        torch.testing.assert_close(value, 0.25 * theta[0][key] + 0.25 * theta[1][key] + 0.5 * theta[2][key])
+    assert any(not torch.equal(ema[k], theta[2][k]) for k in ema)
+
+
+def test_latent_shards_train_as_they_are_and_bf16_runs_on_the_cpu(tmp_path, tiny):
+    """A folder of shards (key 'samples') is data as it is; bf16 autocast runs on the CPU."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for j in range(2):
+        save_file({"samples": torch.randn(5, 1, 8, 8)}, str(shards / f"shard-{j:06d}.safetensors"))
+    data = load_training_data(str(shards), (1, 8, 8), latent_model=True)
+    assert data.kind == "latents" and len(data.values) == 10
+    torch.testing.assert_close(data.x0(torch.tensor([7])), load_file(str(shards / "shard-000001.safetensors"))["samples"][2:3])
+    summary, record = run(tiny, tmp_path / "bf16", data=str(shards), steps=2, mixed_precision="bf16")
+    assert record["settings"]["mixed_precision"] == "bf16" and all(torch.isfinite(torch.tensor(record["loss"])))
+
+
+def test_times_follow_the_truncated_densities():
+    """Uniform: linear in u over the trained range; logit-normal: Φ((logit s − m)/σ) is linear in u between
+    its values at the range's ends (the truncated distribution function), and u = ½ on [0, 1] is sigmoid(m).
+    The trained range: digits-eps's t = 0 and 999 at equal log-SNR; a flow source's [0, 1]."""
+    from fmconvert.sampling import load_velocity_model
+
+    u = torch.linspace(0, 0.999, 7, dtype=torch.float64)
+    settings = TrainSettings("m", "f", "d", "g")
+    torch.testing.assert_close(sample_times(settings, u, (0.1, 0.7)), 0.1 + 0.6 * u)
+    logit = dataclasses.replace(settings, time_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)
+    s = sample_times(logit, u, (0.05, 0.9))
+    cdf = torch.special.ndtr((torch.logit(s) - 0.5) / 0.8)
+    a, b = (torch.special.ndtr((torch.logit(torch.tensor(x, dtype=torch.float64)) - 0.5) / 0.8) for x in (0.05, 0.9))
+    torch.testing.assert_close(cdf, a + (b - a) * u)
+    assert sample_times(logit, torch.tensor([0.5]), (0.0, 1.0)).item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
+    lo, hi = trained_range(load_velocity_model("builtin:digits-eps").velocity)
+    acp0 = float(1 - torch.tensor(1e-4, dtype=torch.float32))  # ᾱ_0 of linear betas, in diffusers' float32
+    assert lo == pytest.approx((1 - acp0) ** 0.5 / (acp0 ** 0.5 + (1 - acp0) ** 0.5), rel=1e-9)
+    assert hi == pytest.approx(0.99369, abs=1e-5)
+    assert trained_range(load_velocity_model("builtin:digits-flow").velocity) == (0.0, 1.0)
+
+
+OTHER = {
+    "model": "other", "fingerprint": "sha256:y", "data": "other", "data_fingerprint": "sha256:z", "steps": 7,
+    "batch_size": 3, "lr": 0.5, "warmup": 9, "lr_schedule": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.0,
+    "time_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0, "ema_decay": 0.5, "lora_rank": 4,
+    "lora_alpha": 8, "lora_targets": ("to_q",), "mixed_precision": "bf16", "seed": 3, "fmconvert_version": "9",
+}
+
+
+def test_every_setting_reaches_the_manifest_and_is_compared_on_resume(tmp_path):
+    """Each field of TrainSettings, changed alone, changes the manifest, and a checkpoint made with the other
+    value is refused naming it. A new field without an entry in OTHER fails here."""
+    base = TrainSettings(model="m", fingerprint="sha256:x", data="d", data_fingerprint="sha256:d")
+    assert set(OTHER) == {f.name for f in dataclasses.fields(TrainSettings)} == set(base.manifest())
+    state = TrainState(1, {"w": torch.zeros(2)}, None, {0: {"step": torch.tensor(1.0)}}, {"cpu": torch.get_rng_state()},
+                       torch.zeros(1, dtype=torch.float64))
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, base, state)
+    check_checkpoint(path, base)
+    for name, value in OTHER.items():
+        changed = dataclasses.replace(base, **{name: value})
+        assert changed.manifest() != base.manifest(), name
+        with pytest.raises(Exception, match=f"other settings \\({name}: "):
+            check_checkpoint(path, changed)
+
+
+def test_a_checkpoint_round_trips(tmp_path):
+    """Every tensor, the step, the seconds and the scaler state come back as saved."""
+    base = TrainSettings(model="m", fingerprint="sha256:x", data="d", data_fingerprint="sha256:d")
+    state = TrainState(4, {"a.weight": torch.randn(3, 2)}, {"n_averaged": torch.tensor(4), "module.a.weight": torch.randn(3, 2)},
+                       {0: {"step": torch.tensor(4.0), "exp_avg": torch.randn(3, 2)}}, {"cpu": torch.get_rng_state()},
+                       torch.rand(4, dtype=torch.float64), 1.5, {"scale": 1024.0})
+    save_checkpoint(tmp_path / CHECKPOINT, base, state)
+    back = training.load_checkpoint(tmp_path / CHECKPOINT)
+    assert (back.step, back.seconds, back.scaler) == (4, 1.5, {"scale": 1024.0})
+    for mine, theirs in ((state.network, back.network), (state.ema, back.ema), (state.optimizer[0], back.optimizer[0]),
+                         (state.rng, back.rng)):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(back.losses, state.losses)
+
+
+def test_a_ddpm_source_of_three_channels_trains_on_an_image_folder(tmp_path):
+    """RGB PNGs of the model's size are data in [-1, 1]: x0 = v/127.5 − 1."""
+    from PIL import Image
+
+    folder = save_ddpm_folder(tmp_path / "rgb")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (255, 0, 10 * i)).save(images / f"{i}.png")
+    data = load_training_data(str(images), (3, 8, 8), latent_model=False)
+    assert data.kind == "images" and data.values.dtype == torch.uint8
+    torch.testing.assert_close(data.x0(torch.tensor([2]))[0, :, 0, 0], torch.tensor([1.0, -1.0, 20 / 127.5 - 1]))
+    summary, record = run(folder, tmp_path / "out", data=str(images), steps=2, batch_size=4)
+    assert len(record["loss"]) == 2
