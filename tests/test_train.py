@@ -377,3 +377,60 @@ def test_a_ddpm_source_of_three_channels_trains_on_an_image_folder(tmp_path):
     torch.testing.assert_close(data.x0(torch.tensor([2]))[0, :, 0, 0], torch.tensor([1.0, -1.0, 20 / 127.5 - 1]))
     summary, record = run(folder, tmp_path / "out", data=str(images), steps=2, batch_size=4)
     assert len(record["loss"]) == 2
+
+
+def test_a_flow_source_keeps_its_layout_and_its_loss_is_the_plain_flow_matching_loss(tmp_path):
+    """A flow-matching source is its own velocity model: the output keeps its pipeline (FlowMatch scheduler,
+    the network in unet/ itself), loads in stock diffusers, and step 1's loss is |v_θ(x_s, 1000·s) − (ε − x0)|²
+    of the network called directly on the same draws (the identity adapter adds nothing)."""
+    from diffusers import DDPMPipeline, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    source = tmp_path / "flow"
+    DDPMPipeline(unet=make_unet(5, channels=1), scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(source)
+    before = digest(source)
+    out = tmp_path / "out"
+    summary, record = run(source, out, steps=2, batch_size=16)
+    assert summary["time_range"] == [0.0, 1.0] and digest(source) == before
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and type(pipe.unet).__name__ == "UNet2DModel"
+    settings = TrainSettings.create(str(source), DATA, steps=2, batch_size=16, lr=1e-3, warmup=0, ema_decay=0.0)
+    x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), (0.0, 1.0)).batch(0)
+    network = make_unet(5, channels=1)
+    with torch.no_grad():
+        x_s = ((1 - s.view(-1, 1, 1, 1)) * x0.double() + s.view(-1, 1, 1, 1) * eps.double()).float()
+        v = network(x_s, (s * 1000).float()).sample
+    assert record["loss"][0] == pytest.approx((v - (eps - x0)).square().mean().item(), rel=1e-6)
+
+
+def test_training_a_converted_folder_leaves_it_untouched(tmp_path, tiny):
+    """A folder written by fmconvert wrap trains in place of its source: the output has its layout with new
+    network weights, and the converted folder (whose files the output first links) is byte for byte as before."""
+    wrapped = tmp_path / "wrapped"
+    ok("wrap", tiny, "--out", wrapped)
+    before, source_before = digest(wrapped), digest(tiny)
+    out = tmp_path / "out"
+    run(wrapped, out, steps=2)
+    assert digest(wrapped) == before and digest(tiny) == source_before
+    trained = network_weights(out)
+    assert any(not torch.equal(v, source_weights(tiny)[k]) for k, v in trained.items())
+    assert json.loads((out / "unet" / "config.json").read_text())["_class_name"] == "VelocityAdapter"
+    ok("sample", out, "--steps", 2, "--num-images", 2)
+
+
+def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
+    """torchrun with 2 processes (gloo): each takes half of every global batch, DDP averages the gradients, so
+    every step's loss (after the first, computed with the weights both runs updated) equals one process's."""
+    import os
+    import subprocess
+
+    args = ["-m", "fmconvert", "train", str(tiny), "--data", DATA, "--steps", 3, "--batch-size", 8, "--lr", 1e-3,
+            "--warmup", 0, "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*launcher, *map(str, args), "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "training.json").read_text())
+    assert two["processes"] == 2
+    _, one = run(tiny, tmp_path / "one", steps=3)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
