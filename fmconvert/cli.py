@@ -599,7 +599,7 @@ def train(
     as_json: AsJson = False,
 ):
     """Fine-tune MODEL with the conditional flow-matching loss on the rectified path; write a converted folder."""
-    from .training import LORA_TARGETS, TrainSettings
+    from .training import CHECKPOINT, LORA_TARGETS, TrainSettings, checkpoint_step, work_folder
     from .training import train as train_model
 
     interactive = _interactive(as_json)
@@ -614,7 +614,9 @@ def train(
         summary = train_model(settings, out, device=device, checkpoint_every=checkpoint_every, force=force,
                               progress=interactive, log=log)
     except KeyboardInterrupt:
-        log(f"interrupted: rerun the same command to resume from the last checkpoint in {out}.partial")
+        done = checkpoint_step(work_folder(out) / CHECKPOINT)
+        log("interrupted before the first checkpoint: a rerun starts again" if done is None else
+            f"interrupted: rerun the same command to resume from step {done} (the checkpoint in {work_folder(out)})")
         raise typer.Exit(130) from None
     if as_json:
         emit_json(summary)

@@ -361,14 +361,25 @@ def save_checkpoint(path: Path, settings: TrainSettings, state: TrainState) -> N
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def checkpoint_settings(path: Path) -> dict[str, Any] | None:
-    """The settings a checkpoint was made with (None: no checkpoint there)."""
+def _metadata(path: Path) -> dict[str, str] | None:
     if not Path(path).is_file():
         return None
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {})["settings"])
+        return handle.metadata() or {}
+
+
+def checkpoint_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a checkpoint was made with (None: no checkpoint there)."""
+    metadata = _metadata(path)
+    return None if metadata is None else json.loads(metadata["settings"])
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The steps a checkpoint holds (None: no checkpoint there)."""
+    metadata = _metadata(path)
+    return None if metadata is None else int(metadata["step"])
 
 
 def check_checkpoint(path: Path, settings: TrainSettings) -> None:

@@ -162,7 +162,7 @@ def test_the_command_line_says_how_to_resume_an_interrupted_run(tmp_path, tiny, 
     from fmconvert.cli import app
 
     result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 130 and "rerun the same command to resume" in result.stderr
+    assert result.exit_code == 130 and "rerun the same command to resume from step 2" in result.stderr
     monkeypatch.setattr(Draws, "batch", batch)
     assert json.loads(ok(*args).stdout)["resumed_from"] == 2
 
@@ -215,6 +215,7 @@ def test_settings_and_options_that_cannot_run_are_refused_in_one_line(tmp_path, 
         assert "needs peft" in error(2, *base, "--lora-rank", 4)
     assert "--ema-decay must be in [0, 1)" in error(2, *base, "--ema-decay", 1.0)
     assert "unknown --time-sampling" in error(2, *base, "--time-sampling", "beta")
+    assert "--lora-targets nothing" in error(2, *base, "--lora-rank", 2, "--lora-targets", "nothing")
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert "already exists" in error(2, *base)
