@@ -30,7 +30,7 @@ from .families import Conditioning, guide, network_call, network_kwargs
 from .grids import time_grid
 from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
-from .solvers import SOLVERS, solve
+from .solvers import SOLVERS, auto_choice, solve
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -265,11 +265,16 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                   shift: float | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Yield (samples, images, nfe) batch by batch (by default all of [0, num_images) in
     batches of ``batch_size``; or the given global index ranges): one batch is held.
-    ``shift``: the grid's time shift instead of the scheduler's (:func:`sampling_grid`).
+    ``shift``: the grid's time shift instead of the scheduler's (:func:`sampling_grid`); with
+    solver ``auto`` on the uniform grid of a source without a shift of its own, the one
+    :func:`fmconvert.solvers.auto_choice` names.
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
+    if solver == "auto" and grid == "uniform" and shift is None and vm.shift == 1.0 \
+            and not vm.source.scheduler.get("use_dynamic_shifting"):
+        shift = auto_choice(steps)[1]  # (measured on sources without a shift of their own)
     s_grid = sampling_grid(vm, grid, steps, shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges

@@ -318,15 +318,23 @@ class Solver:
         return f"step {min(evaluation // self.evals_per_step, steps - 1) + 1} of {steps}"
 
 
-#: ``auto``'s choice by step count (= NFE for these one-evaluation solvers), from the measurements in
-#: SAMPLERS.md (scripts/samplers.py: FID per NFE on the zoo models, against diffusers' schedulers)
-AUTO_CHOICE: tuple[tuple[int, str], ...] = ((4, "ab2"), (1 << 30, "unipc"))
+#: ``auto``'s choice by step count (= NFE for these one-evaluation solvers): (most steps, solver,
+#: time shift of the uniform grid or None), from the measurements in SAMPLERS.md (scripts/samplers.py:
+#: FID per NFE on the three zoo models, against diffusers' schedulers): up to 5 steps ab2 on the
+#: uniform grid shifted by 1.5 is the best or within 0.5 FID of it on each model; from 6 steps UniPC
+#: on the unshifted grid (a shift makes it worse there)
+AUTO_CHOICE: tuple[tuple[int, str, float | None], ...] = ((5, "ab2", 1.5), (1 << 30, "unipc", None))
+
+
+def auto_choice(steps: int) -> tuple[str, float | None]:
+    """(solver, time shift of the uniform grid or None) that :data:`AUTO_CHOICE` names for ``steps``."""
+    return next((solver, shift) for most, solver, shift in AUTO_CHOICE if steps <= most)
 
 
 def auto(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
-    """The solver :data:`AUTO_CHOICE` names for this many steps (``len(grid) − 1``)."""
-    steps = len(grid) - 1
-    name = next(solver for most, solver in AUTO_CHOICE if steps <= most)
+    """The solver :data:`AUTO_CHOICE` names for this many steps (``len(grid) − 1``); the grid's
+    shift is applied where the grid is made (:func:`fmconvert.sampling.iter_generate`)."""
+    name, _ = auto_choice(len(grid) - 1)
     return SOLVERS[name].step(u, x, grid, callback=callback)
 
 
@@ -339,8 +347,9 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("dpmpp_2m", dpmpp_2m, 1, 2, "DPM-Solver++(2M) in data prediction, 1 evaluation a step (diffusers' DPMSolverMultistep)"),
     Solver("dpmpp_3m", dpmpp_3m, 1, 2, "DPM-Solver++(3M) as diffusers has it (2nd order: D2 halved), 1 evaluation a step"),
     Solver("unipc", unipc, 1, 3, "UniPC-2 bh2 predictor-corrector, 1 evaluation a step (diffusers' UniPCMultistep)"),
-    Solver("auto", auto, 1, 2, "ab2 up to 4 steps, unipc above: the best of fmconvert's solvers at those NFE in "
-           "SAMPLERS.md, 1 evaluation a step"),
+    Solver("auto", auto, 1, 2, "ab2 on the uniform grid with shift 1.5 up to 5 steps, unipc unshifted above: "
+           "the measured best in SAMPLERS.md, 1 evaluation a step (the shift: where neither --shift nor the "
+           "scheduler gives one)"),
     Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), --rtol / --atol",
            (("rtol", 1e-5), ("atol", 1e-5))),
 )}

@@ -205,9 +205,11 @@ def verdict(ours: dict, theirs: dict) -> str:
 
 
 def render(results: dict, meta: dict, nfe_list: list[int]) -> str:
+    commands = meta.get("command", "python scripts/samplers.py").split("; ")
     lines = ["# Samplers: FID per network evaluation", "",
-             f"Made by `{meta.get('command', 'python scripts/samplers.py')}` in {meta['seconds']} s of compute on {meta['machine']}; python {meta['python']}, "
-             f"torch {meta['torch']}, diffusers {meta['diffusers']}, fmconvert {meta['fmconvert']}.", "",
+             f"Made in {meta['seconds']} s of compute on {meta['machine']}; python {meta['python']}, "
+             f"torch {meta['torch']}, diffusers {meta['diffusers']}, fmconvert {meta['fmconvert']}, by "
+             f"{'these runs, merged with --render' if len(commands) > 1 else 'this run'}:", "", "```", *commands, "```", "",
              f"FID in the zoo's digits features against {REFERENCE}, {meta['num_images']} samples per run, the same "
              "noise (seed 0) for every sampler. NFE is counted from the network calls. Excess = FID − the FID of "
              "the converged solve of the same ODE (rk4, 100 NFE). diffusers' schedulers drive the unconverted "

@@ -291,11 +291,37 @@ def test_options_a_grid_cannot_honour_are_refused():
 
 def test_auto_is_the_measured_choice_for_its_step_count():
     """`auto` runs the solver AUTO_CHOICE names for the grid's step count, step for step."""
-    from fmconvert.solvers import AUTO_CHOICE
+    from fmconvert.solvers import auto_choice
 
     z = torch.randn(8, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert [auto_choice(n) for n in (3, 5, 6, 50)] == [("ab2", 1.5), ("ab2", 1.5), ("unipc", None), ("unipc", None)]
     for steps in (3, 4, 5, 8):
         grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-        name = next(solver for most, solver in AUTO_CHOICE if steps <= most)
-        chosen, auto = solve(gaussian_velocity, z, grid, name), solve(gaussian_velocity, z, grid, "auto")
+        chosen, auto = solve(gaussian_velocity, z, grid, auto_choice(steps)[0]), solve(gaussian_velocity, z, grid, "auto")
         assert torch.equal(chosen.x, auto.x) and auto.nfe == chosen.nfe == steps
+
+
+def test_auto_samples_on_its_shifted_grid_where_the_source_has_no_shift(tmp_path):
+    """`sample --solver auto` is ab2 with --shift 1.5 at few steps and unshifted unipc at more; an explicit
+    --shift, another grid, or a source scheduler with a shift of its own keeps its grid."""
+    from conftest import ok, save_ddpm_folder, save_flow_folder
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import load_file
+
+    folder = save_ddpm_folder(tmp_path / "m")
+    shifted = save_flow_folder(tmp_path / "f")
+    config = shifted / "scheduler" / "scheduler_config.json"
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_config(config.parent)
+
+    def samples(model, *args):
+        ok("sample", model, "--num-images", 2, "--seed", 1, *args, "--save-tensor", tmp_path / "x.safetensors")
+        return load_file(tmp_path / "x.safetensors")["samples"]
+
+    for steps, same in ((4, ("--solver", "ab2", "--shift", 1.5)), (7, ("--solver", "unipc"))):
+        assert torch.equal(samples(folder, "--solver", "auto", "--steps", steps), samples(folder, *same, "--steps", steps))
+    assert torch.equal(samples(folder, "--solver", "auto", "--shift", 2, "--steps", 4),
+                       samples(folder, "--solver", "ab2", "--shift", 2, "--steps", 4))
+    assert torch.equal(samples(folder, "--solver", "auto", "--grid", "karras", "--steps", 4),
+                       samples(folder, "--solver", "ab2", "--grid", "karras", "--steps", 4))
+    assert not torch.equal(samples(folder, "--solver", "auto", "--steps", 4), samples(folder, "--solver", "ab2", "--steps", 4))
+    assert torch.equal(samples(shifted, "--solver", "auto", "--steps", 4), samples(shifted, "--solver", "ab2", "--steps", 4))
