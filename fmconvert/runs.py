@@ -152,3 +152,11 @@ def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: 
                                  options=solver_options(solver, **given_options))
              for solver in solvers for steps in steps_list]
     return runs
+
+
+def run_fingerprint(run: Run) -> str:
+    """``sha256:…`` of ``run``'s manifest without what loading tells (``model_class`` and
+    ``shape``, which the model determines): the identity of its samples, known before the model
+    is loaded (a checkpoint trained on them names them by it: ``fmconvert reflow``)."""
+    record = dataclasses.replace(run, model_class=None, shape=None).manifest()
+    return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:20]

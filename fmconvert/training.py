@@ -37,6 +37,18 @@ a generator seeded by (seed, k) on the training device. So the draws depend on t
 step only: a resumed run repeats them exactly, and K processes (``accelerate launch`` /
 ``torchrun``) each take their B/K share of the same global batch.
 
+Pairs (``fmconvert reflow``, :mod:`fmconvert.reflow`; Liu, Gong, Liu 2022, "Flow Straight and
+Fast", rectified flow): each x0 is a sample of the model's ODE and comes with the noise ε its
+trajectory started from (:class:`TrainingData` ``noise``); the step takes the pair's ε instead of
+a fresh draw, so the loss above trains the straight paths between the two ends of every
+trajectory. With ``distill`` every s is 1, the noise end, where x_1 = ε: one-step distillation,
+L = |u_θ(ε, T) − (ε − x0)|², as one Euler step from the noise is x0 ≈ ε − u(ε, 1). For a
+diffusion source s = 1 lies beyond the trained range, and the adapter answers it from the
+network's noisiest trained time t_max (the endpoint policy: u = ε − x̂0), so what trains is x̂0 at
+t_max on the input the sampler gives it. Not s_hi: x_{s_hi} = ε + (1 − s_hi)·(x0 − ε) tells the
+network a little of the x0 the sampler never has (a test on a model whose samples are large
+shows the difference).
+
 Optimiser: AdamW (β = (0.9, 0.999)), the learning rate rising linearly over ``warmup`` steps,
 then constant or cosine down to 10 %. EMA: ``torch.optim.swa_utils.AveragedModel`` with
 ``get_ema_multi_avg_fn(decay)``: e₁ = θ₁, e_k = decay·e_{k−1} + (1 − decay)·θ_k (0 = off).
@@ -96,7 +108,10 @@ class TrainSettings:
     ``lr`` after ``warmup`` steps, then ``lr_schedule``; ``weight_decay`` (AdamW's);
     ``max_grad_norm`` (0: no clipping); ``time_sampling`` with ``logit_mean``/``logit_std``;
     ``ema_decay`` (0: no EMA); ``lora_rank`` (0: the whole network trains) with ``lora_alpha``
-    (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``."""
+    (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``.
+    ``couplings``: for paired data (``fmconvert reflow``), the couplings' identity
+    (:func:`fmconvert.runs.run_fingerprint` of the run that drew them), None for fresh noise at
+    every step; ``distill``: every s = 1 (one-step distillation; paired data only)."""
 
     model: str
     fingerprint: str
@@ -118,6 +133,8 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     mixed_precision: str = "no"
     seed: int = 0
+    couplings: str | None = None
+    distill: bool = False
     fmconvert_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -133,6 +150,9 @@ class TrainSettings:
         for valid, name, what in checks:
             if not valid:
                 raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
+        if self.distill and self.couplings is None:
+            raise UsageError("--distill trains one step from the noise to its coupled sample: it needs couplings "
+                             "(fmconvert reflow --distill)")
         for name, choices in (("lr_schedule", LR_SCHEDULES), ("time_sampling", TIME_SAMPLINGS),
                               ("mixed_precision", MIXED_PRECISIONS)):
             if getattr(self, name) not in choices:
@@ -184,11 +204,14 @@ def data_fingerprint(data: str) -> str:
 
 @dataclass
 class TrainingData:
-    """``values``: (N, C, H, W), uint8 images (x0 = v/127.5 − 1 ∈ [−1, 1]) or float latents
-    (x0 = the values as they are); held in memory as they are stored."""
+    """``values``: (N, C, H, W), uint8 images (x0 = v/127.5 − 1 ∈ [−1, 1]) or float latents or
+    samples (x0 = the values as they are); held in memory as they are stored. ``noise``: None, or
+    (N, C, H, W) float32, the noise ε each x0 is coupled to (paired training: :class:`Draws` takes
+    ``noise[i]`` with ``values[i]`` instead of a fresh draw)."""
 
     values: torch.Tensor
-    kind: str  # "images" or "latents"
+    kind: str  # "images", "latents" or "couplings"
+    noise: torch.Tensor | None = None
 
     def x0(self, index: torch.Tensor) -> torch.Tensor:
         """The data points ``index`` in the model's data space, float32."""
@@ -255,9 +278,12 @@ def trained_range(adapter: PathAdapter) -> tuple[float, float]:
 
 def sample_times(settings: TrainSettings, u: torch.Tensor, s_range: tuple[float, float]) -> torch.Tensor:
     """Times s for uniforms ``u`` ∈ [0, 1): the inverse of the density's distribution function
-    truncated to ``s_range`` (see the module docstring), float64."""
+    truncated to ``s_range`` (see the module docstring), float64; with ``distill``, 1 (the noise
+    end) for every u."""
     lo, hi = s_range
     u = u.to(F64)
+    if settings.distill:
+        return torch.ones_like(u)
     if settings.time_sampling == "uniform":
         return lo + (hi - lo) * u
     m, sd = settings.logit_mean, settings.logit_std
@@ -298,7 +324,10 @@ class Draws:
         positions = torch.arange(step * size, (step + 1) * size)[self.mine]
         index = torch.stack([self._order(int(p) // n)[int(p) % n] for p in positions])
         generator = torch.Generator(self.device).manual_seed(_seed_of("step", self.settings.seed, step))
-        eps = torch.randn((size, *self.data.values.shape[1:]), generator=generator, device=self.device)[self.mine]
+        if self.data.noise is None:
+            eps = torch.randn((size, *self.data.values.shape[1:]), generator=generator, device=self.device)[self.mine]
+        else:  # the pair's own noise
+            eps = self.data.noise[index].to(self.device)
         u = torch.rand(size, generator=generator, dtype=F64, device=self.device)[self.mine]
         return self.data.x0(index).to(self.device), eps, sample_times(self.settings, u, self.s_range)
 
@@ -473,12 +502,11 @@ def merged(network: torch.nn.Module) -> torch.nn.Module:
     return recurse_remove_peft_layers(plain)
 
 
-def _accelerator(settings: TrainSettings, device: str):
-    """accelerate's Accelerator for ``device`` (auto, cpu or cuda) and the mixed precision; one
-    line for fp16 without a GPU. In a single process any earlier accelerate state is dropped
-    first (it is a process-wide singleton that refuses another precision)."""
-    import os
-
+def check_device(settings: TrainSettings, device: str) -> bool:
+    """UsageError (one line) for a ``device`` train cannot use (not auto, cpu or cuda; cuda
+    without one; fp16 without a GPU); LoRA without peft. Returns whether it trains on the CPU."""
+    if settings.lora_rank:
+        require_peft()
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"train takes --device auto, cpu or cuda, got '{device}' (pick GPUs with CUDA_VISIBLE_DEVICES)")
     if device == "cuda" and not torch.cuda.is_available():
@@ -486,6 +514,16 @@ def _accelerator(settings: TrainSettings, device: str):
     cpu = device == "cpu" or not torch.cuda.is_available()
     if settings.mixed_precision == "fp16" and cpu:
         raise UsageError("--mixed-precision fp16 needs a GPU (loss scaling is CUDA's); use bf16 or no on the CPU")
+    return cpu
+
+
+def _accelerator(settings: TrainSettings, device: str):
+    """accelerate's Accelerator for ``device`` (:func:`check_device`) and the mixed precision.
+    In a single process any earlier accelerate state is dropped first (it is a process-wide
+    singleton that refuses another precision)."""
+    import os
+
+    cpu = check_device(settings, device)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -513,10 +551,15 @@ def _quiet(message: str) -> None:
 
 def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoint_every: int = 500,
           force: bool = False, progress: bool = False, log: Callable[[str], None] = _quiet,
-          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[int], None] | None = None, data: TrainingData | None = None,
+          add_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``settings.model`` on ``settings.data`` and write ``out`` (see the module
     docstring): a converted folder with the trained weights (the EMA's, if any), ``loss.png``
     and ``training.json`` (the settings, the loss of every step, the seconds).
+
+    ``data``: the data already loaded (paired data, which ``settings.couplings`` names, come
+    only this way: :func:`fmconvert.reflow.reflow`), else :func:`load_training_data` reads
+    ``settings.data``. ``add_files(tmp)``: writes more files into the output folder.
 
     Before any step, in one line each: an existing ``out`` without ``force``, a checkpoint in
     ``OUT.partial`` made with other settings (FmconvertError), fp16 without a GPU, LoRA without
@@ -528,10 +571,11 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
     if checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+    if (settings.couplings is not None) != (data is not None and data.noise is not None):
+        raise FmconvertError("paired training (couplings) needs the paired data, and paired data their couplings' "
+                             "identity in the settings: use fmconvert reflow")
     work = work_folder(out)
     check_checkpoint(work / CHECKPOINT, settings)
-    if settings.lora_rank:
-        require_peft()
     accelerator = _accelerator(settings, device)
     from .sampling import load_velocity_model, sample_shape
 
@@ -541,7 +585,8 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     if family.accepts:
         raise UsageError(f"train fine-tunes unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
                          "its conditioning, which train does not take yet")
-    data = load_training_data(settings.data, sample_shape(vm), family.decoder is not None, settings.model)
+    if data is None:
+        data = load_training_data(settings.data, sample_shape(vm), family.decoder is not None, settings.model)
     s_range = trained_range(vm.velocity)
     draws = Draws(settings, data, s_range, accelerator.device, accelerator.process_index, accelerator.num_processes)
     torch.manual_seed(settings.seed)  # (for whatever draws from torch's own generator; a resume restores its state)
@@ -572,7 +617,8 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     target = vm.velocity.target
     on_device = torch.zeros(settings.steps, dtype=F64, device=accelerator.device)
     log(f"training {settings.model} on {settings.data} ({len(data.values)} {data.kind}): {settings.steps} steps of "
-        f"{settings.batch_size}, s in [{s_range[0]:.4g}, {s_range[1]:.4g}] ({settings.time_sampling}), "
+        f"{settings.batch_size}, s in [{s_range[0]:.4g}, {s_range[1]:.4g}] "
+        f"({'s = 1 only: distillation' if settings.distill else settings.time_sampling}), "
         f"{sum(p.numel() for p in trainable) / 1e6:.3g}M trainable parameters, on {accelerator.device}"
         + (f" × {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
     bar = None
@@ -630,13 +676,15 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
         final = merged((ema.module if ema is not None else network)).to("cpu").eval()
         record = {**summary, "loss": losses.tolist()}
 
-        def add_files(tmp: Path) -> None:
+        def write_records(tmp: Path) -> None:
             (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
             plot_loss(losses, tmp / "loss.png", title=f"{Path(settings.model).name} on {settings.data}")
+            if add_files is not None:
+                add_files(tmp)
 
         from .pipelines import write_trained
 
-        write_trained(vm.source, out, final, {k: v for k, v in summary.items() if k != "out"}, force, add_files)
+        write_trained(vm.source, out, final, {k: v for k, v in summary.items() if k != "out"}, force, write_records)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return summary

@@ -328,14 +328,16 @@ OTHER = {
     "model": "other", "fingerprint": "sha256:y", "data": "other", "data_fingerprint": "sha256:z", "steps": 7,
     "batch_size": 3, "lr": 0.5, "warmup": 9, "lr_schedule": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.0,
     "time_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0, "ema_decay": 0.5, "lora_rank": 4,
-    "lora_alpha": 8, "lora_targets": ("to_q",), "mixed_precision": "bf16", "seed": 3, "fmconvert_version": "9",
+    "lora_alpha": 8, "lora_targets": ("to_q",), "mixed_precision": "bf16", "seed": 3, "couplings": "sha256:c",
+    "distill": True, "fmconvert_version": "9",
 }
 
 
 def test_every_setting_reaches_the_manifest_and_is_compared_on_resume(tmp_path):
     """Each field of TrainSettings, changed alone, changes the manifest, and a checkpoint made with the other
-    value is refused naming it. A new field without an entry in OTHER fails here."""
-    base = TrainSettings(model="m", fingerprint="sha256:x", data="d", data_fingerprint="sha256:d")
+    value is refused naming it. A new field without an entry in OTHER fails here. (The base trains on couplings,
+    which --distill needs.)"""
+    base = TrainSettings(model="m", fingerprint="sha256:x", data="d", data_fingerprint="sha256:d", couplings="sha256:b")
     assert set(OTHER) == {f.name for f in dataclasses.fields(TrainSettings)} == set(base.manifest())
     state = TrainState(1, {"w": torch.zeros(2)}, None, {0: {"step": torch.tensor(1.0)}}, {"cpu": torch.get_rng_state()},
                        torch.zeros(1, dtype=torch.float64))
