@@ -7,7 +7,9 @@ error, 2 usage error; errors are one line, with the traceback only under FMCONVE
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -60,6 +62,59 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allo
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 NumTimes = Annotated[int, typer.Option("--num-times", help="Times spread over the trained range.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Training steps between checkpoints; a rerun of the same command resumes from the last.")]
+
+#: the options of fmconvert.training.TrainSettings that train and reflow take: name: (type, default, help)
+TRAINING_OPTIONS: dict[str, tuple[object, object, str]] = {
+    "steps": (int, 1000, "Optimiser steps."),
+    "batch_size": (int, 64, "Samples per step, over all processes."),
+    "lr": (float, 1e-4, "AdamW's learning rate after the warm-up."),
+    "warmup": (int, 100, "Steps of linear learning-rate warm-up."),
+    "lr_schedule": (str, "constant", "After the warm-up: constant, or cosine down to 10 %."),
+    "weight_decay": (float, 0.0, "AdamW's weight decay."),
+    "max_grad_norm": (float, 1.0, "Clip the gradient's norm to this (0: no clipping)."),
+    "time_sampling": (str, "uniform", "Density of s (s = 1 is noise), truncated to the source's trained range: uniform, or logit-normal (SD3: logit(s) ~ N(mean, std²))."),
+    "logit_mean": (float, 0.0, "logit-normal's mean m."),
+    "logit_std": (float, 1.0, "logit-normal's standard deviation."),
+    "ema_decay": (float, 0.999, "EMA of the weights (torch's AveragedModel), written instead of the raw weights; 0: off."),
+    "lora_rank": (int, 0, "Train LoRA adapters of this rank (peft) instead of the whole network, merged into the written weights; 0: off."),
+    "lora_alpha": (Optional[int], None, "LoRA's alpha (default: the rank)."),
+    "lora_targets": (Optional[str], None, "Comma-separated names of the modules LoRA adapts (default: the attention projections to_q, to_k, to_v, to_out.0)."),
+    "mixed_precision": (str, "no", "no, bf16, or fp16 (GPU only), through accelerate's autocast."),
+}
+
+
+def training_options(**renamed: str):
+    """Add :data:`TRAINING_OPTIONS` and --checkpoint-every to a command's options (after its own),
+    declared once for every command that trains; ``renamed``: an option under another name
+    (steps="train_steps": --train-steps). The command receives them as ``training``, a dict of
+    TrainSettings fields (--time-sampling's dashes made underscores, --lora-targets split; left
+    out where not given), and ``checkpoint_every``."""
+    names = {field: renamed.get(field, field) for field in TRAINING_OPTIONS}
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in ("training", "checkpoint_every")]
+        added = [inspect.Parameter(names[f], inspect.Parameter.KEYWORD_ONLY, default=default,
+                                   annotation=Annotated[kind, typer.Option("--" + names[f].replace("_", "-"), help=text)])
+                 for f, (kind, default, text) in TRAINING_OPTIONS.items()]
+        added.append(inspect.Parameter("checkpoint_every", inspect.Parameter.KEYWORD_ONLY, default=500,
+                                       annotation=CheckpointEvery))
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            training = {f: kwargs.pop(names[f]) for f in TRAINING_OPTIONS}
+            training["time_sampling"] = training["time_sampling"].replace("-", "_")
+            if training["lora_targets"] is None:
+                del training["lora_targets"]
+            else:
+                training["lora_targets"] = tuple(t.strip() for t in training["lora_targets"].split(",") if t.strip())
+            return command(*args, training=training, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + added)
+        return wrapper
+
+    return decorate
 
 
 def _main_process() -> bool:
@@ -573,56 +628,102 @@ def fid(
 
 @app.command()
 @handle_errors
+@training_options()
 def train(
     model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly): the velocity model to fine-tune."),
     data: str = typer.Option(..., "--data", help="builtin:digits[/train|/held_out], an image folder (pixels → [-1, 1]), or a folder of latent shards (shard-*.safetensors, key 'samples', as --samples-dir writes them)."),
     out: Path = typer.Option(..., "--out", "-o", help="The trained converted folder to write; its checkpoint lives in OUT.partial until then."),
-    steps: int = typer.Option(1000, "--steps", help="Optimiser steps."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Samples per step, over all processes."),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW's learning rate after the warm-up."),
-    warmup: int = typer.Option(100, "--warmup", help="Steps of linear learning-rate warm-up."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After the warm-up: constant, or cosine down to 10 %."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW's weight decay."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Clip the gradient's norm to this (0: no clipping)."),
-    time_sampling: str = typer.Option("uniform", "--time-sampling", help="Density of s (s = 1 is noise), truncated to the source's trained range: uniform, or logit-normal (SD3: logit(s) ~ N(mean, std²))."),
-    logit_mean: float = typer.Option(0.0, "--logit-mean", help="logit-normal's mean m."),
-    logit_std: float = typer.Option(1.0, "--logit-std", help="logit-normal's standard deviation."),
-    ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA of the weights (torch's AveragedModel), written instead of the raw weights; 0: off."),
-    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank (peft) instead of the whole network, merged into the written weights; 0: off."),
-    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA's alpha (default: the rank)."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules LoRA adapts (default: the attention projections to_q, to_k, to_v, to_out.0)."),
-    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16, or fp16 (GPU only), through accelerate's autocast."),
     seed: int = typer.Option(0, "--seed", help="Seeds the data order and the noise and times of every step (by step, so a resume repeats them)."),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints; a rerun of the same command resumes from the last."),
     device: Device = "auto",
     force: Force = False,
     as_json: AsJson = False,
+    *,
+    training: dict,
+    checkpoint_every: int,
 ):
     """Fine-tune MODEL with the conditional flow-matching loss on the rectified path; write a converted folder."""
-    from .training import CHECKPOINT, LORA_TARGETS, TrainSettings, checkpoint_step, work_folder
+    from .training import TrainSettings
     from .training import train as train_model
 
     interactive = _interactive(as_json)
     _new_output(out, force)
-    settings = TrainSettings.create(
-        model, data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, lr_schedule=lr_schedule,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, time_sampling=time_sampling.replace("-", "_"),
-        logit_mean=logit_mean, logit_std=logit_std, ema_decay=ema_decay, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else LORA_TARGETS,
-        mixed_precision=mixed_precision, seed=seed)
-    try:
+    settings = TrainSettings.create(model, data, seed=seed, **training)
+    with _resumable(out):
         summary = train_model(settings, out, device=device, checkpoint_every=checkpoint_every, force=force,
                               progress=interactive, log=log)
-    except KeyboardInterrupt:
-        done = checkpoint_step(work_folder(out) / CHECKPOINT)
-        log("interrupted before the first checkpoint: a rerun starts again" if done is None else
-            f"interrupted: rerun the same command to resume from step {done} (the checkpoint in {work_folder(out)})")
-        raise typer.Exit(130) from None
     if as_json:
         emit_json(summary)
     else:
-        log(f"trained {steps} steps in {summary['seconds']:.1f} s (loss {summary['first_loss']:.4g} → "
+        log(f"trained {settings.steps} steps in {summary['seconds']:.1f} s (loss {summary['first_loss']:.4g} → "
             f"{summary['last_loss']:.4g}); wrote {out}")
+
+
+@app.command()
+@handle_errors
+@training_options(steps="train_steps")
+def reflow(
+    model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly): the velocity model to straighten."),
+    out: Path = typer.Option(..., "--out", "-o", help="The reflowed converted folder to write; its couplings and checkpoint live in OUT.partial until then."),
+    num_couplings: int = typer.Option(10000, "--num-couplings", help="How many (noise, sample) pairs to solve and train on."),
+    solver: Solver = "unipc",
+    steps: Steps = "16",
+    grid: Grid = "uniform",
+    shift: Shift = None,
+    sample_batch_size: int = typer.Option(250, "--sample-batch-size", help="Couplings per solver call and per shard."),
+    device: Device = "auto",
+    couplings_dir: Optional[Path] = typer.Option(None, "--couplings-dir", help="Keep the couplings in shards here (a rerun with the same couplings settings reuses them; other settings are refused) instead of in OUT.partial, which is removed once OUT is written."),
+    distill: bool = typer.Option(False, "--distill", help="Train at the noise end only (s = 1, x = ε): one-step distillation of the couplings, x0 ≈ ε − u(ε, 1); --time-sampling does not apply."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the couplings' noise (the documented torch.randn stream) and the training's data order and times."),
+    force: Force = False,
+    as_json: AsJson = False,
+    *,
+    training: dict,
+    checkpoint_every: int,
+):
+    """Reflow MODEL (rectified flow, Liu et al. 2022): solve --num-couplings (noise, sample) pairs with an accurate
+    solver (--solver/--steps/--grid/--shift), train on the straight paths between them (or, with --distill, one step),
+    write a converted folder. Interrupted, the same command resumes the couplings and the training."""
+    from .reflow import reflow as reflow_model
+
+    interactive = _interactive(as_json)
+    _new_output(out, force)
+    (steps_value,) = _steps(steps, single=True)
+    _positive(num_couplings=num_couplings, sample_batch_size=sample_batch_size, checkpoint_every=checkpoint_every)
+    couplings = _run(model, None, False, False, solvers=[solver], grid=grid, shift=shift, dtype="float32",
+                     steps=steps_value, seed=seed, num_images=num_couplings, shard_size=sample_batch_size)
+    with _resumable(out, couplings_dir):
+        summary = reflow_model(couplings, out, distill=distill, couplings_dir=couplings_dir, device=device,
+                               checkpoint_every=checkpoint_every, force=force, progress=interactive, log=log,
+                               seed=seed, **training)
+    if as_json:
+        emit_json(summary)
+    else:
+        log(f"reflowed {model}: {num_couplings} couplings, {summary['steps']} training steps in {summary['seconds']:.1f} s "
+            f"(loss {summary['first_loss']:.4g} → {summary['last_loss']:.4g}); wrote {out}")
+
+
+@contextlib.contextmanager
+def _resumable(out: Path, couplings_dir: Path | None = None):
+    """On an interruption (exit 130), say what a rerun of the same command resumes: the last
+    checkpoint in OUT.partial, else the couplings' complete shards (reflow), else nothing."""
+    from .training import CHECKPOINT, checkpoint_step, work_folder
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        work = work_folder(out)
+        done = checkpoint_step(work / CHECKPOINT)
+        from .reflow import COUPLINGS
+
+        shards = sorted((couplings_dir or work / COUPLINGS).glob("shard-*.safetensors"))
+        if done is not None:
+            log(f"interrupted: rerun the same command to resume from step {done} (the checkpoint in {work})")
+        elif shards:
+            log(f"interrupted before the first checkpoint: rerun the same command to resume; the {len(shards)} complete "
+                f"shards of couplings in {shards[0].parent} are kept")
+        else:
+            log("interrupted before the first checkpoint: a rerun starts again")
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -37,28 +37,58 @@ def make_cond_unet(seed: int = 0, cross_attention_dim: int = 16):
     ).eval()
 
 
-def ok(*args):
-    """`fmconvert ARGS` through typer's CliRunner; asserts exit code 0."""
+def invoke(*args):
+    """`fmconvert ARGS` through typer's CliRunner, whatever its exit code."""
     from typer.testing import CliRunner
 
     from fmconvert.cli import app
 
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    """`fmconvert ARGS` through typer's CliRunner; asserts exit code 0."""
+    result = invoke(*args)
     assert result.exit_code == 0, result.output + result.stderr
     return result
 
 
 def error(code, *args):
     """`fmconvert ARGS`; asserts exit ``code`` and one error line, no traceback; returns the line."""
-    from typer.testing import CliRunner
-
-    from fmconvert.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    result = invoke(*args)
     assert result.exit_code == code, (result.exit_code, result.stderr)
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
+
+
+def weighted_epsilon_loss(velocity, x0, eps, s):
+    """Per sample: the source network's epsilon loss at the time of equal log-SNR × (1 − s)⁻², computed from the
+    network directly, not through the adapter (for a diffusion source: the flow-matching loss of its field)."""
+    from fmconvert.schedules import RectifiedFlow
+
+    source, network = velocity.source, velocity.source_network
+    t = source.time_at_log_snr(RectifiedFlow().log_snr(s))
+    p = source.point(t).view_as_batch(x0.ndim)
+    x_t = p.alpha * x0.double() + p.sigma * eps.double()
+    eps_hat = network(x_t.to(network.dtype), source.model_timestep(t)).sample
+    return (eps_hat.double() - eps.double()).square().flatten(1).mean(1) / (1 - s) ** 2
+
+
+def stop_training_at(monkeypatch, step):
+    """Training is interrupted (KeyboardInterrupt) as it draws the batch of ``step`` (0-based): the steps
+    before it are done. Returns the original ``Draws.batch``, to put back."""
+    from fmconvert.training import Draws
+
+    batch = Draws.batch
+
+    def interrupted(self, k):
+        if k == step:
+            raise KeyboardInterrupt
+        return batch(self, k)
+
+    monkeypatch.setattr(Draws, "batch", interrupted)
+    return batch
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import error, make_unet, ok, save_ddpm_folder
+from conftest import error, invoke, make_unet, ok, save_ddpm_folder, stop_training_at, weighted_epsilon_loss
 from safetensors.torch import load_file, save_file
 
 from fmconvert import training
@@ -87,21 +87,11 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
     the same draws, each sample weighted by (1 − s)⁻², computed from the network directly (float32); and in
     float64 the flow-matching loss per sample equals it to rounding."""
     from fmconvert.sampling import load_velocity_model
-    from fmconvert.schedules import RectifiedFlow
 
     settings = TrainSettings.create("builtin:digits-eps", DATA, steps=1, batch_size=32, lr=1e-4, warmup=0)
     out = tmp_path / "eps"
     training.train(settings, out)
     logged = json.loads((out / "training.json").read_text())["loss"][0]
-
-    def weighted_epsilon_loss(velocity, x0, eps, s):
-        source, network = velocity.source, velocity.source_network
-        t = source.time_at_log_snr(RectifiedFlow().log_snr(s))
-        p = source.point(t).view_as_batch(4)
-        x_t = p.alpha * x0.double() + p.sigma * eps.double()
-        eps_hat = network(x_t.to(network.dtype), source.model_timestep(t)).sample
-        return (eps_hat.double() - eps.double()).square().flatten(1).mean(1) / (1 - s) ** 2
-
     vm = load_velocity_model("builtin:digits-eps", compute_dtype="float64")
     data = load_training_data(DATA, (1, 8, 8), False)
     x0, eps, s = Draws(settings, data, trained_range(vm.velocity)).batch(0)
@@ -147,21 +137,10 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny):
 def test_the_command_line_says_how_to_resume_an_interrupted_run(tmp_path, tiny, monkeypatch):
     """An interruption in the middle of a step (here: drawing step 3's batch) exits 130 with a line saying
     how to resume; the checkpoint of step 2 stays, and the same command resumes from it."""
-    batch = Draws.batch
-
-    def interrupted(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return batch(self, step)
-
     args = ["train", tiny, "--data", DATA, "--out", tmp_path / "o", "--steps", 4, "--batch-size", 4,
             "--checkpoint-every", 2, "--json"]
-    monkeypatch.setattr(Draws, "batch", interrupted)
-    from typer.testing import CliRunner
-
-    from fmconvert.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    batch = stop_training_at(monkeypatch, 2)
+    result = invoke(*args)
     assert result.exit_code == 130 and "rerun the same command to resume from step 2" in result.stderr
     monkeypatch.setattr(Draws, "batch", batch)
     assert json.loads(ok(*args).stdout)["resumed_from"] == 2
@@ -226,20 +205,9 @@ def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, tiny, monk
     """A rerun with another --lr against an interrupted run's checkpoint: exit 1, one line naming lr, before
     any step; the checkpoint is byte for byte what it was and no output appears."""
     out = tmp_path / "out"
-    batch = Draws.batch
-
-    def interrupted(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return batch(self, step)
-
-    monkeypatch.setattr(Draws, "batch", interrupted)
+    stop_training_at(monkeypatch, 2)
     error_code = ["train", tiny, "--data", DATA, "--out", out, "--steps", 4, "--batch-size", 4, "--checkpoint-every", 1]
-    from typer.testing import CliRunner
-
-    from fmconvert.cli import app
-
-    assert CliRunner().invoke(app, [str(a) for a in error_code]).exit_code == 130
+    assert invoke(*error_code).exit_code == 130
     before = digest(work_folder(out))
 
     def step_taken(self, step):

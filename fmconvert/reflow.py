@@ -1,0 +1,137 @@
+"""Reflow (``fmconvert reflow``): straighten a velocity model's trajectories by training it on
+its own couplings (Liu, Gong, Liu 2022, "Flow Straight and Fast: Learning to Generate and
+Transfer Data with Rectified Flow": k-rectification, and distillation for one step).
+
+On diffusers' rectified path (s = 1 is noise, s = 0 is data; u = dx/ds, so u = ε − x0 on a
+straight path):
+
+1. Couplings: N pairs (ε_i, x0_i), x0_i the model's ODE solved with an accurate solver from the
+   noise ε_i: a :class:`~fmconvert.runs.Run` like any set of samples, drawn by
+   :func:`fmconvert.sampling.generate_sharded` into a :class:`~fmconvert.shards.ShardStore` whose
+   manifest is the run's (``OUT.partial/couplings`` unless ``couplings_dir``), so an interrupted
+   reflow keeps its complete shards and a rerun draws only the missing ones. ε_i is not stored:
+   it is image i of the run's noise (:class:`fmconvert.sampling.NoiseStream`, the documented
+   ``torch.randn`` stream of the seed), the trajectory starting from ε_i·√((1 − s_0)² + s_0²)
+   at the grid's first time s_0 (ε_i itself on the uniform grid, s_0 = 1).
+2. Training (:func:`fmconvert.training.train`, its one loop, paired): on the straight path of each
+   pair, x_s = (1 − s)·x0 + s·ε, L = mean |u_θ(x_s, T·s) − (ε − x0)|², s drawn on the source's
+   trained range; with ``distill``, s = 1 only (x_1 = ε): one-step distillation, x0 ≈ ε − u(ε, 1)
+   (:mod:`fmconvert.training`). The settings name the couplings by
+   :func:`fmconvert.runs.run_fingerprint`, so a checkpoint resumes only on the same couplings.
+3. Output: a converted folder (:func:`fmconvert.pipelines.write_trained`) that ``fmconvert
+   sample`` / ``fid`` and stock diffusers load, with ``training.json``, ``loss.png`` and
+   ``couplings.json`` (the couplings' run manifest and fingerprint: they can be drawn again).
+
+Reflowing the output again is 2-rectification; ``distill`` on a reflowed model is the paper's
+distillation of a k-rectified flow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .runs import Run
+    from .training import TrainingData
+
+COUPLINGS = "couplings"
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def load_couplings(folder: Path, run: Run) -> TrainingData:
+    """The couplings of ``run`` (loaded: its ``shape`` known) in ``folder``: samples (N, C, H, W)
+    float32 from its shards in index order, each with its noise ε (N, C, H, W) regenerated from
+    the run's seed (:class:`~fmconvert.sampling.NoiseStream`)."""
+    from .sampling import NoiseStream, batches_of
+    from .shards import ShardStore
+    from .training import TrainingData
+
+    assert run.shape is not None
+    store = ShardStore(folder, run.manifest())
+    samples = torch.cat([store.load(j)[0] for j in range(len(batches_of(run.num_images, run.shard_size)))])
+    noise = NoiseStream(run.num_images, run.shape, run.seed).take(0, run.num_images)
+    return TrainingData(samples, COUPLINGS, noise)
+
+
+def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: bool = False,
+                   log: Callable[[str], None] = _quiet) -> tuple[Run, int]:
+    """Solve the ``couplings`` run into shards in ``folder`` (:func:`fmconvert.sampling.generate_sharded`;
+    complete shards of the same run are reused, another run's folder is refused). Returns the
+    run, loaded (its shape known), and the number of shards reused. UsageError for a model
+    that needs conditioning."""
+    from .sampling import generate_sharded, iter_run, load_velocity_model, sample_shape
+    from .shards import ShardStore
+
+    vm = load_velocity_model(couplings.model, dtype=getattr(torch, couplings.dtype), device=device)
+    family = vm.source.family
+    if family.accepts:
+        raise UsageError(f"reflow straightens unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
+                         "its conditioning, which reflow does not take yet")
+    run = couplings.loaded(vm.source.model_class, sample_shape(vm))
+    store = ShardStore(folder, run.manifest())
+    log(f"couplings: {run.describe()} into {folder}")
+    _, reused = generate_sharded(vm, lambda ranges: iter_run(vm, run, device, ranges, progress=progress),
+                                 run.num_images, run.shard_size, store, device)
+    return run, reused
+
+
+def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: Path | None = None,
+           device: str = "auto", checkpoint_every: int = 500, force: bool = False, progress: bool = False,
+           log: Callable[[str], None] = _quiet, on_step: Callable[[int], None] | None = None,
+           **training: Any) -> dict[str, Any]:
+    """Reflow ``couplings.model`` (see the module docstring): draw the ``couplings`` run (its
+    model, solver, grid, steps, seed and ``num_images`` pairs) into ``couplings_dir`` (default
+    ``OUT.partial/couplings``, removed with the checkpoint once ``out`` is written), then train on
+    the pairs with ``training`` (fields of :class:`~fmconvert.training.TrainSettings`: steps,
+    batch_size, lr, ..., seed) and write ``out``.
+
+    Before anything is drawn or trained, in one line each: an existing ``out`` without ``force``,
+    a bad training setting, a device or precision train cannot use (UsageError); couplings of
+    another run in the folder, a checkpoint of other settings in ``OUT.partial``
+    (FmconvertError); nothing is written then. Couplings and checkpoint of the same settings are
+    resumed. Returns train's summary with the couplings' record under "couplings"."""
+    from . import distributed
+    from .runs import run_fingerprint
+    from .shards import ShardStore
+    from .training import CHECKPOINT, TrainSettings, check_checkpoint, check_device, train, work_folder
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    if couplings.num_images < 1:
+        raise UsageError(f"--num-couplings must be a positive integer, got {couplings.num_images}")
+    if checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+    if couplings.baseline:
+        raise UsageError("couplings are solved with fmconvert's solvers from the documented noise, not with a baseline "
+                         "scheduler")
+    folder = Path(couplings_dir) if couplings_dir is not None else work_folder(out) / COUPLINGS
+    fingerprint = run_fingerprint(couplings)
+    settings = TrainSettings(model=couplings.model, fingerprint=couplings.fingerprint,
+                             data=f"couplings: {couplings.describe()}", data_fingerprint=fingerprint,
+                             couplings=fingerprint, distill=distill, **training)
+    ShardStore.check(folder, couplings.manifest())
+    check_checkpoint(work_folder(out) / CHECKPOINT, settings)
+    check_device(settings, device)
+    run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log)
+    data = load_couplings(folder, run)
+    record = {"run": run.manifest(), "fingerprint": fingerprint, "folder": str(folder),
+              "kept": couplings_dir is not None, "shards_reused": reused}
+    log(f"couplings ready ({reused} shards reused); training on them"
+        + (" at the noise end only (distillation)" if distill else ""))
+
+    def write_record(tmp: Path) -> None:
+        (tmp / "couplings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    summary = train(settings, out, device=device, checkpoint_every=checkpoint_every, force=force, progress=progress,
+                    log=log, on_step=on_step, data=data, add_files=write_record)
+    return {**summary, "couplings": record}
