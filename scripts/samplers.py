@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,7 @@ def main() -> None:
         args.out.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")  # (per model)
     seconds = time.perf_counter() - started
     meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
-            "command": "python scripts/samplers.py " + " ".join(sys.argv[1:]),
+            "command": "python scripts/samplers.py " + shlex.join(sys.argv[1:]),
             "python": platform.python_version(), "torch": torch.__version__, "fmconvert": fmconvert.__version__,
             "diffusers": __import__("diffusers").__version__, "num_images": args.num_images, "seconds": round(seconds)}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "models": results}, indent=2) + "\n")
