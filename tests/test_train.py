@@ -405,3 +405,19 @@ def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
     assert two["processes"] == 2
     _, one = run(tiny, tmp_path / "one", steps=3)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_the_cli_training_defaults_are_the_settings_defaults():
+    """cli.TRAINING_OPTIONS repeats TrainSettings' defaults (the CLI stays torch-free at import, so it
+    cannot read them from fmconvert.training): they must agree, field by field."""
+    import dataclasses as dc
+
+    from fmconvert.cli import TRAINING_OPTIONS
+    from fmconvert.training import TrainSettings
+
+    defaults = {f.name: f.default for f in dc.fields(TrainSettings)}
+    for name, (_, default, _) in TRAINING_OPTIONS.items():
+        if name == "lora_targets":  # (None on the command line: the settings' default tuple)
+            assert default is None
+            continue
+        assert default == defaults[name], name
