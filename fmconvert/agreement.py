@@ -198,6 +198,25 @@ def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def weighted_epsilon_loss(adapter: PathAdapter, x0: torch.Tensor, eps: torch.Tensor, s: float | torch.Tensor,
+                          t: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample (B,): the source's epsilon loss |ε̂ − ε|² (mean over elements) × (1 − s)⁻², at
+    the source time ``t`` of equal log-SNR to ``s`` (a float, or one per sample; ``t`` computed
+    from it where not given), with x_t = α·x0 + σ·ε. ε̂ comes from calling the source network
+    directly in its own prediction type, not through the adapter's conversion: for a diffusion
+    source this is the flow-matching loss of its converted field (:func:`loss_identity`)."""
+    source = adapter.source
+    s_values = torch.as_tensor(s, dtype=F64, device=x0.device)
+    if t is None:
+        t = source.time_at_log_snr(RectifiedFlow().log_snr(s_values.reshape(-1)))
+    x0, eps = x0.to(F64), eps.to(F64)
+    p = source.point(t).view_as_batch(x0.ndim)
+    x_t = p.alpha * x0 + p.sigma * eps
+    native = adapter.model(x_t.to(adapter.model.dtype), source.model_timestep(t).expand(len(x0)), return_dict=False)[0]
+    _, eps_hat = to_x0_eps(adapter.source_prediction, native.to(F64)[:, : x0.shape[1]], x_t, p)
+    return (eps_hat - eps).square().flatten(1).mean(1) / (1 - s_values) ** 2
+
+
 def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10, batch_size: int = 256, seed: int = 0,
                   device: str = "cpu") -> dict[str, list[float]]:
     """The flow-matching loss of the converted field against the source's epsilon loss, per time.
@@ -232,12 +251,7 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
             x_s = forward_process(x0, s, eps)
             u = adapter.evaluate(x_s, torch.full((len(x0),), T * s, dtype=F64, device=device), output_dtype=F64)
             fm = (u - (eps - x0)).square().flatten(1).mean(1)
-            p = source.point(t[i].reshape(1).to(device)).view_as_batch(x0.ndim)
-            x_t = p.alpha * x0 + p.sigma * eps
-            native = adapter.model(x_t.to(adapter.model.dtype), source.model_timestep(t[i].reshape(1).to(device)).expand(len(x0)),
-                                   return_dict=False)[0]
-            _, eps_hat = to_x0_eps(adapter.source_prediction, native.to(F64)[:, : x0.shape[1]], x_t, p)
-            weighted = (eps_hat - eps).square().flatten(1).mean(1) / (1 - s) ** 2
+            weighted = weighted_epsilon_loss(adapter, x0, eps, s, t[i].reshape(1).to(device))
             sums["flow_matching_loss"][i] += fm.sum().cpu()
             sums["weighted_epsilon_loss"][i] += weighted.sum().cpu()
             worst[i] = torch.maximum(worst[i], ((fm - weighted).abs() / weighted).max().cpu())

@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fmconvert.agreement import weighted_epsilon_loss  # noqa: E402
 from fmconvert.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.pipelines import inspect_source  # noqa: E402
 from fmconvert.runs import Run, model_fingerprint, sweep_runs  # noqa: E402
 from fmconvert.sampling import load_velocity_model  # noqa: E402
-from fmconvert.schedules import RectifiedFlow  # noqa: E402
 from fmconvert.training import Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
 
 MODEL, DATA, HELD_OUT, REFERENCE = "builtin:digits-eps", "builtin:digits/train", "builtin:digits/held_out", "builtin:digits"
@@ -49,17 +49,6 @@ def fid_rows(model: str, solvers: list[str], steps: int, num_images: int, seed: 
     base = Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=solvers[0], steps=steps,
                seed=seed, num_images=num_images, shard_size=250)
     return sweep(vm, REFERENCE, make_extractor("digits"), sweep_runs(base, solvers, [steps]))["rows"]
-
-
-def weighted_epsilon_loss(velocity, x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Per sample: the source network's epsilon loss at the time of equal log-SNR, × (1 − s)⁻², computed
-    from the network directly (not through the adapter)."""
-    source, network = velocity.source, velocity.source_network
-    t = source.time_at_log_snr(RectifiedFlow().log_snr(s))
-    p = source.point(t).view_as_batch(x0.ndim)
-    x_t = p.alpha * x0.double() + p.sigma * eps.double()
-    eps_hat = network(x_t.to(network.dtype), source.model_timestep(t)).sample
-    return (eps_hat.double() - eps.double()).square().flatten(1).mean(1) / (1 - s) ** 2
 
 
 @torch.no_grad()

@@ -62,19 +62,6 @@ def error(code, *args):
     return lines[0]
 
 
-def weighted_epsilon_loss(velocity, x0, eps, s):
-    """Per sample: the source network's epsilon loss at the time of equal log-SNR × (1 − s)⁻², computed from the
-    network directly, not through the adapter (for a diffusion source: the flow-matching loss of its field)."""
-    from fmconvert.schedules import RectifiedFlow
-
-    source, network = velocity.source, velocity.source_network
-    t = source.time_at_log_snr(RectifiedFlow().log_snr(s))
-    p = source.point(t).view_as_batch(x0.ndim)
-    x_t = p.alpha * x0.double() + p.sigma * eps.double()
-    eps_hat = network(x_t.to(network.dtype), source.model_timestep(t)).sample
-    return (eps_hat.double() - eps.double()).square().flatten(1).mean(1) / (1 - s) ** 2
-
-
 def stop_training_at(monkeypatch, step):
     """Training is interrupted (KeyboardInterrupt) as it draws the batch of ``step`` (0-based): the steps
     before it are done. Returns the original ``Draws.batch``, to put back."""

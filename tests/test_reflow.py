@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import error, invoke, ok, save_ddpm_folder, save_flow_folder, stop_training_at, weighted_epsilon_loss
+from conftest import error, invoke, ok, save_ddpm_folder, save_flow_folder, stop_training_at
 from safetensors.torch import load_file
 
 from fmconvert import training
+from fmconvert.agreement import weighted_epsilon_loss
 from fmconvert.pipelines import inspect_source
 from fmconvert.reflow import load_couplings, reflow
 from fmconvert.runs import Run, model_fingerprint, run_fingerprint, solver_options

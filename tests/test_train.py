@@ -8,10 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import error, invoke, make_unet, ok, save_ddpm_folder, stop_training_at, weighted_epsilon_loss
+from conftest import error, invoke, make_unet, ok, save_ddpm_folder, stop_training_at
 from safetensors.torch import load_file, save_file
 
 from fmconvert import training
+from fmconvert.agreement import weighted_epsilon_loss
 from fmconvert.training import (
     CHECKPOINT,
     Draws,
