@@ -178,6 +178,15 @@ class PathAdapter(ModelMixin, ConfigMixin):
         init, _, _ = cls.extract_init_dict(config)  # (from_config would drop `model`: it is not config)
         return cls(**init, model=network).eval()
 
+    def reparametrise(self, prediction_type: str) -> None:
+        """Read the network's output as ``prediction_type`` on the source path from now on (the
+        config follows): what training a network into another parametrisation starts from, as
+        SD 2's v_prediction models were fine-tuned from epsilon ones. The network is unchanged, so
+        the field changes too. ValueError for a pair :func:`~fmconvert.core.check_pair` refuses."""
+        self.source_prediction = check_pair(self.source, prediction_type)
+        self.register_to_config(source_prediction=self.source_prediction)
+        self._plans.clear()
+
     def __getattr__(self, name: str) -> Any:
         """Attributes of the wrapped network that the adapter does not have itself (stock
         pipelines read some, such as SDXL's ``unet.add_embedding``)."""

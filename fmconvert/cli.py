@@ -81,6 +81,7 @@ TRAINING_OPTIONS: dict[str, tuple[object, object, str]] = {
     "lora_alpha": (Optional[int], None, "LoRA's alpha (default: the rank)."),
     "lora_targets": (Optional[str], None, "Comma-separated names of the modules LoRA adapts (default: the attention projections to_q, to_k, to_v, to_out.0)."),
     "mixed_precision": (str, "no", "no, bf16, or fp16 (GPU only), through accelerate's autocast."),
+    "prediction_type": (Optional[str], None, "What the network learns to predict on the source's path: epsilon, v_prediction or sample (default: what it predicts now; diffusion sources only). Another one reinterprets its output, which training then re-learns: v_prediction is well conditioned at the noise end, where epsilon's x0 estimate divides by alpha."),
 }
 
 

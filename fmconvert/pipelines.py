@@ -594,7 +594,7 @@ def _save_network(folder: Path, network: ModelMixin, variant: str | None) -> Non
 
 
 def write_trained(source: Source, out: Path, network: ModelMixin, training: dict[str, Any], force: bool = False,
-                  add_files: Callable[[Path], None] | None = None) -> Path:
+                  add_files: Callable[[Path], None] | None = None, source_prediction: str | None = None) -> Path:
     """``source``'s folder as ``fmconvert sample`` and stock diffusers take it, with ``network``'s
     weights in place of the source network's, written atomically (what ``fmconvert train`` writes):
 
@@ -603,7 +603,9 @@ def write_trained(source: Source, out: Path, network: ModelMixin, training: dict
 
     The network is saved fresh (safetensors; a converted folder's ``network_variant`` kept);
     ``training`` goes into ``fmconvert.json`` under "trained"; ``add_files(tmp)`` writes more
-    files into the folder before it becomes ``out``."""
+    files into the folder before it becomes ``out``. ``source_prediction``: what the network was
+    trained to predict, where not what the source's network predicts (the adapter's config says
+    so; :meth:`fmconvert.adapters.PathAdapter.reparametrise`)."""
     copied = source.converted or source.prediction_type == "flow_prediction"
     variant = _read_json(source.model_folder / "config.json").get("network_variant") if source.converted else None
 
@@ -615,6 +617,9 @@ def write_trained(source: Source, out: Path, network: ModelMixin, training: dict
         if source.model_index is None and copied and not (denoiser / "scheduler_config.json").is_file():
             _write_config(denoiser, "scheduler_config.json", source.scheduler)  # (it was beside the folder)
         _save_network(denoiser / NETWORK_FOLDER if source.converted or not copied else denoiser, network, variant)
+        if source_prediction is not None:  # (the adapter's own config: a converted folder's, or the one just written)
+            _replace_file(denoiser / "config.json", json.dumps(
+                {**_read_json(denoiser / "config.json"), "source_prediction": source_prediction}, indent=2, sort_keys=True) + "\n")
         provenance = _read_json(tmp / "fmconvert.json") if (tmp / "fmconvert.json").is_file() else {
             "fmconvert_version": __version__, **source.describe()}
         _replace_file(tmp / "fmconvert.json", json.dumps({**provenance, "trained": training}, indent=2, default=str) + "\n")

@@ -100,9 +100,10 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     (FmconvertError); nothing is written then. Couplings and checkpoint of the same settings are
     resumed. Returns train's summary with the couplings' record under "couplings"."""
     from . import distributed
+    from .pipelines import inspect_source
     from .runs import run_fingerprint
     from .shards import ShardStore
-    from .training import CHECKPOINT, TrainSettings, check_checkpoint, check_device, train, work_folder
+    from .training import CHECKPOINT, TrainSettings, check_checkpoint, check_device, check_prediction_type, train, work_folder
 
     out = Path(out)
     if out.exists() and not force:
@@ -120,6 +121,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
                              data=f"couplings: {couplings.describe()}", data_fingerprint=fingerprint,
                              couplings=fingerprint, distill=distill, **training)
     ShardStore.check(folder, couplings.manifest())
+    check_prediction_type(inspect_source(couplings.model), settings.prediction_type)
     check_checkpoint(work_folder(out) / CHECKPOINT, settings)
     check_device(settings, device)
     run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log)

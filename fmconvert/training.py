@@ -84,6 +84,7 @@ from .io import atomic_write
 
 if TYPE_CHECKING:
     from .adapters import PathAdapter
+    from .pipelines import Source
     from .sampling import VelocityModel
 
 F64 = torch.float64
@@ -92,6 +93,8 @@ LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 #: the attention projections of diffusers' UNets and transformers (diffusers' own LoRA default)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: what a diffusion source's network can be trained to predict (``prediction_type``)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -111,7 +114,9 @@ class TrainSettings:
     (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``.
     ``couplings``: for paired data (``fmconvert reflow``), the couplings' identity
     (:func:`fmconvert.runs.run_fingerprint` of the run that drew them), None for fresh noise at
-    every step; ``distill``: every s = 1 (one-step distillation; paired data only)."""
+    every step; ``distill``: every s = 1 (one-step distillation; paired data only).
+    ``prediction_type``: what the network is trained to predict on the source's path (None: what
+    it predicts now; see the module docstring)."""
 
     model: str
     fingerprint: str
@@ -135,6 +140,7 @@ class TrainSettings:
     seed: int = 0
     couplings: str | None = None
     distill: bool = False
+    prediction_type: str | None = None
     fmconvert_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -150,6 +156,8 @@ class TrainSettings:
         for valid, name, what in checks:
             if not valid:
                 raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise UsageError(f"unknown --prediction-type '{self.prediction_type}': use one of {', '.join(PREDICTION_TYPES)}")
         if self.distill and self.couplings is None:
             raise UsageError("--distill trains one step from the noise to its coupled sample: it needs couplings "
                              "(fmconvert reflow --distill)")
@@ -290,6 +298,15 @@ def sample_times(settings: TrainSettings, u: torch.Tensor, s_range: tuple[float,
     bounds = torch.tensor([lo, hi], dtype=F64, device=u.device)
     a, b = torch.special.ndtr((torch.logit(bounds) - m) / sd).unbind()  # (logit(0) = −∞: Φ = 0)
     return torch.sigmoid(m + sd * torch.special.ndtri(a + (b - a) * u)).clamp(lo, hi)
+
+
+def check_prediction_type(source: Source, prediction_type: str | None) -> None:
+    """UsageError, in one line, for a ``prediction_type`` the source's network cannot be trained
+    into: a flow-matching network (or a converted-back one) predicts the velocity itself, which
+    stock diffusers reads as such."""
+    if prediction_type is not None and source.prediction_type == "flow_prediction" and source.model_class != "VelocityAdapter":
+        raise UsageError(f"--prediction-type reparametrises a diffusion model's network; '{source.reference}' is a "
+                         "flow-matching model, whose network predicts the velocity: leave --prediction-type out")
 
 
 def _seed_of(*parts: object) -> int:
@@ -585,6 +602,12 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     if family.accepts:
         raise UsageError(f"train fine-tunes unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
                          "its conditioning, which train does not take yet")
+    check_prediction_type(vm.source, settings.prediction_type)
+    if settings.prediction_type is not None:
+        try:
+            vm.velocity.reparametrise(settings.prediction_type)
+        except ValueError as error:
+            raise UsageError(f"--prediction-type {settings.prediction_type}: {error}") from None
     if data is None:
         data = load_training_data(settings.data, sample_shape(vm), family.decoder is not None, settings.model)
     s_range = trained_range(vm.velocity)
@@ -684,7 +707,8 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
 
         from .pipelines import write_trained
 
-        write_trained(vm.source, out, final, {k: v for k, v in summary.items() if k != "out"}, force, write_records)
+        write_trained(vm.source, out, final, {k: v for k, v in summary.items() if k != "out"}, force, write_records,
+                      settings.prediction_type)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return summary

@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--logit-mean", type=float, default=0.0)
     parser.add_argument("--logit-std", type=float, default=1.0)
     parser.add_argument("--distill", action="store_true", help="one-step distillation instead of reflow")
+    parser.add_argument("--prediction-type", default=None, help="what the reflowed network predicts (default: the source's)")
     parser.add_argument("--nfe", default="1,2,4,8")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
@@ -109,7 +110,7 @@ def main() -> None:
                     options=solver_options(args.solver))
     training = dict(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     ema_decay=args.ema_decay, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
-                    logit_std=args.logit_std, seed=0)
+                    logit_std=args.logit_std, prediction_type=args.prediction_type, seed=0)
     out = args.work / "model"
     wanted = {**training, "couplings": run_fingerprint(couplings), "distill": args.distill}
     timing = {}

@@ -190,6 +190,7 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
         (["--time-sampling", "beta"], "unknown --time-sampling"),
         (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
         (["--checkpoint-every", 0], "--checkpoint-every must be a positive integer"),
+        (["--prediction-type", "score"], "unknown --prediction-type 'score'"),
     ]
     for extra, message in cases:
         assert message in error(2, *base, *extra), extra
@@ -198,6 +199,9 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
     (out / "keep.txt").write_text("mine")
     assert "already exists" in error(2, *base)
     assert (out / "keep.txt").read_text() == "mine" and not work_folder(out).exists()
+    flow = save_flow_folder(tmp_path / "flow")
+    assert "flow-matching model" in error(2, "reflow", flow, "--out", out / "f", "--prediction-type", "v_prediction")
+    assert not (out / "f").exists() and not work_folder(out / "f").exists()
     with pytest.raises(training.UsageError, match="--distill .* needs couplings"):
         TrainSettings(model="m", fingerprint="f", data="d", data_fingerprint="g", distill=True)
 

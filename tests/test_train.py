@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import error, invoke, make_unet, ok, save_ddpm_folder, stop_training_at
+from conftest import error, invoke, make_unet, ok, save_ddpm_folder, save_flow_folder, stop_training_at
 from safetensors.torch import load_file, save_file
 
 from fmconvert import training
@@ -105,6 +105,42 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
     assert s.min() >= trained_range(vm.velocity)[0] and s.max() <= trained_range(vm.velocity)[1]
 
 
+def test_a_diffusion_network_trains_into_another_prediction_type(tmp_path, tiny):
+    """--prediction-type v_prediction: from step 1 the network's output is read as v on the source's schedule (the
+    first loss is the flow-matching loss of the source's network wrapped by VelocityAdapter.from_diffusion as a v
+    model, on the same draws), and the written folder says so: loaded, its field is the trained network read as v,
+    and stock diffusers samples it. A converted folder trains into another type the same way."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
+
+    from fmconvert.adapters import VelocityAdapter
+    from fmconvert.sampling import load_velocity_model
+
+    out = tmp_path / "v"
+    _, record = run(tiny, out, steps=2, batch_size=16, prediction_type="v_prediction")
+    scheduler = DDPMScheduler.from_pretrained(tiny / "scheduler")
+    settings = TrainSettings.create(str(tiny), DATA, steps=2, batch_size=16)
+    source = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"), scheduler, "v_prediction")
+    x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), trained_range(source)).batch(0)
+    with torch.no_grad():
+        first = flow_matching_loss(source, source.target, x0, eps, s).mean().item()
+        assert record["loss"][0] == pytest.approx(first, rel=1e-6)
+        as_epsilon = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"), scheduler)
+        assert flow_matching_loss(as_epsilon, as_epsilon.target, x0, eps, s).mean().item() != pytest.approx(first, rel=1e-3)
+        assert json.loads((out / "unet" / "config.json").read_text())["source_prediction"] == "v_prediction"
+        trained = UNet2DModel.from_pretrained(out / "unet" / "network")
+        expected = VelocityAdapter.from_diffusion(trained, scheduler, "v_prediction", compute_dtype="float32")
+        x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(700.0)
+        got = load_velocity_model(str(out)).velocity(x, t).sample
+        torch.testing.assert_close(got, expected(x, t).sample, rtol=1e-6, atol=1e-6)
+    assert DiffusionPipeline.from_pretrained(out, trust_remote_code=True)(batch_size=1, num_inference_steps=2,
+                                                                           output_type="np").images.shape == (1, 8, 8, 1)
+    wrapped = tmp_path / "wrapped"
+    ok("wrap", tiny, "--out", wrapped)
+    run(wrapped, tmp_path / "x0", steps=1, prediction_type="sample")
+    assert json.loads((tmp_path / "x0" / "unet" / "config.json").read_text())["source_prediction"] == "sample"
+    assert json.loads((wrapped / "unet" / "config.json").read_text())["source_prediction"] == "epsilon"
+
+
 def test_the_loss_decreases_from_a_random_network(tmp_path, tiny):
     """50 steps from random initialisation: the last ten losses average under a quarter of the first ten."""
     _, record = run(tiny, tmp_path / "fit", steps=50, batch_size=32, lr=3e-3, warmup=5)
@@ -195,6 +231,9 @@ def test_settings_and_options_that_cannot_run_are_refused_in_one_line(tmp_path, 
         assert "needs peft" in error(2, *base, "--lora-rank", 4)
     assert "--ema-decay must be in [0, 1)" in error(2, *base, "--ema-decay", 1.0)
     assert "unknown --time-sampling" in error(2, *base, "--time-sampling", "beta")
+    assert "unknown --prediction-type 'score'" in error(2, *base, "--prediction-type", "score")
+    flow = save_flow_folder(tmp_path / "flow")
+    assert "flow-matching model" in error(2, "train", flow, "--data", DATA, "--out", out, "--prediction-type", "sample")
     assert "--lora-targets nothing" in error(2, *base, "--lora-rank", 2, "--lora-targets", "nothing")
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -298,7 +337,7 @@ OTHER = {
     "batch_size": 3, "lr": 0.5, "warmup": 9, "lr_schedule": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.0,
     "time_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0, "ema_decay": 0.5, "lora_rank": 4,
     "lora_alpha": 8, "lora_targets": ("to_q",), "mixed_precision": "bf16", "seed": 3, "couplings": "sha256:c",
-    "distill": True, "fmconvert_version": "9",
+    "distill": True, "prediction_type": "v_prediction", "fmconvert_version": "9",
 }
 
 
