@@ -24,6 +24,12 @@ straight path):
 
 Reflowing the output again is 2-rectification; ``distill`` on a reflowed model is the paper's
 distillation of a k-rectified flow.
+
+An epsilon network is best reflowed into ``prediction_type="v_prediction"``
+(:mod:`fmconvert.training`, parametrisation): one step from the noise returns x̂0 of the noisiest
+trained time, which epsilon computes as (x − σ·ε̂)/α, its ε̂ error × 1/α_T (digits-eps: 157), and
+v_prediction as α·x − σ·v̂. The field then starts away from the source's (REFLOW.md measures what
+it buys); left out, the network keeps its parametrisation and a note says so.
 """
 
 from __future__ import annotations
@@ -103,7 +109,16 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     from .pipelines import inspect_source
     from .runs import run_fingerprint
     from .shards import ShardStore
-    from .training import CHECKPOINT, TrainSettings, check_checkpoint, check_device, check_prediction_type, train, work_folder
+    from .training import (
+        CHECKPOINT,
+        TrainSettings,
+        check_checkpoint,
+        check_device,
+        check_prediction_type,
+        network_prediction,
+        train,
+        work_folder,
+    )
 
     out = Path(out)
     if out.exists() and not force:
@@ -121,7 +136,11 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
                              data=f"couplings: {couplings.describe()}", data_fingerprint=fingerprint,
                              couplings=fingerprint, distill=distill, **training)
     ShardStore.check(folder, couplings.manifest())
-    check_prediction_type(inspect_source(couplings.model), settings.prediction_type)
+    source = inspect_source(couplings.model)
+    check_prediction_type(source, settings.prediction_type)
+    if settings.prediction_type is None and network_prediction(source) == "epsilon":
+        log("note: the network predicts epsilon, whose x0 estimate at the noise end divides by alpha_T; "
+            "--prediction-type v_prediction trains it into v, which few steps need (REFLOW.md)")
     check_checkpoint(work_folder(out) / CHECKPOINT, settings)
     check_device(settings, device)
     run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log)

@@ -49,6 +49,16 @@ t_max on the input the sampler gives it. Not s_hi: x_{s_hi} = ε + (1 − s_hi)�
 network a little of the x0 the sampler never has (a test on a model whose samples are large
 shows the difference).
 
+Parametrisation (``prediction_type``). A diffusion source's network can be trained to predict
+another quantity on its own path: ``epsilon``, ``v_prediction`` (α·ε − σ·x0, Salimans & Ho 2022)
+or ``sample`` (x0). The adapter reads its output as that from step 1
+(:meth:`~fmconvert.adapters.PathAdapter.reparametrise`) and the written folder says so; the
+weights are the source's, so the field no longer starts at the source's and the output is learnt
+anew (as SD 2's v models were fine-tuned from epsilon ones). What it buys is conditioning: an
+output error δ is a velocity error of δ/(1 − s) for epsilon (the noisiest trained time of
+digits-eps: ×159), (α + σ)·δ ∈ [1, √2]·δ for v_prediction, δ/s for sample; few-step sampling
+leans on u near s = 1, where epsilon is worst (REFLOW.md).
+
 Optimiser: AdamW (β = (0.9, 0.999)), the learning rate rising linearly over ``warmup`` steps,
 then constant or cosine down to 10 %. EMA: ``torch.optim.swa_utils.AveragedModel`` with
 ``get_ema_multi_avg_fn(decay)``: e₁ = θ₁, e_k = decay·e_{k−1} + (1 − decay)·θ_k (0 = off).
@@ -300,11 +310,19 @@ def sample_times(settings: TrainSettings, u: torch.Tensor, s_range: tuple[float,
     return torch.sigmoid(m + sd * torch.special.ndtri(a + (b - a) * u)).clamp(lo, hi)
 
 
+def network_prediction(source: Source) -> str:
+    """What ``source``'s network predicts: in a converted folder its adapter's ``source_prediction``
+    (read from its config), else the source's prediction type."""
+    if source.converted:
+        return str(json.loads((Path(source.model_folder) / "config.json").read_text())["source_prediction"])
+    return source.prediction_type
+
+
 def check_prediction_type(source: Source, prediction_type: str | None) -> None:
     """UsageError, in one line, for a ``prediction_type`` the source's network cannot be trained
     into: a flow-matching network (or a converted-back one) predicts the velocity itself, which
     stock diffusers reads as such."""
-    if prediction_type is not None and source.prediction_type == "flow_prediction" and source.model_class != "VelocityAdapter":
+    if prediction_type is not None and network_prediction(source) == "flow_prediction":
         raise UsageError(f"--prediction-type reparametrises a diffusion model's network; '{source.reference}' is a "
                          "flow-matching model, whose network predicts the velocity: leave --prediction-type out")
 

@@ -57,14 +57,15 @@ SHIFTS = (1.0, 2.0)
 REFERENCE_NFE = 5  # the target: the reflowed model at 2 NFE against the source's best here
 
 
-def fid_rows(model: str, nfe_list: list[int], num_images: int, work: Path) -> list[dict]:
+def fid_rows(model: str, nfe_list: list[int], num_images: int, work: Path, solvers: tuple[str, ...] = SOLVERS,
+             shifts: tuple[float, ...] = SHIFTS) -> list[dict]:
     """FID of every solver × shift at every NFE (1 evaluation a step: steps = NFE) of ``model``; samples kept
     under WORK/fid/<the model's fingerprint>/ (a rerun reuses them, another model gets its own folder)."""
     fingerprint = model_fingerprint(inspect_source(model))
     vm = load_velocity_model(model)
     base = Run(model=model, fingerprint=fingerprint, sampler="euler", steps=1, num_images=num_images, shard_size=250)
     runs = [dataclasses.replace(base, sampler=solver, steps=nfe, shift=shift, options=solver_options(solver))
-            for nfe in nfe_list for solver in SOLVERS for shift in SHIFTS]
+            for nfe in nfe_list for solver in solvers for shift in shifts]
     folder = work / "fid" / fingerprint.split(":")[-1][:16]
     return sweep(vm, REFERENCE, make_extractor("digits"), runs, samples_dir=folder)["rows"]
 
@@ -77,11 +78,32 @@ def label(row: dict) -> str:
     return f"{row['sampler']}, shift {row['shift']:g}"
 
 
+def stage(model: str, out: Path, couplings_dir: Path, args: argparse.Namespace, training: dict, distill: bool,
+          say) -> tuple[dict, dict, int | None]:
+    """``fmconvert reflow model`` (with ``distill``: ``--distill``) into ``out``, its couplings in ``couplings_dir``;
+    a finished ``out`` of the same settings is reused. Returns (train's summary, training.json, seconds or None)."""
+    couplings = Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=args.solver,
+                    steps=args.solver_steps, num_images=args.num_couplings, shard_size=250,
+                    options=solver_options(args.solver))
+    wanted = {**training, "couplings": run_fingerprint(couplings), "distill": distill}
+    if (out / "training.json").is_file() and all(
+            json.loads((out / "training.json").read_text())["settings"].get(k) == v for k, v in wanted.items()):
+        say(f"reusing {out} (trained with these settings)")
+        record = json.loads((out / "training.json").read_text())
+        return record, record, None
+    say(f"{'distill' if distill else 'reflow'} {model}: {args.num_couplings} couplings ({args.solver}, "
+        f"{args.solver_steps} steps), {training['steps']} training steps into {out}")
+    t0 = time.perf_counter()
+    summary = reflow(couplings, out, distill=distill, couplings_dir=couplings_dir, checkpoint_every=100, force=True,
+                     progress=sys.stderr.isatty(), log=say, **training)
+    return summary, json.loads((out / "training.json").read_text()), round(time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=ROOT / "reflow-bench", help="couplings, model, checkpoint, FID samples")
+    parser.add_argument("--work", type=Path, default=ROOT / "reflow-bench", help="couplings, models, checkpoints, FID samples")
     parser.add_argument("--md", type=Path, default=ROOT / "REFLOW.md")
-    parser.add_argument("--num-couplings", type=int, default=10000)
+    parser.add_argument("--num-couplings", type=int, default=10000, help="couplings of each stage")
     parser.add_argument("--solver", default="unipc", help="the couplings' solver (uniform grid)")
     parser.add_argument("--solver-steps", type=int, default=16, help="the couplings' solver steps")
     parser.add_argument("--train-steps", type=int, default=3000)
@@ -92,8 +114,11 @@ def main() -> None:
     parser.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit_normal"])
     parser.add_argument("--logit-mean", type=float, default=0.0)
     parser.add_argument("--logit-std", type=float, default=1.0)
-    parser.add_argument("--distill", action="store_true", help="one-step distillation instead of reflow")
-    parser.add_argument("--prediction-type", default=None, help="what the reflowed network predicts (default: the source's)")
+    parser.add_argument("--prediction-type", default="v_prediction",
+                        help="what the reflowed network predicts ('' : what the source's predicts, epsilon)")
+    parser.add_argument("--distill-steps", type=int, default=1000,
+                        help="then distil the reflowed model to one step on its own couplings (0: no)")
+    parser.add_argument("--distill-ema-decay", type=float, default=0.995)
     parser.add_argument("--nfe", default="1,2,4,8")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
@@ -105,79 +130,99 @@ def main() -> None:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
-    couplings = Run(model=MODEL, fingerprint=model_fingerprint(inspect_source(MODEL)), sampler=args.solver,
-                    steps=args.solver_steps, num_images=args.num_couplings, shard_size=250,
-                    options=solver_options(args.solver))
     training = dict(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     ema_decay=args.ema_decay, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
-                    logit_std=args.logit_std, prediction_type=args.prediction_type, seed=0)
-    out = args.work / "model"
-    wanted = {**training, "couplings": run_fingerprint(couplings), "distill": args.distill}
-    timing = {}
-    if (out / "training.json").is_file() and all(
-            json.loads((out / "training.json").read_text())["settings"].get(k) == v for k, v in wanted.items()):
-        say(f"reusing {out} (reflowed with these settings)")
-        summary = json.loads((out / "training.json").read_text())
-    else:
-        say(f"reflow: {args.num_couplings} couplings ({args.solver}, {args.solver_steps} steps), {args.train_steps} "
-            f"training steps into {out}")
-        t0 = time.perf_counter()
-        summary = reflow(couplings, out, distill=args.distill, couplings_dir=args.work / "couplings", checkpoint_every=100,
-                         force=True, progress=sys.stderr.isatty(), log=say, **training)
-        timing["reflow_seconds"] = round(time.perf_counter() - t0)
-    record = json.loads((out / "training.json").read_text())
+                    logit_std=args.logit_std, prediction_type=args.prediction_type or None, seed=0)
+    out, distilled_out = args.work / "model", args.work / "distilled"
+    timing: dict[str, int] = {}
+    summary, record, seconds = stage(MODEL, out, args.work / "couplings", args, training, False, say)
+    if seconds is not None:
+        timing["reflow_seconds"] = seconds
+    distilled = None
+    if args.distill_steps:
+        distill_training = {**training, "steps": args.distill_steps, "ema_decay": args.distill_ema_decay,
+                            "prediction_type": None}
+        d_summary, distilled, seconds = stage(str(out), distilled_out, args.work / "couplings-reflowed", args,
+                                              distill_training, True, say)
+        if seconds is not None:
+            timing["distill_seconds"] = seconds
     say("FID of the source")
     t0 = time.perf_counter()
     source = fid_rows(MODEL, sorted(set(nfe_list) | {REFERENCE_NFE}), args.num_images, args.work)
     say("FID of the reflowed model")
     reflowed = fid_rows(str(out), nfe_list, args.num_images, args.work)
+    one_step = []
+    if distilled is not None:
+        say("FID of the distilled model at 1 NFE")
+        one_step = fid_rows(str(distilled_out), [1], args.num_images, args.work, solvers=("euler",), shifts=(1.0,))
     timing["fid_seconds"] = round(time.perf_counter() - t0)
     seconds = round(time.perf_counter() - started)
     meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
             "command": "python scripts/reflow_bench.py " + " ".join(sys.argv[1:]), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
             "fmconvert": fmconvert.__version__, "seconds": seconds, **timing,
-            "training_seconds": summary["seconds"]}
-    args.md.with_suffix(".json").write_text(json.dumps({"meta": meta, "source": source, "reflowed": reflowed,
-                                                        "training": {k: v for k, v in record.items() if k != "loss"}},
-                                                       indent=2) + "\n")
+            "training_seconds": summary["seconds"],
+            **({"distill_training_seconds": d_summary["seconds"]} if distilled is not None else {})}
+    strip = lambda r: {k: v for k, v in r.items() if k != "loss"}  # noqa: E731
+    args.md.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "source": source, "reflowed": reflowed, "distilled": one_step, "training": strip(record),
+         "distill_training": strip(distilled) if distilled is not None else None}, indent=2) + "\n")
     reference = best(source, REFERENCE_NFE)
-    losses = record["loss"]
-    window = max(1, min(100, len(losses) // 4))
+
+    def loss_words(losses: list[float]) -> str:
+        window = max(1, min(100, len(losses) // 4))
+        return (f"mean of the first {window} steps {sum(losses[:window]) / window:.4g}, of the last {window} "
+                f"{sum(losses[-window:]) / window:.4g}")
+
+    predicts = record["settings"].get("prediction_type") or "epsilon (the source's)"
     md = [
         "# Reflow of builtin:digits-eps",
         "",
         f"Made by `{meta['command']}` in {seconds} s on {meta['machine']} (this run: "
-        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in timing.items()) + f"; training {summary['seconds']:.0f} s); "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in timing.items()) + f"; training {summary['seconds']:.0f} s"
+        + (f", distillation {d_summary['seconds']:.0f} s" if distilled is not None else "") + "); "
         f"python {meta['python']}, torch {meta['torch']}, diffusers {meta['diffusers']}, fmconvert {meta['fmconvert']}.",
         "",
-        f"Couplings: {args.num_couplings} (noise, sample) pairs of {MODEL}, {args.solver} in {args.solver_steps} steps on "
-        f"the uniform grid (seed 0). {'Distillation' if args.distill else 'Reflow'}: {args.train_steps} steps of "
-        f"{args.batch_size} pairs, AdamW lr {args.lr:g} after {args.warmup} warm-up steps, EMA {args.ema_decay:g}, "
-        + ("s = s_hi only" if args.distill else f"s {args.time_sampling.replace('_', '-')}"
-           + (f" (m {args.logit_mean:g}, σ {args.logit_std:g})" if args.time_sampling == "logit_normal" else ""))
-        + f" on the trained range [{record['time_range'][0]:.4f}, {record['time_range'][1]:.4f}]; loss: mean of the "
-        f"first {window} steps {sum(losses[:window]) / window:.4g}, of the last {window} {sum(losses[-window:]) / window:.4g}.",
+        f"1. Reflow: {args.num_couplings} couplings (noise, sample) of {MODEL}, {args.solver} in {args.solver_steps} steps "
+        f"on the uniform grid (seed 0); {args.train_steps} steps of {args.batch_size} pairs, the network trained to "
+        f"predict {predicts}, AdamW lr {args.lr:g} after {args.warmup} warm-up steps, EMA {args.ema_decay:g}, "
+        f"s {args.time_sampling.replace('_', '-')}"
+        + (f" (m {args.logit_mean:g}, σ {args.logit_std:g})" if args.time_sampling == "logit_normal" else "")
+        + f" on the trained range [{record['time_range'][0]:.4f}, {record['time_range'][1]:.4f}]; loss: "
+        + loss_words(record["loss"]) + ".",
+    ]
+    if distilled is not None:
+        md += [f"2. Distillation of the reflowed model (`fmconvert reflow --distill`): {args.num_couplings} couplings "
+               f"of its own, {args.solver} in {args.solver_steps} steps; {args.distill_steps} steps at s = 1 only, "
+               f"EMA {args.distill_ema_decay:g}, the rest as above; loss: " + loss_words(distilled["loss"]) + "."]
+    md += [
         "",
         f"FID in digits features against {REFERENCE}, {args.num_images} samples, the same noise for every run; the best of "
-        f"{', '.join(SOLVERS)} on the uniform grid with time shift {' or '.join(f'{k:g}' for k in SHIFTS)} at each NFE.",
+        f"{', '.join(SOLVERS)} on the uniform grid with time shift {' or '.join(f'{k:g}' for k in SHIFTS)} at each NFE"
+        + ("; the distilled model: one Euler step." if distilled is not None else "."),
         "",
-        "| NFE | source: best | FID | reflowed: best | FID |",
-        "|---|---|---|---|---|",
+        "| NFE | source: best | FID | reflowed: best | FID |" + (" distilled |" if distilled is not None else ""),
+        "|---|---|---|---|---|" + ("---|" if distilled is not None else ""),
     ]
     for nfe in nfe_list:
         a, b = best(source, nfe), best(reflowed, nfe)
-        md.append(f"| {nfe} | {label(a)} | {a['fid']:.2f} | {label(b)} | {b['fid']:.2f} |")
+        extra = ""
+        if distilled is not None:
+            extra = f" {one_step[0]['fid']:.2f} |" if nfe == 1 else " |"
+        md.append(f"| {nfe} | {label(a)} | {a['fid']:.2f} | {label(b)} | {b['fid']:.2f} |{extra}")
     md += ["", f"Targets (the source's best at {REFERENCE_NFE} NFE: {label(reference)}, FID {reference['fid']:.2f}):", ""]
     for nfe, factor in ((2, 1), (1, 2)):
         if nfe in nfe_list:
-            got = best(reflowed, nfe)["fid"]
+            candidates = [("reflowed", best(reflowed, nfe)["fid"])]
+            if nfe == 1 and one_step:
+                candidates.append(("distilled", one_step[0]["fid"]))
+            name, got = min(candidates, key=lambda c: c[1])
             limit = factor * reference["fid"]
             times = "" if factor == 1 else f" ({factor} × {reference['fid']:.2f})"
-            md.append(f"- {nfe} NFE: reflowed {got:.2f} ≤ {limit:.2f}{times}: {'met' if got <= limit else 'missed'}")
+            md.append(f"- {nfe} NFE: {name} {got:.2f} ≤ {limit:.2f}{times}: {'met' if got <= limit else 'missed'}")
     md += ["", f"![loss]({args.md.with_suffix('.png').name})", "", "<details><summary>every run</summary>", "",
            "| model | sampler | shift | NFE | FID |", "|---|---|---|---|---|"]
-    for name, rows in (("source", source), ("reflowed", reflowed)):
+    for name, rows in (("source", source), ("reflowed", reflowed), ("distilled", one_step)):
         md += [f"| {name} | {r['sampler']} | {r['shift']:g} | {r['nfe']} | {r['fid']:.2f} |"
                for r in sorted(rows, key=lambda r: (r["nfe"], r["fid"]))]
     md += ["", "</details>", ""]

@@ -206,6 +206,17 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
         TrainSettings(model="m", fingerprint="f", data="d", data_fingerprint="g", distill=True)
 
 
+def test_an_epsilon_network_is_told_of_v_prediction(tmp_path, tiny, nothing_runs):
+    """Reflowing an epsilon network without --prediction-type logs one note naming --prediction-type v_prediction
+    before anything is drawn; with it, no note."""
+    for prediction_type, notes in ((None, 1), ("v_prediction", 0)):
+        lines: list[str] = []
+        with pytest.raises(AssertionError, match="a coupling was drawn"):
+            reflow(couplings_run(tiny), tmp_path / str(prediction_type), log=lines.append, steps=1,
+                   prediction_type=prediction_type)
+        assert sum("--prediction-type v_prediction" in line for line in lines) == notes, lines
+
+
 def test_a_rerun_against_other_settings_is_refused_and_nothing_is_overwritten(tmp_path, tiny, monkeypatch):
     """An interrupted reflow (couplings drawn, checkpoint at step 2) rerun with another --lr: refused naming lr; with
     other couplings (--steps) in the same folder: refused naming steps; with another --couplings-dir holding other
