@@ -8,6 +8,7 @@ error, 2 usage error; errors are one line, with the traceback only under FMCONVE
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -23,6 +24,7 @@ from .configs import SAMPLE_DTYPES
 from .errors import FmconvertError, UsageError
 from .features import FEATURES
 from .grids import GRIDS, check_shift
+from .runs import LORA_TARGETS, TrainSettings
 from .solvers import SOLVERS
 
 app = typer.Typer(
@@ -64,24 +66,26 @@ NumTimes = Annotated[int, typer.Option("--num-times", help="Times spread over th
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Training steps between checkpoints; a rerun of the same command resumes from the last.")]
 
-#: the options of fmconvert.training.TrainSettings that train and reflow take: name: (type, default, help)
-TRAINING_OPTIONS: dict[str, tuple[object, object, str]] = {
-    "steps": (int, 1000, "Optimiser steps."),
-    "batch_size": (int, 64, "Samples per step, over all processes."),
-    "lr": (float, 1e-4, "AdamW's learning rate after the warm-up."),
-    "warmup": (int, 100, "Steps of linear learning-rate warm-up."),
-    "lr_schedule": (str, "constant", "After the warm-up: constant, or cosine down to 10 %."),
-    "weight_decay": (float, 0.0, "AdamW's weight decay."),
-    "max_grad_norm": (float, 1.0, "Clip the gradient's norm to this (0: no clipping)."),
-    "time_sampling": (str, "uniform", "Density of s (s = 1 is noise), truncated to the source's trained range: uniform, or logit-normal (SD3: logit(s) ~ N(mean, std²))."),
-    "logit_mean": (float, 0.0, "logit-normal's mean m."),
-    "logit_std": (float, 1.0, "logit-normal's standard deviation."),
-    "ema_decay": (float, 0.999, "EMA of the weights (torch's AveragedModel), written instead of the raw weights; 0: off."),
-    "lora_rank": (int, 0, "Train LoRA adapters of this rank (peft) instead of the whole network, merged into the written weights; 0: off."),
-    "lora_alpha": (Optional[int], None, "LoRA's alpha (default: the rank)."),
-    "lora_targets": (Optional[str], None, "Comma-separated names of the modules LoRA adapts (default: the attention projections to_q, to_k, to_v, to_out.0)."),
-    "mixed_precision": (str, "no", "no, bf16, or fp16 (GPU only), through accelerate's autocast."),
-    "prediction_type": (Optional[str], None, "What the network learns to predict on the source's path: epsilon, v_prediction or sample (default: what it predicts now; diffusion sources only). Another one reinterprets its output, which training then re-learns: v_prediction is well conditioned at the noise end, where epsilon's x0 estimate divides by alpha."),
+#: the fields of fmconvert.runs.TrainSettings that train and reflow take as options: name: (type, help); the
+#: defaults are the settings' own (--lora-targets: None, the settings' LORA_TARGETS)
+TRAINING_OPTIONS: dict[str, tuple[object, str]] = {
+    "steps": (int, "Optimiser steps."),
+    "batch_size": (int, "Samples per step, over all processes."),
+    "lr": (float, "AdamW's learning rate after the warm-up."),
+    "warmup": (int, "Steps of linear learning-rate warm-up."),
+    "lr_schedule": (str, "After the warm-up: constant, or cosine down to 10 %."),
+    "weight_decay": (float, "AdamW's weight decay."),
+    "max_grad_norm": (float, "Clip the gradient's norm to this (0: no clipping)."),
+    "time_sampling": (str, "Density of s (s = 1 is noise), truncated to the source's trained range: uniform, or logit-normal (SD3: logit(s) ~ N(mean, std²))."),
+    "logit_mean": (float, "logit-normal's mean m."),
+    "logit_std": (float, "logit-normal's standard deviation."),
+    "ema_decay": (float, "EMA of the weights (torch's AveragedModel), written instead of the raw weights; 0: off."),
+    "lora_rank": (int, "Train LoRA adapters of this rank (peft) instead of the whole network, merged into the written weights; 0: off."),
+    "lora_alpha": (Optional[int], "LoRA's alpha (default: the rank)."),
+    "lora_targets": (Optional[str], "Comma-separated names of the modules LoRA adapts (default: the attention projections "
+                     f"{', '.join(LORA_TARGETS)})."),
+    "mixed_precision": (str, "no, bf16, or fp16 (GPU only), through accelerate's autocast."),
+    "prediction_type": (Optional[str], "What the network learns to predict on the source's path: epsilon, v_prediction or sample (default: what it predicts now; diffusion sources only). Another one reinterprets its output, which training then re-learns: v_prediction is well conditioned at the noise end, where epsilon's x0 estimate divides by alpha."),
 }
 
 
@@ -96,9 +100,10 @@ def training_options(**renamed: str):
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
         own = [p for p in signature.parameters.values() if p.name not in ("training", "checkpoint_every")]
-        added = [inspect.Parameter(names[f], inspect.Parameter.KEYWORD_ONLY, default=default,
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)} | {"lora_targets": None}
+        added = [inspect.Parameter(names[f], inspect.Parameter.KEYWORD_ONLY, default=defaults[f],
                                    annotation=Annotated[kind, typer.Option("--" + names[f].replace("_", "-"), help=text)])
-                 for f, (kind, default, text) in TRAINING_OPTIONS.items()]
+                 for f, (kind, text) in TRAINING_OPTIONS.items()]
         added.append(inspect.Parameter("checkpoint_every", inspect.Parameter.KEYWORD_ONLY, default=500,
                                        annotation=CheckpointEvery))
 

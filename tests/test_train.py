@@ -447,17 +447,21 @@ def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
-def test_the_cli_training_defaults_are_the_settings_defaults():
-    """cli.TRAINING_OPTIONS repeats TrainSettings' defaults (the CLI stays torch-free at import, so it
-    cannot read them from fmconvert.training): they must agree, field by field."""
-    import dataclasses as dc
+def test_the_cli_offers_every_training_setting_with_the_settings_default():
+    """train and reflow take every TrainSettings field a user sets (not the identities the command fills in, the
+    seed, or reflow's --distill) as an option whose default is the field's own (--lora-targets: None, meaning the
+    field's default), read from fmconvert.runs; and importing the command line still imports no torch."""
+    import inspect
+    import subprocess
 
-    from fmconvert.cli import TRAINING_OPTIONS
-    from fmconvert.training import TrainSettings
+    from fmconvert import cli
 
-    defaults = {f.name: f.default for f in dc.fields(TrainSettings)}
-    for name, (_, default, _) in TRAINING_OPTIONS.items():
-        if name == "lora_targets":  # (None on the command line: the settings' default tuple)
-            assert default is None
-            continue
-        assert default == defaults[name], name
+    filled_in = {"model", "fingerprint", "data", "data_fingerprint", "seed", "couplings", "distill", "fmconvert_version"}
+    assert set(cli.TRAINING_OPTIONS) == {f.name for f in dataclasses.fields(TrainSettings)} - filled_in
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)} | {"lora_targets": None}
+    for command, renamed in ((cli.train, {}), (cli.reflow, {"steps": "train_steps"})):
+        parameters = inspect.signature(command).parameters
+        for name in cli.TRAINING_OPTIONS:
+            assert parameters[renamed.get(name, name)].default == defaults[name], (command.__name__, name)
+    code = "import sys, fmconvert.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
