@@ -62,3 +62,14 @@ def link_or_copy(src: str, dst: str) -> str:
     except OSError:
         shutil.copy2(real, dst)
     return dst
+
+
+def link_large_or_copy(src: str, dst: str, threshold: int = 1 << 20) -> str:
+    """:func:`link_or_copy` for files of ``threshold`` bytes or more (weights), a copy of smaller
+    ones (configs, records, pictures): a folder made from another this way can have its small
+    files rewritten in place (training.json, loss.png, ...) without writing through a link into
+    the other folder; its large files are only ever replaced (unlinked, then written)."""
+    if os.path.getsize(os.path.realpath(src)) >= threshold:
+        return link_or_copy(src, dst)
+    shutil.copy2(os.path.realpath(src), dst)
+    return dst

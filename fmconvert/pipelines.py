@@ -60,7 +60,7 @@ from .configs import (
 from .errors import FmconvertError, UsageError
 from .families import FAMILIES, Family, PixelUnconditional, family_of, family_timestep_path
 from .hub import BUILTIN_PREFIX, PICKLE_SUFFIXES, looks_like_path, resolve
-from .io import atomic_folder, link_or_copy
+from .io import atomic_folder, link_large_or_copy, link_or_copy
 
 if TYPE_CHECKING:
     import torch
@@ -599,7 +599,9 @@ def write_trained(source: Source, out: Path, network: ModelMixin, training: dict
     weights in place of the source network's, written atomically (what ``fmconvert train`` writes):
 
     - a diffusion source: the converted folder :func:`write_converted` writes (``--to velocity``);
-    - a converted folder or a flow-matching source: its own layout, the other files linked.
+    - a converted folder or a flow-matching source: its own layout, its large files (the other
+      components' weights) linked, the small ones copied, so that what is written into the new
+      folder (training.json, loss.png, ...) never writes through a link into the source.
 
     The network is saved fresh (safetensors; a converted folder's ``network_variant`` kept);
     ``training`` goes into ``fmconvert.json`` under "trained"; ``add_files(tmp)`` writes more
@@ -628,7 +630,7 @@ def write_trained(source: Source, out: Path, network: ModelMixin, training: dict
 
     if copied:
         with atomic_folder(Path(out), force) as tmp:
-            shutil.copytree(source.folder, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
+            shutil.copytree(source.folder, tmp, copy_function=link_large_or_copy, dirs_exist_ok=True)
             finish(tmp)
     else:
         write_converted(source, Path(out), "velocity", force=force, finish=finish)

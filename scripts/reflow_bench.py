@@ -1,28 +1,33 @@
 #!/usr/bin/env python
 """Reflow builtin:digits-eps and measure few-step sample quality before and after: REFLOW.md.
 
-    python scripts/reflow_bench.py             # the defaults: under 45 minutes on 2 CPU threads (below)
-    python scripts/reflow_bench.py --num-couplings 500 --train-steps 20 --num-images 200 \\
-        --work /tmp/reflow-bench --md /tmp/REFLOW.md          # a quick look (about 2 minutes)
+    python scripts/reflow_bench.py             # the defaults: ~35 minutes on 2 CPU threads (below)
+    python scripts/reflow_bench.py --num-couplings 300 --solver-steps 4 --train-steps 10 --distill-steps 10 \
+        --num-images 100 --nfe 1,2 --work /tmp/reflow-bench --md /tmp/REFLOW.md    # a quick look (~30 s)
 
-Time (measured with 1 thread, on a 2-core machine busy with other work; 2 threads are assumed no
-slower): a training step of 128 pairs 0.64 s, a network evaluation 1.7 ms an image. So the
-couplings (10,000 × UniPC 16 steps) take ~5 minutes, 3,000 training steps ~32 minutes, the FID
-runs (1,000 images × 3 solvers × 2 shifts × NFE 1, 2, 4, 8, and 5 for the source) ~6 minutes:
-~43 minutes in all.
+Time (measured on the 2-core CPU): a training step of 128 pairs 0.43 s, so 3,000 reflow steps
+take ~22 minutes and 1,000 distillation steps ~8; each stage's 10,000 UniPC-16 couplings ~3
+minutes; the FID runs (1,000 images × 3 solvers × 2 shifts × NFE 1, 2, 4, 8, and 5 for the
+source) ~3 minutes: ~35 minutes in all.
 
 What it does, in order (a rerun resumes every part: the couplings' shards, the training's
-checkpoint, the finished model, the FID runs' samples, all under ``--work``):
+checkpoint, the finished models, the FID runs' samples, all under ``--work``):
 
-1. ``fmconvert reflow builtin:digits-eps`` (:func:`fmconvert.reflow.reflow`): ``--num-couplings``
-   (noise, sample) pairs solved with ``--solver`` in ``--solver-steps`` steps on the uniform
-   grid, kept in ``WORK/couplings``; ``--train-steps`` steps of training on the straight paths
-   between them into ``WORK/model``;
-2. FID (digits features against builtin:digits, ``--num-images`` samples, the same noise, seed 0)
-   of the source and of the reflowed model with euler, ab2 and unipc on the uniform grid with
-   time shifts 1 and 2, at every NFE of ``--nfe`` (the source also at 5 NFE: the target's
-   reference), best per NFE;
-3. the targets (issue 18): at 2 NFE the reflowed model's FID is at most the source's best at
+1. ``fmconvert reflow builtin:digits-eps --prediction-type v_prediction``
+   (:func:`fmconvert.reflow.reflow`): ``--num-couplings`` (noise, sample) pairs solved with
+   ``--solver`` in ``--solver-steps`` steps on the uniform grid from the noise of seed 0, kept in
+   ``WORK/couplings``; ``--train-steps`` steps of training on the straight paths between them,
+   the epsilon network trained into v_prediction (well conditioned at the noise end), into
+   ``WORK/model``;
+2. with ``--distill-steps`` > 0, ``fmconvert reflow WORK/model --distill``: couplings of the
+   reflowed model (``WORK/couplings-reflowed``, seed 0 too), trained at s = 1 only into
+   ``WORK/distilled``, the one-step model;
+3. FID (digits features against builtin:digits, ``--num-images`` samples from the noise of
+   ``--fid-seed``, 1: noise no model was trained on) of the source and of the reflowed model with
+   euler, ab2 and unipc on the uniform grid with time shifts 1 and 2, at every NFE of ``--nfe``
+   (the source also at 5 NFE: the target's reference), best per NFE; of the distilled model, one
+   Euler step;
+4. the targets (issue 18): at 2 NFE the reflowed model's FID is at most the source's best at
    5 NFE, and at 1 NFE at most twice that.
 
 Writes ``--md`` (default REFLOW.md), the numbers beside it (.json) and the loss curve (.png).
@@ -55,18 +60,21 @@ MODEL, REFERENCE = "builtin:digits-eps", "builtin:digits"
 SOLVERS = ("euler", "ab2", "unipc")
 SHIFTS = (1.0, 2.0)
 REFERENCE_NFE = 5  # the target: the reflowed model at 2 NFE against the source's best here
+COUPLINGS_SEED = 0  # both stages' couplings; the FID runs take --fid-seed
 
 
-def fid_rows(model: str, nfe_list: list[int], num_images: int, work: Path, solvers: tuple[str, ...] = SOLVERS,
+def fid_rows(model: str, nfe_list: list[int], num_images: int, work: Path, seed: int, solvers: tuple[str, ...] = SOLVERS,
              shifts: tuple[float, ...] = SHIFTS) -> list[dict]:
-    """FID of every solver × shift at every NFE (1 evaluation a step: steps = NFE) of ``model``; samples kept
-    under WORK/fid/<the model's fingerprint>/ (a rerun reuses them, another model gets its own folder)."""
+    """FID of every solver × shift at every NFE (1 evaluation a step: steps = NFE) of ``model`` from the noise of
+    ``seed``; samples kept under WORK/fid/<the model's fingerprint>/seed<seed>/ (a rerun reuses them, another model
+    gets its own folder)."""
     fingerprint = model_fingerprint(inspect_source(model))
     vm = load_velocity_model(model)
-    base = Run(model=model, fingerprint=fingerprint, sampler="euler", steps=1, num_images=num_images, shard_size=250)
+    base = Run(model=model, fingerprint=fingerprint, sampler="euler", steps=1, num_images=num_images, shard_size=250,
+               seed=seed)
     runs = [dataclasses.replace(base, sampler=solver, steps=nfe, shift=shift, options=solver_options(solver))
             for nfe in nfe_list for solver in solvers for shift in shifts]
-    folder = work / "fid" / fingerprint.split(":")[-1][:16]
+    folder = work / "fid" / fingerprint.split(":")[-1][:16] / f"seed{seed}"
     return sweep(vm, REFERENCE, make_extractor("digits"), runs, samples_dir=folder)["rows"]
 
 
@@ -84,7 +92,7 @@ def stage(model: str, out: Path, couplings_dir: Path, args: argparse.Namespace, 
     a finished ``out`` of the same settings is reused. Returns (train's summary, training.json, seconds or None)."""
     couplings = Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=args.solver,
                     steps=args.solver_steps, num_images=args.num_couplings, shard_size=250,
-                    options=solver_options(args.solver))
+                    options=solver_options(args.solver), seed=COUPLINGS_SEED)
     wanted = {**training, "couplings": run_fingerprint(couplings), "distill": distill}
     if (out / "training.json").is_file() and all(
             json.loads((out / "training.json").read_text())["settings"].get(k) == v for k, v in wanted.items()):
@@ -121,10 +129,14 @@ def main() -> None:
     parser.add_argument("--distill-ema-decay", type=float, default=0.995)
     parser.add_argument("--nfe", default="1,2,4,8")
     parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--fid-seed", type=int, default=1,
+                        help="the FID runs' noise; not the couplings' (seed 0): a model is not scored on the noise it was trained on")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     nfe_list = [int(v) for v in args.nfe.split(",")]
+    if args.fid_seed == COUPLINGS_SEED:
+        parser.error(f"--fid-seed {args.fid_seed} is the couplings' noise: the models would be scored on what they were trained on")
     started = time.perf_counter()
 
     def say(message: str) -> None:
@@ -132,12 +144,17 @@ def main() -> None:
 
     training = dict(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     ema_decay=args.ema_decay, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
-                    logit_std=args.logit_std, prediction_type=args.prediction_type or None, seed=0)
+                    logit_std=args.logit_std, prediction_type=args.prediction_type or None, seed=COUPLINGS_SEED)
     out, distilled_out = args.work / "model", args.work / "distilled"
     timing: dict[str, int] = {}
+    # each stage's wall time (couplings and training), kept beside the models so that a rerun which reuses them
+    # still reports what making them took
+    timing_file = args.work / "timing.json"
+    made = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     summary, record, seconds = stage(MODEL, out, args.work / "couplings", args, training, False, say)
     if seconds is not None:
-        timing["reflow_seconds"] = seconds
+        made["reflow_seconds"] = seconds
+        timing_file.write_text(json.dumps(made) + "\n")
     distilled = None
     if args.distill_steps:
         distill_training = {**training, "steps": args.distill_steps, "ema_decay": args.distill_ema_decay,
@@ -145,18 +162,24 @@ def main() -> None:
         d_summary, distilled, seconds = stage(str(out), distilled_out, args.work / "couplings-reflowed", args,
                                               distill_training, True, say)
         if seconds is not None:
-            timing["distill_seconds"] = seconds
+            made["distill_seconds"] = seconds
+            timing_file.write_text(json.dumps(made) + "\n")
+    timing.update(made)
     say("FID of the source")
     t0 = time.perf_counter()
-    source = fid_rows(MODEL, sorted(set(nfe_list) | {REFERENCE_NFE}), args.num_images, args.work)
+    source = fid_rows(MODEL, sorted(set(nfe_list) | {REFERENCE_NFE}), args.num_images, args.work, args.fid_seed)
     say("FID of the reflowed model")
-    reflowed = fid_rows(str(out), nfe_list, args.num_images, args.work)
+    reflowed = fid_rows(str(out), nfe_list, args.num_images, args.work, args.fid_seed)
     one_step = []
     if distilled is not None:
         say("FID of the distilled model at 1 NFE")
-        one_step = fid_rows(str(distilled_out), [1], args.num_images, args.work, solvers=("euler",), shifts=(1.0,))
+        one_step = fid_rows(str(distilled_out), [1], args.num_images, args.work, args.fid_seed, solvers=("euler",),
+                            shifts=(1.0,))
     timing["fid_seconds"] = round(time.perf_counter() - t0)
     seconds = round(time.perf_counter() - started)
+    if distilled is None:
+        timing.pop("distill_seconds", None)
+    from_scratch = sum(timing.values())
     meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
             "command": "python scripts/reflow_bench.py " + " ".join(sys.argv[1:]), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
@@ -178,13 +201,16 @@ def main() -> None:
     md = [
         "# Reflow of builtin:digits-eps",
         "",
-        f"Made by `{meta['command']}` in {seconds} s on {meta['machine']} (this run: "
-        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in timing.items()) + f"; training {summary['seconds']:.0f} s"
-        + (f", distillation {d_summary['seconds']:.0f} s" if distilled is not None else "") + "); "
-        f"python {meta['python']}, torch {meta['torch']}, diffusers {meta['diffusers']}, fmconvert {meta['fmconvert']}.",
+        f"Made by `{meta['command']}` on {meta['machine']}; python {meta['python']}, torch {meta['torch']}, diffusers "
+        f"{meta['diffusers']}, fmconvert {meta['fmconvert']}. Time: the reflow {timing.get('reflow_seconds', '?')} s "
+        f"(couplings, then {summary['seconds']:.0f} s of training)"
+        + (f", the distillation {timing.get('distill_seconds', '?')} s (couplings, then {d_summary['seconds']:.0f} s of "
+           "training)" if distilled is not None else "")
+        + f", the FID runs {timing['fid_seconds']} s: {from_scratch} s from scratch"
+        + (f" (this run reused the models: {seconds} s)." if seconds < from_scratch - 60 else "."),
         "",
         f"1. Reflow: {args.num_couplings} couplings (noise, sample) of {MODEL}, {args.solver} in {args.solver_steps} steps "
-        f"on the uniform grid (seed 0); {args.train_steps} steps of {args.batch_size} pairs, the network trained to "
+        f"on the uniform grid (seed {COUPLINGS_SEED}); {args.train_steps} steps of {args.batch_size} pairs, the network trained to "
         f"predict {predicts}, AdamW lr {args.lr:g} after {args.warmup} warm-up steps, EMA {args.ema_decay:g}, "
         f"s {args.time_sampling.replace('_', '-')}"
         + (f" (m {args.logit_mean:g}, σ {args.logit_std:g})" if args.time_sampling == "logit_normal" else "")
@@ -197,7 +223,8 @@ def main() -> None:
                f"EMA {args.distill_ema_decay:g}, the rest as above; loss: " + loss_words(distilled["loss"]) + "."]
     md += [
         "",
-        f"FID in digits features against {REFERENCE}, {args.num_images} samples, the same noise for every run; the best of "
+        f"FID in digits features against {REFERENCE}, {args.num_images} samples from the noise of seed {args.fid_seed} for "
+        f"every run (held out: no coupling's noise); the best of "
         f"{', '.join(SOLVERS)} on the uniform grid with time shift {' or '.join(f'{k:g}' for k in SHIFTS)} at each NFE"
         + ("; the distilled model: one Euler step." if distilled is not None else "."),
         "",

@@ -426,6 +426,11 @@ def test_training_a_converted_folder_leaves_it_untouched(tmp_path, tiny):
     assert any(not torch.equal(v, source_weights(tiny)[k]) for k, v in trained.items())
     assert json.loads((out / "unet" / "config.json").read_text())["_class_name"] == "VelocityAdapter"
     ok("sample", out, "--steps", 2, "--num-images", 2)
+    # a trained folder carries training.json and loss.png, which training it again writes anew: not through links
+    trained_before = digest(out)
+    _, again = run(out, tmp_path / "again", steps=1, lr=1e-4)
+    assert digest(out) == trained_before and again["steps"] == 1
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
 
 
 def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
