@@ -406,6 +406,11 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
             takers = ", ".join(n for n, s in SOLVERS.items() if option in dict(s.options))
             raise UsageError(f"--{option} is an option of {takers}; {', '.join(solvers)} does not take it")
     source = inspect_source(model, revision, allow_pickle, trust_remote_code)
+    from .reflow import couplings_seed
+
+    if "seed" in fields and couplings_seed(source.folder) == fields["seed"]:
+        log(f"note: seed {fields['seed']} is the noise '{model}' was reflowed on (its couplings.json): its samples from it "
+            "repeat training pairs; pass another --seed to measure it on held-out noise")
     return Run(model=model, fingerprint=model_fingerprint(source), sampler=solvers[0], grid=grid, shift=shift, dtype=dtype,
                options=solver_options(solvers[0], **given), **fields)
 

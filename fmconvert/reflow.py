@@ -53,6 +53,18 @@ def _quiet(message: str) -> None:
     pass
 
 
+def couplings_seed(folder: Path) -> int | None:
+    """The seed of the noise a folder written by reflow was trained on (its ``couplings.json``),
+    None for any other folder: samples from that seed's noise repeat training pairs."""
+    record = Path(folder) / "couplings.json"
+    if not record.is_file():
+        return None
+    try:
+        return int(json.loads(record.read_text())["run"]["seed"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def load_couplings(folder: Path, run: Run) -> TrainingData:
     """The couplings of ``run`` (loaded: its ``shape`` known) in ``folder``: samples (N, C, H, W)
     float32 from its shards in index order, each with its noise ε (N, C, H, W) regenerated from

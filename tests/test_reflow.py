@@ -90,6 +90,9 @@ def test_the_couplings_are_the_solvers_samples_of_the_regenerated_noise(tmp_path
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe.unet).__name__ == "VelocityAdapter"
     assert json.loads(ok("sample", out, "--steps", 2, "--num-images", 2, "--json").stdout)["nfe"] == 2
+    # the couplings' noise (seed 5) is training data: sampling from it says so, from another seed it does not
+    assert "note: seed 5 is the noise" in ok("sample", out, "--steps", 2, "--num-images", 2, "--seed", 5).stderr
+    assert "note" not in ok("sample", out, "--steps", 2, "--num-images", 2, "--seed", 6).stderr
 
 
 def test_the_first_loss_is_the_source_fields_loss_on_the_pairs(tmp_path, tiny):
