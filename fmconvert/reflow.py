@@ -81,11 +81,13 @@ def load_couplings(folder: Path, run: Run) -> TrainingData:
 
 
 def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: bool = False,
-                   log: Callable[[str], None] = _quiet) -> tuple[Run, int]:
+                   log: Callable[[str], None] = _quiet,
+                   check: Callable[[torch.nn.Module], None] | None = None) -> tuple[Run, int]:
     """Solve the ``couplings`` run into shards in ``folder`` (:func:`fmconvert.sampling.generate_sharded`;
     complete shards of the same run are reused, another run's folder is refused). Returns the
     run, loaded (its shape known), and the number of shards reused. UsageError for a model
-    that needs conditioning."""
+    that needs conditioning; ``check(network)``: called on the loaded network before anything is
+    drawn (reflow checks the LoRA targets there)."""
     from .sampling import generate_sharded, iter_run, load_velocity_model, sample_shape
     from .shards import ShardStore
 
@@ -94,6 +96,8 @@ def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: 
     if family.accepts:
         raise UsageError(f"reflow straightens unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
                          "its conditioning, which reflow does not take yet")
+    if check is not None:
+        check(vm.velocity.source_network)
     run = couplings.loaded(vm.source.model_class, sample_shape(vm))
     store = ShardStore(folder, run.manifest())
     log(f"couplings: {run.describe()} into {folder}")
@@ -126,6 +130,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
         TrainSettings,
         check_checkpoint,
         check_device,
+        check_lora_targets,
         check_prediction_type,
         network_prediction,
         train,
@@ -155,7 +160,8 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
             "--prediction-type v_prediction trains it into v, which few steps need (REFLOW.md)")
     check_checkpoint(work_folder(out) / CHECKPOINT, settings)
     check_device(settings, device)
-    run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log)
+    run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log,
+                                 lambda network: check_lora_targets(network, settings))
     data = load_couplings(folder, run)
     record = {"run": run.manifest(), "fingerprint": fingerprint, "folder": str(folder),
               "kept": couplings_dir is not None, "shards_reused": reused}

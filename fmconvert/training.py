@@ -412,6 +412,19 @@ def add_lora(network: torch.nn.Module, settings: TrainSettings) -> None:
         parameter.requires_grad_("lora_" in name)
 
 
+def check_lora_targets(network: torch.nn.Module, settings: TrainSettings) -> None:
+    """UsageError, in one line, where ``settings`` asks for LoRA and no module of ``network`` has
+    one of the ``lora_targets`` names (peft's rule: the module's name is the target or ends in
+    "." + target), checked without touching the network: reflow asks before drawing couplings."""
+    if not settings.lora_rank:
+        return
+    names = [name for name, _ in network.named_modules()]
+    if not any(name == target or name.endswith("." + target) for target in settings.lora_targets for name in names):
+        raise UsageError(f"--lora-targets {', '.join(settings.lora_targets)}: no module of the "
+                         f"{type(network).__name__} has those names (its attention projections, for instance, are "
+                         f"{', '.join(LORA_TARGETS)} where it has attention)")
+
+
 def merged(network: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``network`` with its LoRA adapters merged into the weights and removed (a
     plain network that loads without peft); the network itself if it has none."""

@@ -194,6 +194,7 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
         (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
         (["--checkpoint-every", 0], "--checkpoint-every must be a positive integer"),
         (["--prediction-type", "score"], "unknown --prediction-type 'score'"),
+        (["--lora-rank", 2, "--lora-targets", "nothing"], "--lora-targets nothing: no module"),
     ]
     for extra, message in cases:
         assert message in error(2, *base, *extra), extra
