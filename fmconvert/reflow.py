@@ -38,15 +38,17 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
 from .errors import UsageError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (torch is imported where it is used: the command line reads couplings_seed without it)
+    import torch
+
     from .runs import Run
     from .training import TrainingData
 
 COUPLINGS = "couplings"
+#: the record beside a reflowed model: the couplings' run manifest and fingerprint
+COUPLINGS_RECORD = "couplings.json"
 
 
 def _quiet(message: str) -> None:
@@ -56,7 +58,7 @@ def _quiet(message: str) -> None:
 def couplings_seed(folder: Path) -> int | None:
     """The seed of the noise a folder written by reflow was trained on (its ``couplings.json``),
     None for any other folder: samples from that seed's noise repeat training pairs."""
-    record = Path(folder) / "couplings.json"
+    record = Path(folder) / COUPLINGS_RECORD
     if not record.is_file():
         return None
     try:
@@ -69,6 +71,8 @@ def load_couplings(folder: Path, run: Run) -> TrainingData:
     """The couplings of ``run`` (loaded: its ``shape`` known) in ``folder``: samples (N, C, H, W)
     float32 from its shards in index order, each with its noise ε (N, C, H, W) regenerated from
     the run's seed (:class:`~fmconvert.sampling.NoiseStream`)."""
+    import torch
+
     from .sampling import NoiseStream, batches_of
     from .shards import ShardStore
     from .training import TrainingData
@@ -88,6 +92,8 @@ def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: 
     run, loaded (its shape known), and the number of shards reused. UsageError for a model
     that needs conditioning; ``check(network)``: called on the loaded network before anything is
     drawn (reflow checks the LoRA targets there)."""
+    import torch
+
     from .sampling import generate_sharded, iter_run, load_velocity_model, sample_shape
     from .shards import ShardStore
 
@@ -169,7 +175,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
         + (" at the noise end only (distillation)" if distill else ""))
 
     def write_record(tmp: Path) -> None:
-        (tmp / "couplings.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (tmp / COUPLINGS_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     summary = train(settings, out, device=device, checkpoint_every=checkpoint_every, force=force, progress=progress,
                     log=log, on_step=on_step, data=data, add_files=write_record)

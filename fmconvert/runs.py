@@ -252,7 +252,6 @@ class TrainSettings:
         """Settings for ``model`` and ``data`` with their fingerprints, read from their files
         (configs and file ends, nothing loaded); UsageError for data that is not there."""
         from .pipelines import inspect_source
-        from .runs import model_fingerprint
 
         return cls(model=model, fingerprint=model_fingerprint(inspect_source(model)), data=data,
                    data_fingerprint=data_fingerprint(data), **fields)
@@ -276,7 +275,6 @@ def data_fingerprint(data: str) -> str:
     """The data's identity for a checkpoint: builtin data by its file's ends, a folder by its
     files' paths and sizes (not their contents: a large folder is not read for it)."""
     from .data import parse_data
-    from .runs import files_fingerprint
 
     ref = parse_data(data)
     if ref.kind == "builtin":

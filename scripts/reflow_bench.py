@@ -87,11 +87,12 @@ def label(row: dict) -> str:
     return f"{row['sampler']}, shift {row['shift']:g}"
 
 
-def stage(model: str, out: Path, args: argparse.Namespace, training: dict, distill: bool, say, num_couplings: int,
-          solver_steps: int) -> tuple[dict, dict, int | None]:
+def stage(name: str, model: str, out: Path, args: argparse.Namespace, training: dict, distill: bool, say,
+          num_couplings: int, solver_steps: int) -> dict:
     """``fmconvert reflow model`` (with ``distill``: ``--distill``) into ``out``, its couplings in
-    WORK/couplings-<their run's fingerprint>; a finished ``out`` of the same settings is reused. Returns (train's
-    summary, training.json, seconds or None)."""
+    WORK/couplings-<their run's fingerprint>; a finished ``out`` of the same settings is reused. The stage's wall
+    time (couplings and training) goes into WORK/timing.json under "<name>_seconds", so a rerun that reuses the
+    model still reports what making it took. Returns its training.json."""
     couplings = Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=args.solver,
                     steps=solver_steps, num_images=num_couplings, shard_size=250,
                     options=solver_options(args.solver), seed=COUPLINGS_SEED)
@@ -99,15 +100,17 @@ def stage(model: str, out: Path, args: argparse.Namespace, training: dict, disti
     if (out / "training.json").is_file() and all(
             json.loads((out / "training.json").read_text())["settings"].get(k) == v for k, v in wanted.items()):
         say(f"reusing {out} (trained with these settings)")
-        record = json.loads((out / "training.json").read_text())
-        return record, record, None
+        return json.loads((out / "training.json").read_text())
     say(f"{'distill' if distill else 'reflow'} {model}: {num_couplings} couplings ({args.solver}, "
         f"{solver_steps} steps), {training['steps']} training steps into {out}")
     t0 = time.perf_counter()
     couplings_dir = args.work / f"couplings-{run_fingerprint(couplings).split(':')[-1][:12]}"
-    summary = reflow(couplings, out, distill=distill, couplings_dir=couplings_dir, checkpoint_every=100, force=True,
-                     progress=sys.stderr.isatty(), log=say, **training)
-    return summary, json.loads((out / "training.json").read_text()), round(time.perf_counter() - t0)
+    reflow(couplings, out, distill=distill, couplings_dir=couplings_dir, checkpoint_every=100, force=True,
+           progress=sys.stderr.isatty(), log=say, **training)
+    timing_file = args.work / "timing.json"
+    made = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    timing_file.write_text(json.dumps({**made, f"{name}_seconds": round(time.perf_counter() - t0)}) + "\n")
+    return json.loads((out / "training.json").read_text())
 
 
 def main() -> None:
@@ -156,25 +159,15 @@ def main() -> None:
                     ema_decay=args.ema_decay, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
                     logit_std=args.logit_std, prediction_type=args.prediction_type or None, seed=COUPLINGS_SEED)
     out, distilled_out = args.work / "model", args.work / "distilled"
-    timing: dict[str, int] = {}
-    # each stage's wall time (couplings and training), kept beside the models so that a rerun which reuses them
-    # still reports what making them took
-    timing_file = args.work / "timing.json"
-    made = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    summary, record, seconds = stage(MODEL, out, args, training, False, say, args.num_couplings, args.solver_steps)
-    if seconds is not None:
-        made["reflow_seconds"] = seconds
-        timing_file.write_text(json.dumps(made) + "\n")
+    record = stage("reflow", MODEL, out, args, training, False, say, args.num_couplings, args.solver_steps)
     distilled = None
     if args.distill_steps:
         distill_training = {**training, "steps": args.distill_steps, "ema_decay": args.distill_ema_decay,
                             "prediction_type": None}
-        d_summary, distilled, seconds = stage(str(out), distilled_out, args, distill_training, True, say,
-                                              args.distill_couplings, args.distill_solver_steps)
-        if seconds is not None:
-            made["distill_seconds"] = seconds
-            timing_file.write_text(json.dumps(made) + "\n")
-    timing.update(made)
+        distilled = stage("distill", str(out), distilled_out, args, distill_training, True, say, args.distill_couplings,
+                          args.distill_solver_steps)
+    timing_file = args.work / "timing.json"
+    timing: dict[str, int] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     say("FID of the source")
     t0 = time.perf_counter()
     source = fid_rows(MODEL, sorted(set(nfe_list) | {REFERENCE_NFE}), args.num_images, args.work, args.fid_seed)
@@ -205,8 +198,8 @@ def main() -> None:
             "command": "python scripts/reflow_bench.py " + " ".join(sys.argv[1:]), "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
             "fmconvert": fmconvert.__version__, "seconds": seconds, **timing,
-            "training_seconds": summary["seconds"],
-            **({"distill_training_seconds": d_summary["seconds"]} if distilled is not None else {})}
+            "training_seconds": record["seconds"],
+            **({"distill_training_seconds": distilled["seconds"]} if distilled is not None else {})}
     strip = lambda r: {k: v for k, v in r.items() if k != "loss"}  # noqa: E731
     args.md.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "source": source, "reflowed": reflowed, "distilled": one_step, "confirmed": confirmed,
@@ -225,8 +218,8 @@ def main() -> None:
         "",
         f"Made by `{meta['command']}` on {meta['machine']}; python {meta['python']}, torch {meta['torch']}, diffusers "
         f"{meta['diffusers']}, fmconvert {meta['fmconvert']}. Time: the reflow {timing.get('reflow_seconds', '?')} s "
-        f"(couplings, then {summary['seconds']:.0f} s of training)"
-        + (f", the distillation {timing.get('distill_seconds', '?')} s (couplings, then {d_summary['seconds']:.0f} s of "
+        f"(couplings, then {record['seconds']:.0f} s of training)"
+        + (f", the distillation {timing.get('distill_seconds', '?')} s (couplings, then {distilled['seconds']:.0f} s of "
            "training)" if distilled is not None else "")
         + f", the FID runs {timing['fid_seconds']} s (samples drawn by an earlier run of the same settings are reused: "
         f"from scratch they take ~7 minutes); this run {seconds} s.",
