@@ -76,9 +76,11 @@ TRAINING_OPTIONS: dict[str, tuple[object, str]] = {
     "lr_schedule": (str, "After the warm-up: constant, or cosine down to 10 %."),
     "weight_decay": (float, "AdamW's weight decay."),
     "max_grad_norm": (float, "Clip the gradient's norm to this (0: no clipping)."),
-    "time_sampling": (str, "Density of s (s = 1 is noise), truncated to the source's trained range: uniform, or logit-normal (SD3: logit(s) ~ N(mean, std²))."),
+    "time_sampling": (str, "Density of s (s = 1 is noise), truncated to the source's trained range: uniform; logit_normal (SD3: logit(s) ~ N(mean, std²)); or u_shaped (Lee et al. 2024, for reflow: ∝ exp(a·s) + exp(a·(1 − s)), more weight at both ends)."),
     "logit_mean": (float, "logit-normal's mean m."),
     "logit_std": (float, "logit-normal's standard deviation."),
+    "u_shape_a": (float, "u_shaped's a: the ends' density is (1 + exp(a))/(2·exp(a/2)) times the middle's (a = 4: 3.8)."),
+    "loss_type": (str, "The per-sample loss of the velocity error: l2 (the flow-matching loss), or pseudo_huber (√(‖δ‖² + c²) − c, c = 0.00054·d; Lee et al. 2024 for reflow): a large error pulls no harder than a moderate one."),
     "ema_decay": (float, "EMA of the weights (torch's AveragedModel), written instead of the raw weights; 0: off."),
     "lora_rank": (int, "Train LoRA adapters of this rank (peft) instead of the whole network, merged into the written weights; 0: off."),
     "lora_alpha": (Optional[int], "LoRA's alpha (default: the rank)."),
@@ -93,7 +95,7 @@ def training_options(**renamed: str):
     """Add :data:`TRAINING_OPTIONS` and --checkpoint-every to a command's options (after its own),
     declared once for every command that trains; ``renamed``: an option under another name
     (steps="train_steps": --train-steps). The command receives them as ``training``, a dict of
-    TrainSettings fields (--time-sampling's dashes made underscores, --lora-targets split; left
+    TrainSettings fields (--time-sampling's and --loss-type's dashes made underscores, --lora-targets split; left
     out where not given), and ``checkpoint_every``."""
     names = {field: renamed.get(field, field) for field in TRAINING_OPTIONS}
 
@@ -110,7 +112,8 @@ def training_options(**renamed: str):
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
             training = {f: kwargs.pop(names[f]) for f in TRAINING_OPTIONS}
-            training["time_sampling"] = training["time_sampling"].replace("-", "_")
+            for choice in ("time_sampling", "loss_type"):  # (logit-normal, u-shaped, pseudo-huber as written)
+                training[choice] = training[choice].replace("-", "_")
             if training["lora_targets"] is None:
                 del training["lora_targets"]
             else:

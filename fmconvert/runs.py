@@ -169,8 +169,9 @@ def run_fingerprint(run: Run) -> str:
 
 # -- training runs ---------------------------------------------------------------------------------
 
-TIME_SAMPLINGS = ("uniform", "logit_normal")
+TIME_SAMPLINGS = ("uniform", "logit_normal", "u_shaped")
 LR_SCHEDULES = ("constant", "cosine")
+LOSS_TYPES = ("l2", "pseudo_huber")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 #: the attention projections of diffusers' UNets and transformers (diffusers' own LoRA default)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -189,7 +190,9 @@ class TrainSettings:
     :func:`fmconvert.runs.model_fingerprint`) and ``data_fingerprint`` (the data's file paths and
     sizes). ``steps`` optimiser steps of ``batch_size`` samples (global, over all processes);
     ``lr`` after ``warmup`` steps, then ``lr_schedule``; ``weight_decay`` (AdamW's);
-    ``max_grad_norm`` (0: no clipping); ``time_sampling`` with ``logit_mean``/``logit_std``;
+    ``max_grad_norm`` (0: no clipping); ``time_sampling`` with ``logit_mean``/``logit_std``
+    (logit-normal) or ``u_shape_a`` (U-shaped); ``loss_type``: the per-sample loss of the velocity
+    error (:func:`fmconvert.training.per_sample_loss`);
     ``ema_decay`` (0: no EMA); ``lora_rank`` (0: the whole network trains) with ``lora_alpha``
     (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``.
     ``couplings``: for paired data (``fmconvert reflow``), the couplings' identity
@@ -212,6 +215,8 @@ class TrainSettings:
     time_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    u_shape_a: float = 4.0
+    loss_type: str = "l2"
     ema_decay: float = 0.999
     lora_rank: int = 0
     lora_alpha: int | None = None
@@ -228,7 +233,8 @@ class TrainSettings:
             (self.steps >= 1, "steps", "a positive integer"), (self.batch_size >= 1, "batch_size", "a positive integer"),
             (self.lr > 0, "lr", "positive"), (self.warmup >= 0, "warmup", "0 or more"),
             (self.weight_decay >= 0, "weight_decay", "0 or more"), (self.max_grad_norm >= 0, "max_grad_norm", "0 (off) or more"),
-            (self.logit_std > 0, "logit_std", "positive"), (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0: off)"),
+            (self.logit_std > 0, "logit_std", "positive"), (self.u_shape_a > 0, "u_shape_a", "positive"),
+            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0: off)"),
             (self.lora_rank >= 0, "lora_rank", "0 (off) or a positive integer"),
             (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "positive"),
             (self.seed >= 0, "seed", "0 or more"), (bool(self.lora_targets), "lora_targets", "at least one module name"),
@@ -241,7 +247,7 @@ class TrainSettings:
         if self.distill and self.couplings is None:
             raise UsageError("--distill trains one step from the noise to its coupled sample: it needs couplings "
                              "(fmconvert reflow --distill)")
-        for name, choices in (("lr_schedule", LR_SCHEDULES), ("time_sampling", TIME_SAMPLINGS),
+        for name, choices in (("lr_schedule", LR_SCHEDULES), ("time_sampling", TIME_SAMPLINGS), ("loss_type", LOSS_TYPES),
                               ("mixed_precision", MIXED_PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}': use one of "

@@ -14,13 +14,19 @@ in the model's data space, noise ε ~ N(0, I) of the same shape and a time s per
 u_θ being the adapter's velocity at the timestep T·s (T: the target path's
 ``num_train_timesteps``). For a converted diffusion source, L at s is the source's epsilon loss
 |ε̂ − ε|² at the matched time times (1 − s)⁻² (:func:`fmconvert.agreement.loss_identity`), so
-fine-tuning starts at the pretrained optimum of that weighting of the epsilon loss.
+fine-tuning starts at the pretrained optimum of that weighting of the epsilon loss. With
+``loss_type="pseudo_huber"`` the step trains (√(‖δ‖² + c²) − c)/d of the error δ = u_θ − u
+instead (:func:`per_sample_loss`).
 
-Times. s is drawn by inverse transform from one uniform u per sample, from either density
+Times. s is drawn by inverse transform from one uniform u per sample, from one of the densities
 
 - ``uniform``: π(s) = 1;
 - ``logit_normal`` (Esser et al. 2024, SD3, eq. 19):
   π(s; m, σ) = 1/(σ√(2π)) · 1/(s(1 − s)) · exp(−(logit(s) − m)²/(2σ²)), i.e. logit(s) ~ N(m, σ²);
+- ``u_shaped`` (Lee, Lin, Fanti 2024, "Improving the Training of Rectified Flows", sec. 4.1, for
+  reflow, where the loss is largest at the two ends): π(s; a) = a/(2(eᵃ − 1)) · (e^{a·s} + e^{a(1−s)}),
+  whose distribution function F(s) = (e^{a·s} − e^{a(1−s)} + eᵃ − 1)/(2(eᵃ − 1)) inverts in closed
+  form (a quadratic in e^{a·s});
 
 truncated to the source's trained range [s_lo, s_hi] (the s of its least and most noisy trained
 times; [0, 1] for a flow source; digits-eps: [0.0099, 0.9936]) and renormalised there:
@@ -77,6 +83,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -90,6 +97,7 @@ from .errors import FmconvertError, UsageError
 from .io import atomic_write
 from .runs import (  # noqa: F401 (TrainSettings and its choices, re-exported: what a training run is lives in runs.py)
     LORA_TARGETS,
+    LOSS_TYPES,
     LR_SCHEDULES,
     MIXED_PRECISIONS,
     TIME_SAMPLINGS,
@@ -195,6 +203,16 @@ def sample_times(settings: TrainSettings, u: torch.Tensor, s_range: tuple[float,
         return torch.ones_like(u)
     if settings.time_sampling == "uniform":
         return lo + (hi - lo) * u
+    if settings.time_sampling == "u_shaped":
+        a = settings.u_shape_a
+        ea = math.exp(a)
+
+        def cdf(s: float) -> float:
+            return (math.exp(a * s) - math.exp(a * (1 - s)) + ea - 1) / (2 * (ea - 1))
+
+        v = cdf(lo) + (cdf(hi) - cdf(lo)) * u
+        c = (ea - 1) * (2 * v - 1)  # F(s) = v  ⇔  y² − c·y − e^a = 0 for y = e^{a·s}
+        return (torch.log((c + torch.sqrt(c * c + 4 * ea)) / 2) / a).clamp(lo, hi)
     m, sd = settings.logit_mean, settings.logit_std
     bounds = torch.tensor([lo, hi], dtype=F64, device=u.device)
     a, b = torch.special.ndtr((torch.logit(bounds) - m) / sd).unbind()  # (logit(0) = −∞: Φ = 0)
@@ -270,6 +288,21 @@ def flow_matching_loss(model: Callable[..., Any], target_path: Any, x0: torch.Te
     u = model(x_s, target_path.model_timestep(s, F64), return_dict=False)[0]
     dtype = torch.promote_types(u.dtype, torch.float32)
     return (u.to(dtype) - (eps - x0).to(dtype)).square().flatten(1).mean(1)
+
+
+def per_sample_loss(mse: torch.Tensor, dim: int, loss_type: str) -> torch.Tensor:
+    """The training loss per sample (B,) from its velocity error's mean square ``mse`` (B,)
+    (:func:`flow_matching_loss`) over ``dim`` elements:
+
+    - ``l2``: mse itself, the conditional flow-matching loss (the one the loss identity is about);
+    - ``pseudo_huber`` (Song & Dhariwal 2023, improved consistency training; as Lee, Lin, Fanti
+      2024 train reflow): (√(‖δ‖² + c²) − c)/d with ‖δ‖² = d·mse and c = 0.00054·d, quadratic for
+      ‖δ‖ ≪ c and ‖δ‖/d above, so a sample with a large error pulls no harder than one with a
+      moderate one."""
+    if loss_type == "l2":
+        return mse
+    c = 0.00054 * dim
+    return (torch.sqrt(dim * mse + c * c) - c) / dim
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -592,7 +625,8 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
                 group["lr"] = settings.lr_at(step)
             x0, eps, s = draws.batch(step)
             with accelerator.autocast():
-                loss = flow_matching_loss(model, target, x0, eps, s).mean()
+                loss = per_sample_loss(flow_matching_loss(model, target, x0, eps, s), x0[0].numel(),
+                                       settings.loss_type).mean()
             accelerator.backward(loss)
             if settings.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)

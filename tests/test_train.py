@@ -4,6 +4,7 @@ weighted epsilon loss, resumable checkpoints, EMA, LoRA, and the one-line refusa
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 
 import pytest
@@ -65,11 +66,12 @@ def test_the_output_loads_in_stock_diffusers_and_fmconvert_sample(tmp_path, tiny
 
     out = tmp_path / "trained"
     summary = json.loads(ok("train", tiny, "--data", DATA, "--out", out, "--steps", 3, "--batch-size", 8, "--lr", 1e-3,
-                            "--warmup", 0, "--json").stdout)
+                            "--warmup", 0, "--time-sampling", "u-shaped", "--loss-type", "pseudo-huber", "--json").stdout)
     assert summary["steps"] == 3 and summary["resumed_from"] == 0 and not work_folder(out).exists()
     record = json.loads((out / "training.json").read_text())
     assert len(record["loss"]) == 3 and all(v > 0 for v in record["loss"])
     assert record["settings"]["model"] == str(tiny) and record["settings"]["ema_decay"] == 0.999
+    assert (record["settings"]["time_sampling"], record["settings"]["loss_type"]) == ("u_shaped", "pseudo_huber")
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "fmconvert.json").read_text())["trained"]["steps"] == 3
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
@@ -231,6 +233,8 @@ def test_settings_and_options_that_cannot_run_are_refused_in_one_line(tmp_path, 
         assert "needs peft" in error(2, *base, "--lora-rank", 4)
     assert "--ema-decay must be in [0, 1)" in error(2, *base, "--ema-decay", 1.0)
     assert "unknown --time-sampling" in error(2, *base, "--time-sampling", "beta")
+    assert "unknown --loss-type 'l1'" in error(2, *base, "--loss-type", "l1")
+    assert "--u-shape-a must be positive" in error(2, *base, "--time-sampling", "u-shaped", "--u-shape-a", 0)
     assert "unknown --prediction-type 'score'" in error(2, *base, "--prediction-type", "score")
     flow = save_flow_folder(tmp_path / "flow")
     assert "flow-matching model" in error(2, "train", flow, "--data", DATA, "--out", out, "--prediction-type", "sample")
@@ -312,7 +316,8 @@ def test_latent_shards_train_as_they_are_and_bf16_runs_on_the_cpu(tmp_path, tiny
 
 def test_times_follow_the_truncated_densities():
     """Uniform: linear in u over the trained range; logit-normal: Φ((logit s − m)/σ) is linear in u between
-    its values at the range's ends (the truncated distribution function), and u = ½ on [0, 1] is sigmoid(m).
+    its values at the range's ends (the truncated distribution function), and u = ½ on [0, 1] is sigmoid(m);
+    U-shaped: its distribution function likewise, symmetric about s = ½.
     The trained range: digits-eps's t = 0 and 999 at equal log-SNR; a flow source's [0, 1]."""
     from fmconvert.sampling import load_velocity_model
 
@@ -325,6 +330,15 @@ def test_times_follow_the_truncated_densities():
     a, b = (torch.special.ndtr((torch.logit(torch.tensor(x, dtype=torch.float64)) - 0.5) / 0.8) for x in (0.05, 0.9))
     torch.testing.assert_close(cdf, a + (b - a) * u)
     assert sample_times(logit, torch.tensor([0.5]), (0.0, 1.0)).item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())
+    # U-shaped (Lee et al. 2024): F(s) = (e^{as} − e^{a(1−s)} + e^a − 1)/(2(e^a − 1)), linear in u between the ends
+    u_shaped = dataclasses.replace(settings, time_sampling="u_shaped", u_shape_a=3.0)
+    s = sample_times(u_shaped, u, (0.05, 0.9))
+    e3 = math.exp(3.0)
+    F = lambda x: (torch.exp(3.0 * torch.as_tensor(x, dtype=torch.float64)) - torch.exp(3.0 * (1 - torch.as_tensor(x, dtype=torch.float64)))  # noqa: E731
+                   + e3 - 1) / (2 * (e3 - 1))
+    torch.testing.assert_close(F(s), F(0.05) + (F(0.9) - F(0.05)) * u)
+    whole = sample_times(u_shaped, torch.tensor([0.0, 0.5, 1.0]), (0.0, 1.0))  # symmetric about ½
+    torch.testing.assert_close(whole, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     lo, hi = trained_range(load_velocity_model("builtin:digits-eps").velocity)
     acp0 = float(1 - torch.tensor(1e-4, dtype=torch.float32))  # ᾱ_0 of linear betas, in diffusers' float32
     assert lo == pytest.approx((1 - acp0) ** 0.5 / (acp0 ** 0.5 + (1 - acp0) ** 0.5), rel=1e-9)
@@ -332,10 +346,42 @@ def test_times_follow_the_truncated_densities():
     assert trained_range(load_velocity_model("builtin:digits-flow").velocity) == (0.0, 1.0)
 
 
+def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones(tmp_path, tiny):
+    """per_sample_loss: l2 is the mean square itself; pseudo_huber is (√(‖δ‖² + c²) − c)/d with c = 0.00054·d
+    computed from the error vector, ≈ ‖δ‖²/(2c·d) far below c and ‖δ‖/d − c/d far above; and it is what
+    --loss-type pseudo_huber trains: step 1's recorded loss is it on step 1's draws."""
+    from fmconvert.adapters import VelocityAdapter
+    from fmconvert.training import per_sample_loss
+
+    delta = torch.randn(5, 1, 8, 8, dtype=torch.float64) * torch.tensor([1e-5, 1e-3, 1e-1, 1.0, 10.0],
+                                                                        dtype=torch.float64).view(-1, 1, 1, 1)
+    mse, d = delta.square().flatten(1).mean(1), 64
+    assert torch.equal(per_sample_loss(mse, d, "l2"), mse)
+    c, norm = 0.00054 * d, delta.flatten(1).norm(dim=1)
+    huber = per_sample_loss(mse, d, "pseudo_huber")
+    torch.testing.assert_close(huber, ((norm ** 2 + c ** 2).sqrt() - c) / d, rtol=1e-12, atol=0)
+    assert huber[0].item() == pytest.approx(norm[0].item() ** 2 / (2 * c * d), rel=1e-4)
+    assert huber[-1].item() == pytest.approx((norm[-1].item() - c) / d, rel=1e-4)
+
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    _, record = run(tiny, tmp_path / "huber", steps=1, batch_size=16, loss_type="pseudo_huber")
+    assert record["settings"]["loss_type"] == "pseudo_huber"
+    settings = TrainSettings.create(str(tiny), DATA, steps=1, batch_size=16)
+    source = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"),
+                                            DDPMScheduler.from_pretrained(tiny / "scheduler"))
+    x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), trained_range(source)).batch(0)
+    with torch.no_grad():
+        mse = flow_matching_loss(source, source.target, x0, eps, s)
+    assert record["loss"][0] == pytest.approx(per_sample_loss(mse, 64, "pseudo_huber").mean().item(), rel=1e-6)
+    assert record["loss"][0] != pytest.approx(mse.mean().item(), rel=1e-2)
+
+
 OTHER = {
     "model": "other", "fingerprint": "sha256:y", "data": "other", "data_fingerprint": "sha256:z", "steps": 7,
     "batch_size": 3, "lr": 0.5, "warmup": 9, "lr_schedule": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.0,
-    "time_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0, "ema_decay": 0.5, "lora_rank": 4,
+    "time_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0, "u_shape_a": 2.0, "loss_type": "pseudo_huber",
+    "ema_decay": 0.5, "lora_rank": 4,
     "lora_alpha": 8, "lora_targets": ("to_q",), "mixed_precision": "bf16", "seed": 3, "couplings": "sha256:c",
     "distill": True, "prediction_type": "v_prediction", "fmconvert_version": "9",
 }
