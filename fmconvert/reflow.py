@@ -30,6 +30,12 @@ An epsilon network is best reflowed into ``prediction_type="v_prediction"``
 trained time, which epsilon computes as (x − σ·ε̂)/α, its ε̂ error × 1/α_T (digits-eps: 157), and
 v_prediction as α·x − σ·v̂. The field then starts away from the source's (REFLOW.md measures what
 it buys); left out, the network keeps its parametrisation and a note says so.
+
+Lee, Lin, Fanti (2024, "Improving the Training of Rectified Flows") train reflow with U-shaped
+times and the pseudo-Huber loss (``time_sampling="u_shaped"``, ``loss_type="pseudo_huber"``,
+:mod:`fmconvert.training`), which REFLOW.md uses. A distilled one-step map fits its couplings far
+better than held-out noise (REFLOW.md measures both), so distillation wants many couplings; a
+reflowed model's are cheap (a few steps of a straight field).
 """
 
 from __future__ import annotations

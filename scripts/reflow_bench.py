@@ -1,27 +1,32 @@
 #!/usr/bin/env python
 """Reflow builtin:digits-eps and measure few-step sample quality before and after: REFLOW.md.
 
-    python scripts/reflow_bench.py             # the defaults: ~35 minutes on 2 CPU threads (below)
+    python scripts/reflow_bench.py             # the defaults: ~41 minutes on 2 CPU threads (below)
     python scripts/reflow_bench.py --num-couplings 300 --solver-steps 4 --train-steps 10 --distill-steps 10 \
-        --num-images 100 --nfe 1,2 --work /tmp/reflow-bench --md /tmp/REFLOW.md    # a quick look (~30 s)
+        --distill-couplings 600 --num-images 100 --nfe 1,2 --confirm-images 200 --work /tmp/reflow-bench \
+        --md /tmp/REFLOW.md    # a quick look (~15 s)
 
-Time (measured on the 2-core CPU): a training step of 128 pairs 0.43 s, so 3,000 reflow steps
-take ~22 minutes and 1,000 distillation steps ~8; each stage's 10,000 UniPC-16 couplings ~3
-minutes; the FID runs (1,000 images × 3 solvers × 2 shifts × NFE 1, 2, 4, 8, and 5 for the
-source) ~3 minutes: ~35 minutes in all.
+Time (measured on the 2-core CPU): a training step of 128 pairs 0.36 s, so 3,000 reflow steps
+take 18 minutes and 1,600 distillation steps 9.5; the reflow's 10,000 UniPC-16 couplings 3
+minutes, the distillation's 120,000 ab2-2 couplings 3.5; the FID runs (1,000 images × 3 solvers ×
+2 shifts × NFE 1, 2, 4, 8, and 5 for the source; the target points again from 10,000) ~7
+minutes: ~41 minutes in all.
 
 What it does, in order (a rerun resumes every part: the couplings' shards, the training's
 checkpoint, the finished models, the FID runs' samples, all under ``--work``):
 
-1. ``fmconvert reflow builtin:digits-eps --prediction-type v_prediction``
-   (:func:`fmconvert.reflow.reflow`): ``--num-couplings`` (noise, sample) pairs solved with
-   ``--solver`` in ``--solver-steps`` steps on the uniform grid from the noise of seed 0, kept in
-   ``WORK/couplings-<fingerprint>``; ``--train-steps`` steps of training on the straight paths between them,
-   the epsilon network trained into v_prediction (well conditioned at the noise end), into
-   ``WORK/model``;
-2. with ``--distill-steps`` > 0, ``fmconvert reflow WORK/model --distill``: couplings of the
-   reflowed model (seed 0 too), trained at s = 1 only into
-   ``WORK/distilled``, the one-step model;
+1. ``fmconvert reflow builtin:digits-eps --prediction-type v_prediction --time-sampling u-shaped
+   --loss-type pseudo-huber`` (:func:`fmconvert.reflow.reflow`): ``--num-couplings`` (noise,
+   sample) pairs solved with ``--solver`` in ``--solver-steps`` steps on the uniform grid from the
+   noise of seed 0, kept in ``WORK/couplings-<fingerprint>``; ``--train-steps`` steps of training
+   on the straight paths between them, the epsilon network trained into v_prediction (well
+   conditioned at the noise end), with Lee et al. (2024)'s U-shaped times and pseudo-Huber loss,
+   into ``WORK/model``;
+2. with ``--distill-steps`` > 0, ``fmconvert reflow WORK/model --distill``: ``--distill-couplings``
+   couplings of the reflowed model (seed 0 too; ``--distill-solver`` in ``--distill-solver-steps``
+   steps with ``--distill-shift``: many and cheap, since the one-step map overfits a few), trained at
+   s = 1 only into ``WORK/distilled``, the one-step model; its one-step error on its couplings
+   and on held-out ones;
 3. FID (digits features against builtin:digits, ``--num-images`` samples from the noise of
    ``--fid-seed``, 1: noise no model was trained on) of the source and of the reflowed model with
    euler, ab2 and unipc on the uniform grid with time shifts 1 and 2, at every NFE of ``--nfe``
@@ -53,7 +58,7 @@ import fmconvert  # noqa: E402
 from fmconvert.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.pipelines import inspect_source  # noqa: E402
 from fmconvert.reflow import reflow  # noqa: E402
-from fmconvert.runs import Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
+from fmconvert.runs import LOSS_TYPES, TIME_SAMPLINGS, Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
 from fmconvert.sampling import load_velocity_model  # noqa: E402
 
 MODEL, REFERENCE = "builtin:digits-eps", "builtin:digits"
@@ -87,22 +92,49 @@ def label(row: dict) -> str:
     return f"{row['sampler']}, shift {row['shift']:g}"
 
 
+def couplings_run(model: str, solver: str, shift: float | None, num_couplings: int, solver_steps: int,
+                  seed: int = COUPLINGS_SEED) -> Run:
+    return Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=solver, steps=solver_steps,
+               shift=shift, num_images=num_couplings, shard_size=250, options=solver_options(solver), seed=seed)
+
+
+def one_step_errors(student: Path, teacher: Path, args: argparse.Namespace, count: int = 2000) -> dict[str, float]:
+    """The distillation loss (mean square of one Euler step's error against the coupled sample) of ``student`` on
+    ``count`` of its training couplings and on ``count`` couplings of ``teacher`` from held-out noise (--fid-seed),
+    kept in WORK/couplings-held-<fingerprint>: how far the one-step map generalises beyond the couplings it saw."""
+    from fmconvert.reflow import draw_couplings, load_couplings
+    from fmconvert.training import flow_matching_loss
+
+    count = min(count, args.distill_couplings)
+    trained = couplings_run(str(teacher), args.distill_solver, args.distill_shift, args.distill_couplings,
+                            args.distill_solver_steps)
+    held = dataclasses.replace(trained, num_images=count, seed=args.fid_seed)
+    held_dir = args.work / f"couplings-held-{run_fingerprint(held).split(':')[-1][:12]}"
+    held, _ = draw_couplings(held, held_dir)
+    velocity = load_velocity_model(str(student)).velocity
+    errors = {}
+    for name, folder, run in (("train", args.work / f"couplings-{run_fingerprint(trained).split(':')[-1][:12]}", trained),
+                              ("held_out", held_dir, held)):
+        data = load_couplings(folder, run.loaded(held.model_class, held.shape))
+        with torch.no_grad():
+            errors[name] = flow_matching_loss(velocity, velocity.target, data.x0(torch.arange(count)), data.noise[:count],
+                                              torch.ones(count, dtype=torch.float64)).mean().item()
+    return {**errors, "count": count}
+
+
 def stage(name: str, model: str, out: Path, args: argparse.Namespace, training: dict, distill: bool, say,
-          num_couplings: int, solver_steps: int) -> dict:
+          couplings: Run) -> dict:
     """``fmconvert reflow model`` (with ``distill``: ``--distill``) into ``out``, its couplings in
     WORK/couplings-<their run's fingerprint>; a finished ``out`` of the same settings is reused. The stage's wall
     time (couplings and training) goes into WORK/timing.json under "<name>_seconds", so a rerun that reuses the
     model still reports what making it took. Returns its training.json."""
-    couplings = Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=args.solver,
-                    steps=solver_steps, num_images=num_couplings, shard_size=250,
-                    options=solver_options(args.solver), seed=COUPLINGS_SEED)
     wanted = {**training, "couplings": run_fingerprint(couplings), "distill": distill}
     if (out / "training.json").is_file() and all(
             json.loads((out / "training.json").read_text())["settings"].get(k) == v for k, v in wanted.items()):
         say(f"reusing {out} (trained with these settings)")
         return json.loads((out / "training.json").read_text())
-    say(f"{'distill' if distill else 'reflow'} {model}: {num_couplings} couplings ({args.solver}, "
-        f"{solver_steps} steps), {training['steps']} training steps into {out}")
+    say(f"{'distill' if distill else 'reflow'} {model}: {couplings.describe()}, {training['steps']} training steps "
+        f"into {out}")
     t0 = time.perf_counter()
     couplings_dir = args.work / f"couplings-{run_fingerprint(couplings).split(':')[-1][:12]}"
     reflow(couplings, out, distill=distill, couplings_dir=couplings_dir, checkpoint_every=100, force=True,
@@ -125,18 +157,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit_normal"])
+    parser.add_argument("--time-sampling", default="u_shaped", choices=list(TIME_SAMPLINGS))
     parser.add_argument("--logit-mean", type=float, default=0.0)
     parser.add_argument("--logit-std", type=float, default=1.0)
+    parser.add_argument("--u-shape-a", type=float, default=4.0)
+    parser.add_argument("--loss-type", default="pseudo_huber", choices=list(LOSS_TYPES), help="both stages' loss")
     parser.add_argument("--prediction-type", default="v_prediction",
                         help="what the reflowed network predicts ('' : what the source's predicts, epsilon)")
-    parser.add_argument("--distill-steps", type=int, default=1000,
+    parser.add_argument("--distill-steps", type=int, default=1600,
                         help="then distil the reflowed model to one step on its own couplings (0: no)")
+    parser.add_argument("--distill-lr", type=float, default=2e-4)
     parser.add_argument("--distill-ema-decay", type=float, default=0.995)
-    parser.add_argument("--distill-couplings", type=int, default=30000,
-                        help="the reflowed model's couplings (10,000 and 30,000 gave the same held-out FID: 15.2 and 15.0)")
-    parser.add_argument("--distill-solver-steps", type=int, default=8,
-                        help="their solver steps (the reflowed model is straight: at 4 steps it is at its 8-step FID)")
+    parser.add_argument("--distill-couplings", type=int, default=120000,
+                        help="the reflowed model's couplings: the one-step map overfits fewer (one-step error on 10,000 "
+                             "couplings 0.0015, on held-out ones 0.013), so they are many and cheap")
+    parser.add_argument("--distill-solver", default="ab2", help="their solver")
+    parser.add_argument("--distill-shift", type=float, default=2.0, help="its grid's time shift")
+    parser.add_argument("--distill-solver-steps", type=int, default=2,
+                        help="its steps (the reflowed model at 2 NFE, ab2 with shift 2, is at the source's 8-NFE FID)")
     parser.add_argument("--confirm-images", type=int, default=10000,
                         help="re-measure the target points with this many images (FID from 1,000 is biased upwards by "
                              "several units and varies by seed); 0: no")
@@ -157,15 +195,20 @@ def main() -> None:
 
     training = dict(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     ema_decay=args.ema_decay, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
-                    logit_std=args.logit_std, prediction_type=args.prediction_type or None, seed=COUPLINGS_SEED)
+                    logit_std=args.logit_std, u_shape_a=args.u_shape_a, loss_type=args.loss_type,
+                    prediction_type=args.prediction_type or None, seed=COUPLINGS_SEED)
     out, distilled_out = args.work / "model", args.work / "distilled"
-    record = stage("reflow", MODEL, out, args, training, False, say, args.num_couplings, args.solver_steps)
+    record = stage("reflow", MODEL, out, args, training, False, say,
+                   couplings_run(MODEL, args.solver, None, args.num_couplings, args.solver_steps))
     distilled = None
     if args.distill_steps:
-        distill_training = {**training, "steps": args.distill_steps, "ema_decay": args.distill_ema_decay,
-                            "prediction_type": None}
-        distilled = stage("distill", str(out), distilled_out, args, distill_training, True, say, args.distill_couplings,
-                          args.distill_solver_steps)
+        distill_training = {**training, "steps": args.distill_steps, "lr": args.distill_lr,
+                            "ema_decay": args.distill_ema_decay, "prediction_type": None}
+        distilled = stage("distill", str(out), distilled_out, args, distill_training, True, say,
+                          couplings_run(str(out), args.distill_solver, args.distill_shift, args.distill_couplings,
+                                        args.distill_solver_steps))
+        say("the distilled model's one-step error on its couplings and on held-out ones")
+        distilled["one_step_errors"] = one_step_errors(distilled_out, out, args)
     timing_file = args.work / "timing.json"
     timing: dict[str, int] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     say("FID of the source")
@@ -229,13 +272,21 @@ def main() -> None:
         f"predict {predicts}, AdamW lr {args.lr:g} after {args.warmup} warm-up steps, EMA {args.ema_decay:g}, "
         f"s {args.time_sampling.replace('_', '-')}"
         + (f" (m {args.logit_mean:g}, σ {args.logit_std:g})" if args.time_sampling == "logit_normal" else "")
-        + f" on the trained range [{record['time_range'][0]:.4f}, {record['time_range'][1]:.4f}]; loss: "
+        + (f" (a {args.u_shape_a:g}, Lee et al. 2024)" if args.time_sampling == "u_shaped" else "")
+        + f" on the trained range [{record['time_range'][0]:.4f}, {record['time_range'][1]:.4f}], "
+        + ("the flow-matching loss (l2)" if args.loss_type == "l2" else f"the {args.loss_type.replace('_', '-')} loss")
+        + "; loss: "
         + loss_words(record["loss"]) + ".",
     ]
     if distilled is not None:
         md += [f"2. Distillation of the reflowed model (`fmconvert reflow --distill`): {args.distill_couplings} couplings "
-               f"of its own, {args.solver} in {args.distill_solver_steps} steps; {args.distill_steps} steps at s = 1 only, "
-               f"EMA {args.distill_ema_decay:g}, the rest as above; loss: " + loss_words(distilled["loss"]) + "."]
+               f"of its own, {args.distill_solver} in {args.distill_solver_steps} steps (shift {args.distill_shift:g}); "
+               f"{args.distill_steps} steps at s = 1 only, "
+               f"lr {args.distill_lr:g}, EMA {args.distill_ema_decay:g}, the rest as above; loss: "
+               + loss_words(distilled["loss"]) + ". Its one-step error (mean square against the coupled sample) on "
+               f"{distilled['one_step_errors']['count']} of its couplings {distilled['one_step_errors']['train']:.4g}, on as many "
+               f"from held-out noise (seed "
+               f"{args.fid_seed}) {distilled['one_step_errors']['held_out']:.4g}: the gap is what more couplings close."]
     md += [
         "",
         f"FID in digits features against {REFERENCE}, {args.num_images} samples from the noise of seed {args.fid_seed} for "
