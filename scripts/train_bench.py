@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fmconvert.agreement import weighted_epsilon_loss  # noqa: E402
 from fmconvert.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.pipelines import inspect_source  # noqa: E402
-from fmconvert.runs import Run, model_fingerprint, sweep_runs  # noqa: E402
+from fmconvert.runs import TIME_SAMPLINGS, Run, model_fingerprint, sweep_runs  # noqa: E402
 from fmconvert.sampling import load_velocity_model  # noqa: E402
 from fmconvert.training import Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit_normal"])
+    parser.add_argument("--time-sampling", default="uniform", choices=list(TIME_SAMPLINGS))
     parser.add_argument("--solver", default="euler", help="comma-separated solvers for the FID (uniform grid)")
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--num-images", type=int, default=1000)
