@@ -204,19 +204,26 @@ def sample_times(settings: TrainSettings, u: torch.Tensor, s_range: tuple[float,
     if settings.time_sampling == "uniform":
         return lo + (hi - lo) * u
     if settings.time_sampling == "u_shaped":
-        a = settings.u_shape_a
-        ea = math.exp(a)
+        a, ea = settings.u_shape_a, math.exp(settings.u_shape_a)
 
-        def cdf(s: float) -> float:
-            return (math.exp(a * s) - math.exp(a * (1 - s)) + ea - 1) / (2 * (ea - 1))
+        def cdf(s: torch.Tensor) -> torch.Tensor:
+            return (torch.exp(a * s) - torch.exp(a * (1 - s)) + ea - 1) / (2 * (ea - 1))
 
-        v = cdf(lo) + (cdf(hi) - cdf(lo)) * u
-        c = (ea - 1) * (2 * v - 1)  # F(s) = v  ⇔  y² − c·y − e^a = 0 for y = e^{a·s}
-        return (torch.log((c + torch.sqrt(c * c + 4 * ea)) / 2) / a).clamp(lo, hi)
-    m, sd = settings.logit_mean, settings.logit_std
+        def inverse(v: torch.Tensor) -> torch.Tensor:  # F(s) = v  ⇔  y² − c·y − e^a = 0 for y = e^{a·s}
+            c = (ea - 1) * (2 * v - 1)
+            return torch.log((c + torch.sqrt(c * c + 4 * ea)) / 2) / a
+    else:
+        m, sd = settings.logit_mean, settings.logit_std
+
+        def cdf(s: torch.Tensor) -> torch.Tensor:
+            return torch.special.ndtr((torch.logit(s) - m) / sd)  # (logit(0) = −∞: Φ = 0)
+
+        def inverse(v: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(m + sd * torch.special.ndtri(v))
+    # truncated to [lo, hi]: s = F⁻¹(F(lo) + (F(hi) − F(lo))·u)
     bounds = torch.tensor([lo, hi], dtype=F64, device=u.device)
-    a, b = torch.special.ndtr((torch.logit(bounds) - m) / sd).unbind()  # (logit(0) = −∞: Φ = 0)
-    return torch.sigmoid(m + sd * torch.special.ndtri(a + (b - a) * u)).clamp(lo, hi)
+    f_lo, f_hi = cdf(bounds).unbind()
+    return inverse(f_lo + (f_hi - f_lo) * u).clamp(lo, hi)
 
 
 def network_prediction(source: Source) -> str:
