@@ -98,24 +98,25 @@ def couplings_run(model: str, solver: str, shift: float | None, num_couplings: i
                shift=shift, num_images=num_couplings, shard_size=250, options=solver_options(solver), seed=seed)
 
 
-def one_step_errors(student: Path, teacher: Path, args: argparse.Namespace, count: int = 2000) -> dict[str, float]:
+def couplings_folder(work: Path, couplings: Run) -> Path:
+    """Where the bench keeps a couplings run's shards: WORK/couplings-<its fingerprint>."""
+    return work / f"couplings-{run_fingerprint(couplings).split(':')[-1][:12]}"
+
+
+def one_step_errors(student: Path, trained: Run, work: Path, held_seed: int, count: int = 2000) -> dict[str, float]:
     """The distillation loss (mean square of one Euler step's error against the coupled sample) of ``student`` on
-    ``count`` of its training couplings and on ``count`` couplings of ``teacher`` from held-out noise (--fid-seed),
-    kept in WORK/couplings-held-<fingerprint>: how far the one-step map generalises beyond the couplings it saw."""
+    ``count`` of its training couplings (the run ``trained``) and on ``count`` couplings of the same run from the
+    held-out noise of ``held_seed``: how far the one-step map generalises beyond the couplings it saw."""
     from fmconvert.reflow import draw_couplings, load_couplings
     from fmconvert.training import flow_matching_loss
 
-    count = min(count, args.distill_couplings)
-    trained = couplings_run(str(teacher), args.distill_solver, args.distill_shift, args.distill_couplings,
-                            args.distill_solver_steps)
-    held = dataclasses.replace(trained, num_images=count, seed=args.fid_seed)
-    held_dir = args.work / f"couplings-held-{run_fingerprint(held).split(':')[-1][:12]}"
-    held, _ = draw_couplings(held, held_dir)
+    count = min(count, trained.num_images)
+    held = dataclasses.replace(trained, num_images=count, seed=held_seed)
+    held, _ = draw_couplings(held, couplings_folder(work, held))
     velocity = load_velocity_model(str(student)).velocity
     errors = {}
-    for name, folder, run in (("train", args.work / f"couplings-{run_fingerprint(trained).split(':')[-1][:12]}", trained),
-                              ("held_out", held_dir, held)):
-        data = load_couplings(folder, run.loaded(held.model_class, held.shape))
+    for name, run in (("train", trained), ("held_out", held)):
+        data = load_couplings(couplings_folder(work, run), run.loaded(held.model_class, held.shape))
         with torch.no_grad():
             errors[name] = flow_matching_loss(velocity, velocity.target, data.x0(torch.arange(count)), data.noise[:count],
                                               torch.ones(count, dtype=torch.float64)).mean().item()
@@ -136,9 +137,8 @@ def stage(name: str, model: str, out: Path, args: argparse.Namespace, training: 
     say(f"{'distill' if distill else 'reflow'} {model}: {couplings.describe()}, {training['steps']} training steps "
         f"into {out}")
     t0 = time.perf_counter()
-    couplings_dir = args.work / f"couplings-{run_fingerprint(couplings).split(':')[-1][:12]}"
-    reflow(couplings, out, distill=distill, couplings_dir=couplings_dir, checkpoint_every=100, force=True,
-           progress=sys.stderr.isatty(), log=say, **training)
+    reflow(couplings, out, distill=distill, couplings_dir=couplings_folder(args.work, couplings), checkpoint_every=100,
+           force=True, progress=sys.stderr.isatty(), log=say, **training)
     timing_file = args.work / "timing.json"
     made = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     timing_file.write_text(json.dumps({**made, f"{name}_seconds": round(time.perf_counter() - t0)}) + "\n")
@@ -204,11 +204,11 @@ def main() -> None:
     if args.distill_steps:
         distill_training = {**training, "steps": args.distill_steps, "lr": args.distill_lr,
                             "ema_decay": args.distill_ema_decay, "prediction_type": None}
-        distilled = stage("distill", str(out), distilled_out, args, distill_training, True, say,
-                          couplings_run(str(out), args.distill_solver, args.distill_shift, args.distill_couplings,
-                                        args.distill_solver_steps))
+        distill_couplings = couplings_run(str(out), args.distill_solver, args.distill_shift, args.distill_couplings,
+                                          args.distill_solver_steps)
+        distilled = stage("distill", str(out), distilled_out, args, distill_training, True, say, distill_couplings)
         say("the distilled model's one-step error on its couplings and on held-out ones")
-        distilled["one_step_errors"] = one_step_errors(distilled_out, out, args)
+        distilled["one_step_errors"] = one_step_errors(distilled_out, distill_couplings, args.work, args.fid_seed)
     timing_file = args.work / "timing.json"
     timing: dict[str, int] = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     say("FID of the source")
