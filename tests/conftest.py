@@ -7,10 +7,75 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _global_state() -> dict:
+    """What a test must leave as it found it: torch's and the process's global settings."""
+    return {
+        "torch threads": torch.get_num_threads(),
+        "torch default dtype": torch.get_default_dtype(),
+        "torch grad mode": torch.is_grad_enabled(),
+        "torch inference mode": torch.is_inference_mode_enabled(),
+        "torch deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                           torch.is_deterministic_algorithms_warn_only_enabled()),
+        "torch float32 matmul precision": torch.get_float32_matmul_precision(),
+        "environment": {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},  # (pytest's own)
+        "working directory": os.getcwd(),
+    }
+
+
+def _restore(state: dict) -> None:
+    torch.set_num_threads(state["torch threads"])
+    torch.set_default_dtype(state["torch default dtype"])
+    torch.set_grad_enabled(state["torch grad mode"])
+    enabled, warn_only = state["torch deterministic algorithms"]
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.set_float32_matmul_precision(state["torch float32 matmul precision"])
+    for name in set(os.environ) - set(state["environment"]) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[name]
+    os.environ.update(state["environment"])
+    os.chdir(state["working directory"])
+
+
+def _difference(before, after) -> str:
+    if isinstance(before, dict):
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        return ", ".join(f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in changed)
+    return f"{before!r} -> {after!r}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(request):
+    """Every test leaves torch's global state and the environment as it found it, so the suite
+    passes in any order: the global settings above are restored after each test, and a test that
+    changed one fails, naming it (a test that needs another setting takes it from a fixture that
+    restores it, e.g. pytest's monkeypatch, or the ``threads`` marker). The random number
+    generators (torch's, NumPy's, Python's), which tests seed to build their models, are restored
+    without complaint."""
+    marker = request.node.get_closest_marker("threads")
+    before = _global_state()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    if marker is not None:
+        torch.set_num_threads(marker.args[0])
+    yield
+    if marker is not None:
+        torch.set_num_threads(before["torch threads"])
+    after = _global_state()
+    torch.set_rng_state(rng[0])
+    np.random.set_state(rng[1])
+    random.setstate(rng[2])
+    if after != before:
+        _restore(before)
+        leaks = "; ".join(f"{name} ({_difference(before[name], after[name])})" for name in before
+                          if after[name] != before[name])
+        pytest.fail(f"the test changed global state and left it so: {leaks}", pytrace=False)
 
 
 def make_unet(seed: int = 0, channels: int = 3, size: int = 8, **extra):

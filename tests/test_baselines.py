@@ -21,9 +21,9 @@ def _calls(vm):
     return count
 
 
+@pytest.mark.threads(1)
 @pytest.mark.parametrize("alias", [name for name in BASELINES if name != "dpm++2m-sde"] + ["dpm++2m-sde"])
 def test_every_alias_builds_samples_and_counts_its_evaluations(alias, ddpm_folder):
-    torch.set_num_threads(1)
     vm = load_velocity_model(str(ddpm_folder))
     count = _calls(vm)
     (x, images, nfe), = list(iter_baseline(vm, 2, 2, 0, STEPS, "cpu", alias))
@@ -77,6 +77,7 @@ def test_fid_sweeps_several_baselines_with_options(tmp_path, ddpm_folder):
 @pytest.mark.parametrize("name,options", [("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
                                           ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}),
                                           ("UniPCMultistepScheduler", {"solver_order": 2})])
+@pytest.mark.threads(1)
 @pytest.mark.parametrize("steps", [5, 8])
 def test_multistep_solvers_are_invariant_under_the_change_of_path(name, options, steps):
     """DPM-Solver++ (and UniPC) in data prediction depend only on λ and x/α: diffusers' scheduler on the
@@ -89,7 +90,6 @@ def test_multistep_solvers_are_invariant_under_the_change_of_path(name, options,
 
     from fmconvert import VelocityAdapter, schedulers
 
-    torch.set_num_threads(1)
     unet = make_unet(seed=3)
     config = dict(DDPMScheduler().config)
     adapter = VelocityAdapter.from_diffusion(unet, config)
@@ -113,6 +113,7 @@ def test_multistep_solvers_are_invariant_under_the_change_of_path(name, options,
 
 @pytest.mark.parametrize("shim", ["FlowDPMSolverMultistepScheduler", "FlowUniPCMultistepScheduler",
                                   "FlowDEISMultistepScheduler"])
+@pytest.mark.threads(1)
 def test_flow_shims_drive_a_converted_pipeline_with_float_timesteps(shim, tmp_path, ddpm_folder):
     """Swapped into a converted folder's stock pipeline from its scheduler config: flow mode, the network
     handed 1000·s as float (the stock classes' int64 floor(1000·s) is not the s they step at); mu and custom
@@ -121,7 +122,6 @@ def test_flow_shims_drive_a_converted_pipeline_with_float_timesteps(shim, tmp_pa
 
     from fmconvert import schedulers
 
-    torch.set_num_threads(1)
     ok("wrap", ddpm_folder, "--out", tmp_path / "v")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "v", trust_remote_code=True)
     pipe.scheduler = getattr(schedulers, shim).from_config(pipe.scheduler.config)

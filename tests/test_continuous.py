@@ -41,10 +41,10 @@ def own_scheduler(unet, scheduler):
     return x, reference
 
 
+@pytest.mark.threads(1)
 def test_score_sde_ve_pf_ode_is_euler_on_the_converted_field():
     """NCSN++ layout (fourier time embedding: the UNet divides by σ, returning the score):
     PF-ODE dx/dσ = −σ·∇log p, Euler in σ down the scheduler's geometric sigmas, then to 0."""
-    torch.set_num_threads(1)
     unet = make_unet(seed=5, time_embedding_type="fourier")
     scheduler = ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=348.0, num_train_timesteps=2000)
     assert path_config(scheduler) == ({"kind": "ve", "sigma_min": 0.01, "sigma_max": 348.0}, "score")
@@ -61,13 +61,13 @@ def test_score_sde_ve_pf_ode_is_euler_on_the_converted_field():
     assert rel_max(ours, reference) <= 1e-5
 
 
+@pytest.mark.threads(1)
 def test_vp_sde_ddim_in_its_own_time_is_euler_on_the_converted_field():
     """ScoreSdeVpScheduler (continuous VP SDE, the network takes t ∈ [sampling_eps, 1] and returns ε):
     DDIM along the scheduler's own continuous times, x' = α(t')·x̂0 + σ(t')·ε̂ (Euler on its PF-ODE
     in σ/α), equals Euler on the converted field on s = σ/(α + σ)."""
     from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
 
-    torch.set_num_threads(1)
     unet = make_unet(seed=9)
     scheduler = ScoreSdeVpScheduler()
     scheduler.set_timesteps(12)
@@ -86,11 +86,11 @@ def test_vp_sde_ddim_in_its_own_time_is_euler_on_the_converted_field():
     assert rel_max(ours.double() * (p.alpha[-1] + p.sigma[-1]), reference) <= 1e-5
 
 
+@pytest.mark.threads(1)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sigma_data", [0.5, 1.0])
 def test_edm_euler_scheduler_is_euler_on_the_converted_field(prediction_type, sigma_data):
     """diffusers' EDMEulerScheduler (c_in, c_noise = ¼·log σ, c_skip, c_out) step for step."""
-    torch.set_num_threads(1)
     unet = make_unet(seed=6)
     scheduler = EDMEulerScheduler(sigma_data=sigma_data, prediction_type=prediction_type)
     scheduler.set_timesteps(10)
@@ -100,10 +100,10 @@ def test_edm_euler_scheduler_is_euler_on_the_converted_field(prediction_type, si
     assert rel_max(ours, reference.double()) <= 1e-5
 
 
+@pytest.mark.threads(1)
 def test_continuous_euler_discrete_is_euler_on_the_converted_field():
     """EulerDiscreteScheduler(timestep_type="continuous", v_prediction) as CosXL configures it:
     the network takes ¼·log σ, over karras sigmas between the config's sigma_min and sigma_max."""
-    torch.set_num_threads(1)
     unet = make_unet(seed=7)
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
                   timestep_type="continuous", use_karras_sigmas=True, sigma_min=0.002, sigma_max=120.0)
@@ -142,10 +142,10 @@ def test_continuous_sources_describe_their_paths():
 @pytest.mark.parametrize("scheduler", [ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=348.0),
                                        EDMEulerScheduler(sigma_data=0.5), {"_class_name": "ScoreSdeVpScheduler"}],
                          ids=["ve", "edm", "vp-sde"])
+@pytest.mark.threads(1)
 def test_converted_field_is_the_pf_ode_drift(scheduler):
     """The converted field against the PF-ODE drift f·x − ½g²·∇log p computed from the
     network's output in score form (agree's reference), across the trained range."""
-    torch.set_num_threads(1)
     unet = make_unet(seed=8, **({"time_embedding_type": "fourier"} if isinstance(scheduler, ScoreSdeVeScheduler) else {}))
     adapter = VelocityAdapter.from_diffusion(unet, scheduler)
     assert isinstance(adapter.source, (VEPath, VPSDEPath))
@@ -250,10 +250,10 @@ def test_vp_sde_model_folder_converts_and_agrees(tmp_path):
                                                               use_karras_sigmas=True, sigma_min=0.002, sigma_max=120.0),
                                        {"_class_name": "ScoreSdeVpScheduler"}],
                          ids=["ve", "edm", "continuous-euler", "vp-sde"])
+@pytest.mark.threads(1)
 def test_converted_continuous_sources_are_finite_at_both_ends(scheduler):
     """s = 1 (pure noise, λ = −∞) and s = 0 lie beyond every continuous source's trained range: the
     endpoint policy gives finite velocities there. (The VP SDE's time at λ = −∞ was ∞/∞ = NaN before.)"""
-    torch.set_num_threads(1)
     unet = make_unet(seed=8, **({"time_embedding_type": "fourier"} if isinstance(scheduler, ScoreSdeVeScheduler) else {}))
     adapter = VelocityAdapter.from_diffusion(unet, scheduler)
     x = noise()

@@ -14,9 +14,9 @@ from fmconvert.agreement import load_points, loss_identity
 from fmconvert.sampling import load_velocity_model
 
 
+@pytest.mark.threads(1)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_flow_matching_loss_is_the_reweighted_epsilon_loss(prediction_type):
-    torch.set_num_threads(1)
     adapter = VelocityAdapter.from_diffusion(make_unet(seed=2), DDPMScheduler(prediction_type=prediction_type))
     data = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     table = loss_identity(adapter, data, 6)
@@ -27,9 +27,9 @@ def test_flow_matching_loss_is_the_reweighted_epsilon_loss(prediction_type):
     assert max(table["s"]) > 0.99 and fm[-1] != pytest.approx(weighted[-1] * (1 - table["s"][-1]), rel=1e-2)
 
 
+@pytest.mark.threads(1)
 def test_loss_identity_on_the_trained_zoo_model():
     """builtin:digits-eps on held-out digits: measured 5e-16 … 2e-14 relative, per sample."""
-    torch.set_num_threads(1)
     vm = load_velocity_model("builtin:digits-eps", compute_dtype="float64")
     table = loss_identity(vm.velocity, load_points("builtin:digits/held_out", 128), 5)
     assert max(table["max_relative_difference"]) < 1e-6

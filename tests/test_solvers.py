@@ -69,11 +69,11 @@ def exponential_error(solver, steps):
     return (result.x - (M + C * z)).abs().max().item(), result.nfe
 
 
+@pytest.mark.threads(1)
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "unipc"])
 def test_exponential_integrators_converge_at_their_order_with_one_evaluation_a_step(solver):
     """Measured 40 → 80 → 160 steps: dpmpp_2m 1.98, 2.01; dpmpp_3m 2.32, 2.11 (diffusers'
     D2 is halved: second order); unipc 2.98, 3.01."""
-    torch.set_num_threads(1)
     e1, nfe1 = exponential_error(solver, 40)
     e2, nfe2 = exponential_error(solver, 80)
     measured = math.log2(e1 / e2)
@@ -109,6 +109,7 @@ def _scheduler(solver, spacing):
                                                    timestep_spacing=spacing)
 
 
+@pytest.mark.threads(1)
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "unipc"])
 @pytest.mark.parametrize("spacing, steps", [("linspace", 5), ("linspace", 8), ("trailing", 5), ("trailing", 8)])
 def test_exponential_integrators_are_diffusers_schedulers_on_the_converted_field(solver, spacing, steps):
@@ -123,7 +124,6 @@ def test_exponential_integrators_are_diffusers_schedulers_on_the_converted_field
 
     from fmconvert import VelocityAdapter
 
-    torch.set_num_threads(1)
     unet = make_unet(seed=3)
     scheduler = _scheduler(solver, spacing)
     scheduler.set_timesteps(steps)
