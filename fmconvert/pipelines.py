@@ -70,15 +70,28 @@ if TYPE_CHECKING:
 
 ADAPTER_SHIM = "fmconvert_adapter"
 SCHEDULER_SHIM = "fmconvert_scheduler"
-_SHIMS = {
-    ADAPTER_SHIM: "from fmconvert.adapters import DiffusionAdapter, VelocityAdapter  # noqa: F401\n",
-    SCHEDULER_SHIM: "from fmconvert.schedulers import (  # noqa: F401\n"
-                    "    FlowMatchEulerScheduler, FlowPipelineDDIMScheduler, FlowPipelineDPMSolverMultistepScheduler,\n"
-                    "    FlowPipelineEulerDiscreteScheduler)\n",
+#: Every text fmconvert has ever written into a shim module, by module name, the one it writes now
+#: first. A written (or pushed) folder is a public contract: stock diffusers imports its shim, so
+#: each text here stays importable whatever fmconvert moves (a moved class keeps a re-export at the
+#: old path, as ``FlowMatchEulerScheduler`` in this module does), the safety check accepts exactly
+#: these texts (:func:`_check_safety`), and tests/test_folder_contract.py loads a folder written
+#: with each in stock ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)``.
+SHIM_TEXTS: dict[str, tuple[str, ...]] = {
+    ADAPTER_SHIM: ("from fmconvert.adapters import DiffusionAdapter, VelocityAdapter  # noqa: F401\n",),
+    SCHEDULER_SHIM: (
+        # since 3fce15d (FLUX's folders name FlowPipelineDDIMScheduler)
+        "from fmconvert.schedulers import (  # noqa: F401\n"
+        "    FlowMatchEulerScheduler, FlowPipelineDDIMScheduler, FlowPipelineDPMSolverMultistepScheduler,\n"
+        "    FlowPipelineEulerDiscreteScheduler)\n",
+        # 07e7ec8 to 3fce15d
+        "from fmconvert.schedulers import FlowMatchEulerScheduler  # noqa: F401\n",
+        # the first release (8e0a981)
+        "from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n",
+    ),
 }
-#: shim texts written by earlier versions (still fmconvert's own one-line imports)
-_LEGACY_SHIMS = {SCHEDULER_SHIM: ("from fmconvert.pipelines import FlowMatchEulerScheduler  # noqa: F401\n",
-                                  "from fmconvert.schedulers import FlowMatchEulerScheduler  # noqa: F401\n")}
+_SHIMS = {name: texts[0] for name, texts in SHIM_TEXTS.items()}
+#: names earlier shims import from this module, now defined elsewhere: {name: module}
+_MOVED = {"FlowMatchEulerScheduler": "schedulers"}
 #: fmconvert's classes that a converted folder names (behind the shims): its denoisers, its schedulers
 ADAPTER_CLASSES = ("VelocityAdapter", "DiffusionAdapter")
 SCHEDULER_CLASSES = ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "FlowPipelineDPMSolverMultistepScheduler",
@@ -89,6 +102,14 @@ DENOISERS = ("unet", "transformer")
 #: diffusers' weight file names (diffusers.utils.constants)
 SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json"
+
+
+def __getattr__(name: str) -> Any:
+    """Classes that earlier shims import from here (:data:`_MOVED`), imported on first use (PEP 562),
+    so that ``wrap`` still imports neither torch nor diffusers."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _own_class(name: str) -> type[ModelMixin] | type[SchedulerMixin]:
@@ -228,7 +249,7 @@ def _check_safety(folder: Path, components: list[str], allow_pickle: bool, trust
                 f"'{part}' has only pickle weights ({weights[0].name}); loading pickles can run code: "
                 "convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
-        code = [p for p in files if p.suffix == ".py" and p.read_text() not in (_SHIMS.get(p.stem), *_LEGACY_SHIMS.get(p.stem, ()))]
+        code = [p for p in files if p.suffix == ".py" and p.read_text() not in SHIM_TEXTS.get(p.stem, ())]
         if code and not trust_remote_code:
             raise FmconvertError(
                 f"'{part}' contains code ({code[0].name}) that would run on load; pass --trust-remote-code "
