@@ -65,6 +65,8 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing output
 NumTimes = Annotated[int, typer.Option("--num-times", help="Times spread over the trained range.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Training steps between checkpoints; a rerun of the same command resumes from the last.")]
+Private = Annotated[bool, typer.Option("--private", help="Publishing: create the Hub repo private. An existing repo must already be private: its visibility is never changed (refused before any upload; change it with hf repos settings REPO --private). Neither --private nor --public: the Hub's default for a new repo (public, or an organisation's private default), an existing one as it is.")]
+Public = Annotated[bool, typer.Option("--public", help="Publishing: create the Hub repo public, even where an organisation's new repos are private by default. An existing repo must already be public (else refused before any upload). Not with --private.")]
 
 #: the fields of fmconvert.runs.TrainSettings that train and reflow take as options: name: (type, help); the
 #: defaults are the settings' own (--lora-targets: None, the settings' LORA_TARGETS)
@@ -239,12 +241,23 @@ def wrap(
     force: Force = False,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
-    push_to: Optional[str] = typer.Option(None, "--push", help="Then publish the folder to this Hub repo id."),
-    private: bool = typer.Option(False, "--private", help="With --push: create the repo private."),
-    token: Optional[str] = typer.Option(None, "--token", help="With --push: Hub token (default: HF_TOKEN or the login cache)."),
+    push_to: Optional[str] = typer.Option(None, "--push", help="Then publish the folder to this Hub repo id, as fmconvert push does (its refusals are made before converting)."),
+    private: Private = False,
+    public: Public = False,
+    token: Optional[str] = typer.Option(None, "--token", help="With --push: Hub token (default: HF_TOKEN or the login cache); never printed."),
     as_json: AsJson = False,
 ):
     """Convert SOURCE into a pipeline folder that stock diffusers loads."""
+    asked: bool | None = None  # --push's visibility: True private, False public, None the Hub's default
+    if push_to is None:  # the publishing options without --push would be ignored: refused instead
+        given = [flag for flag, value in (("--private", private), ("--public", public), ("--token", token)) if value]
+        if given:
+            raise UsageError(f"{' and '.join(given)} only apply with --push REPO: add --push or drop them")
+    else:  # what push would refuse without the model, before the conversion's work
+        from .push import preflight, visibility
+
+        asked = visibility(private, public)
+        preflight(push_to)
     from .pipelines import TARGETS, inspect_source, write_converted
 
     _interactive(as_json, import_diffusers=False)
@@ -256,7 +269,7 @@ def wrap(
     if push_to is not None:
         from .push import push as push_folder
 
-        summary["push"] = push_folder(out, push_to, private=private, token=token)
+        summary["push"] = push_folder(out, push_to, private=asked, token=token)
         log(f"pushed {out} to {push_to}: {summary['push']['commit_url']}")
     if as_json:
         emit_json(summary)
@@ -775,7 +788,8 @@ def report(
 def push(
     folder: Path = typer.Argument(..., help="A folder written by fmconvert wrap."),
     repo_id: str = typer.Argument(..., help="owner/name on the Hub (HF_ENDPOINT picks the Hub)."),
-    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    private: Private = False,
+    public: Public = False,
     revision: Optional[str] = typer.Option(None, help="Branch to commit to (created if missing)."),
     create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to the branch."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message"),
@@ -783,15 +797,25 @@ def push(
     report_dir: Optional[Path] = typer.Option(None, "--report", help="A folder from fmconvert report: its tables and grids go into the model card."),
     as_json: AsJson = False,
 ):
-    """Publish a converted folder to the Hugging Face Hub in one commit."""
+    """Publish a converted folder to the Hugging Face Hub in one commit.
+
+    Refused before diffusers or torch is imported: --private with --public, an invalid repo
+    id, a missing FOLDER or --report, offline mode (HF_HUB_OFFLINE=1). --private/--public set
+    a new repo's visibility (HfApi.create_repo); an existing repo of the other visibility is
+    refused before any upload, never changed (hf repos settings REPO --private changes it).
+    --json's "private" is the visibility the Hub reports after the upload (HfApi.model_info)."""
+    from .push import preflight, visibility
     from .push import push as push_folder
 
+    asked = visibility(private, public)
+    preflight(repo_id, folder, report_dir)
     _interactive(as_json)
-    summary = push_folder(folder, repo_id, private, revision, create_pr, commit_message, token, report_dir)
+    summary = push_folder(folder, repo_id, asked, revision, create_pr, commit_message, token, report_dir)
     if as_json:
         emit_json(summary)
     else:
-        log(f"pushed {len(summary['files'])} files to {repo_id}: {summary['pr_url'] or summary['commit_url']}")
+        seen = {True: "private", False: "public"}.get(summary["private"], "visibility unknown")
+        log(f"pushed {len(summary['files'])} files to {repo_id} ({seen}): {summary['pr_url'] or summary['commit_url']}")
 
 
 def main() -> None:

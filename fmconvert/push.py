@@ -7,6 +7,22 @@ anything is sent the folder is checked: it must be a folder written by ``fmconve
 hold only the expected files (no pickles), and load with :func:`fmconvert.load`.
 With ``report`` (a folder written by ``fmconvert report``) its tables and sample grid go
 into the model card, the pictures under ``eval/``.
+
+Visibility (``--private`` / ``--public``): a new repo is created with what was asked, and
+with neither the Hub's own default applies (``create_repo(private=None)`` sends no
+``visibility``: public, or private for an organisation whose new repos are private). An
+existing repo's visibility is never changed: if it differs from what was asked
+(``model_info().private``) the push is refused before anything is uploaded, naming the
+command that changes it (``hf repos settings REPO --private``, huggingface_hub's
+``update_repo_settings``). Why refuse rather than flip: a repo may hold other files,
+revisions and discussions, and changing who can see all of it as a side effect of an
+upload is surprising (``--public`` on a private repo would publish everything in it);
+the change is one explicit command away. The summary's ``private`` is the visibility the
+Hub reports after the upload, not the flag.
+
+The refusals that need neither the model nor the network (:func:`visibility`,
+:func:`preflight`) import only ``huggingface_hub.constants`` and its repo-id validator,
+so the command line makes them before diffusers or torch is imported.
 """
 
 from __future__ import annotations
@@ -78,19 +94,62 @@ def _transport_errors() -> type[Exception]:
         return OSError
 
 
-def push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None, create_pr: bool = False,
-         commit_message: str | None = None, token: str | None = None, report: Path | None = None) -> dict:
-    """Check, then upload ``folder`` to ``repo_id`` in one commit. Returns a summary for --json."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+def visibility(private: bool, public: bool) -> bool | None:
+    """``--private`` / ``--public`` as ``HfApi.create_repo``'s ``private``: True, False, or None
+    (neither: the Hub's default for new repos); both together is a usage error."""
+    if private and public:
+        raise UsageError("--private and --public contradict each other: pass one of them, or neither "
+                         "(the Hub's default for a new repo)")
+    return True if private else False if public else None
+
+
+def preflight(repo_id: str, folder: Path | None = None, report: Path | None = None) -> None:
+    """The refusals that need neither the model nor the network, made before any heavy import
+    or I/O: an invalid repo id (``huggingface_hub.utils.validate_repo_id``), a missing
+    ``folder``, a ``report`` folder without report.md, and offline mode
+    (``huggingface_hub.constants.is_offline_mode()``: HF_HUB_OFFLINE=1). Imports neither
+    torch, diffusers nor httpx."""
+    from huggingface_hub import constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if constants.is_offline_mode():
-        raise FmconvertError("cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload")
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
         raise UsageError(f"'{repo_id}' is not a valid Hub repo id (owner/name)") from None
+    if folder is not None and not Path(folder).is_dir():
+        raise UsageError(f"'{folder}' does not exist or is not a folder")
+    if report is not None and not (Path(report) / "report.md").is_file():
+        raise UsageError(f"--report '{report}' has no report.md; make one with fmconvert report")
+    if constants.is_offline_mode():
+        raise FmconvertError("cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload")
+
+
+def _visibility_refusal(repo_id: str, private: bool, found: bool | None) -> str:
+    flag = "--private" if private else "--public"
+    if found is None:
+        return (f"the Hub does not say whether '{repo_id}' is private, so {flag} cannot be confirmed; "
+                "nothing was uploaded")
+    state = "private" if found else "public"
+    return (f"'{repo_id}' is {state} on the Hub; {flag} sets the visibility of a new repo and never changes an "
+            f"existing one, so nothing was uploaded: change it with hf repos settings {repo_id} {flag}, "
+            f"or push without {flag}")
+
+
+def push(folder: Path, repo_id: str, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
+         commit_message: str | None = None, token: str | None = None, report: Path | None = None) -> dict:
+    """Check, then upload ``folder`` to ``repo_id`` in one commit. Returns a summary for --json.
+
+    ``private``: True or False creates a missing repo private or public; None leaves it to the
+    Hub (``HfApi.create_repo(private=None)`` sends no visibility, so an organisation's private
+    default holds). With True or False, an existing repo of the other visibility
+    (``HfApi.model_info().private``, read after ``create_repo(exist_ok=True)``) is refused
+    with a UsageError before anything is uploaded; it is never changed. The summary's
+    ``private`` is ``model_info().private`` read after the upload (None if the Hub does not
+    say)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    preflight(repo_id, folder, report)
     folder = Path(folder)
     files = check_converted_folder(folder)
     endpoint = os.environ.get("HF_ENDPOINT") or None
@@ -99,8 +158,6 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
         upload = folder
         if report is not None:
             report = Path(report)
-            if not (report / "report.md").is_file():
-                raise UsageError(f"--report '{report}' has no report.md; make one with fmconvert report")
             upload = Path(staging) / folder.name
             shutil.copytree(folder, upload, copy_function=link_or_copy)
             (upload / "README.md").unlink()
@@ -111,6 +168,10 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
             files = sorted(str(p.relative_to(upload)) for p in upload.rglob("*") if p.is_file())
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if private is not None:
+                found = api.model_info(repo_id).private
+                if found is not private:
+                    raise UsageError(_visibility_refusal(repo_id, private, found))
             if revision and revision != "main" and not create_pr:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
             info = api.upload_folder(
@@ -129,5 +190,9 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
             where = endpoint or constants.ENDPOINT
             raise FmconvertError(f"cannot reach the Hub at {where} ({type(error).__name__}); check the network "
                                  "or HF_ENDPOINT") from None
+    try:  # the commit is made: a failed read-back is reported as unknown, not as a failed push
+        visible = api.model_info(repo_id).private
+    except (HfHubHTTPError, OSError, _transport_errors()):
+        visible = None
     return {"repo_id": repo_id, "commit_url": info.commit_url, "commit_oid": info.oid, "pr_url": info.pr_url,
-            "private": private, "revision": revision or "main", "files": files}
+            "private": visible, "revision": revision or "main", "files": files}

@@ -1,6 +1,13 @@
 """A loopback stand-in for the Hugging Face Hub: enough HTTP for the real HfApi to create a
 repo, upload a folder in one commit, and for hf_hub_download / DiffusionPipeline to read it
-back. Standard library only; binds 127.0.0.1 on port 0; repositories live in memory."""
+back. Standard library only; binds 127.0.0.1 on port 0; repositories live in memory.
+
+Visibility as the Hub answers it: ``POST /api/repos/create`` with ``visibility`` "private" or
+"public" (huggingface_hub 1+; older clients sent ``private``: true/false) sets it, and with
+neither the new repo gets the namespace's default (``FakeHub(private_by_default=True)``: an
+organisation whose new repos are private); ``GET /api/models/{id}`` reports ``private``;
+``PUT /api/models/{id}/settings`` (``update_repo_settings``) changes it. Every request's
+method, path and body are recorded in ``hub.bodies``."""
 
 from __future__ import annotations
 
@@ -35,11 +42,15 @@ class Repo:
 
 
 class FakeHub:
-    """``with FakeHub() as hub:`` → ``hub.endpoint``; ``hub.repos``, ``hub.requests`` to inspect."""
+    """``with FakeHub() as hub:`` → ``hub.endpoint``; ``hub.repos``, ``hub.requests``, ``hub.bodies``
+    (method, path, the body: parsed JSON where it is JSON, else bytes) to inspect; ``hub.existing(repo_id,
+    private)`` makes a repo as if created before."""
 
-    def __init__(self):
+    def __init__(self, private_by_default: bool = False):
+        self.private_by_default = private_by_default
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.bodies: list[tuple[str, str, object]] = []
         self.create_payloads: list[dict] = []
         hub = self
 
@@ -62,6 +73,15 @@ class FakeHub:
                 self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
 
             def _body(self) -> bytes:
+                body = self._read_body()
+                try:
+                    parsed: object = json.loads(body) if body else None
+                except ValueError:  # the commit's NDJSON, or bytes
+                    parsed = body
+                hub.bodies.append((self.command, urlparse(self.path).path, parsed))
+                return body
+
+            def _read_body(self) -> bytes:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     return self.rfile.read(length)
@@ -89,8 +109,7 @@ class FakeHub:
                     url_ = f"{hub.endpoint}/{repo_id}"
                     if repo_id in hub.repos:
                         return self._json(409, {"error": "You already created this model repo", "url": url_})
-                    private = payload.get("private") is True or payload.get("visibility") == "private"
-                    hub.repos[repo_id] = Repo(repo_id, private)
+                    hub.repos[repo_id] = Repo(repo_id, hub.visibility(payload, hub.private_by_default))
                     return self._json(200, {"url": url_, "name": repo_id, "id": repo_id})
                 if parts[:2] == ["api", "validate-yaml"]:
                     return self._json(200, {"errors": [], "warnings": []})
@@ -181,6 +200,19 @@ class FakeHub:
                                                   "Content-Type": "application/octet-stream"}, head=head)
                 return self._json(404, {"error": f"no route GET {url.path}"})
 
+            def do_PUT(self):
+                url = urlparse(self.path)
+                parts = [unquote(p) for p in url.path.strip("/").split("/")]
+                hub.requests.append(("PUT", url.path))
+                payload = json.loads(self._body() or b"{}")
+                if parts[:2] == ["api", "models"] and len(parts) == 5 and parts[4] == "settings":
+                    repo = hub.repos.get(f"{parts[2]}/{parts[3]}")
+                    if repo is None:
+                        return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    repo.private = hub.visibility(payload, repo.private)
+                    return self._json(200, {})
+                return self._json(404, {"error": f"no route PUT {url.path}"})
+
             def do_GET(self):
                 self._get(head=False)
 
@@ -190,6 +222,20 @@ class FakeHub:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @staticmethod
+    def visibility(payload: dict, default: bool) -> bool:
+        """private from a create or settings payload: ``visibility``, else ``private``, else ``default``."""
+        if payload.get("visibility") in ("private", "public"):
+            return payload["visibility"] == "private"
+        if isinstance(payload.get("private"), bool):
+            return payload["private"]
+        return default
+
+    def existing(self, repo_id: str, private: bool) -> Repo:
+        """A repo made before the test, as on a real Hub."""
+        self.repos[repo_id] = Repo(repo_id, private)
+        return self.repos[repo_id]
 
     def __enter__(self) -> "FakeHub":
         self.thread.start()
