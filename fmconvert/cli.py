@@ -24,7 +24,7 @@ from .configs import SAMPLE_DTYPES
 from .errors import FmconvertError, UsageError
 from .features import FEATURES
 from .grids import GRIDS, check_shift
-from .runs import LORA_TARGETS, TrainSettings
+from .runs import LORA_TARGETS, TrainSettings, resolved
 from .solvers import SOLVERS
 
 app = typer.Typer(
@@ -152,6 +152,10 @@ def emit_json(payload: dict) -> None:
     say(json.dumps(payload, indent=2, default=str))
 
 
+#: the environment variables a command may set for the libraries it imports (:func:`_interactive`)
+_SETS_ENVIRONMENT = ("DIFFUSERS_VERBOSITY",)
+
+
 def handle_errors(command):
     """One-line errors with the right exit code; tracebacks only with FMCONVERT_DEBUG=1.
 
@@ -162,6 +166,7 @@ def handle_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        saved = {name: os.environ.get(name) for name in _SETS_ENVIRONMENT}
         try:
             return command(*args, **kwargs)
         except typer.Exit:
@@ -184,6 +189,12 @@ def handle_errors(command):
                 raise
             log(f"error: {type(error).__name__}: {_first_line(error)} (set FMCONVERT_DEBUG=1 for the traceback)")
             raise typer.Exit(1) from None
+        finally:  # a command called in-process (typer's CliRunner, a notebook) leaves the environment as it was
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     return wrapper
 
@@ -210,21 +221,42 @@ def _device(device: str) -> str:
     return distributed.init(device)
 
 
-def _interactive(as_json: bool, import_diffusers: bool = True) -> bool:
-    """Progress bars only on an interactive stderr, and never with --json. diffusers' own
-    logging is set to errors only (and its progress bars off unless interactive); a command
-    that may not import diffusers at all (``import_diffusers=False``: wrap) sets it through
-    DIFFUSERS_VERBOSITY, which diffusers reads when it is imported."""
-    interactive = not as_json and sys.stderr.isatty()
-    if os.environ.get("FMCONVERT_DEBUG") != "1":
-        if not import_diffusers and "diffusers" not in sys.modules:
-            os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-            return interactive
-        from diffusers.utils import logging as diffusers_logging
+def _computed_on(device: str) -> dict:
+    """Where the numbers were computed, for --json: the device, this process's torch threads and
+    the number of processes. Results are bit-identical only where these (and the batch size) are
+    the same, or the world size alone changes (README, "Reproducibility")."""
+    import torch
 
-        diffusers_logging.set_verbosity_error()
-        if not interactive:
-            diffusers_logging.disable_progress_bar()
+    from . import distributed
+
+    return {"device": device, "threads": torch.get_num_threads(), "world_size": distributed.world_size()}
+
+
+def _interactive(as_json: bool, import_diffusers: bool = True) -> bool:
+    """Progress bars only on an interactive stderr, and never with --json: fmconvert's and the
+    libraries' own (diffusers', transformers' "Loading weights", huggingface_hub's), whose logs are
+    set to errors only. A command that may not import diffusers at all (``import_diffusers=False``:
+    wrap) sets its level through DIFFUSERS_VERBOSITY, which diffusers reads when it is imported (and
+    :func:`handle_errors` puts back as it was when the command returns)."""
+    interactive = not as_json and sys.stderr.isatty()
+    if os.environ.get("FMCONVERT_DEBUG") == "1":
+        return interactive
+    if not interactive:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # (transformers takes its own setting from it when it is imported)
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+    if not import_diffusers and "diffusers" not in sys.modules:
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        return interactive
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    if not interactive:
+        diffusers_logging.disable_progress_bar()
     return interactive
 
 
@@ -323,14 +355,19 @@ def sample(
                                 image_embeds=embeds.get("image_embeds"),
                                 negative_image_embeds=embeds.get("negative_image_embeds"),
                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-    _positive(num_images=num_images, batch_size=batch_size)
+    _positive(num_images=num_images, batch_size=batch_size,
+              **{name: value for name, value in (("height", height), ("width", width)) if value is not None})
     if out is not None and out.suffix.lower() != ".png" and out.exists() and not force:
         raise UsageError(f"output '{out}' already exists; pass --force to replace it")
     if baseline is not None and len(baseline) > 1:
         raise UsageError(f"sample draws one run: give one --baseline, got {len(baseline)} (fid compares several)")
-    run = _run(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baselines=baseline or [], grid=grid,
-               shift=shift, steps=steps_value, seed=seed, dtype=dtype, conditioning=conditioning, num_images=num_images,
-               shard_size=batch_size, rtol=rtol, atol=atol)
+    run, source = _run(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baselines=baseline or [],
+                       grid=grid, shift=shift, steps=steps_value, seed=seed, dtype=dtype, conditioning=conditioning,
+                       num_images=num_images, shard_size=batch_size, rtol=rtol, atol=atol)
+    run = resolved(run, source.shifts_times)
+    # what the family cannot honour, from the configs alone: before any weight is read (again with the
+    # pipeline and network once loaded, for the checks that need them)
+    source.family.check(conditioning, source.pipeline_class, num_images=num_images)
     if baseline:
         mixed = [f"--{k} {v}" for k, v, default in (("solver", solver, "euler"), ("grid", grid, "uniform"),
                                                     ("shift", shift, None), ("rtol", rtol, None), ("atol", atol, None))
@@ -381,9 +418,10 @@ def sample(
                                                           "images": result.images.contiguous()}, str(tmp)))
         outputs["tensor"] = str(save_tensor)
     payload = {
-        "loaded": vm.info, "run": run.manifest(), "solver": run.sampler, "grid": run.grid, "steps": run.steps,
+        "loaded": vm.info, "run": run.manifest(), "solver": run.sampler, "grid": run.grid, "shift": run.shift,
+        "steps": run.steps,
         "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
-        "seed": seed, "device": device, "dtype": dtype, "shape": list(run.shape or ()),
+        "seed": seed, **_computed_on(device), "dtype": dtype, "shape": list(run.shape or ()),
         "conditioning": conditioning.describe(), "seconds": round(result.seconds, 4), "outputs": outputs,
     }
     if samples_dir is not None:
@@ -399,8 +437,10 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
          dtype: str, baselines: list[str] | None = None, rtol: float | None = None, atol: float | None = None,
          shift: float | None = None, **fields):
     """The first solver's run from the command line (:class:`fmconvert.runs.Run`; a sweep's others
-    follow by :func:`fmconvert.runs.sweep_runs`), every choice checked against its registry; the
-    model is read for its fingerprint only (configs and the ends of its files, no loading)."""
+    follow by :func:`fmconvert.runs.sweep_runs`), every choice checked against its registry, and
+    the source it names (read for its fingerprint only: configs and the ends of its files, no
+    loading). Solver ``auto`` is left to the caller to resolve, run by run, once the runs are made
+    (:func:`fmconvert.runs.resolved`)."""
     from .pipelines import inspect_source
     from .runs import Run, model_fingerprint, solver_options
 
@@ -428,7 +468,7 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
         log(f"note: seed {fields['seed']} is the noise '{model}' was reflowed on (its couplings.json): its samples from it "
             "repeat training pairs; pass another --seed to measure it on held-out noise")
     return Run(model=model, fingerprint=model_fingerprint(source), sampler=solvers[0], grid=grid, shift=shift, dtype=dtype,
-               options=solver_options(solvers[0], **given), **fields)
+               options=solver_options(solvers[0], **given), **fields), source
 
 
 def _new_output(out: Path, force: bool) -> None:
@@ -507,7 +547,7 @@ def agree(
     if data is not None:
         parse_data(data)  # (before any model is loaded)
     # the points, when no --data: the model's own samples, Euler 50 steps (a run like any other)
-    points_run = _run(model, None, False, False, solvers=["euler"], grid="uniform", dtype="float32", steps=50, seed=seed,
+    points_run, _ = _run(model, None, False, False, solvers=["euler"], grid="uniform", dtype="float32", steps=50, seed=seed,
                       num_images=num_points, shard_size=256)
     device = _device(device)
     # the agreement measures the conversion: apply it in float64 (the network keeps its dtype)
@@ -515,7 +555,7 @@ def agree(
     if vm.source.family.accepts:
         raise UsageError(f"agree compares unconditional fields; {vm.source.pipeline_class} ({vm.source.family.title}) "
                          "needs its conditioning, which agree does not take yet")
-    payload: dict = {"model": model, "loaded": vm.info, "data": data or "own samples", "runs": []}
+    payload: dict = {"model": model, "loaded": vm.info, "data": data or "own samples", **_computed_on(device), "runs": []}
     points_run = points_run.loaded(vm.source.model_class, sample_shape(vm))
     if data is not None:
         points = load_points(data, num_points)
@@ -607,9 +647,11 @@ def fid(
         if value < 2:
             raise UsageError(f"{name} must be at least 2, got {value}")
     parse_data(reference, statistics=True)  # (before any model is loaded or sample drawn)
-    base = _run(model, None, False, False, solvers=solvers, baselines=baseline, grid=grid, shift=shift, dtype=dtype,
-                rtol=rtol, atol=atol, steps=steps_list[0], seed=seed, num_images=num_images, shard_size=batch_size)
-    runs = sweep_runs(base, solvers, steps_list, baseline or [], rtol=rtol, atol=atol)
+    base, source = _run(model, None, False, False, solvers=solvers, baselines=baseline, grid=grid, shift=shift,
+                        dtype=dtype, rtol=rtol, atol=atol, steps=steps_list[0], seed=seed, num_images=num_images,
+                        shard_size=batch_size)
+    runs = [resolved(run, source.shifts_times) for run in sweep_runs(base, solvers, steps_list, baseline or [], rtol=rtol,
+                                                                      atol=atol)]
     if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
         from .shards import ShardStore
 
@@ -631,6 +673,7 @@ def fid(
     result = sweep(vm, reference, extractor, runs, device, progress=interactive, use_cache=not no_cache,
                    samples_dir=samples_dir)
     result["model"], result["loaded"] = model, vm.info
+    result.update(_computed_on(device))
     if save_reference_stats is not None:
         stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise
         if _main_process():
@@ -716,8 +759,9 @@ def reflow(
     _new_output(out, force)
     (steps_value,) = _steps(steps, single=True)
     _positive(num_couplings=num_couplings, sample_batch_size=sample_batch_size, checkpoint_every=checkpoint_every)
-    couplings = _run(model, None, False, False, solvers=[solver], grid=grid, shift=shift, dtype="float32",
-                     steps=steps_value, seed=seed, num_images=num_couplings, shard_size=sample_batch_size)
+    couplings, source = _run(model, None, False, False, solvers=[solver], grid=grid, shift=shift, dtype="float32",
+                             steps=steps_value, seed=seed, num_images=num_couplings, shard_size=sample_batch_size)
+    couplings = resolved(couplings, source.shifts_times)
     with _resumable(out, couplings_dir):
         summary = reflow_model(couplings, out, distill=distill, couplings_dir=couplings_dir, device=device,
                                checkpoint_every=checkpoint_every, force=force, progress=interactive, log=log,

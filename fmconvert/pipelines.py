@@ -207,6 +207,17 @@ class Source:
         return isinstance(self.family, PixelUnconditional)
 
     @property
+    def shift(self) -> float:
+        """The time shift of its scheduler (FlowMatchEulerDiscreteScheduler's ``shift``, UniPC's
+        ``flow_shift``), 1 where it has none."""
+        return float(self.scheduler.get("shift", self.scheduler.get("flow_shift", 1.0)) or 1.0)
+
+    @property
+    def shifts_times(self) -> bool:
+        """Whether its scheduler shifts the times, by a static shift other than 1 or dynamically."""
+        return self.shift != 1.0 or bool(self.scheduler.get("use_dynamic_shifting"))
+
+    @property
     def hub_id(self) -> str | None:
         ref = self.reference
         is_local = ref.startswith(BUILTIN_PREFIX) or looks_like_path(ref) or Path(ref).expanduser().exists()

@@ -159,6 +159,19 @@ def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: 
     return runs
 
 
+def resolved(run: Run, source_shifts: bool) -> Run:
+    """``run`` as it runs: solver ``auto`` replaced by the solver and grid shift it picks for
+    ``run.steps`` (:func:`fmconvert.solvers.resolve_auto`; ``source_shifts``: whether the source's
+    scheduler shifts its times, :attr:`fmconvert.pipelines.Source.shifts_times`), so that its
+    records (manifest, samples folder, --json) name what ran. Any other run is returned as it is."""
+    if run.baseline or run.sampler != "auto":
+        return run
+    from .solvers import resolve_auto
+
+    solver, shift = resolve_auto(run.steps, run.grid, run.shift, source_shifts)
+    return dataclasses.replace(run, sampler=solver, shift=shift, options=solver_options(solver))
+
+
 def run_fingerprint(run: Run) -> str:
     """``sha256:…`` of ``run``'s manifest without what loading tells (``model_class`` and
     ``shape``, which the model determines): the identity of its samples, known before the model

@@ -30,7 +30,7 @@ from .families import Conditioning, guide, network_call, network_kwargs
 from .grids import time_grid
 from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from .schedules import GaussianPath, RectifiedFlow
-from .solvers import SOLVERS, auto_choice, solve
+from .solvers import SOLVERS, resolve_auto, solve
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -88,7 +88,6 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     if compute_dtype is None:
         compute_dtype = "float64" if model.dtype == torch.float64 else "float32"
     velocity, grid_source = as_velocity(model, source, compute_dtype)
-    shift = float(source.scheduler.get("shift", source.scheduler.get("flow_shift", 1.0)) or 1.0)
     pipeline = None
     if need_pipeline or source.family.needs_pipeline:
         pipeline = _load_pipeline(source, model, dtype, allow_pickle, trust_remote_code)
@@ -106,7 +105,7 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
         for name, component in pipeline.components.items():
             if isinstance(component, torch.nn.Module) and name not in DENOISERS:
                 component.to(device)
-    return VelocityModel(velocity.eval(), grid_source, source, shift, pipeline, source.describe())
+    return VelocityModel(velocity.eval(), grid_source, source, source.shift, pipeline, source.describe())
 
 
 def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None = None) -> torch.Tensor:
@@ -272,9 +271,8 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    if solver == "auto" and grid == "uniform" and shift is None and vm.shift == 1.0 \
-            and not vm.source.scheduler.get("use_dynamic_shifting"):
-        shift = auto_choice(steps)[1]  # (measured on sources without a shift of their own)
+    if solver == "auto":
+        solver, shift = resolve_auto(steps, grid, shift, vm.source.shifts_times)
     s_grid = sampling_grid(vm, grid, steps, shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges

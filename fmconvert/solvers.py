@@ -331,9 +331,21 @@ def auto_choice(steps: int) -> tuple[str, float | None]:
     return next((solver, shift) for most, solver, shift in AUTO_CHOICE if steps <= most)
 
 
+def resolve_auto(steps: int, grid: str, shift: float | None, source_shifts: bool) -> tuple[str, float | None]:
+    """What ``auto`` runs in ``steps`` steps on ``grid``: (solver, time shift of the grid, None for
+    the source's own). :data:`AUTO_CHOICE`'s shift applies on the uniform grid where no ``shift``
+    is given and the source's scheduler has no shift of its own (``source_shifts``:
+    :attr:`fmconvert.pipelines.Source.shifts_times`), the sources it was measured on; else the
+    grid keeps ``shift``. Runs record this, not ``auto`` (:func:`fmconvert.runs.resolved`)."""
+    solver, auto_shift = auto_choice(steps)
+    if grid == "uniform" and shift is None and not source_shifts:
+        shift = auto_shift
+    return solver, shift
+
+
 def auto(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
-    """The solver :data:`AUTO_CHOICE` names for this many steps (``len(grid) − 1``); the grid's
-    shift is applied where the grid is made (:func:`fmconvert.sampling.iter_generate`)."""
+    """The solver :data:`AUTO_CHOICE` names for this many steps (``len(grid) − 1``), on a grid made
+    already (its shift is chosen with the grid: :func:`resolve_auto`)."""
     name, _ = auto_choice(len(grid) - 1)
     return SOLVERS[name].step(u, x, grid, callback=callback)
 

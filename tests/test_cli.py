@@ -387,3 +387,18 @@ def test_value_errors_are_usage_errors_in_every_command(tmp_path):
                           2, "exceeds")
     assert "ValueError" not in line
     one_line_error(run("sample", folder, "--steps", 2000, "--grid", "trailing", "--num-images", 1), 2, "exceeds")
+
+
+def test_piped_stderr_gets_no_progress_bar_of_any_library(sd_folder):
+    """With stderr piped (and --json), the libraries' own bars follow fmconvert's rule too: none of
+    transformers' "Loading weights" (the text encoder), diffusers' or huggingface_hub's; the logs stay."""
+    import subprocess
+    import sys
+
+    for extra in ((), ("--json",)):
+        result = subprocess.run([sys.executable, "-m", "fmconvert", "sample", str(sd_folder), "--prompt", "a", "--steps",
+                                 "1", "--num-images", "1", *extra], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "it/s]" not in result.stderr and "Loading weights" not in result.stderr, result.stderr
+        assert result.stderr.startswith("sampling 1 images"), result.stderr

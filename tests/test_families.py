@@ -242,8 +242,8 @@ def test_refused_before_any_work(tmp_path, tmp_path_factory):
             ((dit, "--guidance-scale", 4), "pass --class-label"),
             ((sd, "--prompt", "x", "--negative-prompt", "y"), "needs --guidance-scale > 1"),
             ((sd, "--prompt", "x", "--guidance-rescale", 0.5), "needs --guidance-scale > 1"),
-            ((sd, "--height", -16), "must be positive"),
-            ((sd, "--height", 0), "must be positive"),
+            ((sd, "--height", -16), "must be a positive integer"),
+            ((sd, "--height", 0), "must be a positive integer"),
         ]
         for args, words in cases:
             line = error(2, "sample", *args, "--steps", 1, "--samples-dir", shards, "--out", tmp_path / "pics")
@@ -254,6 +254,22 @@ def test_refused_before_any_work(tmp_path, tmp_path_factory):
         assert "--baseline ddim" in error(2, "sample", out, "--baseline", "ddim", "--steps", 1)
         assert "--features inception" in error(2, "fid", out, "--reference", "builtin:digits", "--steps", 1,
                                                "--num-images", 4)
+
+
+def test_option_refusals_come_before_any_weight_is_read(tmp_path, tmp_path_factory):
+    """What a family cannot honour is refused from the configs: on a copy whose weights are cut
+    short, each is still the usage error, not a failure to load (an SDXL-size load per wrong flag)."""
+    broken = tmp_path / "sd15-truncated"
+    shutil.copytree(build_replica("sd15", tmp_path_factory), broken)
+    for weights in broken.rglob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:64])
+    cases = [(("--guidance-rescale", 0.7), "needs --guidance-scale > 1"),
+             (("--negative-prompt", "y"), "needs --guidance-scale > 1"),
+             (("--class-label", 3), "--class-label cannot be honoured"),
+             (("--height", -16), "--height must be a positive integer")]
+    for args, words in cases:
+        assert words in error(2, "sample", broken, "--prompt", "x", "--steps", 1, *args)
+    assert "cannot load" in error(1, "sample", broken, "--prompt", "x", "--steps", 1)  # (and the weights are bad)
 
 
 def test_dtype_options_and_one_step(tmp_path, tmp_path_factory):

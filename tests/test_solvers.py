@@ -5,6 +5,7 @@ the velocity is u(x, s) = −m + (v'(s) / 2v(s))·(x − (1 − s)·m). The ODE 
 x_0 = m + c·z exactly.
 """
 
+import json
 import math
 
 import numpy as np
@@ -325,3 +326,21 @@ def test_auto_samples_on_its_shifted_grid_where_the_source_has_no_shift(tmp_path
                        samples(folder, "--solver", "ab2", "--grid", "karras", "--steps", 4))
     assert not torch.equal(samples(folder, "--solver", "auto", "--steps", 4), samples(folder, "--solver", "ab2", "--steps", 4))
     assert torch.equal(samples(shifted, "--solver", "auto", "--steps", 4), samples(shifted, "--solver", "ab2", "--steps", 4))
+
+
+def test_runs_record_what_auto_ran(tmp_path, ddpm_folder):
+    """`--solver auto` is resolved where the run is made: its record (--json, the samples folder's
+    manifest, fid's rows) names the solver and shift that ran, not `auto` and the shift asked for."""
+    from conftest import ok
+
+    out = json.loads(ok("sample", ddpm_folder, "--solver", "auto", "--steps", 4, "--num-images", 2, "--json",
+                        "--samples-dir", tmp_path / "s").stdout)
+    assert (out["solver"], out["shift"]) == ("ab2", 1.5)
+    assert (out["run"]["sampler"], out["run"]["shift"]) == ("ab2", 1.5)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["shift"]) == ("ab2", 1.5)
+    out = json.loads(ok("fid", ddpm_folder, "--reference", "builtin:digits", "--solver", "auto,euler", "--steps", "4,6",
+                        "--num-images", 4, "--batch-size", 4, "--samples-dir", tmp_path / "f", "--json").stdout)
+    assert [(row["sampler"], row["steps"]) for row in out["rows"]] == [("ab2", 4), ("unipc", 6), ("euler", 4), ("euler", 6)]
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["ab2-uniform-shift1.5-4", "euler-uniform-4",
+                                                                  "euler-uniform-6", "unipc-uniform-6"]
