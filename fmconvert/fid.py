@@ -257,14 +257,17 @@ def _reference_batches(ref: DataRef, batch_size: int) -> tuple[Iterator[torch.Te
         return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), key
     folder = ref.path
     assert folder is not None  # (a folder reference)
-    from .images import image_files, load_files
+    from .images import READER_VERSION, folder_files, folder_shape, load_files
 
-    files = image_files(folder)
-    if not files:
-        raise FmconvertError(f"no images in '{folder}'")
+    files = folder_files(folder)
     listing = hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
-    batches = (load_files(files[first:first + batch_size]) for first in range(0, len(files), batch_size))
-    return batches, f"{folder.resolve()}:{listing.hexdigest()}"
+
+    def batches() -> Iterator[torch.Tensor]:  # the folder's shape first: one for every batch, refusals before any feature
+        shape = folder_shape(files)
+        for first in range(0, len(files), batch_size):
+            yield load_files(files[first:first + batch_size], shape)
+
+    return batches(), f"{folder.resolve()}:{listing.hexdigest()}:reader{READER_VERSION}"
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
 from .io import atomic_folder, atomic_write
 
 
@@ -54,33 +55,145 @@ def save_folder(images: torch.Tensor, folder: str | Path, force: bool = False) -
     return folder
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: bumped when what the reader gives for a file changes (it keys cached reference statistics)
+READER_VERSION = 2
+
+GREY_MODES = ("1", "L", "LA")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+COLOUR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+PALETTE_MODES = ("P", "PA")
 
 
 def image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (suffixes IMAGE_SUFFIXES, any case), sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_folder(folder: Path, limit: int | None = None) -> torch.Tensor:
-    """Images of a folder (sorted by name) as uint8 (N, C, H, W); all must share one size."""
-    from .errors import FmconvertError
+def _open(path: Path, decode: bool = True):
+    """The image at ``path``, its pixels decoded unless ``decode`` is False (then only its header is
+    read: mode, size); UsageError naming the file if Pillow cannot read it."""
+    from PIL import Image, UnidentifiedImageError
 
+    try:
+        image = Image.open(path)
+        if decode:
+            image.load()
+    except UnidentifiedImageError:
+        raise UsageError(f"cannot read '{path}': not an image Pillow recognises") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"cannot read '{path}' as an image ({reason})") from None
+    return image
+
+
+def _channels(image, path: Path) -> int:
+    """1 (grey) or 3 (colour): what the reader makes of ``image``'s mode; UsageError otherwise."""
+    if image.mode in GREY_MODES or image.mode in SIXTEEN_BIT_MODES:
+        return 1
+    if image.mode in COLOUR_MODES:
+        return 3
+    if image.mode in PALETTE_MODES:
+        import numpy as np
+
+        palette = np.asarray(image.getpalette("RGB") or [0, 0, 0]).reshape(-1, 3)
+        return 1 if (palette == palette[:, :1]).all() else 3
+    raise UsageError(f"cannot read '{path}': mode '{image.mode}' is not read (8-bit grey or colour, grey or colour "
+                     "palette, 16-bit grey, with or without alpha); save it as 8-bit grey or RGB")
+
+
+def _pixels(image, path: Path):
+    """(H, W) uint8 for a grey image, (H, W, 3) uint8 for a colour one (see :func:`read_image`)."""
+    import numpy as np
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UsageError(f"cannot read '{path}': mode '{image.mode}' with values outside 0..65535 "
+                             f"({values.min()}..{values.max()}); save it as 8- or 16-bit grey")
+        return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v·255/65535)
+    return np.asarray(image.convert("L" if _channels(image, path) == 1 else "RGB"))
+
+
+def read_image(path: str | Path, channels: int | None = None):
+    """One image file as a NumPy array (H, W, C), uint8 0..255. Pillow's conversions, by mode:
+
+    - grey, C = 1: 'L'; '1' (0 or 255); 'LA' (alpha dropped); 16-bit grey 'I;16', 'I;16B', 'I'
+      (values 0..65535; others refused) as round(v·255/65535), so 8-bit v stored as v·257 reads
+      back as v;
+    - colour, C = 3: 'RGB'; 'RGBA' and 'RGBX' (alpha dropped); 'CMYK' and 'YCbCr' (JPEG) as
+      Pillow's RGB of them;
+    - palette 'P' and 'PA' (alpha dropped): the colours of the palette, grey (C = 1, the same
+      pixels as 'L') when every palette entry is grey, else RGB.
+
+    Alpha is dropped, not composited, as torch-fidelity and clean-fid read such files, so FID
+    against a folder is theirs. JPEG (lossy) gives the pixels Pillow decodes. ``channels`` 3
+    puts a grey image's value in all three channels; 1 refuses a colour image. UsageError, one
+    line naming the file: not an image Pillow can read (truncated, another format), or another
+    mode ('F' floats, 'I;16S', 'LAB', ...)."""
+    path = Path(path)
+    with _open(path) as image:
+        pixels = _pixels(image, path)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if channels is not None and pixels.shape[-1] != channels:
+        if channels != 3:
+            raise UsageError(f"'{path}' is a colour image; {channels}-channel images are wanted")
+        pixels = pixels.repeat(3, axis=-1)
+    return pixels
+
+
+def folder_shape(files: list[Path]) -> tuple[int, int, int]:
+    """(C, H, W) that :func:`load_files` reads ``files`` as, from their headers (and palettes): C = 3
+    when any file is colour (grey ones then fill all three channels), else 1. UsageError, one
+    line naming the file: one Pillow cannot open, a mode :func:`read_image` does not read, or a
+    size that differs from the first file's."""
+    shape: tuple[int, int, int] | None = None
+    channels = 1
+    for path in files:
+        image = _open(path, decode=False)
+        if image.mode in PALETTE_MODES:  # grey or colour: its palette says
+            image.close()
+            image = _open(path)
+        channels = max(channels, _channels(image, path))
+        size = (image.height, image.width)
+        image.close()
+        if shape is None:
+            shape = (1, *size)
+        elif size != shape[1:]:
+            raise UsageError(f"'{path}' is {size[0]}×{size[1]} (height×width) but '{files[0].name}' is "
+                             f"{shape[1]}×{shape[2]}: the images of a folder must share one size; resize them")
+    if shape is None:
+        raise UsageError("no image files given")
+    return (channels, *shape[1:])
+
+
+def load_files(files: list[Path], shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Image files as uint8 (N, C, H, W), 0..255, each read by :func:`read_image`. ``shape``
+    (C, H, W): what :func:`folder_shape` gave for the folder these files come from (so batches
+    of one folder agree); default: ``folder_shape(files)``. UsageError, one line naming the file,
+    as those two refuse."""
+    import numpy as np
+
+    channels, height, width = shape or folder_shape(files)
+    arrays = [read_image(p, channels) for p in files]
+    for path, array in zip(files, arrays):
+        if array.shape[:2] != (height, width):
+            raise UsageError(f"'{path}' is {array.shape[0]}×{array.shape[1]} (height×width), not {height}×{width}: "
+                             "the images of a folder must share one size; resize them")
+    images = torch.empty((len(arrays), channels, height, width), dtype=torch.uint8)  # plain (N, C, H, W) strides
+    return images.copy_(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+
+def folder_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """The first ``limit`` (default all) of :func:`image_files`; UsageError if there are none."""
     files = image_files(folder)[:limit] if limit else image_files(folder)
     if not files:
-        raise FmconvertError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
-    return load_files(files)
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+    return files
 
 
-def load_files(files: list[Path]) -> torch.Tensor:
-    """Image files as uint8 (N, C, H, W), grey images with C = 1; all must share one size."""
-    import numpy as np
-    from PIL import Image
-
-    from .errors import FmconvertError
-
-    arrays = [np.asarray(Image.open(p)) for p in files]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise FmconvertError(f"images in '{files[0].parent}' differ in size ({sorted(shapes)[:2]}); resize them to one size")
-    stacked = torch.from_numpy(np.stack(arrays))
-    return (stacked[:, None] if stacked.ndim == 3 else stacked.permute(0, 3, 1, 2)).contiguous()
+def load_folder(folder: Path, limit: int | None = None) -> torch.Tensor:
+    """The first ``limit`` (default all) images of a folder, sorted by name, as uint8
+    (N, C, H, W) in 0..255 (:func:`load_files`). UsageError for a folder without images."""
+    return load_files(folder_files(folder, limit))
