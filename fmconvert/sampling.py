@@ -44,7 +44,6 @@ class VelocityModel:
     velocity: PathAdapter
     grid_source: GaussianPath
     source: Source
-    shift: float = 1.0
     pipeline: Any = None
     info: dict = field(default_factory=dict)
     #: the sample's (h, w); None: the denoiser's sample_size (see :meth:`resize`)
@@ -105,7 +104,7 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
         for name, component in pipeline.components.items():
             if isinstance(component, torch.nn.Module) and name not in DENOISERS:
                 component.to(device)
-    return VelocityModel(velocity.eval(), grid_source, source, source.shift, pipeline, source.describe())
+    return VelocityModel(velocity.eval(), grid_source, source, pipeline, source.describe())
 
 
 def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None = None) -> torch.Tensor:
@@ -128,7 +127,7 @@ def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None 
     config, family = vm.source.scheduler, vm.source.family
     flow_source = config.get("_class_name") in FLOW_SCHEDULERS
     own = shift is None
-    k: float = vm.shift if shift is None else shift
+    k: float = vm.source.shift if shift is None else shift
     mu = None
     if own and config.get("use_dynamic_shifting") and GRIDS[kind].shifts:
         length = family.image_seq_len(vm.velocity.config, sample_shape(vm)[1:]) if flow_source else None

@@ -229,10 +229,10 @@ def _vm(scheduler: dict, path):
 
     from fmconvert.families import PixelUnconditional
 
-    shift = scheduler.get("shift", 1.0)
-    source = SimpleNamespace(scheduler=scheduler, reference="src", pipeline_class=None, family=PixelUnconditional())
+    source = SimpleNamespace(scheduler=scheduler, shift=scheduler.get("shift", 1.0), reference="src", pipeline_class=None,
+                             family=PixelUnconditional())
     velocity = SimpleNamespace(config={"in_channels": 3, "sample_size": 8})
-    return SimpleNamespace(source=source, grid_source=path, shift=shift, velocity=velocity, size=None, pipeline=None)
+    return SimpleNamespace(source=source, grid_source=path, velocity=velocity, size=None, pipeline=None)
 
 
 @pytest.mark.parametrize("steps", [10, 7])
