@@ -1,29 +1,37 @@
 """fmconvert: diffusion models and flow matching are one object in two coordinate systems.
 
-Configs alone (plain Python, what ``wrap`` needs): :mod:`fmconvert.configs`. The math (pure
-torch): :mod:`fmconvert.schedules` (Gaussian paths), :mod:`fmconvert.predictions`
-(prediction types through (x̂0, ε̂)), :mod:`fmconvert.core` (the conversion between two paths),
-:mod:`fmconvert.grids` and :mod:`fmconvert.solvers`. The diffusers glue: :mod:`fmconvert.adapters`,
-:mod:`fmconvert.families` (what each model family needs), :mod:`fmconvert.schedulers`,
-:mod:`fmconvert.pipelines`.
+The package is layered; each layer imports only from the layers above it in this list
+(tests/test_layers.py checks every import):
+
+- :mod:`fmconvert.files`: reading and writing files (images, references, atomic writes);
+- :mod:`fmconvert.math`: pure torch: Gaussian paths, prediction types, the conversion, grids, solvers;
+- :mod:`fmconvert.integration`: diffusers: configs, families, adapters, schedulers, folders, the Hub;
+- :mod:`fmconvert.sampling`: a loaded model, noise, run records, samples, baselines;
+- :mod:`fmconvert.evaluation`: features, FID/KID, field agreement, reports;
+- :mod:`fmconvert.training`: fine-tuning and reflow in the converted coordinates;
+- :mod:`fmconvert.cli`: the command line, one module per command.
+
+:mod:`fmconvert.errors` is shared by all; :mod:`fmconvert.zoo` holds the bundled models.
+:mod:`fmconvert.adapters`, :mod:`fmconvert.schedulers` and :mod:`fmconvert.pipelines` are the
+module paths converted folders import (their shims): kept importable for every folder ever written.
 """
 
 __version__ = "0.1.0"
 
-# the public names, imported on first use (PEP 562): `import fmconvert.fid` or the CLI's
+# the public names, imported on first use (PEP 562): `import fmconvert.evaluation.fid` or the CLI's
 # --help need not import diffusers
 _EXPORTS = {
-    "core": ("Conversion", "apply_conversion", "invert", "plan_conversion", "reparameterize"),
-    "adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter"),
-    "families": ("Conditioning", "Family", "family_of"),
-    "schedulers": ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "FlowPipelineDPMSolverMultistepScheduler",
+    "math.conversion": ("Conversion", "apply_conversion", "invert", "plan_conversion", "reparameterize"),
+    "integration.adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter"),
+    "integration.families": ("Conditioning", "Family", "family_of"),
+    "integration.schedulers": ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "FlowPipelineDPMSolverMultistepScheduler",
                    "FlowPipelineEulerDiscreteScheduler", "FlowDPMSolverMultistepScheduler", "FlowUniPCMultistepScheduler",
                    "FlowDEISMultistepScheduler"),
-    "configs": ("PREDICTION_TYPES", "canonical_prediction_type"),
-    "predictions": ("from_x0_eps", "pf_ode_drift", "to_x0_eps"),
-    "schedules": ("CosinePath", "DiscreteVPSchedule", "EDMPath", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
-                  "VPSDEPath", "path_from_config", "path_from_scheduler_config"),
-    "pipelines": ("load",),
+    "math.predictions": ("PREDICTION_TYPES", "canonical_prediction_type", "from_x0_eps", "pf_ode_drift", "to_x0_eps"),
+    "math.paths": ("CosinePath", "DiscreteVPSchedule", "EDMPath", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
+                   "VPSDEPath", "path_from_config"),
+    "integration.configs": ("path_from_scheduler_config",),
+    "integration.pipelines": ("load",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

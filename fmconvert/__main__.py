@@ -1,3 +1,3 @@
-from .cli import main
+from fmconvert.cli import main
 
 main()

@@ -19,13 +19,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .baselines import BASELINES
-from .configs import SAMPLE_DTYPES
-from .errors import FmconvertError, UsageError
-from .features import FEATURES
-from .grids import GRIDS, check_shift
-from .runs import LORA_TARGETS, TrainSettings, resolved
-from .solvers import SOLVERS
+from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.evaluation.features import FEATURES
+from fmconvert.integration.configs import SAMPLE_DTYPES
+from fmconvert.math.grids import GRIDS, check_shift
+from fmconvert.math.solvers import SOLVERS
+from fmconvert.sampling.baselines import BASELINES
+from fmconvert.sampling.runs import LORA_TARGETS, TrainSettings, resolved
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -68,7 +68,7 @@ CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Traini
 Private = Annotated[bool, typer.Option("--private", help="Publishing: create the Hub repo private. An existing repo must already be private: its visibility is never changed (refused before any upload; change it with hf repos settings REPO --private). Neither --private nor --public: the Hub's default for a new repo (public, or an organisation's private default), an existing one as it is.")]
 Public = Annotated[bool, typer.Option("--public", help="Publishing: create the Hub repo public, even where an organisation's new repos are private by default. An existing repo must already be public (else refused before any upload). Not with --private.")]
 
-#: the fields of fmconvert.runs.TrainSettings that train and reflow take as options: name: (type, help); the
+#: the fields of fmconvert.sampling.runs.TrainSettings that train and reflow take as options: name: (type, help); the
 #: defaults are the settings' own (--lora-targets: None, the settings' LORA_TARGETS)
 TRAINING_OPTIONS: dict[str, tuple[object, str]] = {
     "steps": (int, "Optimiser steps."),
@@ -131,7 +131,7 @@ def training_options(**renamed: str):
 def _main_process() -> bool:
     if "torch.distributed" not in sys.modules:  # no process group joined (and torch not needed to know it)
         return True
-    from . import distributed
+    from fmconvert.sampling import distributed
 
     return distributed.is_main()
 
@@ -208,7 +208,7 @@ def _leave_together() -> None:
     two-process `sample` runs without this wait, 0 of 30 with it). Not on an error, where a peer may
     never arrive."""
     if "torch.distributed" in sys.modules:  # (torch not imported: no group joined)
-        from . import distributed
+        from fmconvert.sampling import distributed
 
         distributed.barrier()
 
@@ -228,7 +228,7 @@ def _device(device: str) -> str:
     """Validate --device and, under torchrun, join the process group (this rank's device)."""
     import torch
 
-    from . import distributed
+    from fmconvert.sampling import distributed
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
@@ -241,7 +241,7 @@ def _computed_on(device: str) -> dict:
     the same, or the world size alone changes (README, "Reproducibility")."""
     import torch
 
-    from . import distributed
+    from fmconvert.sampling import distributed
 
     return {"device": device, "threads": torch.get_num_threads(), "world_size": distributed.world_size()}
 
@@ -300,11 +300,11 @@ def wrap(
         if given:
             raise UsageError(f"{' and '.join(given)} only apply with --push REPO: add --push or drop them")
     else:  # what push would refuse without the model, before the conversion's work
-        from .push import preflight, visibility
+        from fmconvert.integration.push import preflight, visibility
 
         asked = visibility(private, public)
         preflight(push_to)
-    from .pipelines import TARGETS, inspect_source, write_converted
+    from fmconvert.integration.pipelines import TARGETS, inspect_source, write_converted
 
     _interactive(as_json, import_diffusers=False)
     _choice(to, TARGETS, "--to")
@@ -313,7 +313,7 @@ def wrap(
     log(f"converting {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")
     summary = write_converted(src, out, to, schedule, force, variant, dtype, allow_pickle, trust_remote_code)
     if push_to is not None:
-        from .push import push as push_folder
+        from fmconvert.integration.push import push as push_folder
 
         summary["push"] = push_folder(out, push_to, private=asked, token=token)
         log(f"pushed {out} to {push_to}: {summary['push']['commit_url']}")
@@ -359,7 +359,7 @@ def sample(
     as_json: AsJson = False,
 ):
     """Sample MODEL as a velocity field with an ODE solver (or, with --baseline, its own sampler)."""
-    from .families import Conditioning
+    from fmconvert.integration.families import Conditioning
 
     (steps_value,) = _steps(steps, single=True)
     if not 0.0 <= guidance_rescale <= 1.0:
@@ -389,18 +389,18 @@ def sample(
         if mixed:
             raise UsageError(f"--baseline {baseline[0]} samples with its own scheduler on its own timesteps: "
                              f"{mixed[0]} does not apply")
-        from .runs import sweep_runs
+        from fmconvert.sampling.runs import sweep_runs
 
         (run,) = sweep_runs(run, [], [steps_value], baseline)
     if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
-        from .shards import ShardStore
+        from fmconvert.sampling.shards import ShardStore
 
         ShardStore.check(samples_dir, run.manifest())
     device = _device(device)
 
     import torch
 
-    from .sampling import generate_sharded, iter_run, load_velocity_model, sample_shape
+    from fmconvert.sampling.generate import generate_sharded, iter_run, load_velocity_model, sample_shape
 
     interactive = _interactive(as_json)
     vm = load_velocity_model(model, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
@@ -410,7 +410,7 @@ def sample(
     run = run.loaded(vm.source.model_class, sample_shape(vm))
     store = None
     if samples_dir is not None:
-        from .shards import ShardStore
+        from fmconvert.sampling.shards import ShardStore
 
         store = ShardStore(samples_dir, run.manifest())
     log(f"sampling {run.describe()}, on {device}")
@@ -420,13 +420,13 @@ def sample(
         return
     outputs = {}
     if out is not None:
-        from .images import save_folder, save_grid
+        from fmconvert.files.images import save_folder, save_grid
 
         outputs["images"] = str(save_grid(result.images, out) if out.suffix.lower() == ".png" else save_folder(result.images, out, force))
     if save_tensor is not None:
         from safetensors.torch import save_file
 
-        from .io import atomic_write
+        from fmconvert.files.atomic import atomic_write
 
         atomic_write(save_tensor, lambda tmp: save_file({"samples": result.samples.contiguous(),
                                                           "images": result.images.contiguous()}, str(tmp)))
@@ -450,13 +450,13 @@ def sample(
 def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, solvers: list[str], grid: str,
          dtype: str, baselines: list[str] | None = None, rtol: float | None = None, atol: float | None = None,
          shift: float | None = None, **fields):
-    """The first solver's run from the command line (:class:`fmconvert.runs.Run`; a sweep's others
-    follow by :func:`fmconvert.runs.sweep_runs`), every choice checked against its registry, and
+    """The first solver's run from the command line (:class:`fmconvert.sampling.runs.Run`; a sweep's others
+    follow by :func:`fmconvert.sampling.runs.sweep_runs`), every choice checked against its registry, and
     the source it names (read for its fingerprint only: configs and the ends of its files, no
     loading). Solver ``auto`` is left to the caller to resolve, run by run, once the runs are made
-    (:func:`fmconvert.runs.resolved`)."""
-    from .pipelines import inspect_source
-    from .runs import Run, model_fingerprint, solver_options
+    (:func:`fmconvert.sampling.runs.resolved`)."""
+    from fmconvert.integration.pipelines import inspect_source
+    from fmconvert.sampling.runs import Run, model_fingerprint, solver_options
 
     for name in solvers:
         _choice(name, SOLVERS, "--solver")
@@ -466,7 +466,7 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
     except ValueError as error:
         raise UsageError(f"--shift {shift}: {error}") from None
     _choice(dtype, SAMPLE_DTYPES, "--dtype")
-    from .baselines import parse_baseline
+    from fmconvert.sampling.baselines import parse_baseline
 
     for spec in baselines or []:
         parse_baseline(spec)  # (an unknown name or a malformed option: refused here)
@@ -476,7 +476,7 @@ def _run(model: str, revision, allow_pickle: bool, trust_remote_code: bool, *, s
             takers = ", ".join(n for n, s in SOLVERS.items() if option in dict(s.options))
             raise UsageError(f"--{option} is an option of {takers}; {', '.join(solvers)} does not take it")
     source = inspect_source(model, revision, allow_pickle, trust_remote_code)
-    from .reflow import couplings_seed
+    from fmconvert.training.reflow import couplings_seed
 
     if "seed" in fields and couplings_seed(source.folder) == fields["seed"]:
         log(f"note: seed {fields['seed']} is the noise '{model}' was reflowed on (its couplings.json): its samples from it "
@@ -545,10 +545,10 @@ def agree(
 ):
     """How closely the converted field agrees with its source (or two fields with each other); with a discrete
     source, also Euler on the trailing grid against the source's DDIM along the same timesteps, per --steps."""
-    from .agreement import field_vs_field, field_vs_source, load_points, loss_identity, trajectory_agreement
-    from .data import parse_data
-    from .sampling import generate_run, load_velocity_model, sample_shape
-    from .schedules import DiscreteVPSchedule
+    from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, loss_identity, trajectory_agreement
+    from fmconvert.files.references import parse_data
+    from fmconvert.math.paths import DiscreteVPSchedule
+    from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
 
     _interactive(as_json)
     dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -648,10 +648,10 @@ def fid(
 ):
     """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep; --solver takes a
     comma-separated list."""
-    from .data import parse_data
-    from .fid import make_extractor, reference_stats, save_stats, sweep
-    from .runs import sweep_runs
-    from .sampling import load_velocity_model
+    from fmconvert.evaluation.fid import make_extractor, reference_stats, save_stats, sweep
+    from fmconvert.files.references import parse_data
+    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.sampling.runs import sweep_runs
 
     interactive = _interactive(as_json)
     _choice(features, FEATURES, "--features")
@@ -667,7 +667,7 @@ def fid(
     runs = [resolved(run, source.shifts_times) for run in sweep_runs(base, solvers, steps_list, baseline or [], rtol=rtol,
                                                                       atol=atol)]
     if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
-        from .shards import ShardStore
+        from fmconvert.sampling.shards import ShardStore
 
         for run in runs:
             ShardStore.check(Path(samples_dir) / run.slug(), run.manifest())
@@ -679,7 +679,7 @@ def fid(
         log(f"warning: {num_images} samples for {extractor.num_features}-dimensional {extractor.name} features: the "
             "covariance is singular and the FID is biased high; use more samples than dimensions to compare numbers")
     vm = load_velocity_model(model, dtype=getattr(torch, dtype), device=device, channels_last=channels_last, compile=compile)
-    from .sampling import image_shape
+    from fmconvert.sampling.generate import image_shape
 
     extractor.check(image_shape(vm))
     log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
@@ -694,7 +694,7 @@ def fid(
             save_stats(stats, save_reference_stats, extractor, reference)
         result["saved_reference_stats"] = str(save_reference_stats)
     if plot is not None and _main_process():
-        from .fid import plot_sweep
+        from fmconvert.evaluation.fid import plot_sweep
 
         result["plot"] = str(plot_sweep(result, plot))
     if as_json:
@@ -726,8 +726,8 @@ def train(
     checkpoint_every: int,
 ):
     """Fine-tune MODEL with the conditional flow-matching loss on the rectified path; write a converted folder."""
-    from .training import TrainSettings
-    from .training import train as train_model
+    from fmconvert.training.loop import TrainSettings
+    from fmconvert.training.loop import train as train_model
 
     interactive = _interactive(as_json)
     _new_output(out, force)
@@ -767,7 +767,7 @@ def reflow(
     """Reflow MODEL (rectified flow, Liu et al. 2022): solve --num-couplings (noise, sample) pairs with an accurate
     solver (--solver/--steps/--grid/--shift), train on the straight paths between them (or, with --distill, one step),
     write a converted folder. Interrupted, the same command resumes the couplings and the training."""
-    from .reflow import reflow as reflow_model
+    from fmconvert.training.reflow import reflow as reflow_model
 
     interactive = _interactive(as_json)
     _new_output(out, force)
@@ -791,14 +791,14 @@ def reflow(
 def _resumable(out: Path, couplings_dir: Path | None = None):
     """On an interruption (exit 130), say what a rerun of the same command resumes: the last
     checkpoint in OUT.partial, else the couplings' complete shards (reflow), else nothing."""
-    from .training import CHECKPOINT, checkpoint_step, work_folder
+    from fmconvert.training.loop import CHECKPOINT, checkpoint_step, work_folder
 
     try:
         yield
     except KeyboardInterrupt:
         work = work_folder(out)
         done = checkpoint_step(work / CHECKPOINT)
-        from .reflow import COUPLINGS
+        from fmconvert.training.reflow import COUPLINGS
 
         shards = sorted((couplings_dir or work / COUPLINGS).glob("shard-*.safetensors"))
         if done is not None:
@@ -828,7 +828,7 @@ def report(
     as_json: AsJson = False,
 ):
     """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
-    from .report import build_report
+    from fmconvert.evaluation.report import build_report
 
     interactive = _interactive(as_json)
     _new_output(out, force)
@@ -862,8 +862,8 @@ def push(
     a new repo's visibility (HfApi.create_repo); an existing repo of the other visibility is
     refused before any upload, never changed (hf repos settings REPO --private changes it).
     --json's "private" is the visibility the Hub reports after the upload (HfApi.model_info)."""
-    from .push import preflight, visibility
-    from .push import push as push_folder
+    from fmconvert.integration.push import preflight, visibility
+    from fmconvert.integration.push import push as push_folder
 
     asked = visibility(private, public)
     preflight(repo_id, folder, report_dir)

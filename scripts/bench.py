@@ -175,7 +175,7 @@ def bench_sampling(folder: Path, steps: int, batch: int, device: str, dtype, rep
     (the same number of network calls), which measures each loop's own work per run."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from fmconvert.sampling import generate, load_velocity_model
+    from fmconvert.sampling.generate import generate, load_velocity_model
 
     vm = load_velocity_model(str(folder), dtype=dtype, device=device)
     pipe = DDIMPipeline.from_pretrained(folder, dtype=dtype).to(device)
@@ -217,8 +217,8 @@ def fid_inputs(work: Path) -> tuple[Path, Path]:
     importing fmconvert) and random Inception weights calibrated on them (fmconvert.testing)."""
     from safetensors.torch import save_file
 
-    from fmconvert.digits import load_digits
     from fmconvert.testing import random_inception_weights
+    from fmconvert.zoo.digits import load_digits
 
     images = load_digits().images.expand(-1, 3, -1, -1).contiguous()
     data = work / "digits-rgb.safetensors"
@@ -241,7 +241,7 @@ real, fake = imgs, imgs.flip(-1)
     ours = common + f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from fmconvert.fid import make_extractor, stats_of, fid_between
+from fmconvert.evaluation.fid import make_extractor, stats_of, fid_between
 ex = make_extractor("inception", {str(weights)!r}, device={device!r})
 batches = lambda t: (t[i:i + 100] for i in range(0, len(t), 100))
 print(fid_between(stats_of(batches(real), ex, {device!r}), stats_of(batches(fake), ex, {device!r})))
@@ -353,9 +353,9 @@ def main() -> None:
         args.repeats, args.fid_images = 6, 200
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dtype = getattr(torch, args.dtype)
+    import diffusers
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    import diffusers
     import fmconvert.zoo
 
     rows = []

@@ -20,7 +20,7 @@ alternating, median over --repeats:
   Neither `fmconvert --help` nor `wrap` imports torch or diffusers (together about 0.8 GB and
   5–7 s on this CPU machine): wrap reads JSON configs and links the network's files. The rows
   in parentheses give both measured from the floor of fmconvert's own imports
-  (`python -c "import fmconvert.cli, fmconvert.pipelines"`): what grows with the model;
+  (`python -c "import fmconvert.cli, fmconvert.integration.pipelines"`): what grows with the model;
 - load: `VelocityAdapter.from_pretrained(OUT/unet, dtype=float16)` against the source network's
   `from_pretrained(SRC/unet, dtype=float16)`: time and peak memory ratios (target: ≤ 1.05).
 
@@ -102,7 +102,7 @@ print("MEASURED", time.perf_counter() - started, resource.getrusage(resource.RUS
 
 LOAD = "import torch, {module}; {cls}.from_pretrained(r'{path}', dtype=torch.float16)"
 #: what `fmconvert wrap` imports before it reads a file (torch, diffusers): the floor of its time and memory
-IMPORTS = "import fmconvert.cli, fmconvert.pipelines"
+IMPORTS = "import fmconvert.cli, fmconvert.integration.pipelines"
 
 
 def measured(*args: str) -> tuple[float, float]:
@@ -172,7 +172,7 @@ def bench(work: Path, name: str, config: dict, shard: str, repeats: int) -> dict
     kind = config["_class_name"]
     for _ in range(repeats):
         load_src.append(measured("-c", LOAD.format(module="diffusers", cls=f"diffusers.{kind}", path=src / "unet")))
-        load_out.append(measured("-c", LOAD.format(module="fmconvert.adapters", cls="fmconvert.adapters.VelocityAdapter",
+        load_out.append(measured("-c", LOAD.format(module="fmconvert.integration.adapters", cls="fmconvert.integration.adapters.VelocityAdapter",
                                                    path=out / "unet")))
     med = statistics.median
     return {

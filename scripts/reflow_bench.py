@@ -16,7 +16,7 @@ What it does, in order (a rerun resumes every part: the couplings' shards, the t
 checkpoint, the finished models, the FID runs' samples, all under ``--work``):
 
 1. ``fmconvert reflow builtin:digits-eps --prediction-type v_prediction --time-sampling u-shaped
-   --loss-type pseudo-huber`` (:func:`fmconvert.reflow.reflow`): ``--num-couplings`` (noise,
+   --loss-type pseudo-huber`` (:func:`fmconvert.training.reflow.reflow`): ``--num-couplings`` (noise,
    sample) pairs solved with ``--solver`` in ``--solver-steps`` steps on the uniform grid from the
    noise of seed 0, kept in ``WORK/couplings-<fingerprint>``; ``--train-steps`` steps of training
    on the straight paths between them, the epsilon network trained into v_prediction (well
@@ -55,11 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fmconvert  # noqa: E402
-from fmconvert.fid import make_extractor, sweep  # noqa: E402
-from fmconvert.pipelines import inspect_source  # noqa: E402
-from fmconvert.reflow import reflow  # noqa: E402
-from fmconvert.runs import LOSS_TYPES, TIME_SAMPLINGS, Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
-from fmconvert.sampling import load_velocity_model  # noqa: E402
+from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
+from fmconvert.integration.pipelines import inspect_source  # noqa: E402
+from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
+from fmconvert.sampling.runs import LOSS_TYPES, TIME_SAMPLINGS, Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
+from fmconvert.training.reflow import reflow  # noqa: E402
 
 MODEL, REFERENCE = "builtin:digits-eps", "builtin:digits"
 SOLVERS = ("euler", "ab2", "unipc")
@@ -107,8 +107,8 @@ def one_step_errors(student: Path, trained: Run, work: Path, held_seed: int, cou
     """The distillation loss (mean square of one Euler step's error against the coupled sample) of ``student`` on
     ``count`` of its training couplings (the run ``trained``) and on ``count`` couplings of the same run from the
     held-out noise of ``held_seed``: how far the one-step map generalises beyond the couplings it saw."""
-    from fmconvert.reflow import draw_couplings, load_couplings
-    from fmconvert.training import flow_matching_loss
+    from fmconvert.training.loop import flow_matching_loss
+    from fmconvert.training.reflow import draw_couplings, load_couplings
 
     count = min(count, trained.num_images)
     held = dataclasses.replace(trained, num_images=count, seed=held_seed)

@@ -34,15 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fmconvert  # noqa: E402
-from fmconvert.fid import make_extractor, sweep  # noqa: E402
-from fmconvert.grids import GRIDS  # noqa: E402
-from fmconvert.runs import Run, model_fingerprint  # noqa: E402
-from fmconvert.sampling import load_velocity_model, sample_shape  # noqa: E402
-from fmconvert.solvers import SOLVERS  # noqa: E402
+from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
+from fmconvert.math.grids import GRIDS  # noqa: E402
+from fmconvert.math.solvers import SOLVERS  # noqa: E402
+from fmconvert.sampling.generate import load_velocity_model, sample_shape  # noqa: E402
+from fmconvert.sampling.runs import Run, model_fingerprint  # noqa: E402
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")
 REFERENCE = "builtin:digits"
-#: diffusers' schedulers compared (aliases of fmconvert.baselines, with options), ODE samplers only
+#: diffusers' schedulers compared (aliases of fmconvert.sampling.baselines, with options), ODE samplers only
 DIFFUSION_BASELINES = ("ddim", "euler", "heun", "lms", "pndm", "dpm++2m", "dpm++3m", "unipc", "deis",
                        "dpm++2m:use_karras_sigmas=true", "dpm++3m:use_karras_sigmas=true")
 FLOW_BASELINES = ("default", "dpm++2m", "dpm++3m", "unipc", "deis")
@@ -93,7 +93,7 @@ def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int], solvers
         for spec in baselines:
             steps = baseline_steps(spec, nfe)
             if steps:
-                from fmconvert.baselines import parse_baseline
+                from fmconvert.sampling.baselines import parse_baseline
 
                 baseline, options = parse_baseline(spec)
                 runs.append(dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid,

@@ -8,7 +8,7 @@ What it does, in order:
 
 1. FID of the pretrained model (digits features, against builtin:digits, ``--num-images``
    samples, ``--solver`` on the uniform grid, ``--sample-steps`` steps; the same seeds before and after);
-2. ``fmconvert train builtin:digits-eps --data builtin:digits/train`` (:func:`fmconvert.training.train`)
+2. ``fmconvert train builtin:digits-eps --data builtin:digits/train`` (:func:`fmconvert.training.loop.train`)
    for ``--steps`` steps into ``WORK/model`` (a rerun resumes from its checkpoint or reuses the
    finished folder);
 3. the same FID of the trained folder;
@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmconvert.agreement import weighted_epsilon_loss  # noqa: E402
-from fmconvert.fid import make_extractor, sweep  # noqa: E402
-from fmconvert.pipelines import inspect_source  # noqa: E402
-from fmconvert.runs import TIME_SAMPLINGS, Run, model_fingerprint, sweep_runs  # noqa: E402
-from fmconvert.sampling import load_velocity_model  # noqa: E402
-from fmconvert.training import Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
+from fmconvert.evaluation.agreement import weighted_epsilon_loss  # noqa: E402
+from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
+from fmconvert.integration.pipelines import inspect_source  # noqa: E402
+from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
+from fmconvert.sampling.runs import TIME_SAMPLINGS, Run, model_fingerprint, sweep_runs  # noqa: E402
+from fmconvert.training.loop import Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
 
 MODEL, DATA, HELD_OUT, REFERENCE = "builtin:digits-eps", "builtin:digits/train", "builtin:digits/held_out", "builtin:digits"
 

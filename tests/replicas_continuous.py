@@ -43,7 +43,6 @@ import math
 from pathlib import Path
 
 import torch
-
 from replicas import (
     PROMPT,
     TEXT_ARGS,
@@ -54,8 +53,8 @@ from replicas import (
     _kl_vae,
     _patch_model_index,
     _reinit_zero_weights,
-    sdxl_components,
     _t5,
+    sdxl_components,
 )
 
 # --------------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import error, ok
 
-from fmconvert.baselines import BASELINES, build_scheduler, parse_baseline
 from fmconvert.errors import UsageError
-from fmconvert.sampling import iter_baseline, load_velocity_model
+from fmconvert.sampling.baselines import BASELINES, build_scheduler, parse_baseline
+from fmconvert.sampling.generate import iter_baseline, load_velocity_model
 
 STEPS = 3
 
@@ -88,7 +88,8 @@ def test_multistep_solvers_are_invariant_under_the_change_of_path(name, options,
     from conftest import make_unet
     from diffusers import DDPMScheduler
 
-    from fmconvert import VelocityAdapter, schedulers
+    from fmconvert import VelocityAdapter
+    from fmconvert.integration import schedulers
 
     unet = make_unet(seed=3)
     config = dict(DDPMScheduler().config)
@@ -120,7 +121,7 @@ def test_flow_shims_drive_a_converted_pipeline_with_float_timesteps(shim, tmp_pa
     timesteps are refused in one line."""
     from diffusers import DiffusionPipeline
 
-    from fmconvert import schedulers
+    from fmconvert.integration import schedulers
 
     ok("wrap", ddpm_folder, "--out", tmp_path / "v")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "v", trust_remote_code=True)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import fmconvert
 from fmconvert.cli import app
-from fmconvert.schedules import RectifiedFlow
+from fmconvert.math.paths import RectifiedFlow
 
 runner = CliRunner()
 
@@ -129,8 +129,8 @@ def test_float32_combination_is_as_exact_as_float64(ddpm_folder, steps):
     float32 network, whose rounding depends on the thread count, and the errors are about one
     float32 ulp of the samples, so the test pins the threads: at 10 steps, with 2 threads float32
     2.83e-7, float64 2.83e-7; with 1 thread float32 2.83e-7, float64 1.75e-7 (ratio 1.6)."""
-    from fmconvert.pipelines import load_denoiser
-    from fmconvert.sampling import VelocityModel, as_velocity, generate, load_velocity_model
+    from fmconvert.integration.pipelines import load_denoiser
+    from fmconvert.sampling.generate import VelocityModel, as_velocity, generate, load_velocity_model
 
     noise = torch.randn((4, 3, 8, 8), generator=torch.Generator("cpu").manual_seed(7))
     truth = ddim_reference(ddpm_folder, steps, noise, torch.float64)
@@ -185,7 +185,7 @@ def test_sample_writes_a_folder_of_pngs(tmp_path, ddpm_folder):
 
 
 def test_wrap_is_atomic_after_an_injected_failure(tmp_path, ddpm_folder, monkeypatch):
-    import fmconvert.pipelines as pipelines
+    import fmconvert.integration.pipelines as pipelines
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full (injected)")

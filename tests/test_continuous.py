@@ -12,9 +12,9 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerDi
 from test_adapters import noise, rel_max
 
 from fmconvert import EDMPath, VelocityAdapter, VEPath, VPSDEPath
-from fmconvert.agreement import pf_ode_reference
-from fmconvert.configs import path_config
-from fmconvert.solvers import solve
+from fmconvert.evaluation.agreement import pf_ode_reference
+from fmconvert.integration.configs import path_config
+from fmconvert.math.solvers import solve
 
 F64 = torch.float64
 
@@ -125,7 +125,7 @@ def test_continuous_sources_describe_their_paths():
     description, _ = path_config({"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous",
                                   "prediction_type": "v_prediction", "beta_schedule": "scaled_linear",
                                   "beta_start": 0.00085, "beta_end": 0.012})
-    from fmconvert.schedules import path_from_config
+    from fmconvert.math.paths import path_from_config
 
     path = path_from_config(description)
     table = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).sigmas
@@ -167,12 +167,11 @@ def test_converted_sdxl_reproduces_the_source_ode(name, tmp_path, tmp_path_facto
     stock StableDiffusionXLPipeline on the mapped sigmas, and `fmconvert sample --grid karras`,
     reproduce the source pipeline under its Euler ODE scheduler (EDMEulerScheduler for the
     DPM-Solver++ one playground ships; CosXL's own EulerDiscreteScheduler), on the same noise."""
+    from conftest import ok
     from diffusers import DiffusionPipeline
     from replicas import one_thread
     from replicas_continuous import CONTINUOUS_REPLICAS, build_continuous_replica
-    from test_families import STEPS, SEED, rel, sample
-
-    from conftest import ok
+    from test_families import SEED, STEPS, rel, sample
 
     replica = CONTINUOUS_REPLICAS[name]
     with one_thread():
@@ -198,11 +197,10 @@ def test_score_sde_ve_replica_converts_and_agrees(tmp_path, tmp_path_factory):
     and `fmconvert agree` measures the converted field against the PF-ODE drift to rounding."""
     import json
 
+    from conftest import ok
     from diffusers import DiffusionPipeline
     from replicas import one_thread
     from replicas_continuous import build_continuous_replica
-
-    from conftest import ok
 
     with one_thread():
         folder = build_continuous_replica("ncsnpp_ve", tmp_path_factory)
@@ -224,11 +222,10 @@ def test_vp_sde_model_folder_converts_and_agrees(tmp_path):
     stock diffusers runs, and `fmconvert agree` measures the converted field against the PF-ODE drift."""
     import json
 
+    from conftest import ok
     from diffusers import DiffusionPipeline
     from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
     from replicas import one_thread
-
-    from conftest import ok
 
     with one_thread():
         folder = tmp_path / "vp-sde"

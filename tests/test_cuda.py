@@ -64,7 +64,7 @@ def _sync_warnings(fn) -> int:
 def test_sampling_loop_adds_no_synchronisation():
     """Euler through the adapter synchronises no more often than the bare network alone
     called as often (the NFE is a Python int; times stay on the CPU grid)."""
-    from fmconvert.solvers import solve
+    from fmconvert.math.solvers import solve
 
     unet = make_unet().cuda()
     wrapped = VelocityAdapter.from_diffusion(unet, ddim("linear"))

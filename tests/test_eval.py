@@ -9,8 +9,8 @@ from conftest import error
 from typer.testing import CliRunner
 
 from fmconvert.cli import app
-from fmconvert.digits import load_digits
-from fmconvert.fid import FeatureStats, fid_between, make_extractor, reference_stats, stats_of
+from fmconvert.evaluation.fid import FeatureStats, fid_between, make_extractor, reference_stats, stats_of
+from fmconvert.zoo.digits import load_digits
 
 runner = CliRunner()
 
@@ -100,7 +100,7 @@ def test_fid_sweep_caches_reference_statistics(tmp_path, ddpm_folder):
 
 def test_fid_streams_samples(monkeypatch, ddpm_folder):
     """The sweep never holds more than one batch of samples."""
-    import fmconvert.sampling as sampling
+    import fmconvert.sampling.generate as sampling
 
     largest = []
     original = sampling.iter_generate
@@ -169,7 +169,7 @@ def test_inception_weights_must_be_plain_tensors(tmp_path):
 
 def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     """The report command end to end on tiny models (the README's main command runs it on the zoo)."""
-    from fmconvert.images import save_folder
+    from fmconvert.files.images import save_folder
 
     data = tmp_path / "points"
     save_folder(torch.rand(24, 3, 8, 8), data)
@@ -193,7 +193,7 @@ def test_data_and_reference_strings_have_one_parser(ddpm_folder, tmp_path):
     """`agree --data builtin:digits/heldout` (a typo for held_out) used the 1,500-image train split
     silently while `fid` refused it: both refuse it now, in one line listing the valid forms,
     before any model is loaded; an unknown builtin name too."""
-    from fmconvert.data import parse_data
+    from fmconvert.files.references import parse_data
 
     line = error(2, "agree", "no/such/model", "--data", "builtin:digits/heldout")
     assert "heldout" in line and "builtin:digits/held_out" in line and "builtin:digits/train" in line

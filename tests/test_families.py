@@ -13,13 +13,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 from conftest import error, ok
+from diffusers import DiffusionPipeline
 from replicas import REPLICAS, build_replica, ddim_trailing, one_thread
 from safetensors.torch import load_file, save_file
 
 import fmconvert
-from fmconvert.schedulers import FlowMatchEulerScheduler
+from fmconvert.integration.schedulers import FlowMatchEulerScheduler
 
 NAMES = list(REPLICAS)
 STEPS, SEED = 4, 3
@@ -142,9 +142,9 @@ def test_family_converts_and_reproduces_its_ddim(name, tmp_path, tmp_path_factor
 
 
 def test_image_conditioned_sampling_through_the_python_api(tmp_path_factory):
-    """Kandinsky 2.2: image embeddings (from its prior) through fmconvert.sampling, guided."""
-    from fmconvert.families import Conditioning
-    from fmconvert.sampling import generate, load_velocity_model
+    """Kandinsky 2.2: image embeddings (from its prior) through fmconvert.sampling.generate, guided."""
+    from fmconvert.integration.families import Conditioning
+    from fmconvert.sampling.generate import generate, load_velocity_model
 
     replica = REPLICAS["kandinsky22"]
     with one_thread():
@@ -155,7 +155,7 @@ def test_image_conditioned_sampling_through_the_python_api(tmp_path_factory):
                                negative_image_embeds=replica.call["negative_image_embeds"], guidance_scale=4.0)
         result = generate(vm, 1, 1, SEED, "euler", "trailing", STEPS, conditioning=request)
         assert rel(result.samples, reference) < 1e-5
-        with pytest.raises(fmconvert.families.UsageError, match="image embeddings"):
+        with pytest.raises(fmconvert.integration.families.UsageError, match="image embeddings"):
             generate(vm, 1, 1, SEED, "euler", "trailing", STEPS)
 
 
@@ -305,7 +305,7 @@ def test_class_labels_by_name_and_cycled_by_index(tmp_path, tmp_path_factory):
 
 
 def test_diffusers_pipeline_modules_are_not_remote_code():
-    from fmconvert.pipelines import trusted_library
+    from fmconvert.integration.pipelines import trusted_library
 
     assert trusted_library("stable_diffusion") and trusted_library("deepfloyd_if") and trusted_library("diffusers")
     assert not trusted_library("my_pipeline") and not trusted_library("os.path") and not trusted_library("../evil")
@@ -313,14 +313,15 @@ def test_diffusers_pipeline_modules_are_not_remote_code():
 
 def test_the_math_imports_without_diffusers():
     code = ("import sys; sys.modules['diffusers'] = None\n"
-            "import fmconvert.schedules, fmconvert.predictions, fmconvert.core, fmconvert.grids, fmconvert.solvers\n"
+            "import fmconvert.math.paths, fmconvert.math.predictions, fmconvert.math.conversion, fmconvert.math.grids\n"
+            "import fmconvert.math.solvers, fmconvert.math.descriptions as d\n"
             "import torch\n"
-            "p = fmconvert.schedules.path_from_scheduler_config({'beta_schedule': 'squaredcos_cap_v2',"
-            " 'rescale_betas_zero_snr': True})[0]\n"
-            "print(len(fmconvert.grids.time_grid('trailing', 4, p)))\n")
+            "p = fmconvert.math.paths.path_from_config(d.discrete_vp_config({'beta_schedule': 'squaredcos_cap_v2',"
+            " 'rescale_betas_zero_snr': True}))\n"
+            "print(len(fmconvert.math.grids.time_grid('trailing', 4, p)))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "5", result.stderr
-    blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['diffusers'] = None; import fmconvert.adapters"],
+    blocked = subprocess.run([sys.executable, "-c", "import sys; sys.modules['diffusers'] = None; import fmconvert.integration.adapters"],
                              capture_output=True, text=True)
     assert blocked.returncode != 0  # the check above can fail: the glue does need diffusers
 
@@ -328,7 +329,7 @@ def test_the_math_imports_without_diffusers():
 def test_one_of_height_and_width_without_a_sample_size_is_a_usage_error():
     """A denoiser config with no sample_size and only --height: a one-line usage error (was a TypeError)."""
     from fmconvert.errors import UsageError
-    from fmconvert.families import PixelUnconditional
+    from fmconvert.integration.families import PixelUnconditional
 
     with pytest.raises(UsageError, match="pass --height and --width"):
         PixelUnconditional().sample_size(None, {}, 64, None)

@@ -12,7 +12,7 @@ from replicas_continuous import CONTINUOUS_REPLICAS, build_continuous_replica
 from test_families import SEED, STEPS, rel, sample
 
 from fmconvert import DiffusionAdapter, RectifiedFlow
-from fmconvert.configs import path_config
+from fmconvert.integration.configs import path_config
 
 F64 = torch.float64
 
@@ -178,8 +178,8 @@ def test_discrete_schedule_takes_the_timestep_its_pipeline_hands_over():
     """FLUX's pipeline divides the scheduler's timestep by 1000: a converted network's discrete schedule
     takes t / 1000 and snaps it back to the integer t it was rounded from (in float32 and bfloat16); the
     description round-trips; a path with no timestep form under that rule is refused."""
-    from fmconvert.families import family_timestep_path
-    from fmconvert.schedules import DiscreteVPSchedule, path_from_config
+    from fmconvert.integration.families import family_timestep_path
+    from fmconvert.math.paths import DiscreteVPSchedule, path_from_config
 
     described = family_timestep_path({"kind": "discrete_vp", "beta_schedule": "linear"}, "FluxTransformer2DModel")
     path = path_from_config(described)

@@ -12,7 +12,7 @@ import torch
 from conftest import error, ok
 from PIL import Image
 
-from fmconvert.images import load_folder
+from fmconvert.files.images import load_folder
 
 N = 24  # digits per folder: a few, so each command below takes about a second
 
@@ -20,7 +20,7 @@ N = 24  # digits per folder: a few, so each command below takes about a second
 @pytest.fixture(scope="module")
 def digits():
     """(N, 8, 8) uint8 grey digits (17 levels, 0..255)."""
-    from fmconvert.digits import load_digits
+    from fmconvert.zoo.digits import load_digits
 
     return load_digits("held_out").images[:N, 0].numpy()
 
@@ -127,7 +127,7 @@ def test_tiff_files_are_read_not_skipped(tmp_path, digits):
 
 
 def test_agree_reads_folders_through_the_same_reader(folders):
-    from fmconvert.agreement import load_points
+    from fmconvert.evaluation.agreement import load_points
 
     expected = load_points(str(folders["L"]))
     for mode in GREY:

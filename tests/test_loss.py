@@ -10,8 +10,8 @@ from conftest import error, make_unet, ok
 from diffusers import DDPMScheduler
 
 from fmconvert import VelocityAdapter
-from fmconvert.agreement import load_points, loss_identity
-from fmconvert.sampling import load_velocity_model
+from fmconvert.evaluation.agreement import load_points, loss_identity
+from fmconvert.sampling.generate import load_velocity_model
 
 
 @pytest.mark.threads(1)

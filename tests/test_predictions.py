@@ -93,8 +93,8 @@ def test_prediction_type_names():
 def test_edm_output_matches_diffusers_preconditioning(prediction_type, sigma_data):
     """x̂0 from the EDM output equals EDMEulerScheduler.precondition_outputs (D = c_skip·x_VE +
     c_out·F) on the unscaled sample, at the EDM path's point; with σ_d = 1, edm_v is v_prediction."""
-    from fmconvert.configs import path_config
-    from fmconvert.schedules import path_from_config
+    from fmconvert.integration.configs import path_config
+    from fmconvert.math.paths import path_from_config
 
     scheduler = EDMEulerScheduler(sigma_data=sigma_data, prediction_type=prediction_type)
     description, kind = path_config(scheduler)

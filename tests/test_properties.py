@@ -14,9 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fmconvert.configs import path_config
-from fmconvert.core import apply_conversion, check_pair, invert, plan_conversion
-from fmconvert.schedules import RectifiedFlow, path_from_config
+from fmconvert.integration.configs import path_config
+from fmconvert.math.conversion import apply_conversion, check_pair, invert, plan_conversion
+from fmconvert.math.paths import RectifiedFlow, path_from_config
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,13 +9,13 @@ import torch
 from conftest import error, invoke, ok, save_ddpm_folder, save_flow_folder, stop_training_at
 from safetensors.torch import load_file
 
-from fmconvert import training
-from fmconvert.agreement import weighted_epsilon_loss
-from fmconvert.pipelines import inspect_source
-from fmconvert.reflow import load_couplings, reflow
-from fmconvert.runs import Run, model_fingerprint, run_fingerprint, solver_options
-from fmconvert.shards import ShardStore
-from fmconvert.training import CHECKPOINT, Draws, TrainSettings, checkpoint_step, trained_range, work_folder
+from fmconvert.evaluation.agreement import weighted_epsilon_loss
+from fmconvert.integration.pipelines import inspect_source
+from fmconvert.sampling.runs import Run, model_fingerprint, run_fingerprint, solver_options
+from fmconvert.sampling.shards import ShardStore
+from fmconvert.training import loop as training
+from fmconvert.training.loop import CHECKPOINT, Draws, TrainSettings, checkpoint_step, trained_range, work_folder
+from fmconvert.training.reflow import load_couplings, reflow
 
 N, SHARD = 20, 8  # couplings, and per shard: shards of 8, 8 and 4
 
@@ -58,8 +58,8 @@ def test_the_couplings_are_the_solvers_samples_of_the_regenerated_noise(tmp_path
     the run whose fingerprint the training settings carry."""
     from diffusers import DiffusionPipeline
 
-    from fmconvert.sampling import load_velocity_model, sampling_grid
-    from fmconvert.solvers import solve
+    from fmconvert.math.solvers import solve
+    from fmconvert.sampling.generate import load_velocity_model, sampling_grid
 
     out, folder = tmp_path / "reflowed", tmp_path / "couplings"
     summary = json.loads(ok("reflow", tiny, "--out", out, "--num-couplings", N, "--solver", "unipc", "--steps", 3,
@@ -99,7 +99,7 @@ def test_the_first_loss_is_the_source_fields_loss_on_the_pairs(tmp_path, tiny):
     """Step 1's logged loss is the source field's flow-matching loss on the couplings' straight paths: each x0 of the
     batch is a stored coupling and its ε is that coupling's own noise (regenerated here from the seed), and the loss
     computed from the network directly on them matches; with fresh noise instead of the pairs' the loss differs."""
-    from fmconvert.sampling import load_velocity_model
+    from fmconvert.sampling.generate import load_velocity_model
 
     out, folder = tmp_path / "out", tmp_path / "couplings"
     summary, record = run(tiny, out, couplings_dir=folder, steps=1, batch_size=16)
@@ -173,7 +173,7 @@ def _fails(what):
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Any coupling drawn or training step taken fails the test: a refusal comes before both."""
-    monkeypatch.setattr("fmconvert.sampling.iter_run", _fails("a coupling was drawn"))
+    monkeypatch.setattr("fmconvert.sampling.generate.iter_run", _fails("a coupling was drawn"))
     monkeypatch.setattr(Draws, "batch", _fails("a training step ran"))
 
 
@@ -234,7 +234,7 @@ def test_a_rerun_against_other_settings_is_refused_and_nothing_is_overwritten(tm
     assert result.exit_code == 130 and "resume from step 2" in result.stderr
     before = digest(work_folder(out))
     assert "couplings/manifest.json" in before and CHECKPOINT in before
-    monkeypatch.setattr("fmconvert.sampling.iter_run", _fails("a coupling was drawn"))
+    monkeypatch.setattr("fmconvert.sampling.generate.iter_run", _fails("a coupling was drawn"))
     monkeypatch.setattr(Draws, "batch", _fails("a training step ran"))
     line = error(1, *args, "--lr", 0.01)
     assert "other settings" in line and "lr: 0.0001 there, 0.01 now" in line
@@ -248,7 +248,7 @@ def test_a_rerun_against_other_settings_is_refused_and_nothing_is_overwritten(tm
 
 def one_step_error(model, couplings):
     """Mean squared distance between one Euler step from each coupling's noise (s = 1 to 0) and its coupled sample."""
-    from fmconvert.sampling import generate, load_velocity_model
+    from fmconvert.sampling.generate import generate, load_velocity_model
 
     vm = load_velocity_model(str(model))
     return (generate(vm, N, SHARD, 0, "euler", "uniform", 1).samples - couplings).square().mean().item()

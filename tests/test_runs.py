@@ -1,4 +1,4 @@
-"""One run description (fmconvert.runs.Run) from the command line to the shards, and registries that
+"""One run description (fmconvert.sampling.runs.Run) from the command line to the shards, and registries that
 carry their own metadata (solvers, grids, baselines, features): the CLI's choices, help, option
 checks and the NaN report are read from them."""
 
@@ -10,15 +10,15 @@ import torch
 from conftest import error, ok, save_ddpm_folder
 from typer.testing import CliRunner
 
-from fmconvert.baselines import BASELINES
 from fmconvert.cli import app
-from fmconvert.families import Conditioning
-from fmconvert.features import FEATURES
-from fmconvert.grids import GRIDS
-from fmconvert.pipelines import inspect_source
-from fmconvert.runs import Run, model_fingerprint, sweep_runs
-from fmconvert.shards import ShardStore
-from fmconvert.solvers import SOLVERS, solve
+from fmconvert.evaluation.features import FEATURES
+from fmconvert.integration.families import Conditioning
+from fmconvert.integration.pipelines import inspect_source
+from fmconvert.math.grids import GRIDS
+from fmconvert.math.solvers import SOLVERS, solve
+from fmconvert.sampling.baselines import BASELINES
+from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs
+from fmconvert.sampling.shards import ShardStore
 
 runner = CliRunner()
 
@@ -138,11 +138,11 @@ def test_images_the_features_cannot_take_are_refused_before_sampling(tmp_path, m
     from conftest import make_unet
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    import fmconvert.sampling
+    import fmconvert.sampling.generate
 
     folder = tmp_path / "big"
     DDPMPipeline(unet=make_unet(size=16), scheduler=DDPMScheduler()).save_pretrained(folder)
-    monkeypatch.setattr(fmconvert.sampling, "iter_generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    monkeypatch.setattr(fmconvert.sampling.generate, "iter_generate", lambda *a, **k: pytest.fail("sampled before the check"))
     result = runner.invoke(app, ["fid", str(folder), "--reference", "builtin:digits", "--steps", "1", "--num-images", "4",
                                  "--batch-size", "4"])
     assert result.exit_code == 2
@@ -154,7 +154,7 @@ def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
     [1, 0.8, 0.5, 0]; the run's record and samples folder carry it, so other shifts are other runs."""
     from safetensors.torch import load_file
 
-    from fmconvert.sampling import Conditioning, NoiseStream, _velocity_field, load_velocity_model, sample_shape
+    from fmconvert.sampling.generate import Conditioning, NoiseStream, _velocity_field, load_velocity_model, sample_shape
 
     folder = save_ddpm_folder(tmp_path / "m")
     args = ["sample", folder, "--steps", 3, "--num-images", 2, "--batch-size", 2, "--seed", 4]

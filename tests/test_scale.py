@@ -11,11 +11,10 @@ import sys
 import pytest
 import torch
 from conftest import error, make_unet, ok
-from replicas import build_replica
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, ModelMixin, UNet2DModel
+from replicas import build_replica
 
 import fmconvert
-
 
 
 def source(folder, dtype=torch.float16, variant=None, max_shard_size="10GB", plain=True):
@@ -110,7 +109,7 @@ def test_weight_file_names_are_diffusers(tmp_path):
     from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
     from diffusers.utils import _add_variant as diffusers_add_variant
 
-    from fmconvert import pipelines
+    from fmconvert.integration import pipelines
 
     ours = (pipelines.SAFE_WEIGHTS_NAME, pipelines.SAFE_WEIGHTS_INDEX_NAME, pipelines.WEIGHTS_NAME,
             pipelines.WEIGHTS_INDEX_NAME)
@@ -184,7 +183,7 @@ def test_pickle_variant_is_the_one_converted_and_dtype_wins_over_torch_dtype(tmp
     ok("wrap", src, "--out", out, "--allow-pickle", "--variant", "fp16")
     loaded = fmconvert.load(out).unet
     assert all(torch.equal(loaded.model.state_dict()[k].half(), v) for k, v in half.state_dict().items())
-    from fmconvert.adapters import VelocityAdapter
+    from fmconvert.integration.adapters import VelocityAdapter
 
     both = VelocityAdapter.from_pretrained(out / "unet", dtype=torch.float16, torch_dtype=torch.float32)
     assert both.model.dtype == torch.float16

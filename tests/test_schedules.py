@@ -197,9 +197,9 @@ def test_cosine_path_is_variance_preserving_and_ends_at_noise():
 @pytest.mark.parametrize("config", BETA_CONFIGS)
 def test_a_schedule_is_described_by_its_beta_settings(config):
     """A discrete VP path is written to configs as its beta settings (what `wrap` writes without
-    torch, :func:`fmconvert.configs.path_config`), read back to the same ᾱ bit for bit as
+    torch, :func:`fmconvert.integration.configs.path_config`), read back to the same ᾱ bit for bit as
     diffusers' and as the ᾱ table fmconvert 0.1 wrote."""
-    from fmconvert.configs import path_config
+    from fmconvert.integration.configs import path_config
 
     description, _ = path_config({"_class_name": "DDIMScheduler", **config})
     path = path_from_config(description)
@@ -211,7 +211,7 @@ def test_a_schedule_is_described_by_its_beta_settings(config):
 
 
 def test_trained_betas_out_of_range_are_refused_from_the_config():
-    from fmconvert.configs import path_config
+    from fmconvert.integration.configs import path_config
 
     with pytest.raises(ValueError, match="trained_betas"):
         path_config({"_class_name": "DDIMScheduler", "trained_betas": [0.1, 1.5]})
@@ -221,7 +221,7 @@ def test_vp_sde_path_is_score_sde_vp_schedulers():
     """α and σ of ScoreSdeVpScheduler's step (log_mean_coeff, std), its config read as the path."""
     from diffusers.schedulers.deprecated.scheduling_sde_vp import ScoreSdeVpScheduler
 
-    from fmconvert.configs import path_config
+    from fmconvert.integration.configs import path_config
 
     scheduler = ScoreSdeVpScheduler(beta_min=0.1, beta_max=20.0, sampling_eps=1e-3)
     description, prediction = path_config(scheduler)

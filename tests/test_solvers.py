@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from fmconvert.grids import GRIDS, discrete_timesteps, time_grid
-from fmconvert.schedules import DiscreteVPSchedule, RectifiedFlow
-from fmconvert.solvers import SOLVERS, solve
+from fmconvert.math.grids import GRIDS, discrete_timesteps, time_grid
+from fmconvert.math.paths import DiscreteVPSchedule, RectifiedFlow
+from fmconvert.math.solvers import SOLVERS, solve
 
 M, C = 0.7, 0.3
 
@@ -227,7 +227,7 @@ def _vm(scheduler: dict, path):
     """What sampling_grid reads of a loaded model: its source's scheduler config and path."""
     from types import SimpleNamespace
 
-    from fmconvert.families import PixelUnconditional
+    from fmconvert.integration.families import PixelUnconditional
 
     source = SimpleNamespace(scheduler=scheduler, shift=scheduler.get("shift", 1.0), reference="src", pipeline_class=None,
                              family=PixelUnconditional())
@@ -239,8 +239,8 @@ def _vm(scheduler: dict, path):
 def test_leading_grid_keeps_the_sources_steps_offset(steps):
     """SD 1.5 ships DDIM/PNDM with steps_offset=1: its leading timesteps are 901 … 1, not 900 … 0
     (sampling, and the converted pipeline's scheduler with timestep_spacing="leading")."""
-    from fmconvert.sampling import sampling_grid
-    from fmconvert.schedulers import FlowMatchEulerScheduler
+    from fmconvert.integration.schedulers import FlowMatchEulerScheduler
+    from fmconvert.sampling.generate import sampling_grid
 
     config = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
               "beta_end": 0.012, "steps_offset": 1}
@@ -264,7 +264,7 @@ def test_leading_grid_keeps_the_sources_steps_offset(steps):
 def test_flowmatch_grid_is_the_flow_sources_own_scheduler(options):
     """A flow source's --grid flowmatch is its FlowMatchEulerDiscreteScheduler's sigmas, every option
     honoured, bit for bit (it was the static-shift grid whatever the config said)."""
-    from fmconvert.sampling import sampling_grid
+    from fmconvert.sampling.generate import sampling_grid
 
     scheduler = FlowMatchEulerDiscreteScheduler(**options)
     scheduler.set_timesteps(9)
@@ -274,9 +274,9 @@ def test_flowmatch_grid_is_the_flow_sources_own_scheduler(options):
 
 
 def test_options_a_grid_cannot_honour_are_refused():
-    from fmconvert.configs import path_config
-    from fmconvert.sampling import sampling_grid
-    from fmconvert.schedulers import FlowMatchEulerScheduler
+    from fmconvert.integration.configs import path_config
+    from fmconvert.integration.schedulers import FlowMatchEulerScheduler
+    from fmconvert.sampling.generate import sampling_grid
 
     dynamic = {**FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config,
                "_class_name": "FlowMatchEulerDiscreteScheduler"}
@@ -292,7 +292,7 @@ def test_options_a_grid_cannot_honour_are_refused():
 
 def test_auto_is_the_measured_choice_for_its_step_count():
     """`auto` runs the solver AUTO_CHOICE names for the grid's step count, step for step."""
-    from fmconvert.solvers import auto_choice
+    from fmconvert.math.solvers import auto_choice
 
     z = torch.randn(8, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     assert [auto_choice(n) for n in (3, 5, 6, 50)] == [("ab2", 1.5), ("ab2", 1.5), ("unipc", None), ("unipc", None)]

@@ -12,9 +12,9 @@ import torch
 from conftest import error, invoke, make_unet, ok, save_ddpm_folder, save_flow_folder, stop_training_at
 from safetensors.torch import load_file, save_file
 
-from fmconvert import training
-from fmconvert.agreement import weighted_epsilon_loss
-from fmconvert.training import (
+from fmconvert.evaluation.agreement import weighted_epsilon_loss
+from fmconvert.training import loop as training
+from fmconvert.training.loop import (
     CHECKPOINT,
     Draws,
     TrainSettings,
@@ -89,7 +89,7 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
     """Step 1's logged loss (the pretrained digits-eps, before any update) is the source's epsilon loss on
     the same draws, each sample weighted by (1 − s)⁻², computed from the network directly (float32); and in
     float64 the flow-matching loss per sample equals it to rounding."""
-    from fmconvert.sampling import load_velocity_model
+    from fmconvert.sampling.generate import load_velocity_model
 
     settings = TrainSettings.create("builtin:digits-eps", DATA, steps=1, batch_size=32, lr=1e-4, warmup=0)
     out = tmp_path / "eps"
@@ -114,8 +114,8 @@ def test_a_diffusion_network_trains_into_another_prediction_type(tmp_path, tiny)
     and stock diffusers samples it. A converted folder trains into another type the same way."""
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
-    from fmconvert.adapters import VelocityAdapter
-    from fmconvert.sampling import load_velocity_model
+    from fmconvert.integration.adapters import VelocityAdapter
+    from fmconvert.sampling.generate import load_velocity_model
 
     out = tmp_path / "v"
     _, record = run(tiny, out, steps=2, batch_size=16, prediction_type="v_prediction")
@@ -319,7 +319,7 @@ def test_times_follow_the_truncated_densities():
     its values at the range's ends (the truncated distribution function), and u = ½ on [0, 1] is sigmoid(m);
     U-shaped: its distribution function likewise, symmetric about s = ½.
     The trained range: digits-eps's t = 0 and 999 at equal log-SNR; a flow source's [0, 1]."""
-    from fmconvert.sampling import load_velocity_model
+    from fmconvert.sampling.generate import load_velocity_model
 
     u = torch.linspace(0, 0.999, 7, dtype=torch.float64)
     settings = TrainSettings("m", "f", "d", "g")
@@ -350,8 +350,8 @@ def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones(tm
     """per_sample_loss: l2 is the mean square itself; pseudo_huber is (√(‖δ‖² + c²) − c)/d with c = 0.00054·d
     computed from the error vector, ≈ ‖δ‖²/(2c·d) far below c and ‖δ‖/d − c/d far above; and it is what
     --loss-type pseudo_huber trains: step 1's recorded loss is it on step 1's draws."""
-    from fmconvert.adapters import VelocityAdapter
-    from fmconvert.training import per_sample_loss
+    from fmconvert.integration.adapters import VelocityAdapter
+    from fmconvert.training.loop import per_sample_loss
 
     delta = torch.randn(5, 1, 8, 8, dtype=torch.float64) * torch.tensor([1e-5, 1e-3, 1e-1, 1.0, 10.0],
                                                                         dtype=torch.float64).view(-1, 1, 1, 1)
@@ -504,7 +504,7 @@ def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
 def test_the_cli_offers_every_training_setting_with_the_settings_default():
     """train and reflow take every TrainSettings field a user sets (not the identities the command fills in, the
     seed, or reflow's --distill) as an option whose default is the field's own (--lora-targets: None, meaning the
-    field's default), read from fmconvert.runs; and importing the command line still imports no torch."""
+    field's default), read from fmconvert.sampling.runs; and importing the command line still imports no torch."""
     import inspect
     import subprocess
 

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fmconvert.cli import app
-from fmconvert.digits import NUM_HELD_OUT, DigitsFeatures, load_classifier, load_digits, split_mask
 from fmconvert.errors import UsageError
-from fmconvert.quality import digits_fid, digits_quality
-from fmconvert.sampling import generate, load_velocity_model
+from fmconvert.evaluation.quality import digits_fid, digits_quality
+from fmconvert.sampling.generate import generate, load_velocity_model
 from fmconvert.zoo import ZOO_DIR, available, builtin_path
+from fmconvert.zoo.digits import NUM_HELD_OUT, DigitsFeatures, load_classifier, load_digits, split_mask
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")
 ROOT = Path(__file__).resolve().parents[1]

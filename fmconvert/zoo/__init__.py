@@ -4,8 +4,8 @@
   (DDPMPipeline-compatible; epsilon on linear betas, v_prediction on squaredcos_cap_v2,
   rectified flow with FlowMatchEulerDiscreteScheduler), trained by scripts/train_zoo.py;
 - builtin:digits-features: the digits classifier whose penultimate layer is the FID feature
-  extractor (:class:`fmconvert.digits.DigitsClassifier`);
-- builtin:digits: the reference images (:func:`fmconvert.digits.load_digits`).
+  extractor (:class:`fmconvert.zoo.digits.DigitsClassifier`);
+- builtin:digits: the reference images (:func:`fmconvert.zoo.digits.load_digits`).
 """
 
 from __future__ import annotations

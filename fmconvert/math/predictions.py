@@ -19,7 +19,7 @@ On diffusers' rectified path (α = 1 − s, σ = s) flow_prediction is ε̂ − 
 output F_θ of a network with Karras et al. (2022, eq. 7) preconditioning, D = c_skip·x_VE +
 c_out·F_θ with c_skip = σ_d²/(σ_VE² + σ_d²), c_out = σ_VE·σ_d/√(σ_VE² + σ_d²) (diffusers' EDM
 schedulers with prediction_type "epsilon"; "v_prediction" flips c_out's sign: ``edm_v``), on the
-path the network sees, α = c_in = 1/√(σ_VE² + σ_d²), σ = σ_VE·c_in (:class:`~fmconvert.schedules.EDMPath`),
+path the network sees, α = c_in = 1/√(σ_VE² + σ_d²), σ = σ_VE·c_in (:class:`~fmconvert.math.paths.EDMPath`),
 where σ_d = √(1 − σ²)/α. With σ_d = 1 that path is variance preserving and edm_v is
 v_prediction.
 
@@ -29,10 +29,26 @@ only place these formulas are written.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from .configs import canonical_prediction_type
-from .schedules import Point
+if TYPE_CHECKING:  # (torch is imported where a tensor is computed: the names below are plain Python)
+    import torch
+
+    from fmconvert.math.paths import Point
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction", "score", "edm", "edm_v")
+_ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction", "v": "v_prediction", "x0": "sample"}
+
+
+def canonical_prediction_type(name: str) -> str:
+    """diffusers' name for a prediction type; accepts the aliases flow, velocity, v, x0."""
+    canonical = _ALIASES.get(name, name)
+    if canonical not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {name!r}: supported are {', '.join(PREDICTION_TYPES)} "
+            f"(aliases: {', '.join(_ALIASES)})"
+        )
+    return canonical
 
 
 def coefficients(prediction_type: str, p: Point) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -48,6 +64,8 @@ def coefficients(prediction_type: str, p: Point) -> tuple[torch.Tensor | float, 
         return p.d_alpha, p.d_sigma
     if kind in ("edm", "edm_v"):
         # on the EDM path (α = c_in, σ = σ_VE·c_in, c_in = 1/√(σ_VE² + σ_d²)): σ_d = √(1 − σ²)/α
+        import torch
+
         sigma_data = torch.sqrt(1 - p.sigma**2) / p.alpha
         sign = 1.0 if kind == "edm" else -1.0
         return sign * p.sigma / sigma_data, -sign * sigma_data * p.alpha

@@ -6,19 +6,19 @@ On diffusers' rectified path (s = 1 is noise, s = 0 is data; u = dx/ds, so u = �
 straight path):
 
 1. Couplings: N pairs (ε_i, x0_i), x0_i the model's ODE solved with an accurate solver from the
-   noise ε_i: a :class:`~fmconvert.runs.Run` like any set of samples, drawn by
-   :func:`fmconvert.sampling.generate_sharded` into a :class:`~fmconvert.shards.ShardStore` whose
+   noise ε_i: a :class:`~fmconvert.sampling.runs.Run` like any set of samples, drawn by
+   :func:`fmconvert.sampling.generate.generate_sharded` into a :class:`~fmconvert.sampling.shards.ShardStore` whose
    manifest is the run's (``OUT.partial/couplings`` unless ``couplings_dir``), so an interrupted
    reflow keeps its complete shards and a rerun draws only the missing ones. ε_i is not stored:
-   it is image i of the run's noise (:class:`fmconvert.sampling.NoiseStream`, the documented
+   it is image i of the run's noise (:class:`fmconvert.sampling.generate.NoiseStream`, the documented
    ``torch.randn`` stream of the seed), the trajectory starting from ε_i·√((1 − s_0)² + s_0²)
    at the grid's first time s_0 (ε_i itself on the uniform grid, s_0 = 1).
-2. Training (:func:`fmconvert.training.train`, its one loop, paired): on the straight path of each
+2. Training (:func:`fmconvert.training.loop.train`, its one loop, paired): on the straight path of each
    pair, x_s = (1 − s)·x0 + s·ε, L = mean |u_θ(x_s, T·s) − (ε − x0)|², s drawn on the source's
    trained range; with ``distill``, s = 1 only (x_1 = ε): one-step distillation, x0 ≈ ε − u(ε, 1)
-   (:mod:`fmconvert.training`). The settings name the couplings by
-   :func:`fmconvert.runs.run_fingerprint`, so a checkpoint resumes only on the same couplings.
-3. Output: a converted folder (:func:`fmconvert.pipelines.write_trained`) that ``fmconvert
+   (:mod:`fmconvert.training.loop`). The settings name the couplings by
+   :func:`fmconvert.sampling.runs.run_fingerprint`, so a checkpoint resumes only on the same couplings.
+3. Output: a converted folder (:func:`fmconvert.integration.pipelines.write_trained`) that ``fmconvert
    sample`` / ``fid`` and stock diffusers load, with ``training.json``, ``loss.png`` and
    ``couplings.json`` (the couplings' run manifest and fingerprint: they can be drawn again).
 
@@ -26,14 +26,14 @@ Reflowing the output again is 2-rectification; ``distill`` on a reflowed model i
 distillation of a k-rectified flow.
 
 An epsilon network is best reflowed into ``prediction_type="v_prediction"``
-(:mod:`fmconvert.training`, parametrisation): one step from the noise returns x̂0 of the noisiest
+(:mod:`fmconvert.training.loop`, parametrisation): one step from the noise returns x̂0 of the noisiest
 trained time, which epsilon computes as (x − σ·ε̂)/α, its ε̂ error × 1/α_T (digits-eps: 157), and
 v_prediction as α·x − σ·v̂. The field then starts away from the source's (REFLOW.md measures what
 it buys); left out, the network keeps its parametrisation and a note says so.
 
 Lee, Lin, Fanti (2024, "Improving the Training of Rectified Flows") train reflow with U-shaped
 times and the pseudo-Huber loss (``time_sampling="u_shaped"``, ``loss_type="pseudo_huber"``,
-:mod:`fmconvert.training`), which REFLOW.md uses. A distilled one-step map fits its couplings far
+:mod:`fmconvert.training.loop`), which REFLOW.md uses. A distilled one-step map fits its couplings far
 better than held-out noise (REFLOW.md measures both), so distillation wants many couplings; a
 reflowed model's are cheap (a few steps of a straight field).
 """
@@ -44,13 +44,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import UsageError
+from fmconvert.errors import UsageError
 
 if TYPE_CHECKING:  # (torch is imported where it is used: the command line reads couplings_seed without it)
     import torch
 
-    from .runs import Run
-    from .training import TrainingData
+    from fmconvert.sampling.runs import Run
+    from fmconvert.training.loop import TrainingData
 
 COUPLINGS = "couplings"
 #: the record beside a reflowed model: the couplings' run manifest and fingerprint
@@ -76,12 +76,12 @@ def couplings_seed(folder: Path) -> int | None:
 def load_couplings(folder: Path, run: Run) -> TrainingData:
     """The couplings of ``run`` (loaded: its ``shape`` known) in ``folder``: samples (N, C, H, W)
     float32 from its shards in index order, each with its noise ε (N, C, H, W) regenerated from
-    the run's seed (:class:`~fmconvert.sampling.NoiseStream`)."""
+    the run's seed (:class:`~fmconvert.sampling.generate.NoiseStream`)."""
     import torch
 
-    from .sampling import NoiseStream, batches_of
-    from .shards import ShardStore
-    from .training import TrainingData
+    from fmconvert.sampling.generate import NoiseStream, batches_of
+    from fmconvert.sampling.shards import ShardStore
+    from fmconvert.training.loop import TrainingData
 
     assert run.shape is not None
     store = ShardStore(folder, run.manifest())
@@ -93,15 +93,15 @@ def load_couplings(folder: Path, run: Run) -> TrainingData:
 def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: bool = False,
                    log: Callable[[str], None] = _quiet,
                    check: Callable[[torch.nn.Module], None] | None = None) -> tuple[Run, int]:
-    """Solve the ``couplings`` run into shards in ``folder`` (:func:`fmconvert.sampling.generate_sharded`;
+    """Solve the ``couplings`` run into shards in ``folder`` (:func:`fmconvert.sampling.generate.generate_sharded`;
     complete shards of the same run are reused, another run's folder is refused). Returns the
     run, loaded (its shape known), and the number of shards reused. UsageError for a model
     that needs conditioning; ``check(network)``: called on the loaded network before anything is
     drawn (reflow checks the LoRA targets there)."""
     import torch
 
-    from .sampling import generate_sharded, iter_run, load_velocity_model, sample_shape
-    from .shards import ShardStore
+    from fmconvert.sampling.generate import generate_sharded, iter_run, load_velocity_model, sample_shape
+    from fmconvert.sampling.shards import ShardStore
 
     vm = load_velocity_model(couplings.model, dtype=getattr(torch, couplings.dtype), device=device)
     family = vm.source.family
@@ -125,7 +125,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     """Reflow ``couplings.model`` (see the module docstring): draw the ``couplings`` run (its
     model, solver, grid, steps, seed and ``num_images`` pairs) into ``couplings_dir`` (default
     ``OUT.partial/couplings``, removed with the checkpoint once ``out`` is written), then train on
-    the pairs with ``training`` (fields of :class:`~fmconvert.training.TrainSettings`: steps,
+    the pairs with ``training`` (fields of :class:`~fmconvert.training.loop.TrainSettings`: steps,
     batch_size, lr, ..., seed) and write ``out``.
 
     Before anything is drawn or trained, in one line each: an existing ``out`` without ``force``,
@@ -133,11 +133,11 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     another run in the folder, a checkpoint of other settings in ``OUT.partial``
     (FmconvertError); nothing is written then. Couplings and checkpoint of the same settings are
     resumed. Returns train's summary with the couplings' record under "couplings"."""
-    from . import distributed
-    from .pipelines import inspect_source
-    from .runs import run_fingerprint
-    from .shards import ShardStore
-    from .training import (
+    from fmconvert.integration.pipelines import inspect_source
+    from fmconvert.sampling import distributed
+    from fmconvert.sampling.runs import run_fingerprint
+    from fmconvert.sampling.shards import ShardStore
+    from fmconvert.training.loop import (
         CHECKPOINT,
         TrainSettings,
         check_checkpoint,

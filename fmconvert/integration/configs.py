@@ -6,11 +6,11 @@ never loaded), so what it needs to know is here, importable in milliseconds:
 - prediction type names (:func:`canonical_prediction_type`);
 - which diffusers schedulers describe which Gaussian path: :func:`path_config` turns a
   scheduler config into a *path description*, the dict that
-  :func:`fmconvert.schedules.path_from_config` builds a :class:`~fmconvert.schedules.GaussianPath`
+  :func:`fmconvert.math.paths.path_from_config` builds a :class:`~fmconvert.math.paths.GaussianPath`
   from (a discrete VP schedule is described by its beta settings, so diffusers' betas are
-  computed in one place, :meth:`~fmconvert.schedules.DiscreteVPSchedule.from_config`);
+  computed in one place, :meth:`~fmconvert.math.paths.DiscreteVPSchedule.from_config`);
 - the converted model's configs: :func:`velocity_adapter_init` (the arguments of
-  :class:`~fmconvert.adapters.VelocityAdapter`, which its Python constructor uses too) and
+  :class:`~fmconvert.integration.adapters.VelocityAdapter`, which its Python constructor uses too) and
   :func:`velocity_scheduler_config` (the scheduler that drives it in a stock pipeline);
 - where a converted folder keeps the network (:data:`NETWORK_FOLDER`) and the dtypes it may
   declare for loading it (:data:`LOAD_DTYPES`).
@@ -18,10 +18,20 @@ never loaded), so what it needs to know is here, importable in milliseconds:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction", "score", "edm", "edm_v")
-_ALIASES = {"flow": "flow_prediction", "velocity": "flow_prediction", "v": "v_prediction", "x0": "sample"}
+from fmconvert.math.descriptions import (  # noqa: F401 (re-exported: the vocabulary of configs)
+    BETA_SCHEDULES,
+    DISCRETE_VP_KEYS,
+    describe_path,
+    discrete_vp_config,
+    num_train_timesteps,
+    rectified_flow,
+)
+from fmconvert.math.predictions import PREDICTION_TYPES, canonical_prediction_type  # noqa: F401
+
+if TYPE_CHECKING:
+    from fmconvert.math.paths import GaussianPath
 
 #: diffusers schedulers whose config describes a discrete VP (beta) schedule
 VP_SCHEDULERS = (
@@ -45,29 +55,12 @@ SUPPORTED_SCHEDULERS = VP_SCHEDULERS + FLOW_SCHEDULERS + VE_SCHEDULERS + VP_SDE_
 #: schedulers that take prediction_type="flow_prediction" together with use_flow_sigmas=True
 FLOW_CAPABLE = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
                 "DEISMultistepScheduler", "SASolverScheduler")
-#: the scheduler config keys that define a discrete VP schedule (its betas)
-DISCRETE_VP_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
-                    "rescale_betas_zero_snr")
-#: diffusers' beta_schedule names that fmconvert reproduces bit for bit
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-
 #: dtypes a converted folder may declare for loading its network
 LOAD_DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: dtypes a network is run in to sample or to measure agreement (the conversion itself stays float64)
 SAMPLE_DTYPES = ("float32", "bfloat16", "float16")
 #: the subfolder of a saved adapter that holds the network's own files
 NETWORK_FOLDER = "network"
-
-
-def canonical_prediction_type(name: str) -> str:
-    """diffusers' name for a prediction type; accepts the aliases flow, velocity, v, x0."""
-    canonical = _ALIASES.get(name, name)
-    if canonical not in PREDICTION_TYPES:
-        raise ValueError(
-            f"unknown prediction_type {name!r}: supported are {', '.join(PREDICTION_TYPES)} "
-            f"(aliases: {', '.join(_ALIASES)})"
-        )
-    return canonical
 
 
 def scheduler_config(scheduler: Any) -> dict[str, Any]:
@@ -79,26 +72,12 @@ def scheduler_config(scheduler: Any) -> dict[str, Any]:
     return config
 
 
-def discrete_vp_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The path description of the discrete VP schedule in a scheduler config: its
-    :data:`DISCRETE_VP_KEYS` that are set. ValueError for a schedule fmconvert cannot reproduce."""
-    schedule = {k: config[k] for k in DISCRETE_VP_KEYS if config.get(k) is not None}
-    betas = schedule.get("trained_betas")
-    if betas is not None:
-        if len(betas) < 2 or not all(0 <= float(b) <= 1 for b in betas):
-            raise ValueError("trained_betas must hold at least 2 values in [0, 1]")
-    elif schedule.get("beta_schedule", "linear") not in BETA_SCHEDULES:
-        raise ValueError(f"unsupported beta_schedule {schedule['beta_schedule']!r}: supported are "
-                         f"{', '.join(repr(s) for s in BETA_SCHEDULES)}, or trained_betas")
-    return {"kind": "discrete_vp", **schedule}
-
-
 def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     """The path description and prediction type that a diffusers scheduler (or its config
     dict; without ``_class_name`` taken as DDPMScheduler's) stands for.
 
     Returns ``(path, prediction_type)``: ``path`` is what
-    :func:`fmconvert.schedules.path_from_config` reads; prediction_type in diffusers' names
+    :func:`fmconvert.math.paths.path_from_config` reads; prediction_type in diffusers' names
     ("epsilon", "sample", "v_prediction", "flow_prediction"), or "score" (score-SDE VE) and
     "edm" / "edm_v" (Karras-preconditioned networks). Raises ValueError naming the offending
     option for schedulers or settings fmconvert cannot map exactly.
@@ -159,36 +138,10 @@ def path_config(scheduler: Any) -> tuple[dict[str, Any], str]:
     return discrete_vp_config(config), prediction
 
 
-def rectified_flow(shift: float = 1.0, num_train_timesteps: int = 1000,
-                   timestep_scale: float | None = None) -> dict[str, Any]:
-    """The path description of diffusers' FlowMatch path (:class:`~fmconvert.schedules.RectifiedFlow`);
-    ``timestep_scale``: the network's timestep per unit of s where it is not num_train_timesteps."""
-    path = {"kind": "rectified_flow", "shift": float(shift), "num_train_timesteps": int(num_train_timesteps)}
-    if timestep_scale is not None:
-        path["timestep_scale"] = float(timestep_scale)
-    return path
-
-
-def num_train_timesteps(path: Mapping[str, Any]) -> int:
-    """T of a path description: the length of a discrete VP schedule (its ᾱ table or
-    trained_betas, else num_train_timesteps), a FlowMatch path's num_train_timesteps; 1000 else."""
-    for table in ("alphas_cumprod", "trained_betas"):
-        if path.get(table) is not None:
-            return len(path[table])
-    return int(path.get("num_train_timesteps", 1000))
-
-
-def describe_path(path: Mapping[str, Any]) -> str:
-    """A path description in one line, ``kind(key=value, ...)``, tables shortened to their length."""
-    args = ", ".join(f"{k}=[{len(v)} values]" if isinstance(v, (list, tuple)) else f"{k}={v!r}"
-                     for k, v in path.items() if k != "kind")
-    return f"{path.get('kind')}({args})"
-
-
 def adapter_init(model_class: str, model_config: Mapping[str, Any], source_path: Mapping[str, Any],
                  source_prediction: str, target_path: Mapping[str, Any], target_prediction: str,
                  compute_dtype: str = "float64") -> dict[str, Any]:
-    """The arguments of a :class:`~fmconvert.adapters.PathAdapter` (its config): a ``model_class``
+    """The arguments of a :class:`~fmconvert.integration.adapters.PathAdapter` (its config): a ``model_class``
     network with config ``model_config`` (private keys dropped), seen from the source path and
     prediction on the target's (paths as descriptions)."""
     return {
@@ -204,7 +157,7 @@ def adapter_init(model_class: str, model_config: Mapping[str, Any], source_path:
 
 def velocity_adapter_init(model_class: str, model_config: Mapping[str, Any], source_path: Mapping[str, Any],
                           source_prediction: str, compute_dtype: str = "float64") -> dict[str, Any]:
-    """The arguments of :class:`~fmconvert.adapters.VelocityAdapter` for a ``model_class``
+    """The arguments of :class:`~fmconvert.integration.adapters.VelocityAdapter` for a ``model_class``
     network with config ``model_config`` that predicts ``source_prediction`` on the path
     ``source_path`` (a description, :func:`path_config`). The target is diffusers' FlowMatch
     path with the source's T. ValueError for a flow source."""
@@ -221,7 +174,7 @@ def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: st
     """The config of the scheduler that drives a converted velocity model in its stock
     pipeline: diffusers' FlowMatchEulerDiscreteScheduler where the pipeline calls neither
     ``scale_model_input`` nor ``init_noise_sigma`` (``sample_scaling`` None), else fmconvert's
-    :class:`~fmconvert.schedulers.FlowMatchEulerScheduler` with that ``sample_scaling`` and the
+    :class:`~fmconvert.integration.schedulers.FlowMatchEulerScheduler` with that ``sample_scaling`` and the
     source's path description (``source_schedule``: for the grids that follow the source's
     timesteps) and ``steps_offset`` (its scheduler's, for the leading spacing). Keys left out
     take the class's defaults."""
@@ -233,3 +186,14 @@ def velocity_scheduler_config(source_path: Mapping[str, Any], sample_scaling: st
     if steps_offset:
         config["steps_offset"] = int(steps_offset)
     return config
+
+
+def path_from_scheduler_config(scheduler: Any) -> tuple[GaussianPath, str]:
+    """The Gaussian path and prediction type a diffusers scheduler (or its config dict;
+    without ``_class_name`` taken as DDPMScheduler's) describes: :func:`path_config`, built
+    (:func:`fmconvert.math.paths.path_from_config`). Raises ValueError naming the offending option for schedulers or settings fmconvert
+    cannot map exactly."""
+    from fmconvert.math.paths import path_from_config
+
+    description, prediction = path_config(scheduler)
+    return path_from_config(description), prediction

@@ -2,7 +2,7 @@
 
 ``sample``, ``fid``, ``agree`` and ``report`` describe every set of samples they draw as a
 :class:`Run`; a samples folder's ``manifest.json`` is written from :meth:`Run.manifest` and
-compared against it (:class:`fmconvert.shards.ShardStore`), so samples made with other settings
+compared against it (:class:`fmconvert.sampling.shards.ShardStore`), so samples made with other settings
 are refused, never reused. A test checks that every field reaches the manifest: an option added
 to Run cannot be forgotten there.
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .errors import UsageError
-from .families import Conditioning
+from fmconvert import __version__
+from fmconvert.errors import UsageError
+from fmconvert.integration.families import Conditioning
 
 if TYPE_CHECKING:
-    from .pipelines import Source
+    from fmconvert.integration.pipelines import Source
 
 #: how much of each file the fingerprint reads at each end (weights are hashed by their ends and size)
 _EDGE = 1 << 20
@@ -65,9 +65,9 @@ def files_fingerprint(roots: list[Path], edge: int = _EDGE) -> str:
 @dataclass(frozen=True)
 class Run:
     """One set of samples: draw ``num_images`` samples of ``model`` with ``sampler`` (a solver
-    of :data:`fmconvert.solvers.SOLVERS` on ``grid``, or with ``baseline`` a scheduler of
-    :data:`fmconvert.baselines.BASELINES` on its own timesteps) in ``steps`` steps, from the
-    noise of ``seed`` (:mod:`fmconvert.sampling`'s convention), in ``dtype``, conditioned by
+    of :data:`fmconvert.math.solvers.SOLVERS` on ``grid``, or with ``baseline`` a scheduler of
+    :data:`fmconvert.sampling.baselines.BASELINES` on its own timesteps) in ``steps`` steps, from the
+    noise of ``seed`` (:mod:`fmconvert.sampling.generate`'s convention), in ``dtype``, conditioned by
     ``conditioning``; ``shard_size`` samples a batch and a shard. ``options``: the solver's
     (rtol, atol) or the baseline scheduler's (use_karras_sigmas, ...). ``shift``: the grid's
     time shift where not the source scheduler's own (None). ``shape``: one sample's (C, H, W),
@@ -114,7 +114,7 @@ class Run:
 
     @property
     def baseline_spec(self) -> str:
-        """A baseline run's scheduler as :func:`fmconvert.baselines.parse_baseline` reads it."""
+        """A baseline run's scheduler as :func:`fmconvert.sampling.baselines.parse_baseline` reads it."""
         options = [f"{k}={json.dumps(v)}" for k, v in self.options if k != "along_list"]
         return self.sampler + (":" + ",".join(options) if options else "")
 
@@ -133,9 +133,9 @@ class Run:
 
 
 def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
-    """The options ``solver`` takes (:attr:`fmconvert.solvers.Solver.options`), from ``given``
+    """The options ``solver`` takes (:attr:`fmconvert.math.solvers.Solver.options`), from ``given``
     where given, else their defaults; options it does not take are not recorded."""
-    from .solvers import SOLVERS
+    from fmconvert.math.solvers import SOLVERS
 
     return tuple((name, given.get(name, default) if given.get(name) is not None else default)
                  for name, default in SOLVERS[solver].options)
@@ -143,10 +143,10 @@ def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
 
 def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: list[str] | tuple[str, ...] = (),
                **given_options: Any) -> list[Run]:
-    """The runs of an NFE sweep: each baseline (a spec of :func:`fmconvert.baselines.parse_baseline`,
+    """The runs of an NFE sweep: each baseline (a spec of :func:`fmconvert.sampling.baselines.parse_baseline`,
     its options recorded, on its own timesteps: no grid shift) at every step count first, then
     every solver at every step count; everything else as in ``base``."""
-    from .baselines import parse_baseline
+    from fmconvert.sampling.baselines import parse_baseline
 
     runs = []
     for spec in baselines:
@@ -161,12 +161,12 @@ def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: 
 
 def resolved(run: Run, source_shifts: bool) -> Run:
     """``run`` as it runs: solver ``auto`` replaced by the solver and grid shift it picks for
-    ``run.steps`` (:func:`fmconvert.solvers.resolve_auto`; ``source_shifts``: whether the source's
-    scheduler shifts its times, :attr:`fmconvert.pipelines.Source.shifts_times`), so that its
+    ``run.steps`` (:func:`fmconvert.math.solvers.resolve_auto`; ``source_shifts``: whether the source's
+    scheduler shifts its times, :attr:`fmconvert.integration.pipelines.Source.shifts_times`), so that its
     records (manifest, samples folder, --json) name what ran. Any other run is returned as it is."""
     if run.baseline or run.sampler != "auto":
         return run
-    from .solvers import resolve_auto
+    from fmconvert.math.solvers import resolve_auto
 
     solver, shift = resolve_auto(run.steps, run.grid, run.shift, source_shifts)
     return dataclasses.replace(run, sampler=solver, shift=shift, options=solver_options(solver))
@@ -200,16 +200,16 @@ class TrainSettings:
     do not change what is computed (up to rounding).
 
     ``model``/``data``: the references as given, named by ``fingerprint`` (the model's files,
-    :func:`fmconvert.runs.model_fingerprint`) and ``data_fingerprint`` (the data's file paths and
+    :func:`fmconvert.sampling.runs.model_fingerprint`) and ``data_fingerprint`` (the data's file paths and
     sizes). ``steps`` optimiser steps of ``batch_size`` samples (global, over all processes);
     ``lr`` after ``warmup`` steps, then ``lr_schedule``; ``weight_decay`` (AdamW's);
     ``max_grad_norm`` (0: no clipping); ``time_sampling`` with ``logit_mean``/``logit_std``
     (logit-normal) or ``u_shape_a`` (U-shaped); ``loss_type``: the per-sample loss of the velocity
-    error (:func:`fmconvert.training.per_sample_loss`);
+    error (:func:`fmconvert.training.loop.per_sample_loss`);
     ``ema_decay`` (0: no EMA); ``lora_rank`` (0: the whole network trains) with ``lora_alpha``
     (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``.
     ``couplings``: for paired data (``fmconvert reflow``), the couplings' identity
-    (:func:`fmconvert.runs.run_fingerprint` of the run that drew them), None for fresh noise at
+    (:func:`fmconvert.sampling.runs.run_fingerprint` of the run that drew them), None for fresh noise at
     every step; ``distill``: every s = 1 (one-step distillation; paired data only).
     ``prediction_type``: what the network is trained to predict on the source's path (None: what
     it predicts now; see the module docstring)."""
@@ -270,7 +270,7 @@ class TrainSettings:
     def create(cls, model: str, data: str, **fields: Any) -> "TrainSettings":
         """Settings for ``model`` and ``data`` with their fingerprints, read from their files
         (configs and file ends, nothing loaded); UsageError for data that is not there."""
-        from .pipelines import inspect_source
+        from fmconvert.integration.pipelines import inspect_source
 
         return cls(model=model, fingerprint=model_fingerprint(inspect_source(model)), data=data,
                    data_fingerprint=data_fingerprint(data), **fields)
@@ -293,11 +293,11 @@ class TrainSettings:
 def data_fingerprint(data: str) -> str:
     """The data's identity for a checkpoint: builtin data by its file's ends, a folder by its
     files' paths and sizes (not their contents: a large folder is not read for it)."""
-    from .data import parse_data
+    from fmconvert.files.references import parse_data
 
     ref = parse_data(data)
     if ref.kind == "builtin":
-        from .digits import digits_path
+        from fmconvert.zoo.digits import digits_path
 
         return files_fingerprint([digits_path().parent]) + f"/{ref.split}"
     assert ref.path is not None

@@ -24,10 +24,10 @@ from typing import cast
 import torch
 from torchmetrics import Metric
 
-from .adapters import PathAdapter
-from .predictions import from_x0_eps, pf_ode_drift, to_x0_eps
-from .runs import Run
-from .schedules import RectifiedFlow
+from fmconvert.integration.adapters import PathAdapter
+from fmconvert.math.paths import RectifiedFlow
+from fmconvert.math.predictions import from_x0_eps, pf_ode_drift, to_x0_eps
+from fmconvert.sampling.runs import Run
 
 F64 = torch.float64
 
@@ -101,8 +101,8 @@ def _point_batches(data: torch.Tensor, batch_size: int, s_values: list[float], s
     """(time index, s, x_s) for this process's share of the points: batch j of every time
     goes to rank j mod K; ε for point n at time i is the n-th image of the noise stream
     seeded seed + i, so the points depend on neither the batch size nor the process count."""
-    from . import distributed
-    from .sampling import NoiseStream, batches_of
+    from fmconvert.sampling import distributed
+    from fmconvert.sampling.generate import NoiseStream, batches_of
 
     ranges = batches_of(len(data), batch_size)
     for i, s in enumerate(s_values):
@@ -166,7 +166,7 @@ def trajectory_agreement(vm, base: Run, steps_list, num_images: int = 64, batch_
     timestep: compared with it, the rows would measure that step rule, not the conversion.)"""
     import dataclasses
 
-    from .sampling import generate_run
+    from fmconvert.sampling.generate import generate_run
 
     rows, runs = [], []
     for steps in steps_list:
@@ -183,15 +183,15 @@ def trajectory_agreement(vm, base: Run, steps_list, num_images: int = 64, batch_
 
 def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
     """Images in data space [−1, 1] from builtin:digits[/train|/held_out] or an image folder
-    (:func:`fmconvert.data.parse_data`)."""
-    from .data import parse_data
+    (:func:`fmconvert.files.references.parse_data`)."""
+    from fmconvert.files.references import parse_data
 
     ref = parse_data(reference)
     if ref.kind == "builtin":
-        from .digits import load_digits
+        from fmconvert.zoo.digits import load_digits
 
         return load_digits(ref.split).data[:limit]
-    from .images import load_folder
+    from fmconvert.files.images import load_folder
 
     assert ref.path is not None  # (a folder reference)
     return load_folder(ref.path, limit).float() / 127.5 - 1
@@ -230,7 +230,7 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
 
     Returns per time: ``s``, ``flow_matching_loss`` and ``weighted_epsilon_loss`` (means over the
     points, per element) and ``max_relative_difference`` (largest over the points)."""
-    from .schedules import DiscreteVPSchedule
+    from fmconvert.math.paths import DiscreteVPSchedule
 
     source = adapter.source
     t = torch.linspace(source.t_min, source.t_max, num_times, dtype=F64)
@@ -242,7 +242,7 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
     sums = {"flow_matching_loss": torch.zeros(len(t), dtype=F64), "weighted_epsilon_loss": torch.zeros(len(t), dtype=F64)}
     worst, count = torch.zeros(len(t), dtype=F64), torch.zeros(len(t), dtype=F64)
     for i, s in enumerate(s_values.tolist()):
-        from .sampling import NoiseStream
+        from fmconvert.sampling.generate import NoiseStream
 
         noise = NoiseStream(len(data), tuple(data.shape[1:]), seed + i)
         for lo in range(0, len(data), batch_size):

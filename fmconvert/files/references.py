@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from fmconvert.errors import UsageError
 
 BUILTIN = "builtin:"
 #: builtin data and their splits ("all" is the name without a split)

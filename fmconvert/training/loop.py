@@ -1,10 +1,10 @@
 """Fine-tuning a velocity model with the conditional flow-matching loss (``fmconvert train``).
 
 The model is any MODEL that ``fmconvert sample`` takes: a converted folder, or a diffusion or
-flow-matching source wrapped on the fly (:func:`fmconvert.sampling.load_velocity_model`). The
+flow-matching source wrapped on the fly (:func:`fmconvert.sampling.generate.load_velocity_model`). The
 loss is computed through the adapter, so the gradients reach the source network through the
 conversion; the network is what is trained, and what is written is a converted folder with its
-new weights (:func:`fmconvert.pipelines.write_trained`) that stock diffusers loads.
+new weights (:func:`fmconvert.integration.pipelines.write_trained`) that stock diffusers loads.
 
 The loss, on diffusers' rectified path (s = 1 is noise, s = 0 is data): for data x0 (N, C, H, W)
 in the model's data space, noise ε ~ N(0, I) of the same shape and a time s per sample,
@@ -13,7 +13,7 @@ in the model's data space, noise ε ~ N(0, I) of the same shape and a time s per
 
 u_θ being the adapter's velocity at the timestep T·s (T: the target path's
 ``num_train_timesteps``). For a converted diffusion source, L at s is the source's epsilon loss
-|ε̂ − ε|² at the matched time times (1 − s)⁻² (:func:`fmconvert.agreement.loss_identity`), so
+|ε̂ − ε|² at the matched time times (1 − s)⁻² (:func:`fmconvert.evaluation.agreement.loss_identity`), so
 fine-tuning starts at the pretrained optimum of that weighting of the epsilon loss. With
 ``loss_type="pseudo_huber"`` the step trains (√(‖δ‖² + c²) − c)/d of the error δ = u_θ − u
 instead (:func:`per_sample_loss`).
@@ -43,7 +43,7 @@ a generator seeded by (seed, k) on the training device. So the draws depend on t
 step only: a resumed run repeats them exactly, and K processes (``accelerate launch`` /
 ``torchrun``) each take their B/K share of the same global batch.
 
-Pairs (``fmconvert reflow``, :mod:`fmconvert.reflow`; Liu, Gong, Liu 2022, "Flow Straight and
+Pairs (``fmconvert reflow``, :mod:`fmconvert.training.reflow`; Liu, Gong, Liu 2022, "Flow Straight and
 Fast", rectified flow): each x0 is a sample of the model's ODE and comes with the noise ε its
 trajectory started from (:class:`TrainingData` ``noise``); the step takes the pair's ε instead of
 a fresh draw, so the loss above trains the straight paths between the two ends of every
@@ -58,7 +58,7 @@ shows the difference).
 Parametrisation (``prediction_type``). A diffusion source's network can be trained to predict
 another quantity on its own path: ``epsilon``, ``v_prediction`` (α·ε − σ·x0, Salimans & Ho 2022)
 or ``sample`` (x0). The adapter reads its output as that from step 1
-(:meth:`~fmconvert.adapters.PathAdapter.reparametrise`) and the written folder says so; the
+(:meth:`~fmconvert.integration.adapters.PathAdapter.reparametrise`) and the written folder says so; the
 weights are the source's, so the field no longer starts at the source's and the output is learnt
 anew (as SD 2's v models were fine-tuned from epsilon ones). What it buys is conditioning: an
 output error δ is a velocity error of δ/(1 − s) for epsilon (the noisiest trained time of
@@ -93,9 +93,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .errors import FmconvertError, UsageError
-from .io import atomic_write
-from .runs import (  # noqa: F401 (TrainSettings and its choices, re-exported: what a training run is lives in runs.py)
+from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.files.atomic import atomic_write
+from fmconvert.sampling.runs import (  # noqa: F401 (TrainSettings and its choices, re-exported: what a training run is lives in runs.py)
     LORA_TARGETS,
     LOSS_TYPES,
     LR_SCHEDULES,
@@ -107,9 +107,9 @@ from .runs import (  # noqa: F401 (TrainSettings and its choices, re-exported: w
 )
 
 if TYPE_CHECKING:
-    from .adapters import PathAdapter
-    from .pipelines import Source
-    from .sampling import VelocityModel
+    from fmconvert.integration.adapters import PathAdapter
+    from fmconvert.integration.pipelines import Source
+    from fmconvert.sampling.generate import VelocityModel
 
 F64 = torch.float64
 
@@ -141,11 +141,11 @@ def load_training_data(data: str, shape: tuple[int, ...], latent_model: bool, mo
     ``shard-NNNNNN.safetensors`` with key "samples", as ``--samples-dir`` writes them) for a
     model whose samples are ``shape`` (C, H, W). UsageError, one line, for an empty folder, data
     of another channel count or size, and images for a model that samples latents."""
-    from .data import parse_data
+    from fmconvert.files.references import parse_data
 
     ref = parse_data(data)
     if ref.kind == "builtin":
-        from .digits import load_digits
+        from fmconvert.zoo.digits import load_digits
 
         found = TrainingData(load_digits(ref.split).images, "images")
     else:
@@ -156,7 +156,7 @@ def load_training_data(data: str, shape: tuple[int, ...], latent_model: bool, mo
 
             found = TrainingData(torch.cat([load_file(str(p))["samples"] for p in shards]).float(), "latents")
         else:
-            from .images import IMAGE_SUFFIXES, image_files, load_files
+            from fmconvert.files.images import IMAGE_SUFFIXES, image_files, load_files
 
             files = image_files(ref.path)
             if not files:
@@ -185,7 +185,7 @@ def load_training_data(data: str, shape: tuple[int, ...], latent_model: bool, mo
 def trained_range(adapter: PathAdapter) -> tuple[float, float]:
     """[s_lo, s_hi]: the times s on the rectified path of the source's least and most noisy
     trained times (equal log-SNR)."""
-    from .schedules import RectifiedFlow
+    from fmconvert.math.paths import RectifiedFlow
 
     source = adapter.source
     lam = source.log_snr(torch.tensor([source.t_min, source.t_max], dtype=F64))
@@ -379,7 +379,7 @@ def checkpoint_step(path: Path) -> int | None:
 
 def check_checkpoint(path: Path, settings: TrainSettings) -> None:
     """Refuse (FmconvertError, one line naming what differs) a checkpoint made with other settings."""
-    from .shards import differences
+    from fmconvert.sampling.shards import differences
 
     existing = checkpoint_settings(path)
     detail = differences(existing, settings.manifest()) if existing is not None else ""
@@ -537,7 +537,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     and ``training.json`` (the settings, the loss of every step, the seconds).
 
     ``data``: the data already loaded (paired data, which ``settings.couplings`` names, come
-    only this way: :func:`fmconvert.reflow.reflow`), else :func:`load_training_data` reads
+    only this way: :func:`fmconvert.training.reflow.reflow`), else :func:`load_training_data` reads
     ``settings.data``. ``add_files(tmp)``: writes more files into the output folder.
 
     Before any step, in one line each: an existing ``out`` without ``force``, a checkpoint in
@@ -556,7 +556,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     work = work_folder(out)
     check_checkpoint(work / CHECKPOINT, settings)
     accelerator = _accelerator(settings, device)
-    from .sampling import load_velocity_model, sample_shape
+    from fmconvert.sampling.generate import load_velocity_model, sample_shape
 
     # the conversion runs in float64 (the network in its own dtype): the loss is the converted field's
     vm = load_velocity_model(settings.model, compute_dtype="float64")
@@ -668,7 +668,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
             if add_files is not None:
                 add_files(tmp)
 
-        from .pipelines import write_trained
+        from fmconvert.integration.pipelines import write_trained
 
         write_trained(vm.source, out, final, {k: v for k, v in summary.items() if k != "out"}, force, write_records,
                       settings.prediction_type)

@@ -1,5 +1,5 @@
 """The feature extractors FID and KID are computed in (``--features``): the registry, with what
-each takes. Plain Python (the command line's --help reads it); :func:`fmconvert.fid.make_extractor`
+each takes. Plain Python (the command line's --help reads it); :func:`fmconvert.evaluation.fid.make_extractor`
 builds them.
 """
 

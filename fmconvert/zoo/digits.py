@@ -67,7 +67,7 @@ def build_digits() -> Digits:
 
 
 def digits_path() -> Path:
-    from .zoo import ZOO_DIR
+    from fmconvert.zoo import ZOO_DIR
 
     return ZOO_DIR / "digits" / "digits.safetensors"
 
@@ -134,6 +134,6 @@ class DigitsFeatures(nn.Module):
 
 
 def load_classifier() -> DigitsClassifier:
-    from .zoo import builtin_path
+    from fmconvert.zoo import builtin_path
 
     return DigitsClassifier.from_pretrained(builtin_path("digits-features", kind="features")).eval()

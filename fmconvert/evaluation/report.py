@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from fmconvert import __version__
 
 
 def _plot_agreement(s_values, series: dict[str, list[float]], path: Path, title: str, ylabel: str) -> Path:
@@ -29,7 +29,7 @@ def _plot_agreement(s_values, series: dict[str, list[float]], path: Path, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
+    from fmconvert.files.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for label, values in series.items():
@@ -47,8 +47,8 @@ def _plot_agreement(s_values, series: dict[str, list[float]], path: Path, title:
 
 
 def _side_by_side(left: torch.Tensor, right: torch.Tensor, path: Path) -> Path:
-    from .images import _pil, make_grid
-    from .io import atomic_write
+    from fmconvert.files.atomic import atomic_write
+    from fmconvert.files.images import _pil, make_grid
 
     a, b = make_grid(left, columns=8), make_grid(right, columns=8)
     gap = torch.full((a.shape[0], a.shape[1], 12), 255, dtype=torch.uint8)
@@ -66,13 +66,13 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
                  data: str = "builtin:digits/held_out", reference: str = "builtin:digits", steps=(4, 8, 16, 32),
                  solvers=("euler", "heun"), num_images: int = 1000, num_times: int = 20, seed: int = 0,
                  device: str = "cpu", force: bool = False, progress: bool = False, log=print) -> dict:
-    from .agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
-    from .fid import fid_between, make_extractor, plot_sweep, reference_stats, sweep
-    from .grids import trained_log_snr_range
-    from .io import atomic_folder, atomic_write
-    from .pipelines import inspect_source, write_converted
-    from .runs import Run, model_fingerprint, sweep_runs
-    from .sampling import generate_run, load_velocity_model, sample_shape
+    from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
+    from fmconvert.evaluation.fid import fid_between, make_extractor, plot_sweep, reference_stats, sweep
+    from fmconvert.files.atomic import atomic_folder, atomic_write
+    from fmconvert.integration.pipelines import inspect_source, write_converted
+    from fmconvert.math.grids import trained_log_snr_range
+    from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
+    from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs
 
     started = time.perf_counter()
     stages = ["convert", "samples", "agreement", "two models", "FID sweep"]
@@ -112,7 +112,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         (ddim_run,) = sweep_runs(base, [], [50], ["ddim"])
         ours, ddim = generate_run(converted, ours_run, device), generate_run(original, ddim_run, device)
         numbers["runs"] = [ours_run.manifest(), ddim_run.manifest()]
-        from .images import save_grid
+        from fmconvert.files.images import save_grid
 
         save_grid(ours.images, tmp / "converted-euler.png", columns=8)
         save_grid(ddim.images, tmp / "source-ddim.png", columns=8)

@@ -29,10 +29,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .data import DataRef, parse_data
-from .errors import FmconvertError, UsageError
-from .features import FEATURES
-from .runs import Run
+from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.evaluation.features import FEATURES
+from fmconvert.files.references import DataRef, parse_data
+from fmconvert.sampling.runs import Run
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -117,8 +117,8 @@ def make_extractor(features: str = "digits", weights: str | Path | None = None, 
     if features not in FEATURES:
         raise UsageError(f"unknown --features '{features}': use one of {', '.join(FEATURES)}")
     if features == "digits":
-        from .digits import DigitsFeatures, load_classifier
-        from .zoo import builtin_path
+        from fmconvert.zoo import builtin_path
+        from fmconvert.zoo.digits import DigitsFeatures, load_classifier
 
         module = DigitsFeatures(load_classifier()).to(device)
         weights_file = builtin_path("digits-features", kind="features") / "diffusion_pytorch_model.safetensors"
@@ -171,7 +171,7 @@ class FeatureStats:
 
     def sync(self) -> "FeatureStats":
         """Sum the statistics of every process (torchmetrics' sync) and gather the kept features."""
-        from . import distributed
+        from fmconvert.sampling import distributed
 
         if distributed.world_size() > 1:
             self.fid.sync()
@@ -250,14 +250,14 @@ def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str 
 def _reference_batches(ref: DataRef, batch_size: int) -> tuple[Iterator[torch.Tensor], str]:
     """uint8 batches of a builtin dataset or an image folder, and a cache key part."""
     if ref.kind == "builtin":
-        from .digits import digits_path, load_digits
+        from fmconvert.zoo.digits import digits_path, load_digits
 
         images = load_digits(ref.split).images
         key = f"builtin:{ref.name}/{ref.split}:{_sha256(digits_path())}"
         return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), key
     folder = ref.path
     assert folder is not None  # (a folder reference)
-    from .images import READER_VERSION, folder_files, folder_shape, load_files
+    from fmconvert.files.images import READER_VERSION, folder_files, folder_shape, load_files
 
     files = folder_files(folder)
     listing = hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
@@ -282,7 +282,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
     """Statistics of REF, from a statistics file, the cache, or computed (and cached)."""
     from safetensors.torch import load_file, save_file
 
-    from .io import atomic_write
+    from fmconvert.files.atomic import atomic_write
 
     ref = parse_data(reference, statistics=True)
     if ref.kind == "stats":
@@ -294,7 +294,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
             raise FmconvertError(f"statistics file '{reference}' was made with {meta.get('extractor')} features "
                                  f"(weights {str(meta.get('weights_sha256'))[:12]}), not {extractor.name}; recompute it")
         return ReferenceStats(FeatureStats.from_tensors(tensors, device), "file", str(as_file))
-    from . import distributed
+    from fmconvert.sampling import distributed
 
     batches, key = _reference_batches(ref, batch_size)
     digest = hashlib.sha256(f"{key}|{extractor.name}|{extractor.weights_sha256}".encode()).hexdigest()[:24]
@@ -318,7 +318,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
 def save_stats(stats: FeatureStats, path: Path, extractor: Extractor, reference: str) -> None:
     from safetensors.torch import save_file
 
-    from .io import atomic_write
+    from fmconvert.files.atomic import atomic_write
 
     metadata = {"fmconvert": json.dumps({"reference": reference, "extractor": extractor.name,
                                          "weights_sha256": extractor.weights_sha256})}
@@ -336,10 +336,10 @@ def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_siz
               device: str = "cpu") -> tuple[FeatureStats, int, int]:
     """Feature statistics of one sampler run over [0, num_images), split by shard across
     processes and summed; shards found in ``store`` are read instead of generated (and new
-    ones are written): :func:`fmconvert.sampling.iter_shards`. Returns (stats, nfe, shards reused)."""
-    from . import distributed
-    from .images import to_uint8
-    from .sampling import iter_shards
+    ones are written): :func:`fmconvert.sampling.generate.iter_shards`. Returns (stats, nfe, shards reused)."""
+    from fmconvert.files.images import to_uint8
+    from fmconvert.sampling import distributed
+    from fmconvert.sampling.generate import iter_shards
 
     stats = FeatureStats(extractor.num_features, device)
     nfe = reused = 0
@@ -353,13 +353,13 @@ def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_siz
 
 def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str = "cpu", progress: bool = False,
           use_cache: bool = True, samples_dir: Path | None = None) -> dict:
-    """FID (and KID) of every run (:func:`fmconvert.runs.sweep_runs`) against REF and, for a
+    """FID (and KID) of every run (:func:`fmconvert.sampling.runs.sweep_runs`) against REF and, for a
     solver run whose step count a baseline run has too, against the baseline's samples (same
     seeds). Samples are streamed, never all held; with ``samples_dir`` each run keeps them in
     shards under a folder of its own, whose manifest is the run's (:meth:`Run.manifest`), and a
     rerun reuses the complete ones."""
-    from .sampling import iter_run, sample_shape
-    from .shards import ShardStore
+    from fmconvert.sampling.generate import iter_run, sample_shape
+    from fmconvert.sampling.shards import ShardStore
 
     ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
     rows: list[dict] = []
@@ -412,7 +412,7 @@ def plot_sweep(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
+    from fmconvert.files.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     samplers = dict.fromkeys(row["sampler"] + (" (baseline)" if row["baseline"] else "") for row in result["rows"])

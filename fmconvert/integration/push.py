@@ -34,17 +34,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import __version__
-from .errors import FmconvertError, UsageError
-from .hub import PICKLE_SUFFIXES
-from .io import link_or_copy
+from fmconvert import __version__
+from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.files.atomic import link_or_copy
+from fmconvert.integration.hub import PICKLE_SUFFIXES
 
 REQUIRED = ("model_index.json", "fmconvert.json", "README.md")
 
 
 def check_converted_folder(folder: Path) -> list[str]:
     """The files to upload; raises FmconvertError if ``folder`` is not a converted model."""
-    from .pipelines import ADAPTER_SHIM, load
+    from fmconvert.integration.pipelines import ADAPTER_SHIM, load
 
     folder = Path(folder)
     if not folder.is_dir():

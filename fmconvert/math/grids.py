@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # imported where a grid is computed: the CLI's --help reads G
     import numpy as np
     import torch
 
-    from .schedules import GaussianPath
+    from fmconvert.math.paths import GaussianPath
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def trained_log_snr_range(source: GaussianPath | None) -> tuple[float, float]:
     """(λ_max, λ_min): the cleanest and noisiest log-SNR the source was trained on."""
     import torch
 
-    from .schedules import DiscreteVPSchedule, RectifiedFlow
+    from fmconvert.math.paths import DiscreteVPSchedule, RectifiedFlow
 
     F64 = torch.float64
     if isinstance(source, DiscreteVPSchedule):
@@ -111,7 +111,7 @@ def time_grid(kind: str, steps: int, source: GaussianPath | None = None, shift: 
     import numpy as np
     import torch
 
-    from .schedules import DiscreteVPSchedule, RectifiedFlow
+    from fmconvert.math.paths import DiscreteVPSchedule, RectifiedFlow
 
     F64 = torch.float64
     if kind not in GRIDS:

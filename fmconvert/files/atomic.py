@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import UsageError
+from fmconvert.errors import UsageError
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ A :class:`Family` answers, for one pipeline class (or a bare model folder):
 - whether its pipeline post-processes the prediction nonlinearly (``guidance_rescale``);
 - how samples are decoded (``vae`` / ``vqvae`` / ``movq``, scaling and shift factors);
 - what the converted pipeline's scheduler must keep in its ``latents``
-  (:mod:`fmconvert.schedulers`: ``sample_scaling``).
+  (:mod:`fmconvert.integration.schedulers`: ``sample_scaling``).
 
 A :class:`NetworkCall` answers, for one network: the name of its sample argument, whether
 the timestep is positional, and how the prediction is read from its output (learned
@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import FmconvertError, UsageError
+from fmconvert.errors import FmconvertError, UsageError
 
 if TYPE_CHECKING:  # torch is imported where it computes: `fmconvert wrap` reads configs only
     from types import FrameType
@@ -243,7 +243,7 @@ class Family:
     #: flow network gets s): part of the path descriptions on both sides (:func:`family_timestep_path`)
     timestep_divisor: ClassVar[float | None] = None
     #: its pipeline hands every scheduler the flow-only arguments sigmas (a FlowMatch grid) and mu:
-    #: a converted folder steps fmconvert's FlowPipeline* schedulers (:mod:`fmconvert.schedulers`)
+    #: a converted folder steps fmconvert's FlowPipeline* schedulers (:mod:`fmconvert.integration.schedulers`)
     hands_flow_arguments: ClassVar[bool] = False
     #: the network takes latents packed in 2×2 patches (see :class:`NetworkCall`)
     packs_latents: ClassVar[bool] = False

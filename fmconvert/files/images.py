@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
-from .io import atomic_folder, atomic_write
+from fmconvert.errors import UsageError
+from fmconvert.files.atomic import atomic_folder, atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

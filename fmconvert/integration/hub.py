@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import FmconvertError, UsageError
+from fmconvert.errors import FmconvertError, UsageError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 BUILTIN_PREFIX = "builtin:"
@@ -33,7 +33,7 @@ def looks_like_path(reference: str) -> bool:
 def resolve(reference: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
     """A local folder holding ``reference``; raises UsageError / FmconvertError with a fix."""
     if reference.startswith(BUILTIN_PREFIX):
-        from .zoo import builtin_path
+        from fmconvert.zoo import builtin_path
 
         return builtin_path(reference[len(BUILTIN_PREFIX):], kind="model")
     path = Path(reference).expanduser()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import FmconvertError
-from .io import atomic_write
+from fmconvert.errors import FmconvertError
+from fmconvert.files.atomic import atomic_write
 
 
 def differences(existing: dict, settings: dict, whole: bool = True) -> str:
@@ -31,10 +31,10 @@ def differences(existing: dict, settings: dict, whole: bool = True) -> str:
 
 class ShardStore:
     """The shards of one run in ``folder``, whose manifest is ``settings`` (a run's
-    :meth:`~fmconvert.runs.Run.manifest`): created with it, or refused if made with others."""
+    :meth:`~fmconvert.sampling.runs.Run.manifest`): created with it, or refused if made with others."""
 
     def __init__(self, folder: Path, settings: dict):
-        from . import distributed
+        from fmconvert.sampling import distributed
 
         self.folder = Path(folder)
         self.settings = json.loads(json.dumps(settings, default=str))

@@ -1,6 +1,6 @@
-"""Sampling any model as a velocity field with the ODE solvers of :mod:`fmconvert.solvers`.
+"""Sampling any model as a velocity field with the ODE solvers of :mod:`fmconvert.math.solvers`.
 
-Every model is brought to one form, a :class:`~fmconvert.adapters.PathAdapter` whose target
+Every model is brought to one form, a :class:`~fmconvert.integration.adapters.PathAdapter` whose target
 is diffusers' rectified path (u(x_s, 1000·s) = ε̂ − x̂0): a converted velocity folder as it
 is, a diffusion source through :class:`VelocityAdapter`, a flow source through the identity
 adapter, a converted epsilon / v folder through VelocityAdapter around it (an exact round trip).
@@ -22,18 +22,18 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 
-from .adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
-from .configs import FLOW_SCHEDULERS
-from .core import invert
-from .errors import FmconvertError
-from .families import Conditioning, guide, network_call, network_kwargs
-from .grids import time_grid
-from .pipelines import DENOISERS, Source, inspect_source, load_denoiser
-from .schedules import GaussianPath, RectifiedFlow
-from .solvers import SOLVERS, resolve_auto, solve
+from fmconvert.errors import FmconvertError
+from fmconvert.integration.adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from fmconvert.integration.configs import FLOW_SCHEDULERS
+from fmconvert.integration.families import Conditioning, guide, network_call, network_kwargs
+from fmconvert.integration.pipelines import DENOISERS, Source, inspect_source, load_denoiser
+from fmconvert.math.conversion import invert
+from fmconvert.math.grids import time_grid
+from fmconvert.math.paths import GaussianPath, RectifiedFlow
+from fmconvert.math.solvers import SOLVERS, resolve_auto, solve
 
 if TYPE_CHECKING:
-    from .runs import Run
+    from fmconvert.sampling.runs import Run
 
 
 @dataclass
@@ -108,7 +108,7 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
 
 
 def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None = None) -> torch.Tensor:
-    """``steps + 1`` times s from 1 (noise) to 0 for ``vm``: :func:`fmconvert.grids.time_grid`
+    """``steps + 1`` times s from 1 (noise) to 0 for ``vm``: :func:`fmconvert.math.grids.time_grid`
     with the options of the scheduler a grid copies: the source's ``steps_offset`` (leading), and
     for a source that ships FlowMatchEulerDiscreteScheduler, ``flowmatch`` is that scheduler's
     own sigmas (shift, shift_terminal, karras / exponential / beta sigmas: computed by diffusers).
@@ -120,8 +120,8 @@ def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None 
     the sigmas that pipeline does (FLUX: linspace(1, 1/N, N)), ``uniform`` shifts by e^mu.
 
     ``shift``: a time shift to use instead of the scheduler's (static or dynamic) one, for the
-    grids that take one (:func:`fmconvert.grids.check_shift`: ValueError for the others)."""
-    from .grids import GRIDS, check_shift
+    grids that take one (:func:`fmconvert.math.grids.check_shift`: ValueError for the others)."""
+    from fmconvert.math.grids import GRIDS, check_shift
 
     check_shift(kind, shift)
     config, family = vm.source.scheduler, vm.source.family
@@ -158,7 +158,7 @@ def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code
         return None
     from diffusers import DiffusionPipeline
 
-    from .pipelines import load
+    from fmconvert.integration.pipelines import load
 
     if source.converted:
         return load(source.folder, dtype=dtype)
@@ -265,7 +265,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     batches of ``batch_size``; or the given global index ranges): one batch is held.
     ``shift``: the grid's time shift instead of the scheduler's (:func:`sampling_grid`); with
     solver ``auto`` on the uniform grid of a source without a shift of its own, the one
-    :func:`fmconvert.solvers.auto_choice` names.
+    :func:`fmconvert.math.solvers.auto_choice` names.
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
@@ -326,7 +326,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                   device: str = "cpu", baseline: str = "ddim", ranges: list[tuple[int, int]] | None = None,
                   conditioning: Conditioning | None = None,
                   along_list: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """A diffusers scheduler (``baseline``: a spec of :func:`fmconvert.baselines.parse_baseline`)
+    """A diffusers scheduler (``baseline``: a spec of :func:`fmconvert.sampling.baselines.parse_baseline`)
     driving the unconverted source network on the same noise and conditioning (guidance on the
     source's prediction, as its pipeline applies it), batch by batch (or over the given global
     index ranges), as a pipeline drives it: noise × ``init_noise_sigma``, ``scale_model_input``,
@@ -339,7 +339,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     not the next timestep it evaluates (NOTES §8), so it is not one ODE solver on one grid."""
     import inspect
 
-    from .baselines import build_scheduler, parse_baseline, stochastic
+    from fmconvert.sampling.baselines import build_scheduler, parse_baseline, stochastic
 
     if along_list and parse_baseline(baseline)[0].name != "ddim":
         raise ValueError("along_list is DDIM's: use baseline 'ddim'")
@@ -382,7 +382,7 @@ def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x
                 t: torch.Tensor) -> torch.Tensor:
     """One DDIM (η = 0) step from ``t`` to the next of ``timesteps`` (after the last: α = 1),
     float64 on the source's path: x' = α'·x̂0 + σ'·ε̂."""
-    from .predictions import to_x0_eps
+    from fmconvert.math.predictions import to_x0_eps
 
     path, listed = vm.grid_source, timesteps.tolist()
     k = listed.index(t.item())
@@ -396,7 +396,7 @@ def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x
 
 def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tuple[int, int]] | None = None,
              progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The batches of ``run`` (:class:`fmconvert.runs.Run`): :func:`iter_baseline` for a
+    """The batches of ``run`` (:class:`fmconvert.sampling.runs.Run`): :func:`iter_baseline` for a
     baseline, else :func:`iter_generate`, over the given global index ranges (default: all)."""
     if run.baseline:
         return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, run.baseline_spec,
@@ -448,7 +448,7 @@ def iter_shards(vm: VelocityModel, make_batches, num_images: int, batch_size: in
     """This rank's shards of [0, num_images) (shard j = [j·B, (j+1)·B), made by rank j mod K):
     yields (j, samples, images, nfe, reused). Shards ``store`` has are read from it (images
     decoded on ``device``); the others are made by ``make_batches(ranges)`` and saved there."""
-    from . import distributed
+    from fmconvert.sampling import distributed
 
     ranges = batches_of(num_images, batch_size)
     mine = distributed.my_shards(len(ranges))
@@ -467,7 +467,7 @@ def generate_sharded(vm: VelocityModel, make_batches, num_images: int, batch_siz
                      device: str = "cpu") -> tuple[SampleResult | None, int]:
     """All samples of [0, num_images) (see :func:`iter_shards`), gathered on rank 0 in index
     order. Returns (result on rank 0 else None, shards reused)."""
-    from . import distributed
+    from fmconvert.sampling import distributed
 
     started = time.perf_counter()
     pieces, reused = [], 0

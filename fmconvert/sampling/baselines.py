@@ -1,5 +1,5 @@
 """Baselines: diffusers' own schedulers driving the unconverted source network on the same noise
-and conditioning as fmconvert's solvers (``--baseline``; :func:`fmconvert.sampling.iter_baseline`
+and conditioning as fmconvert's solvers (``--baseline``; :func:`fmconvert.sampling.generate.iter_baseline`
 runs them, counting network evaluations).
 
 A baseline is named by an alias of :data:`BASELINES` (ddim, dpm++2m, unipc, ...), by ``default``
@@ -20,10 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import UsageError
+from fmconvert.errors import UsageError
 
 if TYPE_CHECKING:
-    from .pipelines import Source
+    from fmconvert.integration.pipelines import Source
 
 #: settings that make DDIMScheduler the Euler ODE step on the trailing grid (clipping and thresholding
 #: clamp x̂0, which no ODE does)

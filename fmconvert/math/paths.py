@@ -16,9 +16,9 @@ between them. Convention everywhere: larger ``t`` is noisier.
 - :class:`EDMPath`: Karras et al. (2022) preconditioning, α = c_in, σ = t·c_in, timestep ¼·log t.
 - :class:`VPSDEPath`: the continuous-time VP SDE of score-SDE models, t ∈ [sampling_eps, 1].
 
-:func:`path_from_config` builds a path from its description (:mod:`fmconvert.configs`, where
-:func:`~fmconvert.configs.path_config` reads a diffusers scheduler config without torch);
-:func:`path_from_scheduler_config` does both.
+:func:`path_from_config` builds a path from its description (:mod:`fmconvert.math.descriptions`);
+reading one from a diffusers scheduler config is the integration's work
+(:func:`fmconvert.integration.configs.path_from_scheduler_config`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .configs import discrete_vp_config, path_config, rectified_flow
+from fmconvert.math.descriptions import discrete_vp_config, rectified_flow
 
 F64 = torch.float64
 
@@ -185,7 +185,7 @@ class DiscreteVPSchedule(GaussianPath):
     def from_config(cls, config: Mapping[str, Any]) -> "DiscreteVPSchedule":
         """Build from a diffusers scheduler config (beta_schedule, beta_start, beta_end,
         trained_betas, num_train_timesteps, rescale_betas_zero_snr) or the path description
-        :func:`~fmconvert.configs.discrete_vp_config` makes of one, reproducing diffusers'
+        :func:`~fmconvert.integration.configs.discrete_vp_config` makes of one, reproducing diffusers'
         float32 betas bit for bit. ValueError for a schedule it cannot reproduce."""
         description = discrete_vp_config(config)
         T = int(description.get("num_train_timesteps", 1000))
@@ -490,12 +490,3 @@ def path_from_config(config: Mapping[str, Any]) -> GaussianPath:
     if kind == EDMPath.kind:
         return EDMPath.from_config(config)
     return _PATHS[kind](**config)
-
-
-def path_from_scheduler_config(scheduler: Any) -> tuple[GaussianPath, str]:
-    """The Gaussian path and prediction type a diffusers scheduler (or its config dict;
-    without ``_class_name`` taken as DDPMScheduler's) describes: :func:`~fmconvert.configs.path_config`,
-    built. Raises ValueError naming the offending option for schedulers or settings fmconvert
-    cannot map exactly."""
-    description, prediction = path_config(scheduler)
-    return path_from_config(description), prediction

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .digits import DigitsClassifier, DigitsFeatures, load_classifier, load_digits
-from .images import to_uint8
+from fmconvert.files.images import to_uint8
+from fmconvert.zoo.digits import DigitsClassifier, DigitsFeatures, load_classifier, load_digits
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The conversion core: a network on one Gaussian path and prediction type, evaluated on
 another. Pure torch: nothing here imports diffusers (the suite imports this module with
-diffusers made unimportable); :mod:`fmconvert.adapters` is the diffusers glue around it.
+diffusers made unimportable); :mod:`fmconvert.integration.adapters` is the diffusers glue around it.
 
 For a request (x, timestep) on the target path:
 
@@ -8,7 +8,7 @@ For a request (x, timestep) on the target path:
 2. the source time t_src with the same λ (clamped to the range the source was trained
    on, snapped to a trained integer time when λ is within the timestep's rounding);
 3. the source sees x·|P_src|/|P_dst| (|P| = √(α²+σ²); equal to α_src/α_dst at equal λ);
-4. its output becomes (x̂0, ε̂) at P_src (:mod:`fmconvert.predictions`), which are the
+4. its output becomes (x̂0, ε̂) at P_src (:mod:`fmconvert.math.predictions`), which are the
    same numbers on every path, and then the target prediction at P_dst.
 
 Steps 1–4 are linear in (x, output) with coefficients that depend on the timestep alone:
@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from .predictions import canonical_prediction_type, from_x0_eps, to_x0_eps
-from .schedules import GaussianPath, log_snr_of
+from fmconvert.math.paths import GaussianPath, log_snr_of
+from fmconvert.math.predictions import canonical_prediction_type, from_x0_eps, to_x0_eps
 
 HALF_MAX = torch.finfo(torch.float16).max
 

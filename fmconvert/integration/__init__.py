@@ -1,0 +1,9 @@
+"""Layer 2, the diffusers integration: the only layer that imports diffusers at module level.
+
+- :mod:`~fmconvert.integration.configs`: the conversion on configs alone (plain Python: ``wrap``);
+- :mod:`~fmconvert.integration.families`: what each model family needs (conditioning, the call);
+- :mod:`~fmconvert.integration.adapters`: the converted denoisers (ModelMixin);
+- :mod:`~fmconvert.integration.schedulers`: the schedulers a converted folder names;
+- :mod:`~fmconvert.integration.pipelines`: reading a source, writing a converted folder, its shims;
+- :mod:`~fmconvert.integration.hub`, :mod:`~fmconvert.integration.push`: the Hugging Face Hub.
+"""
