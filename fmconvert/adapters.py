@@ -2,7 +2,7 @@
 
 A converted folder's ``adapters.py`` shim is ``from fmconvert.adapters import DiffusionAdapter,
 VelocityAdapter`` (:data:`fmconvert.integration.pipelines.SHIM_TEXTS` lists every shim text
-fmconvert has written; tests/test_folder_contract.py loads a folder with each in stock diffusers).
+fmconvert has written; tests/integration/test_folder_contract.py loads a folder with each in stock diffusers).
 The classes live in :mod:`fmconvert.integration.adapters`; nothing else belongs here.
 """
 

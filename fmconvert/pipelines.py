@@ -1,7 +1,7 @@
 """A module path that converted folders import, kept for every folder ever written.
 
 The first release's scheduler shim was ``from fmconvert.pipelines import FlowMatchEulerScheduler``
-(:data:`fmconvert.integration.pipelines.SHIM_TEXTS`; tests/test_folder_contract.py loads such a
+(:data:`fmconvert.integration.pipelines.SHIM_TEXTS`; tests/integration/test_folder_contract.py loads such a
 folder in stock diffusers). :func:`load` was public here too. Both live in
 :mod:`fmconvert.integration`; nothing else belongs here.
 """

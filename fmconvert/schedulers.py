@@ -2,7 +2,7 @@
 
 A converted folder's ``scheduler.py`` shim imports its scheduler classes from here
 (:data:`fmconvert.integration.pipelines.SHIM_TEXTS` lists every shim text fmconvert has written;
-tests/test_folder_contract.py loads a folder with each in stock diffusers). The classes live in
+tests/integration/test_folder_contract.py loads a folder with each in stock diffusers). The classes live in
 :mod:`fmconvert.integration.schedulers`; nothing else belongs here.
 """
 

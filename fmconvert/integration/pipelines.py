@@ -74,7 +74,7 @@ SCHEDULER_SHIM = "fmconvert_scheduler"
 #: first. A written (or pushed) folder is a public contract: stock diffusers imports its shim, so
 #: each text here stays importable whatever fmconvert moves (the modules they name,
 #: fmconvert/adapters.py, schedulers.py and pipelines.py, are kept as re-exports), the safety check accepts exactly
-#: these texts (:func:`_check_safety`), and tests/test_folder_contract.py loads a folder written
+#: these texts (:func:`_check_safety`), and tests/integration/test_folder_contract.py loads a folder written
 #: with each in stock ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)``.
 SHIM_TEXTS: dict[str, tuple[str, ...]] = {
     ADAPTER_SHIM: ("from fmconvert.adapters import DiffusionAdapter, VelocityAdapter  # noqa: F401\n",),

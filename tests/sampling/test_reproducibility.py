@@ -1,5 +1,5 @@
 """What leaves results bit-identical and what moves them at rounding, as README.md's
-"Reproducibility" states it (the world size: tests/test_distributed.py; a resumed samples folder:
+"Reproducibility" states it (the world size: tests/sampling/test_distributed.py; a resumed samples folder:
 there too; the device: tests/test_cuda.py)."""
 
 import json
@@ -29,7 +29,7 @@ def test_the_same_command_gives_bit_identical_numbers(tmp_path, ddpm_folder):
 
 
 def test_the_batch_size_moves_samples_at_rounding_only(tmp_path, ddpm_folder):
-    """The noise is drawn by image index (tests/test_distributed.py), but the network's batched
+    """The noise is drawn by image index (tests/sampling/test_distributed.py), but the network's batched
     kernels round differently per batch shape: measured 2.1e-7 relative here (batches of 2 and 5),
     4.5e-5 on digits-eps after 8 steps (batches of 16 and 64), whose first step divides by alpha_T."""
     one, other = _samples(tmp_path, ddpm_folder, "--batch-size", 2), _samples(tmp_path, ddpm_folder, "--batch-size", 5)

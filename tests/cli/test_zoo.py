@@ -18,7 +18,7 @@ from fmconvert.zoo import ZOO_DIR, available, builtin_path
 from fmconvert.zoo.digits import NUM_HELD_OUT, DigitsFeatures, load_classifier, load_digits, split_mask
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_zoo_lists_its_entries():
