@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from fmconvert.math.grids import GRIDS, discrete_timesteps, time_grid
+from fmconvert.math.grids import discrete_timesteps, time_grid
 from fmconvert.math.paths import DiscreteVPSchedule, RectifiedFlow
 from fmconvert.math.solvers import SOLVERS, solve
 
@@ -25,29 +25,6 @@ def gaussian_velocity(x, s):
     v = (1 - s) ** 2 * C**2 + s**2
     dv = -2 * (1 - s) * C**2 + 2 * s
     return -M + dv / (2 * v) * (x - (1 - s) * M)
-
-
-def final_error(solver, steps):
-    z = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    result = solve(gaussian_velocity, z, grid, solver)
-    return (result.x - (M + C * z)).abs().max().item(), result.nfe
-
-
-@pytest.mark.parametrize("solver, order, nfe_per_step", [
-    ("euler", 1, 1), ("ab2", 2, 1), ("midpoint", 2, 2), ("heun", 2, 2), ("rk4", 4, 4),
-])
-def test_convergence_order_and_nfe(solver, order, nfe_per_step):
-    e1, nfe1 = final_error(solver, 20)
-    e2, nfe2 = final_error(solver, 40)
-    measured = math.log2(e1 / e2)
-    # at least the nominal order (this linear field lets midpoint reach 3 and rk4 slightly over 4)
-    assert measured >= order - 0.3, f"{solver}: observed order {measured:.2f}"
-    if order == 1:
-        assert measured < 1.5
-    # heun takes a plain Euler step into s = 0, so one evaluation fewer
-    expected = 20 * nfe_per_step - (1 if solver == "heun" else 0)
-    assert nfe1 == expected and nfe2 == 2 * expected + (1 if solver == "heun" else 0)
 
 
 def exact_flow(s, z):
@@ -194,13 +171,6 @@ def test_flowmatch_grid_is_the_schedulers_default(shift):
     scheduler.set_timesteps(12)
     ours = time_grid("flowmatch", 12, RectifiedFlow(), shift=shift)
     torch.testing.assert_close(ours, scheduler.sigmas.to(torch.float64), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kind", GRIDS)
-def test_every_grid_decreases_to_zero(kind):
-    schedule = DiscreteVPSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
-    grid = time_grid(kind, 13, schedule)
-    assert len(grid) == 14 and grid[-1] == 0 and bool((grid.diff() < 0).all()) and grid[0] <= 1
 
 
 def test_log_snr_grid_is_uniform_in_log_snr():
