@@ -67,7 +67,7 @@ def scheduler_config(scheduler: Any) -> dict[str, Any]:
     """A config dict with ``_class_name`` from a diffusers scheduler or its config dict."""
     if isinstance(scheduler, Mapping):
         return dict(scheduler)
-    config = dict(scheduler.config)
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}  # (as save_config writes it)
     config["_class_name"] = type(scheduler).__name__
     return config
 

@@ -115,7 +115,9 @@ def build_scheduler(spec: str, source: Source):
     if cls is None:
         raise UsageError(f"--baseline {spec}: diffusers has no {class_name}")
     takes = set(inspect.signature(cls.__init__).parameters)
-    config = {k: v for k, v in source.scheduler.items() if k != "_class_name"}
+    # diffusers' private keys dropped: a live config's _use_default_values names the keys from_config
+    # resets to their defaults, which would silently undo the alias's settings (ddim's trailing spacing)
+    config = {k: v for k, v in source.scheduler.items() if not k.startswith("_")}
     flow = source.prediction_type == "flow_prediction"
     if flow and not class_name.startswith("FlowMatch"):
         if "use_flow_sigmas" not in takes:

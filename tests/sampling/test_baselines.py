@@ -136,3 +136,28 @@ def test_flow_shims_drive_a_converted_pipeline_with_float_timesteps(shim, tmp_pa
     assert float(torch.as_tensor(seen[0]).flatten()[0]) == pytest.approx(1000 * float(pipe.scheduler.sigmas[0]), rel=1e-6)
     with pytest.raises(ValueError, match="mu"):
         pipe.scheduler.set_timesteps(4, mu=0.5)
+
+
+def test_a_live_schedulers_config_keeps_the_aliass_settings(ddpm_folder):
+    """A source read from a live scheduler's config carries diffusers' ``_use_default_values`` (the keys
+    it left at their defaults); from_config resets those keys, so ddim's trailing spacing was silently
+    dropped for such a source: ddim then stepped on leading timesteps."""
+    import dataclasses
+
+    from diffusers import DDPMScheduler
+
+    from fmconvert.integration.configs import scheduler_config
+    from fmconvert.integration.pipelines import inspect_source
+
+    source = inspect_source(str(ddpm_folder))
+    live = {**DDPMScheduler.from_config({"num_train_timesteps": 1000}).config, "_class_name": "DDPMScheduler"}
+    assert "timestep_spacing" in live["_use_default_values"]  # (what makes the case)
+    as_saved = {k: v for k, v in live.items() if k != "_use_default_values"}  # (save_config drops it)
+    expected = build_scheduler("ddim", dataclasses.replace(source, scheduler=as_saved))
+    expected.set_timesteps(4)
+    assert expected.config.timestep_spacing == "trailing"
+    for config in (live, scheduler_config(DDPMScheduler.from_config(live))):
+        scheduler = build_scheduler("ddim", dataclasses.replace(source, scheduler=config))
+        scheduler.set_timesteps(4)
+        assert scheduler.config.timestep_spacing == "trailing"
+        assert scheduler.timesteps.tolist() == expected.timesteps.tolist()
