@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # the public names, imported on first use (PEP 562): `import fmconvert.evaluation.fid` or the CLI's
 # --help need not import diffusers
 _EXPORTS = {
-    "math.conversion": ("Conversion", "apply_conversion", "invert", "plan_conversion", "reparameterize"),
+    "math.conversion": ("Conversion", "apply_conversion", "invert", "plan_conversion", "evaluate_converted"),
     "integration.adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter"),
     "integration.families": ("Conditioning", "Family", "family_of"),
     "integration.schedulers": ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "FlowPipelineDPMSolverMultistepScheduler",
@@ -35,9 +35,16 @@ _EXPORTS = {
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
+#: public names that were renamed for what they do: old name → new name (a DeprecationWarning names the new one)
+_RENAMED = {"reparameterize": "evaluate_converted"}
 
 
 def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"fmconvert.{name} is now fmconvert.{_RENAMED[name]}", DeprecationWarning, stacklevel=2)
+        return __getattr__(_RENAMED[name])
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'fmconvert' has no attribute {name!r}")
     import importlib

@@ -58,8 +58,9 @@ import fmconvert  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.integration.pipelines import inspect_source  # noqa: E402
 from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
-from fmconvert.sampling.runs import LOSS_TYPES, TIME_SAMPLINGS, Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
+from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
 from fmconvert.training.reflow import reflow  # noqa: E402
+from fmconvert.training.settings import LOSS_TYPES, TIME_SAMPLINGS  # noqa: E402
 
 MODEL, REFERENCE = "builtin:digits-eps", "builtin:digits"
 SOLVERS = ("euler", "ab2", "unipc")
@@ -77,7 +78,7 @@ def fid_rows(model: str, nfe_list: list[int], num_images: int, work: Path, seed:
     vm = load_velocity_model(model)
     base = Run(model=model, fingerprint=fingerprint, sampler="euler", steps=1, num_images=num_images, shard_size=250,
                seed=seed)
-    runs = [dataclasses.replace(base, sampler=solver, steps=nfe, shift=shift, options=solver_options(solver))
+    runs = [dataclasses.replace(base, sampler=OdeSampler(solver, shift=shift, options=solver_options(solver)), steps=nfe)
             for nfe in nfe_list for solver in solvers for shift in shifts
             if nfe > 1 or (solver, shift) == (solvers[0], shifts[0])]  # (one step from s = 1: every solver is Euler)
     folder = work / "fid" / fingerprint.split(":")[-1][:16] / f"seed{seed}"
@@ -94,8 +95,9 @@ def label(row: dict) -> str:
 
 def couplings_run(model: str, solver: str, shift: float | None, num_couplings: int, solver_steps: int,
                   seed: int = COUPLINGS_SEED) -> Run:
-    return Run(model=model, fingerprint=model_fingerprint(inspect_source(model)), sampler=solver, steps=solver_steps,
-               shift=shift, num_images=num_couplings, shard_size=250, options=solver_options(solver), seed=seed)
+    return Run(model=model, fingerprint=model_fingerprint(inspect_source(model)),
+               sampler=OdeSampler(solver, shift=shift, options=solver_options(solver)), steps=solver_steps,
+               num_images=num_couplings, shard_size=250, seed=seed)
 
 
 def couplings_folder(work: Path, couplings: Run) -> Path:
@@ -134,7 +136,7 @@ def stage(name: str, model: str, out: Path, args: argparse.Namespace, training: 
             json.loads((out / "training.json").read_text())["settings"].get(k) == v for k, v in wanted.items()):
         say(f"reusing {out} (trained with these settings)")
         return json.loads((out / "training.json").read_text())
-    say(f"{'distill' if distill else 'reflow'} {model}: {couplings.describe()}, {training['steps']} training steps "
+    say(f"{'distill' if distill else 'reflow'} {model}: {couplings.describe()}, {training['train_steps']} training steps "
         f"into {out}")
     t0 = time.perf_counter()
     reflow(couplings, out, distill=distill, couplings_dir=couplings_folder(args.work, couplings), checkpoint_every=100,
@@ -193,7 +195,7 @@ def main() -> None:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
-    training = dict(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+    training = dict(train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                     ema_decay=args.ema_decay, time_sampling=args.time_sampling, logit_mean=args.logit_mean,
                     logit_std=args.logit_std, u_shape_a=args.u_shape_a, loss_type=args.loss_type,
                     prediction_type=args.prediction_type or None, seed=COUPLINGS_SEED)
@@ -202,7 +204,7 @@ def main() -> None:
                    couplings_run(MODEL, args.solver, None, args.num_couplings, args.solver_steps))
     distilled = None
     if args.distill_steps:
-        distill_training = {**training, "steps": args.distill_steps, "lr": args.distill_lr,
+        distill_training = {**training, "train_steps": args.distill_steps, "lr": args.distill_lr,
                             "ema_decay": args.distill_ema_decay, "prediction_type": None}
         distill_couplings = couplings_run(str(out), args.distill_solver, args.distill_shift, args.distill_couplings,
                                           args.distill_solver_steps)

@@ -38,7 +38,7 @@ from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.math.grids import GRIDS  # noqa: E402
 from fmconvert.math.solvers import SOLVERS  # noqa: E402
 from fmconvert.sampling.generate import load_velocity_model, sample_shape  # noqa: E402
-from fmconvert.sampling.runs import Run, model_fingerprint  # noqa: E402
+from fmconvert.sampling.runs import OdeSampler, Run, SchedulerSampler, model_fingerprint  # noqa: E402
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")
 REFERENCE = "builtin:digits"
@@ -96,18 +96,18 @@ def runs_for(base: Run, discrete: bool, flow: bool, nfe_list: list[int], solvers
                 from fmconvert.sampling.baselines import parse_baseline
 
                 baseline, options = parse_baseline(spec)
-                runs.append(dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid,
-                                                steps=steps, options=options))
+                runs.append(dataclasses.replace(base, sampler=SchedulerSampler(baseline.name, options, baseline.grid),
+                                                steps=steps))
         for solver in solvers:
             steps = solver_steps(solver, nfe)
             if steps:
-                runs += [dataclasses.replace(base, sampler=solver, grid=grid, shift=shift, steps=steps) for grid, shift in grids]
+                runs += [dataclasses.replace(base, sampler=OdeSampler(solver, grid, shift), steps=steps) for grid, shift in grids]
     return runs
 
 
 def converged_run(base: Run) -> Run:
     """The converged solve of the same ODE: rk4 at 100 NFE (25 steps) on the uniform grid."""
-    return dataclasses.replace(base, sampler="rk4", grid="uniform", steps=25)
+    return dataclasses.replace(base, sampler=OdeSampler("rk4", "uniform"), steps=25)
 
 
 def main() -> None:
@@ -167,8 +167,8 @@ def main() -> None:
             try:
                 rows += sweep(vm, REFERENCE, extractor, [run])["rows"]
             except Exception as error:  # noqa: BLE001 - recorded in the output
-                failed.append({"sampler": run.baseline_spec if run.baseline else label({"sampler": run.sampler, "grid": run.grid,
-                                                                                       "shift": run.shift, "baseline": False}),
+                failed.append({"sampler": run.sampler.spec if isinstance(run.sampler, SchedulerSampler)
+                               else label({**run.sampler.record(), "sampler": run.sampler.name}),
                                "steps": run.steps, "error": f"{type(error).__name__}: {error}"})
         if converged is None:
             converged, rows = rows[0]["fid"], rows[1:]

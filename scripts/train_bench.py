@@ -37,8 +37,8 @@ from fmconvert.evaluation.agreement import weighted_epsilon_loss  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.integration.pipelines import inspect_source  # noqa: E402
 from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
-from fmconvert.sampling.runs import TIME_SAMPLINGS, Run, model_fingerprint, sweep_runs  # noqa: E402
-from fmconvert.training.loop import Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
+from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs  # noqa: E402
+from fmconvert.training.loop import TIME_SAMPLINGS, Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
 
 MODEL, DATA, HELD_OUT, REFERENCE = "builtin:digits-eps", "builtin:digits/train", "builtin:digits/held_out", "builtin:digits"
 
@@ -86,7 +86,7 @@ def main() -> None:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
-    settings = TrainSettings.create(MODEL, DATA, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    settings = TrainSettings.create(MODEL, DATA, train_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                     warmup=args.warmup, ema_decay=args.ema_decay, time_sampling=args.time_sampling,
                                     seed=args.seed)
     out = args.work / "model"

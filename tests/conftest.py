@@ -9,6 +9,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import random
 
+# imported up front: importing diffusers sets TORCHINDUCTOR_CACHE_DIR, for which the isolation check below would
+# blame whichever test imports it first (a module run alone, or an order where no earlier module imported it)
+import diffusers  # noqa: F401
 import numpy as np
 import pytest
 import torch

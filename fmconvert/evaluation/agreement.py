@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torchmetrics import Metric
@@ -78,7 +77,7 @@ def pf_ode_reference(adapter: PathAdapter, x_s: torch.Tensor, s: torch.Tensor, *
     p = source.point(t).view_as_batch(x_s.ndim)
     k = p.alpha + p.sigma
     x = x_s.to(F64) * k
-    native = adapter.model(x.to(adapter.model.dtype), source.model_timestep(t), **kwargs, return_dict=False)[0]
+    native = adapter.source_output(x, source.model_timestep(t), **kwargs)
     score = from_x0_eps("score", *to_x0_eps(adapter.source_prediction, native.to(F64), x, p), p)
     drift_t = pf_ode_drift(p, x, score)
     return (drift_t / k - x * (p.d_alpha + p.d_sigma) / k**2) / ((p.d_sigma * p.alpha - p.sigma * p.d_alpha) / k**2)
@@ -131,12 +130,11 @@ def field_vs_source(adapter: PathAdapter, data: torch.Tensor, num_times: int = 2
     reference_adapter = _with_dtype(adapter, torch.float32).to(device)
     metrics = {d: FieldAgreement(num_times).to(device) for d in dtypes}
     fields = {d: _with_dtype(reference_adapter, getattr(torch, d)) for d in dtypes}
-    T = cast(RectifiedFlow, adapter.target).num_train_timesteps  # (velocity adapters target the flow path)
     for i, s, x_s in _point_batches(data, batch_size, s_values.tolist(), seed, device):
         s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
         reference = pf_ode_reference(reference_adapter, x_s, s_batch)
         for d, field in fields.items():
-            metrics[d].update(i, field.evaluate(x_s, T * s_batch, output_dtype=F64), reference)
+            metrics[d].update(i, field.at(x_s, s_batch, output_dtype=F64), reference)
     return AgreementResult(s_values.tolist(), {d: {k: v.tolist() for k, v in m.compute().items()} for d, m in metrics.items()})
 
 
@@ -149,11 +147,9 @@ def field_vs_field(first: PathAdapter, second: PathAdapter, data: torch.Tensor, 
     lo, hi = max(s1.min(), s2.min()).item(), min(s1.max(), s2.max()).item()
     s_values = torch.linspace(hi, lo, num_times, dtype=F64)
     metric = FieldAgreement(num_times).to(device)
-    T1, T2 = (cast(RectifiedFlow, a.target).num_train_timesteps for a in (first, second))
     for i, s, x_s in _point_batches(data, batch_size, s_values.tolist(), seed, device):
         s_batch = torch.full((x_s.shape[0],), s, dtype=F64, device=device)
-        metric.update(i, first.evaluate(x_s, T1 * s_batch, output_dtype=F64),
-                      second.evaluate(x_s, T2 * s_batch, output_dtype=F64))
+        metric.update(i, first.at(x_s, s_batch, output_dtype=F64), second.at(x_s, s_batch, output_dtype=F64))
     return AgreementResult(s_values.tolist(), {"float32": {k: v.tolist() for k, v in metric.compute().items()}})
 
 
@@ -167,12 +163,13 @@ def trajectory_agreement(vm, base: Run, steps_list, num_images: int = 64, batch_
     import dataclasses
 
     from fmconvert.sampling.generate import generate_run
+    from fmconvert.sampling.runs import OdeSampler, SchedulerSampler
 
     rows, runs = [], []
     for steps in steps_list:
-        ours = dataclasses.replace(base, sampler="euler", grid="trailing", baseline=False, steps=steps, options=(),
-                                   num_images=num_images, shard_size=batch_size)
-        ddim = dataclasses.replace(ours, sampler="ddim", baseline=True, options=(("along_list", True),))
+        ours = dataclasses.replace(base, sampler=OdeSampler("euler", "trailing"), steps=steps, num_images=num_images,
+                                   shard_size=batch_size)
+        ddim = dataclasses.replace(ours, sampler=SchedulerSampler("ddim", spacing="trailing", along_list=True))
         ours_samples, ddim_samples = generate_run(vm, ours, device).samples, generate_run(vm, ddim, device).samples
         diff = (ours_samples.double() - ddim_samples.double())
         rows.append({"nfe": steps, "relative_l2": (diff.norm() / ddim_samples.double().norm()).item(),
@@ -212,8 +209,8 @@ def weighted_epsilon_loss(adapter: PathAdapter, x0: torch.Tensor, eps: torch.Ten
     x0, eps = x0.to(F64), eps.to(F64)
     p = source.point(t).view_as_batch(x0.ndim)
     x_t = p.alpha * x0 + p.sigma * eps
-    native = adapter.model(x_t.to(adapter.model.dtype), source.model_timestep(t).expand(len(x0)), return_dict=False)[0]
-    _, eps_hat = to_x0_eps(adapter.source_prediction, native.to(F64)[:, : x0.shape[1]], x_t, p)
+    native = adapter.source_output(x_t, source.model_timestep(t).expand(len(x0)))
+    _, eps_hat = to_x0_eps(adapter.source_prediction, native.to(F64), x_t, p)
     return (eps_hat - eps).square().flatten(1).mean(1) / (1 - s_values) ** 2
 
 
@@ -238,7 +235,6 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
         t = t.round().unique()
     flow = RectifiedFlow()
     s_values = flow.time_at_log_snr(source.log_snr(t))
-    T = cast(RectifiedFlow, adapter.target).num_train_timesteps
     sums = {"flow_matching_loss": torch.zeros(len(t), dtype=F64), "weighted_epsilon_loss": torch.zeros(len(t), dtype=F64)}
     worst, count = torch.zeros(len(t), dtype=F64), torch.zeros(len(t), dtype=F64)
     for i, s in enumerate(s_values.tolist()):
@@ -249,7 +245,7 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
             x0 = data[lo:lo + batch_size].to(F64).to(device)
             eps = noise.take(lo, lo + len(x0)).to(F64).to(device)
             x_s = forward_process(x0, s, eps)
-            u = adapter.evaluate(x_s, torch.full((len(x0),), T * s, dtype=F64, device=device), output_dtype=F64)
+            u = adapter.at(x_s, torch.full((len(x0),), s, dtype=F64, device=device), output_dtype=F64)
             fm = (u - (eps - x0)).square().flatten(1).mean(1)
             weighted = weighted_epsilon_loss(adapter, x0, eps, s, t[i].reshape(1).to(device))
             sums["flow_matching_loss"][i] += fm.sum().cpu()

@@ -1,5 +1,5 @@
-"""The feature extractors FID and KID are computed in (``--features``): the registry, with what
-each takes. Plain Python (the command line's --help reads it); :func:`fmconvert.evaluation.fid.make_extractor`
+"""The feature extractors FID and KID are computed in (``features``): the registry, with what
+each takes. Plain Python (the command line's help reads it); :func:`fmconvert.evaluation.fid.make_extractor`
 builds them.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Features:
-    """``summary``: one line for --help; ``size``: the (H, W) it takes, None: any (resized as
+    """``summary``: one line for the command line's help; ``size``: the (H, W) it takes, None: any (resized as
     its own preprocessing does); ``paper_comparable``: numbers compare with published FIDs."""
 
     name: str

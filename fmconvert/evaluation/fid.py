@@ -1,13 +1,15 @@
 """FID (and KID) of a model's samples against a reference and against its own baseline sampler.
 
-Features are extracted once per image batch and fed to torchmetrics'
-``FrechetInceptionDistance`` / ``KernelInceptionDistance`` through an identity feature
-module, so one pass serves every comparison and nothing but feature statistics is kept:
+Features are extracted once per image batch and accumulated in a
+:class:`~fmconvert.evaluation.statistics.FeatureStatistics`, a torchmetrics ``Metric`` with
+the per-set state of torchmetrics' ``FrechetInceptionDistance``, so one pass serves every
+comparison and nothing but feature statistics is kept; FID is torchmetrics' formula over two
+such states, KID its ``KernelInceptionDistance`` (:mod:`fmconvert.evaluation.statistics`):
 
 - ``digits``: the bundled digits classifier's 128-d penultimate layer (8×8 grey images);
 - ``inception``: torch-fidelity's TF-compatible InceptionV3 (as torchmetrics wraps it),
   uint8 images, the TF1 bilinear resize (``antialias=False``), so numbers compare with
-  papers. Weights: ``--inception-weights PATH``, else torch hub's cache
+  papers. Weights: ``inception_weights`` (a path), else torch hub's cache
   (``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``), else a
   download, never offline. The file is checked to be a plain tensor state dict
   (``torch.load(weights_only=True)``) before torch-fidelity loads it.
@@ -31,13 +33,15 @@ from torch import nn
 
 from fmconvert.errors import FmconvertError, UsageError
 from fmconvert.evaluation.features import FEATURES
+from fmconvert.evaluation.statistics import KID_KEEP as KID_KEEP
+from fmconvert.evaluation.statistics import FeatureStatistics, fid_between, kid_between
 from fmconvert.files.references import DataRef, parse_data
-from fmconvert.sampling.runs import Run
+from fmconvert.sampling.runs import Run, SchedulerSampler
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 INCEPTION_LAYERS = ("64", "192", "768", "2048")
-KID_KEEP = 10_000
+
 
 
 def _sha256(path: Path) -> str:
@@ -52,17 +56,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FMCONVERT_CACHE", Path.home() / ".cache" / "fmconvert")) / "fid-stats"
 
 
-def inception_weights(explicit: str | Path | None = None) -> Path:
-    """The Inception weights file: explicit path, torch hub cache, or a download (not offline)."""
-    if explicit is not None:
-        path = Path(explicit).expanduser()
+def _inception_file(inception_weights: str | Path | None = None) -> Path:
+    """The Inception weights file: the path given, torch hub's cache, or a download (not offline)."""
+    if inception_weights is not None:
+        path = Path(inception_weights).expanduser()
         if not path.is_file():
-            raise UsageError(f"--inception-weights '{path}' does not exist")
+            raise UsageError(f"inception_weights='{path}' does not exist")
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
         return cached
-    where = f"put {INCEPTION_FILE} (torch-fidelity's release file) in {cached.parent}, or pass --inception-weights PATH"
+    where = f"put {INCEPTION_FILE} (torch-fidelity's release file) in {cached.parent}, or pass inception_weights=PATH"
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("FMCONVERT_OFFLINE") == "1":
         raise FmconvertError(f"Inception weights not found and offline: {where}")
     try:
@@ -71,17 +75,6 @@ def inception_weights(explicit: str | Path | None = None) -> Path:
     except Exception as error:  # noqa: BLE001 - any network failure gets the same advice
         raise FmconvertError(f"could not download the Inception weights ({type(error).__name__}): {where}") from None
     return cached
-
-
-class Identity(nn.Module):
-    """Features already computed: the torchmetrics 'feature' module passes them through."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
 
 
 @dataclass
@@ -101,8 +94,9 @@ class Extractor:
             raise UsageError(f"{self.name} features take 1- or 3-channel images; these have {channels}")
         size = FEATURES[self.name.split("-")[0]].size
         if size is not None and (height, width) != size:
-            raise UsageError(f"--features {self.name} takes {size[0]}×{size[1]} images; these are {height}×{width}: "
-                             f"use --features {next(n for n, f in FEATURES.items() if f.size is None)}")
+            any_size = next(n for n, f in FEATURES.items() if f.size is None)
+            raise UsageError(f"features={self.name!r} takes {size[0]}×{size[1]} images; these are {height}×{width}: "
+                             f"use features={any_size!r}")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W) → float64 features (N, d)."""
@@ -112,10 +106,10 @@ class Extractor:
             return self.module(images).double()
 
 
-def make_extractor(features: str = "digits", weights: str | Path | None = None, layer: str = "2048",
+def make_extractor(features: str = "digits", inception_weights: str | Path | None = None, inception_layer: str = "2048",
                    device: str = "cpu") -> Extractor:
     if features not in FEATURES:
-        raise UsageError(f"unknown --features '{features}': use one of {', '.join(FEATURES)}")
+        raise UsageError(f"unknown features={features!r}: use one of {', '.join(FEATURES)}")
     if features == "digits":
         from fmconvert.zoo import builtin_path
         from fmconvert.zoo.digits import DigitsFeatures, load_classifier
@@ -123,9 +117,9 @@ def make_extractor(features: str = "digits", weights: str | Path | None = None, 
         module = DigitsFeatures(load_classifier()).to(device)
         weights_file = builtin_path("digits-features", kind="features") / "diffusion_pytorch_model.safetensors"
         return Extractor("digits", module, module.num_features, _sha256(weights_file))
-    if layer not in INCEPTION_LAYERS:
-        raise UsageError(f"unknown Inception layer '{layer}': use one of {', '.join(INCEPTION_LAYERS)}")
-    path = inception_weights(weights)
+    if inception_layer not in INCEPTION_LAYERS:
+        raise UsageError(f"unknown inception_layer={inception_layer!r}: use one of {', '.join(INCEPTION_LAYERS)}")
+    path = _inception_file(inception_weights)
     try:
         torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: nothing executes
     except Exception as error:  # noqa: BLE001
@@ -134,113 +128,18 @@ def make_extractor(features: str = "digits", weights: str | Path | None = None, 
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError:
-        raise FmconvertError("--features inception needs torch-fidelity: pip install 'fmconvert[eval]'") from None
-    module = NoTrainInceptionV3(name="inception-v3-compat", features_list=[layer],
+        raise FmconvertError("features='inception' needs torch-fidelity: pip install 'fmconvert[eval]'") from None
+    module = NoTrainInceptionV3(name="inception-v3-compat", features_list=[inception_layer],
                                 feature_extractor_weights_path=str(path), antialias=False)
     # channels_last: the same convolutions (features equal to float32 rounding), ~1.5× faster
     # on CPU (oneDNN) and the layout cuDNN prefers
     module = module.to(device, memory_format=torch.channels_last)
-    return Extractor(f"inception-{layer}", module, int(layer), _sha256(path))
+    return Extractor(f"inception-{inception_layer}", module, int(inception_layer), _sha256(path))
 
 
-class FeatureStats:
-    """Streaming feature statistics of one image set: torchmetrics FID state (sum, sum of
-    outer products, count; synced across processes) plus up to KID_KEEP features."""
-
-    def __init__(self, num_features: int, device: str = "cpu"):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        self.fid = FrechetInceptionDistance(feature=Identity(num_features), normalize=False).to(device)
-        self._pieces: list[tuple[int, torch.Tensor]] = []  # (global index of the first row, features)
-
-    def update(self, features: torch.Tensor, start: int | None = None) -> None:
-        """Add features of images with global indices start, start + 1, ... (default: next)."""
-        start = self.count if start is None else start
-        self.fid.update(features, real=False)
-        if start < KID_KEEP:
-            self._pieces.append((start, features[: KID_KEEP - start].float().cpu()))
-
-    @property
-    def kept(self) -> list[torch.Tensor]:
-        """Features of the first KID_KEEP images by global index, in index order."""
-        return [piece for _, piece in sorted(self._pieces, key=lambda item: item[0])]
-
-    @property
-    def num_kept(self) -> int:
-        return sum(len(piece) for _, piece in self._pieces)
-
-    def sync(self) -> "FeatureStats":
-        """Sum the statistics of every process (torchmetrics' sync) and gather the kept features."""
-        from fmconvert.sampling import distributed
-
-        if distributed.world_size() > 1:
-            self.fid.sync()
-            self._pieces = [piece for pieces in distributed.gather_objects(self._pieces) for piece in pieces]
-        return self
-
-    @property
-    def count(self) -> int:
-        return int(self.fid.fake_features_num_samples)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "features_sum": self.fid.fake_features_sum.cpu(),
-            "features_cov_sum": self.fid.fake_features_cov_sum.cpu(),
-            "num_samples": torch.as_tensor(self.fid.fake_features_num_samples).reshape(1).cpu(),
-            "kid_features": torch.cat(self.kept) if self.kept else torch.zeros(0, self.fid.fake_features_sum.numel()),
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], device: str = "cpu") -> "FeatureStats":
-        stats = cls(tensors["features_sum"].numel(), device)
-        stats.fid.fake_features_sum = tensors["features_sum"].to(device, torch.float64)
-        stats.fid.fake_features_cov_sum = tensors["features_cov_sum"].to(device, torch.float64)
-        stats.fid.fake_features_num_samples = tensors["num_samples"].reshape(()).to(device)
-        stats._pieces = [(0, tensors["kid_features"])] if len(tensors["kid_features"]) else []
-        return stats
-
-
-def fid_between(reference: FeatureStats, other: FeatureStats) -> float:
-    """torchmetrics' FID with ``reference`` as the real set and ``other`` as the fake one."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    d = reference.fid.fake_features_sum.numel()
-    # the states are already summed over processes (FeatureStats.sync): do not sync again
-    metric = FrechetInceptionDistance(feature=Identity(d), normalize=False, sync_on_compute=False).to(reference.fid.device)
-    metric.real_features_sum = reference.fid.fake_features_sum
-    metric.real_features_cov_sum = reference.fid.fake_features_cov_sum
-    metric.real_features_num_samples = reference.fid.fake_features_num_samples
-    metric.fake_features_sum = other.fid.fake_features_sum
-    metric.fake_features_cov_sum = other.fid.fake_features_cov_sum
-    metric.fake_features_num_samples = other.fid.fake_features_num_samples
-    metric.orig_dtype, metric._update_count = torch.float64, 1  # what update() would have set
-    return float(metric.compute())
-
-
-def kid_between(reference: FeatureStats, other: FeatureStats, seed: int = 0) -> tuple[float, float] | None:
-    """KID mean and std (torchmetrics), when both sets kept at least 100 features."""
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    n = min(reference.num_kept, other.num_kept)
-    if n < 100:
-        return None
-    torch.manual_seed(seed)
-    d = reference.fid.fake_features_sum.numel()
-    import warnings
-
-    with warnings.catch_warnings():  # its note on keeping features: we keep at most KID_KEEP
-        warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=Identity(d), subset_size=min(1000, n), subsets=50, normalize=False,
-                                         sync_on_compute=False)
-    metric.update(torch.cat(reference.kept).double(), real=True)
-    metric.update(torch.cat(other.kept).double(), real=False)
-    mean, std = metric.compute()
-    return float(mean), float(std)
-
-
-def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str = "cpu") -> FeatureStats:
+def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str = "cpu") -> FeatureStatistics:
     """Statistics of uint8 image batches, streamed."""
-    stats = FeatureStats(extractor.num_features, device)
+    stats = FeatureStatistics(extractor.num_features, device)
     pin = str(device).startswith("cuda")
     for images in batches:
         stats.update(extractor((images.pin_memory() if pin else images).to(device, non_blocking=True)))
@@ -272,7 +171,7 @@ def _reference_batches(ref: DataRef, batch_size: int) -> tuple[Iterator[torch.Te
 
 @dataclass
 class ReferenceStats:
-    stats: FeatureStats
+    stats: FeatureStatistics
     source: str  # "computed", "cache" or "file"
     path: str | None
 
@@ -293,7 +192,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
         if meta.get("extractor") not in (None, extractor.name) or meta.get("weights_sha256") not in (None, extractor.weights_sha256):
             raise FmconvertError(f"statistics file '{reference}' was made with {meta.get('extractor')} features "
                                  f"(weights {str(meta.get('weights_sha256'))[:12]}), not {extractor.name}; recompute it")
-        return ReferenceStats(FeatureStats.from_tensors(tensors, device), "file", str(as_file))
+        return ReferenceStats(FeatureStatistics.from_tensors(tensors, device), "file", str(as_file))
     from fmconvert.sampling import distributed
 
     batches, key = _reference_batches(ref, batch_size)
@@ -302,10 +201,10 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
     cached = use_cache and path.is_file()
     distributed.barrier()  # every rank has looked before rank 0 may write
     if cached:
-        return ReferenceStats(FeatureStats.from_tensors(load_file(path), device), "cache", str(path))
+        return ReferenceStats(FeatureStatistics.from_tensors(load_file(path), device), "cache", str(path))
     if use_cache and not distributed.is_main():  # rank 0 computes and caches; the others read it
         distributed.barrier()
-        return ReferenceStats(FeatureStats.from_tensors(load_file(path), device), "computed", str(path))
+        return ReferenceStats(FeatureStatistics.from_tensors(load_file(path), device), "computed", str(path))
     stats = stats_of(batches, extractor, device)
     if use_cache:
         metadata = {"fmconvert": json.dumps({"reference": reference, "extractor": extractor.name,
@@ -315,7 +214,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
     return ReferenceStats(stats, "computed", str(path) if use_cache else None)
 
 
-def save_stats(stats: FeatureStats, path: Path, extractor: Extractor, reference: str) -> None:
+def save_stats(stats: FeatureStatistics, path: Path, extractor: Extractor, reference: str) -> None:
     from safetensors.torch import save_file
 
     from fmconvert.files.atomic import atomic_write
@@ -333,7 +232,7 @@ def _metadata(path: Path) -> dict:
 
 
 def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_size: int, store=None,
-              device: str = "cpu") -> tuple[FeatureStats, int, int]:
+              device: str = "cpu") -> tuple[FeatureStatistics, int, int]:
     """Feature statistics of one sampler run over [0, num_images), split by shard across
     processes and summed; shards found in ``store`` are read instead of generated (and new
     ones are written): :func:`fmconvert.sampling.generate.iter_shards`. Returns (stats, nfe, shards reused)."""
@@ -341,13 +240,13 @@ def run_stats(vm, extractor: Extractor, make_batches, num_images: int, batch_siz
     from fmconvert.sampling import distributed
     from fmconvert.sampling.generate import iter_shards
 
-    stats = FeatureStats(extractor.num_features, device)
+    stats = FeatureStatistics(extractor.num_features, device)
     nfe = reused = 0
     for j, _, images, count, was_stored in iter_shards(vm, make_batches, num_images, batch_size, store, device):
         stats.update(extractor(to_uint8(images)), j * batch_size)
         nfe = max(nfe, count)
         reused += was_stored
-    stats.sync()
+    stats.sum_over_processes()
     return stats, max(distributed.gather_objects(nfe)), distributed.sum_int(reused)
 
 
@@ -363,7 +262,7 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
 
     ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
     rows: list[dict] = []
-    baseline_stats: dict[int, FeatureStats] = {}
+    baseline_stats: dict[int, FeatureStatistics] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -379,9 +278,9 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
             return iter_run(vm, run, device, ranges)
 
         stats, nfe, reused = run_stats(vm, extractor, make_batches, run.num_images, run.shard_size, store, device)
-        row = {"sampler": run.baseline_spec if run.baseline else run.sampler, "grid": run.grid, "shift": run.shift,
-               "steps": run.steps,
-               "nfe": nfe, "baseline": run.baseline,
+        record = run.sampler.record()
+        row = {"sampler": run.sampler.spec if isinstance(run.sampler, SchedulerSampler) else run.sampler.name,
+               "grid": record["grid"], "shift": record["shift"], "steps": run.steps, "nfe": nfe, "baseline": run.baseline,
                "num_samples": stats.count, "fid": fid_between(ref.stats, stats)}
         if samples_dir is not None:
             row["shards_reused"] = reused

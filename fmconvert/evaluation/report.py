@@ -72,7 +72,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from fmconvert.integration.pipelines import inspect_source, write_converted
     from fmconvert.math.grids import trained_log_snr_range
     from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
-    from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs
+    from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, sweep_runs
 
     started = time.perf_counter()
     stages = ["convert", "samples", "agreement", "two models", "FID sweep"]
@@ -103,10 +103,10 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
         stage("samples")
         converted = load_velocity_model(str(tmp / "converted"), device=device)
-        original = load_velocity_model(model, device=device)
-        base = Run(model=model, fingerprint=model_fingerprint(source), sampler="euler", steps=50, seed=seed,
+        original = load_velocity_model(source, device=device)
+        base = Run(model=model, fingerprint=model_fingerprint(source), sampler=OdeSampler("euler"), steps=50, seed=seed,
                    num_images=64, shard_size=64).loaded(source.model_class, sample_shape(original))
-        ours_run = dataclasses.replace(base, model=str(tmp / "converted"), grid="trailing",
+        ours_run = dataclasses.replace(base, model=str(tmp / "converted"), sampler=OdeSampler("euler", "trailing"),
                                        fingerprint=model_fingerprint(converted.source),
                                        model_class=converted.source.model_class)
         (ddim_run,) = sweep_runs(base, [], [50], ["ddim"])

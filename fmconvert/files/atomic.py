@@ -22,7 +22,7 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     if out.exists() and not force:
-        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+        raise UsageError(f"output '{out}' already exists; pass force=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

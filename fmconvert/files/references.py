@@ -1,10 +1,10 @@
-"""What a data or reference string names, parsed once for every command (``agree --data``,
-``fid --reference``, ``report``):
+"""What a data or reference string names, parsed once for every command (``data`` of agree,
+``reference`` of fid, report):
 
 - ``builtin:NAME[/SPLIT]``: data shipped with fmconvert (``builtin:digits``, splits ``train``
   and ``held_out``; none means all);
 - an image folder;
-- a statistics file (``.safetensors`` written by ``fid --save-reference-stats``), where the
+- a statistics file (``.safetensors``, reference statistics saved by fid), where the
   command takes feature statistics.
 
 Anything else is refused in one line that lists what is valid (UsageError, exit 2).

@@ -37,7 +37,7 @@ from fmconvert.integration.configs import (  # noqa: F401 (LOAD_DTYPES re-export
     velocity_adapter_init,
 )
 from fmconvert.integration.families import family_timestep_path, network_call, refuse_nonlinear_options
-from fmconvert.math.conversion import Conversion, apply_conversion, check_pair, plan_conversion, reparameterize  # noqa: F401 (re-exported)
+from fmconvert.math.conversion import Conversion, apply_conversion, check_pair, evaluate_converted, plan_conversion  # noqa: F401 (re-exported)
 from fmconvert.math.paths import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_config
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -178,7 +178,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         init, _, _ = cls.extract_init_dict(config)  # (from_config would drop `model`: it is not config)
         return cls(**init, model=network).eval()
 
-    def reparametrise(self, prediction_type: str) -> None:
+    def set_source_prediction(self, prediction_type: str) -> None:
         """Read the network's output as ``prediction_type`` on the source path from now on (the
         config follows): what training a network into another parametrisation starts from, as
         SD 2's v_prediction models were fine-tuned from epsilon ones. The network is unchanged, so
@@ -202,6 +202,22 @@ class PathAdapter(ModelMixin, ConfigMixin):
         if isinstance(self.model, PathAdapter):  # a round trip: keep full precision in between
             return self.model.evaluate(x, timestep, *args, output_dtype=x.dtype, **kwargs)
         return self._call(self.model, x, timestep, args, kwargs)
+
+    def source_output(self, x: torch.Tensor, timestep: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The wrapped network's own prediction (``source_prediction`` on the ``source`` path) at
+        ``x`` and its own ``timestep``, through :class:`~fmconvert.integration.families.NetworkCall`
+        (the one place that knows how the network is called and which channels are the prediction),
+        in the network's dtype; no conversion. For checks that read the source without the adapter's
+        conversion code (:mod:`fmconvert.evaluation.agreement`)."""
+        return self._call.split(self._call_model(x.to(self.network_dtype), timestep, args, kwargs))[0]
+
+    def at(self, sample: torch.Tensor, s: torch.Tensor, *args, output_dtype: torch.dtype | None = None,
+           **kwargs) -> torch.Tensor:
+        """:meth:`evaluate` at the target path's time ``s`` (s = 1 noise) rather than its network
+        timestep: the timestep is the target path's ``model_timestep(s)`` in float64, the one rule
+        (for the FlowMatch path, num_train_timesteps·s)."""
+        timestep = self.target.model_timestep(torch.as_tensor(s, dtype=torch.float64), torch.float64)
+        return self.evaluate(sample, timestep, *args, output_dtype=output_dtype, **kwargs)
 
     @property
     def source_network(self) -> torch.nn.Module:

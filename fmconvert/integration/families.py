@@ -144,10 +144,11 @@ def _given(value: Any) -> bool:
     return True
 
 
-#: Conditioning fields by the command line's option names
-OPTION_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "class_labels": "--class-label",
-                "image_embeds": "--image-embeds", "negative_image_embeds": "--image-embeds",
-                "guidance_rescale": "--guidance-rescale"}
+def _setting(name: str, value: Any = ...) -> str:
+    """A Conditioning field as a message names it, ``name=value`` (the command line shows its
+    option instead): strings and numbers as they are, anything else (labels, tensors) as ``...``."""
+    shown = repr(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "..."
+    return f"{name}={shown}"
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
@@ -249,7 +250,7 @@ class Family:
     packs_latents: ClassVar[bool] = False
     #: a flow family whose pipeline can step a discrete scheduler (DDIM, DPM-Solver, Euler; through
     #: fmconvert's FlowPipeline* schedulers where it hands flow-only arguments or calls no
-    #: ``scale_model_input``): ``wrap --to epsilon|v_prediction`` keeps its pipeline
+    #: ``scale_model_input``): converting it with ``to="epsilon"`` or ``"v_prediction"`` keeps its pipeline
     steps_discrete_schedulers: ClassVar[bool] = False
 
     def latent_channels(self, config: Any) -> int | None:
@@ -280,25 +281,26 @@ class Family:
         given = config.get("sample_size")
         if given is None:
             if height is None or width is None:
-                raise UsageError(f"the {self.title} denoiser has no sample_size in its config: pass --height and --width")
+                raise UsageError(f"the {self.title} denoiser has no sample_size in its config: pass height=... and width=...")
             own = None
         else:
             own = (int(given), int(given)) if isinstance(given, int) else (int(given[0]), int(given[1]))
             if height is None and width is None:
                 return own
-        if any(v is not None and v <= 0 for v in (height, width)):
-            raise UsageError(f"--height and --width must be positive, got {height}×{width}")
+        bad = [f"{name}={v}" for name, v in (("height", height), ("width", width)) if v is not None and v <= 0]
+        if bad:
+            raise UsageError(f"{' and '.join(bad)}: must be positive")
         factor = self.downsampling(pipe)
         if own is not None:  # (one of them may be missing: the other from sample_size)
             height = height if height is not None else own[0] * factor
             width = width if width is not None else own[1] * factor
         assert height is not None and width is not None
         if height % factor or width % factor:
-            raise UsageError(f"--height/--width must be multiples of {factor} for {self.title}, got {height}×{width}")
+            raise UsageError(f"height={height}, width={width}: must be multiples of {factor} for {self.title}")
         size = (height // factor, width // factor)
         if self.fixed_size and own is not None and size != own:
             raise UsageError(f"{self.title} generates {own[0] * factor}×{own[1] * factor} images only "
-                             f"(its positional embeddings), got {height}×{width}")
+                             f"(its positional embeddings), got height={height}, width={width}")
         return size
 
     @property
@@ -308,27 +310,27 @@ class Family:
 
     def check(self, request: Conditioning, pipeline_class: str | None, pipe: Any = None, config: Any = None,
               num_images: int | None = None) -> None:
-        """Refuse, before any work, what this family cannot honour (UsageError, one line, in
-        the command line's option names): options it does not take, options that would
+        """Refuse, before any work, what this family cannot honour (UsageError, one line,
+        naming the Conditioning fields, ``name=value``): options it does not take, options that would
         have no effect, and values it cannot use (``pipe``, ``config``: the pipeline and
         the denoiser's config, where known; ``num_images``: how many images the run makes)."""
         allowed = set(self.accepts) | ({"guidance_rescale"} if self.guidance_rescale else set())
-        wrong = list(dict.fromkeys(OPTION_NAMES[f.name] for f in fields(request)
-                                   if f.name not in allowed | {"guidance_scale"} and _given(getattr(request, f.name))))
+        wrong = [_setting(f.name, getattr(request, f.name)) for f in fields(request)
+                 if f.name not in allowed | {"guidance_scale"} and _given(getattr(request, f.name))]
         if wrong:
-            takes = ", ".join(sorted({OPTION_NAMES[a] for a in allowed})) or "no conditioning"
+            takes = ", ".join(_setting(a) for a in sorted(allowed)) or "no conditioning"
             raise UsageError(f"{pipeline_class or 'this model'} ({self.title}) takes {takes}; "
                              f"{', '.join(wrong)} cannot be honoured")
         if request.guided and not self.accepts:
-            raise UsageError(f"--guidance-scale {request.guidance_scale} needs a conditional model; "
+            raise UsageError(f"guidance_scale={request.guidance_scale} needs a conditional model; "
                              f"{pipeline_class or self.title} is unconditional")
         if not request.guided:
             idle = [name for name in ("negative_prompt", "negative_image_embeds", "guidance_rescale")
                     if _given(getattr(request, name))]
             if idle:
-                what = "negative_image_embeds in --image-embeds" if idle[0] == "negative_image_embeds" else OPTION_NAMES[idle[0]]
-                raise UsageError(f"{what} acts on classifier-free guidance; it needs "
-                                 f"--guidance-scale > 1 (got {request.guidance_scale})")
+                raise UsageError(f"{_setting(idle[0], getattr(request, idle[0]))} has no effect at "
+                                 f"guidance_scale={request.guidance_scale}: it acts on classifier-free guidance, "
+                                 "which needs a guidance scale above 1")
         self._check_values(request, pipe, config, num_images)
 
     def _check_values(self, request: Conditioning, pipe: Any, config: Any, num_images: int | None) -> None:
@@ -430,7 +432,7 @@ def _text(pipe: Any, request: Conditioning, batch: int, device: Any, negative_de
     import torch
 
     if not hasattr(pipe, "encode_prompt"):
-        raise FmconvertError(f"{type(pipe).__name__} has no encode_prompt; cannot encode --prompt")
+        raise FmconvertError(f"{type(pipe).__name__} has no encode_prompt; cannot encode the prompt")
     with torch.no_grad():
         return pipe.encode_prompt(prompt=request.prompt or "", device=device, num_images_per_prompt=batch,
                                   do_classifier_free_guidance=request.guided,
@@ -489,8 +491,8 @@ class DiT(_VAEDecoded):
         """The class labels as ints: names through the pipeline's id2label, each in range."""
         num_classes = config.num_embeds_ada_norm
         if not request.class_labels:
-            raise UsageError(f"{self.title} is class-conditional: pass --class-label (0 … {num_classes - 1}, or a name "
-                             "from its id2label)")
+            raise UsageError(f"{self.title} is class-conditional: pass class_labels=... (integers in 0 … "
+                             f"{num_classes - 1}, or names from its id2label)")
         labels = []
         for label in request.class_labels:
             if isinstance(label, str) and not label.lstrip("-").isdigit():
@@ -574,10 +576,10 @@ class KandinskyV22(Family):
 
     def _check_values(self, request, pipe, config, num_images):
         if request.image_embeds is None:
-            raise UsageError("Kandinsky 2.2 is conditioned on image embeddings (from its prior): pass --image-embeds "
-                             "FILE.safetensors, or Conditioning(image_embeds=...) in Python")
+            raise UsageError("Kandinsky 2.2 is conditioned on image embeddings (from its prior): pass image_embeds=...")
         if request.guided and request.negative_image_embeds is None:
-            raise UsageError("guidance on Kandinsky 2.2 needs negative_image_embeds (from its prior) in --image-embeds")
+            raise UsageError(f"guidance_scale={request.guidance_scale} on Kandinsky 2.2 needs "
+                             "negative_image_embeds=... (from its prior)")
         width = config.get("encoder_hid_dim") if config is not None else None
         for name in ("image_embeds", "negative_image_embeds"):
             embeds = getattr(request, name)
@@ -631,7 +633,7 @@ class StableDiffusion3(_TextConditioned, _VAEDecoded):
 class Flux(_VAEDecoded):
     """FLUX.1: latents packed in 2×2 patches with their position ids, timestep s (its pipeline
     divides 1000·s by 1000), no classifier-free guidance: FLUX.1-dev's guidance is an input
-    of the network (``--guidance-scale``, default 1 here, 3.5 in the pipeline's __call__),
+    of the network (``guidance_scale``, default 1 here, 3.5 in the pipeline's __call__),
     FLUX.1-schnell has none. Its pipeline hands the scheduler sigmas linspace(1, 1/N, N)
     and a dynamic shift from the packed sequence length."""
 
@@ -652,23 +654,23 @@ class Flux(_VAEDecoded):
         factor = self.downsampling(pipe)
         size = Family.sample_size(self, pipe, {"sample_size": own}, height, width)
         if size[0] % 2 or size[1] % 2:
-            raise UsageError(f"--height/--width must be multiples of {2 * factor} for {self.title} (its latents are "
-                             f"packed in 2×2 patches), got {size[0] * factor}×{size[1] * factor}")
+            raise UsageError(f"height={size[0] * factor}, width={size[1] * factor}: must be multiples of {2 * factor} "
+                             f"for {self.title} (its latents are packed in 2×2 patches)")
         return size
 
     def image_seq_len(self, config, size):
         return (size[0] // 2) * (size[1] // 2)
 
     def flow_sigmas(self, steps):
-        import numpy as np
+        from fmconvert.integration.schedulers import pipeline_default_sigmas
 
-        return np.linspace(1.0, 1 / steps, steps).tolist()
+        return pipeline_default_sigmas(steps).tolist()
 
     def check(self, request, pipeline_class, pipe=None, config=None, num_images=None):
         guided = request.guidance_scale != 1.0
         if guided and config is not None and not config.get("guidance_embeds", False):
             raise UsageError(f"{pipeline_class} ({self.title}) without a guidance embedding (FLUX.1-schnell) takes no "
-                             f"--guidance-scale, got {request.guidance_scale}")
+                             f"guidance scale, got guidance_scale={request.guidance_scale}: leave it at 1")
         # the guidance scale is an input of the network here, not classifier-free guidance
         Family.check(self, replace(request, guidance_scale=1.0), pipeline_class, pipe, config, num_images)
 
@@ -744,8 +746,9 @@ def refuse_nonlinear_options(max_depth: int = 12) -> None:
                     if value > 0 and guided:
                         raise ValueError(
                             f"{option}={value} rescales the guided prediction by its standard deviation, which is "
-                            f"not the same on a converted model's velocity; use {option}=0, or `fmconvert sample "
-                            f"--guidance-rescale {value}` (applied to the source's prediction, exact)"
+                            f"not the same on a converted model's velocity; use {option}=0, or fmconvert's sampling "
+                            f"with Conditioning({option}={value}) (`fmconvert sample --guidance-rescale {value}`), "
+                            "applied to the source's prediction, exact"
                         )
                 return
         frame = frame.f_back

@@ -79,7 +79,7 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
     except GatedRepoError:
         raise FmconvertError(f"'{repo_id}' is gated: accept its licence on the Hub and log in (hf auth login)") from None
     except RevisionNotFoundError:
-        raise FmconvertError(f"revision '{revision}' not found in '{repo_id}'; check --revision") from None
+        raise FmconvertError(f"revision={revision!r} not found in '{repo_id}'; check the branch, tag or commit") from None
     except RepositoryNotFoundError:
         raise FmconvertError(
             f"Hub repository '{repo_id}' not found (or private without a token); check the id or log in"

@@ -10,12 +10,12 @@ The converted folder is a pipeline folder:
 - the denoiser component holds the adapter (config.json + safetensors) and a one-line
   shim module ``fmconvert_adapter.py``, so that
   ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` finds the class;
-- ``--to velocity``: unconditional sources (DDPMPipeline / DDIMPipeline, or a bare
+- ``to="velocity"``: unconditional sources (DDPMPipeline / DDIMPipeline, or a bare
   UNet2DModel) become a DDPMPipeline with the stock FlowMatchEulerDiscreteScheduler; every
   other family (:mod:`fmconvert.integration.families`) keeps its pipeline class and gets
   :class:`~fmconvert.integration.schedulers.FlowMatchEulerScheduler` (exact, float timesteps, with the
   family's ``sample_scaling``), also through a shim;
-- ``--to epsilon`` / ``--to v_prediction``: an unconditional flow source becomes a
+- ``to="epsilon"`` / ``to="v_prediction"``: an unconditional flow source becomes a
   DDPMPipeline, a Stable Diffusion 3 or FLUX.1 source keeps its pipeline, each with
   DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True) on the
   chosen discrete schedule; FLUX's pipeline hands every scheduler flow-only arguments (sigmas,
@@ -29,10 +29,10 @@ The converted folder is a pipeline folder:
 
 ``fmconvert.load(DIR)`` loads such a folder without running any code from it.
 
-Reading a source and writing the converted folder (``--to velocity``) take configs only
+Reading a source and writing the converted folder (``to="velocity"``) take configs only
 (:mod:`fmconvert.integration.configs`): the network's files are linked, never loaded, and neither torch nor
 diffusers is imported, so ``wrap`` costs the same at any model size. torch and diffusers are
-imported where a model or a diffusers object is built: ``--to epsilon|v_prediction``, pickle
+imported where a model or a diffusers object is built: ``to="epsilon"|"v_prediction"``, pickle
 weights, a custom model class, and loading.
 """
 
@@ -96,6 +96,8 @@ SCHEDULER_CLASSES = ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "Fl
                      "FlowPipelineEulerDiscreteScheduler")
 OWN_CLASSES = (*ADAPTER_CLASSES, *SCHEDULER_CLASSES)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
+#: the record a folder written by reflow keeps of its couplings (the run that drew them)
+COUPLINGS_RECORD = "couplings.json"
 DENOISERS = ("unet", "transformer")
 #: diffusers' weight file names (diffusers.utils.constants)
 SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"
@@ -208,13 +210,26 @@ class Source:
         return self.shift != 1.0 or bool(self.scheduler.get("use_dynamic_shifting"))
 
     @property
+    def reflow_seed(self) -> int | None:
+        """The seed of the noise a folder written by reflow was trained on (its
+        :data:`COUPLINGS_RECORD`), None for any other source: samples from that seed's noise repeat
+        training pairs."""
+        record = Path(self.folder) / COUPLINGS_RECORD
+        if not record.is_file():
+            return None
+        try:
+            return int(json.loads(record.read_text())["run"]["seed"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
     def hub_id(self) -> str | None:
         ref = self.reference
         is_local = ref.startswith(BUILTIN_PREFIX) or looks_like_path(ref) or Path(ref).expanduser().exists()
         return None if is_local else ref
 
     def describe(self) -> dict[str, Any]:
-        """What was loaded, for logs and --json (configs only)."""
+        """What was loaded, for logs and JSON summaries (configs only)."""
         return {
             "source": self.reference,
             "revision": self.revision,
@@ -248,12 +263,12 @@ def _check_safety(folder: Path, components: list[str], allow_pickle: bool, trust
         if weights and not any(p.suffix == ".safetensors" for p in weights) and not allow_pickle:
             raise FmconvertError(
                 f"'{part}' has only pickle weights ({weights[0].name}); loading pickles can run code: "
-                "convert them to safetensors, or pass --allow-pickle if you trust the source"
+                "convert them to safetensors, or pass allow_pickle=True if you trust the source"
             )
         code = [p for p in files if p.suffix == ".py" and p.read_text() not in SHIM_TEXTS.get(p.stem, ())]
         if code and not trust_remote_code:
             raise FmconvertError(
-                f"'{part}' contains code ({code[0].name}) that would run on load; pass --trust-remote-code "
+                f"'{part}' contains code ({code[0].name}) that would run on load; pass trust_remote_code=True "
                 "if you trust the source"
             )
 
@@ -266,7 +281,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
     if index_file.is_file():
         index = _read_json(index_file)
         if not isinstance(index.get("_class_name"), str) and not trust_remote_code:
-            raise FmconvertError(f"'{reference}' uses a custom pipeline (code); pass --trust-remote-code if you trust it")
+            raise FmconvertError(f"'{reference}' uses a custom pipeline (code); pass trust_remote_code=True if you trust it")
         denoiser = next((d for d in DENOISERS if isinstance(index.get(d), list) and index[d][0]), None)
         if denoiser is None:
             raise FmconvertError(
@@ -279,7 +294,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
             if not trusted_library(library) and not trust_remote_code:
                 raise FmconvertError(
                     f"component '{name}' of '{reference}' comes from '{library}', not diffusers or transformers; "
-                    "pass --trust-remote-code if you trust it"
+                    "pass trust_remote_code=True if you trust it"
                 )
             if not (folder / name).is_dir():
                 raise FmconvertError(
@@ -309,7 +324,7 @@ def inspect_source(reference: str, revision: str | None = None, allow_pickle: bo
     path = family_timestep_path(path, model_class)
     converted = model_class in ADAPTER_CLASSES
     # a model class diffusers does not have is custom code: load_denoiser refuses it or, with
-    # --trust-remote-code, loads it for the pipeline's family
+    # trust_remote_code, loads it for the pipeline's family
     family = family_of(index.get("_class_name") if index else None, model_class,
                        check_model=not converted and _diffusers_model(model_class))
     if not converted:
@@ -340,7 +355,7 @@ def denoiser_class(source: Source, trust_remote_code: bool = False) -> type[Mode
         return cls
     if not (trust_remote_code and source.model_index):
         raise FmconvertError(
-            f"model class '{source.model_class}' is not a diffusers model; pass --trust-remote-code to load custom code"
+            f"model class '{source.model_class}' is not a diffusers model; pass trust_remote_code=True to load custom code"
         )
     from diffusers.utils import get_class_from_dynamic_module
 
@@ -407,12 +422,12 @@ def network_files(folder: Path, variant: str | None = None, allow_pickle: bool =
     variants = _variants(folder)
     if variant is not None:
         have = ", ".join(variants) if variants else "none"
-        raise UsageError(f"'{folder}' has no {variant} variant of its weights (variants there: {have}); "
-                         "drop --variant or pick one of those")
+        raise UsageError(f"'{folder}' has no weights of variant={variant!r} (variants there: {have}); "
+                         "leave the variant out or pick one of those")
     if variants:
-        raise UsageError(f"'{folder}' has only the weight variants {', '.join(variants)}; pass --variant {variants[0]}")
+        raise UsageError(f"'{folder}' has only the weight variants {', '.join(variants)}; pass variant={variants[0]!r}")
     raise FmconvertError(f"'{folder}' has no safetensors weights"
-                         + ("" if allow_pickle else " (pass --allow-pickle to use .bin)"))
+                         + ("" if allow_pickle else " (pass allow_pickle=True to use .bin)"))
 
 
 def link_network(source: Source, dest: Path, names: list[str], variant: str | None = None) -> list[str]:
@@ -423,7 +438,7 @@ def link_network(source: Source, dest: Path, names: list[str], variant: str | No
         shutil.copytree(source.model_folder, dest, copy_function=link_or_copy)
         return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     if any(name.endswith(PICKLE_SUFFIXES) for name in names):
-        # the one format change wrap makes: a pickle (allowed with --allow-pickle) becomes
+        # the one format change wrap makes: a pickle (allowed with allow_pickle) becomes
         # safetensors, so the converted folder loads without running pickle code
         network = load_denoiser(source, None, allow_pickle=True, variant=variant)
         network.save_pretrained(dest, safe_serialization=True, variant=variant)
@@ -445,7 +460,7 @@ def target_schedule(schedule: str | None, to: str = "v_prediction") -> dict:
     path = Path(name).expanduser()
     if path.is_file():
         return _read_json(path)
-    raise UsageError(f"unknown --schedule '{name}': use {', '.join(SCHEDULES)} or a scheduler_config.json path")
+    raise UsageError(f"unknown schedule={name!r}: use {', '.join(SCHEDULES)} or a scheduler_config.json path")
 
 
 def convert(source: Source, to: str = "velocity", schedule: str | None = None,
@@ -453,16 +468,16 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
     """The converted denoiser's config (its class's arguments, under ``_class_name``) and the
     config of a stock scheduler that drives it in the pipeline.
 
-    ``--to velocity``: from configs alone (:mod:`fmconvert.integration.configs`), for any model size.
-    ``--to epsilon`` / ``v_prediction`` (flow sources): :meth:`DiffusionAdapter.from_flow` on a
+    ``to="velocity"``: from configs alone (:mod:`fmconvert.integration.configs`), for any model size.
+    ``to="epsilon"`` / ``"v_prediction"`` (flow sources): :meth:`DiffusionAdapter.from_flow` on a
     meta-device skeleton of the network, with DDIMScheduler on the target schedule.
     """
     if to not in TARGETS:
-        raise UsageError(f"unknown --to '{to}': use {', '.join(TARGETS)}")
+        raise UsageError(f"unknown to={to!r}: use one of {', '.join(TARGETS)}")
     is_flow = source.prediction_type == "flow_prediction"
     if to == "velocity":
         if is_flow:
-            back = ("--to epsilon or --to v_prediction converts it back" if source.family.steps_discrete_schedulers
+            back = ("to='epsilon' or to='v_prediction' converts it back" if source.family.steps_discrete_schedulers
                     else f"converting a {source.pipeline_class} back to epsilon / v_prediction is not supported yet")
             raise UsageError(f"'{source.reference}' is already a flow-matching model (fmconvert sample drives it as "
                              f"it is); {back}")
@@ -476,11 +491,11 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
         return {"_class_name": "VelocityAdapter", **init}, scheduler
     if not is_flow:
         raise UsageError(
-            f"'{source.reference}' is a diffusion model ({source.prediction_type}); --to {to} converts flow-matching "
-            "models, use --to velocity"
+            f"'{source.reference}' is a diffusion model ({source.prediction_type}); to={to!r} converts flow-matching "
+            "models, use to='velocity'"
         )
     if not source.family.steps_discrete_schedulers:
-        raise FmconvertError(f"--to {to} for a {source.pipeline_class} is not supported yet; supported: unconditional "
+        raise FmconvertError(f"to={to!r} for a {source.pipeline_class} is not supported yet; supported: unconditional "
                              "pipelines, bare UNet2DModel folders, Stable Diffusion 3 and FLUX.1")
     from diffusers import DDIMScheduler
 
@@ -553,11 +568,12 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
     do not grow with the model. ``dtype``: the dtype the folder declares for loading the
     network (None: as diffusers loads the source's). ``finish(tmp)``: called on the complete
     temporary folder before it becomes ``out`` (:func:`write_trained` replaces the network
-    there). Returns a summary for --json."""
+    there). Returns a summary (JSON-ready)."""
     if dtype is not None and dtype not in LOAD_DTYPES:
-        raise UsageError(f"unknown --dtype '{dtype}': use {', '.join(LOAD_DTYPES)}")
+        raise UsageError(f"unknown dtype={dtype!r}: use one of {', '.join(LOAD_DTYPES)}")
     if source.converted and variant is not None:
-        raise UsageError("--variant picks a source's weight files; a converted folder keeps the variant it was written with")
+        raise UsageError(f"variant={variant!r} picks a source's weight files; a converted folder keeps the variant it was "
+                         "written with")
     files = [] if source.converted else network_files(source.model_folder, variant, allow_pickle)  # checked first
     adapter, scheduler = convert(source, to, schedule, trust_remote_code)
     adapter.update(network_variant=variant, network_dtype=dtype)
@@ -620,7 +636,7 @@ def write_trained(source: Source, out: Path, network: ModelMixin, training: dict
     """``source``'s folder as ``fmconvert sample`` and stock diffusers take it, with ``network``'s
     weights in place of the source network's, written atomically (what ``fmconvert train`` writes):
 
-    - a diffusion source: the converted folder :func:`write_converted` writes (``--to velocity``);
+    - a diffusion source: the converted folder :func:`write_converted` writes (``to="velocity"``);
     - a converted folder or a flow-matching source: its own layout, its large files (the other
       components' weights) linked, the small ones copied, so that what is written into the new
       folder (training.json, loss.png, ...) never writes through a link into the source.
@@ -629,7 +645,7 @@ def write_trained(source: Source, out: Path, network: ModelMixin, training: dict
     ``training`` goes into ``fmconvert.json`` under "trained"; ``add_files(tmp)`` writes more
     files into the folder before it becomes ``out``. ``source_prediction``: what the network was
     trained to predict, where not what the source's network predicts (the adapter's config says
-    so; :meth:`fmconvert.integration.adapters.PathAdapter.reparametrise`)."""
+    so; :meth:`fmconvert.integration.adapters.PathAdapter.set_source_prediction`)."""
     copied = source.converted or source.prediction_type == "flow_prediction"
     variant = _read_json(source.model_folder / "config.json").get("network_variant") if source.converted else None
 

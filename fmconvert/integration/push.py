@@ -1,14 +1,14 @@
 """Publishing a converted folder to the Hugging Face Hub (``fmconvert push``).
 
 ``HfApi(endpoint=HF_ENDPOINT).create_repo(exist_ok=True)`` then a single ``upload_folder``
-commit, so a failure never leaves a half-uploaded model. The token comes from ``--token``,
+commit, so a failure never leaves a half-uploaded model. The token comes from ``token``,
 ``HF_TOKEN`` or the login cache (huggingface_hub's order) and is never printed. Before
 anything is sent the folder is checked: it must be a folder written by ``fmconvert wrap``,
 hold only the expected files (no pickles), and load with :func:`fmconvert.load`.
 With ``report`` (a folder written by ``fmconvert report``) its tables and sample grid go
 into the model card, the pictures under ``eval/``.
 
-Visibility (``--private`` / ``--public``): a new repo is created with what was asked, and
+Visibility (``private``: True or False): a new repo is created with what was asked, and
 with neither the Hub's own default applies (``create_repo(private=None)`` sends no
 ``visibility``: public, or private for an organisation whose new repos are private). An
 existing repo's visibility is never changed: if it differs from what was asked
@@ -16,7 +16,7 @@ existing repo's visibility is never changed: if it differs from what was asked
 command that changes it (``hf repos settings REPO --private``, huggingface_hub's
 ``update_repo_settings``). Why refuse rather than flip: a repo may hold other files,
 revisions and discussions, and changing who can see all of it as a side effect of an
-upload is surprising (``--public`` on a private repo would publish everything in it);
+upload is surprising (``private=False`` on a private repo would publish everything in it);
 the change is one explicit command away. The summary's ``private`` is the visibility the
 Hub reports after the upload, not the flag.
 
@@ -52,7 +52,7 @@ def check_converted_folder(folder: Path) -> list[str]:
     missing = [name for name in REQUIRED if not (folder / name).is_file()]
     if missing:
         raise FmconvertError(f"'{folder}' is not a folder written by fmconvert wrap (missing {', '.join(missing)}); "
-                             "convert the model first: fmconvert wrap SOURCE --out DIR")
+                             "convert the model first (fmconvert wrap)")
     index = json.loads((folder / "model_index.json").read_text())
     adapters = [name for name, value in index.items() if isinstance(value, list) and value[0] == ADAPTER_SHIM]
     if not adapters:
@@ -95,10 +95,10 @@ def _transport_errors() -> type[Exception]:
 
 
 def visibility(private: bool, public: bool) -> bool | None:
-    """``--private`` / ``--public`` as ``HfApi.create_repo``'s ``private``: True, False, or None
+    """``private`` / ``public`` (the command line's two switches) as ``HfApi.create_repo``'s ``private``: True, False, or None
     (neither: the Hub's default for new repos); both together is a usage error."""
     if private and public:
-        raise UsageError("--private and --public contradict each other: pass one of them, or neither "
+        raise UsageError("private=True and public=True contradict each other: pass one of them, or neither "
                          "(the Hub's default for a new repo)")
     return True if private else False if public else None
 
@@ -119,25 +119,25 @@ def preflight(repo_id: str, folder: Path | None = None, report: Path | None = No
     if folder is not None and not Path(folder).is_dir():
         raise UsageError(f"'{folder}' does not exist or is not a folder")
     if report is not None and not (Path(report) / "report.md").is_file():
-        raise UsageError(f"--report '{report}' has no report.md; make one with fmconvert report")
+        raise UsageError(f"report={str(report)!r} has no report.md; make one with fmconvert report")
     if constants.is_offline_mode():
         raise FmconvertError("cannot push: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload")
 
 
 def _visibility_refusal(repo_id: str, private: bool, found: bool | None) -> str:
-    flag = "--private" if private else "--public"
+    asked = "private" if private else "public"
     if found is None:
-        return (f"the Hub does not say whether '{repo_id}' is private, so {flag} cannot be confirmed; "
+        return (f"the Hub does not say whether '{repo_id}' is private, so a {asked} repo cannot be confirmed; "
                 "nothing was uploaded")
     state = "private" if found else "public"
-    return (f"'{repo_id}' is {state} on the Hub; {flag} sets the visibility of a new repo and never changes an "
-            f"existing one, so nothing was uploaded: change it with hf repos settings {repo_id} {flag}, "
-            f"or push without {flag}")
+    return (f"'{repo_id}' is {state} on the Hub; asking for a {asked} repo sets the visibility of a new repo and "
+            f"never changes an existing one, so nothing was uploaded: change it with hf repos settings {repo_id} "
+            f"--{asked}, or push without asking for a visibility")
 
 
 def push(folder: Path, repo_id: str, private: bool | None = None, revision: str | None = None, create_pr: bool = False,
          commit_message: str | None = None, token: str | None = None, report: Path | None = None) -> dict:
-    """Check, then upload ``folder`` to ``repo_id`` in one commit. Returns a summary for --json.
+    """Check, then upload ``folder`` to ``repo_id`` in one commit. Returns a summary (JSON-ready).
 
     ``private``: True or False creates a missing repo private or public; None leaves it to the
     Hub (``HfApi.create_repo(private=None)`` sends no visibility, so an organisation's private
@@ -183,7 +183,7 @@ def push(folder: Path, repo_id: str, private: bool | None = None, revision: str 
         except HfHubHTTPError as error:
             status = error.response.status_code if error.response is not None else None
             if status in (401, 403):
-                raise FmconvertError(f"the Hub refused the upload to '{repo_id}' (HTTP {status}): pass --token, "
+                raise FmconvertError(f"the Hub refused the upload to '{repo_id}' (HTTP {status}): pass token=..., "
                                      "set HF_TOKEN, or log in with hf auth login, with write access") from None
             raise FmconvertError(f"the Hub answered HTTP {status} for '{repo_id}': {str(error).splitlines()[0]}") from None
         except (OSError, _transport_errors()) as error:  # connection refused, DNS, TLS...

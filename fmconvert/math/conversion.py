@@ -157,7 +157,7 @@ def apply_conversion(
     return result.to(output_dtype)
 
 
-def reparameterize(
+def evaluate_converted(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     timestep: torch.Tensor,

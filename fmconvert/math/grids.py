@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where a grid is computed: the CLI's --help reads GRIDS without them
+if TYPE_CHECKING:  # imported where a grid is computed: the command line's help reads GRIDS without them
     import numpy as np
     import torch
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # imported where a grid is computed: the CLI's --help reads G
 
 @dataclass(frozen=True)
 class Grid:
-    """A kind of time grid: ``summary`` for --help; ``discrete``: it needs the source's integer
-    timesteps (a discrete VP schedule); ``shifts``: it takes a time shift (``--shift``)."""
+    """A kind of time grid: ``summary`` for the command line's help; ``discrete``: it needs the
+    source's integer timesteps (a discrete VP schedule); ``shifts``: it takes a time shift (``shift``)."""
 
     name: str
     summary: str
@@ -44,9 +44,9 @@ class Grid:
 
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (
-    Grid("uniform", "uniform in s, with the scheduler's time shift or --shift", shifts=True),
+    Grid("uniform", "uniform in s, with the scheduler's time shift or the shift given", shifts=True),
     Grid("flowmatch", "FlowMatchEulerDiscreteScheduler's own sigmas (what a flow pipeline's __call__ uses; "
-                      "--shift replaces its shift)", shifts=True),
+                      "a shift given replaces its own)", shifts=True),
     Grid("trailing", "the source's DDIM trailing timesteps mapped to s (Euler on it is DDIM)", discrete=True),
     Grid("leading", "the source's leading timesteps (with its steps_offset) mapped to s", discrete=True),
     Grid("linspace", "the source's linspace timesteps mapped to s", discrete=True),

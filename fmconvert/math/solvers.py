@@ -19,7 +19,7 @@ s_0 > s_1 > ... > s_N, with h_i = s_{i+1} − s_i < 0:
 - unipc:     UniPC: UniP-2 predictor + UniC corrector,             (1)
              B(h) = e^h − 1, data prediction, as diffusers' UniPCMultistepScheduler(solver_order=2);
              the corrector reuses the next step's evaluation
-- dopri5:    adaptive Dormand–Prince through torchdiffeq (optional extra), --rtol / --atol
+- dopri5:    adaptive Dormand–Prince through torchdiffeq (optional extra), options rtol / atol
 
 The exponential integrators read only λ, σ_{i+1}/σ_i, α_{i+1} and x̂0: on the grid
 s = σ/(α + σ) of a VP schedule, with x = x_VP/(α + σ), they take the diffusers scheduler's
@@ -29,7 +29,7 @@ NFE is counted by :class:`CountingField`, never assumed from the step count.
 
 :data:`SOLVERS` is the registry: each :class:`Solver` carries its step function, evaluations
 per step, order and options; the command line's choices and help, the NaN report and the tests
-are read from it. torch is imported where a solver runs (the CLI's --help does not need it).
+are read from it. torch is imported where a solver runs (the command line's help does not need it).
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ class Solver:
     """A solver of dx/ds = u(x, s): ``step`` integrates along a whole grid (the module's
     signature); ``evals_per_step``: field evaluations per grid step (None: adaptive, counted);
     ``order``: its order of accuracy; ``options``: (name, default) of the keyword options it
-    takes (the command line's --rtol / --atol); ``summary``: one line for --help."""
+    takes (``rtol`` / ``atol``); ``summary``: one line for the command line's help."""
 
     name: str
     step: Callable
@@ -360,9 +360,9 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("dpmpp_3m", dpmpp_3m, 1, 2, "DPM-Solver++(3M) as diffusers has it (2nd order: D2 halved), 1 evaluation a step"),
     Solver("unipc", unipc, 1, 3, "UniPC-2 bh2 predictor-corrector, 1 evaluation a step (diffusers' UniPCMultistep)"),
     Solver("auto", auto, 1, 2, "ab2 on the uniform grid with shift 1.5 up to 5 steps, unipc unshifted above: "
-           "the measured best in SAMPLERS.md, 1 evaluation a step (the shift: where neither --shift nor the "
+           "the measured best in SAMPLERS.md, 1 evaluation a step (the shift: where neither a shift nor the "
            "scheduler gives one)"),
-    Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), --rtol / --atol",
+    Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), options rtol / atol",
            (("rtol", 1e-5), ("atol", 1e-5))),
 )}
 

@@ -1,5 +1,5 @@
 """Baselines: diffusers' own schedulers driving the unconverted source network on the same noise
-and conditioning as fmconvert's solvers (``--baseline``; :func:`fmconvert.sampling.generate.iter_baseline`
+and conditioning as fmconvert's solvers (``baseline``; :func:`fmconvert.sampling.generate.iter_baseline`
 runs them, counting network evaluations).
 
 A baseline is named by an alias of :data:`BASELINES` (ddim, dpm++2m, unipc, ...), by ``default``
@@ -10,8 +10,8 @@ the source's scheduler config and the alias's own settings (:func:`parse_baselin
 For a flow-matching source the multistep schedulers that have a flow mode (DPM-Solver++, UniPC,
 DEIS) run with ``use_flow_sigmas``, ``prediction_type="flow_prediction"`` and the source's shift,
 as diffusers configures them for flow models; schedulers without one are refused. diffusers is
-imported where a scheduler is built; this module is plain Python otherwise (the CLI's --help
-reads it).
+imported where a scheduler is built; this module is plain Python otherwise (the command line's
+help reads it).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ODE_DDIM = (("timestep_spacing", "trailing"), ("clip_sample", False), ("set_alph
 @dataclass(frozen=True)
 class Baseline:
     """A diffusers scheduler class with fmconvert's ``options`` on top of the source's config;
-    ``summary``: one line for --help; ``grid``: what its timesteps are called in a run's record
+    ``summary``: one line for the command line's help; ``grid``: what its timesteps are called in a run's record
     (``own``: the scheduler's own spacing)."""
 
     name: str
@@ -82,7 +82,7 @@ def parse_baseline(spec: str) -> tuple[Baseline, tuple[tuple[str, Any], ...]]:
     for item in (part for part in rest.split(",") if part.strip()):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise UsageError(f"--baseline '{spec}': options are key=value pairs after a colon, "
+            raise UsageError(f"baseline={spec!r}: its options are key=value pairs after a colon, "
                              "e.g. dpm++2m:use_karras_sigmas=true")
         options.append((key.strip(), _value(value.strip())))
     if name in BASELINES:
@@ -92,7 +92,7 @@ def parse_baseline(spec: str) -> tuple[Baseline, tuple[tuple[str, Any], ...]]:
 
         if hasattr(diffusers, name):
             return Baseline(name, name, f"diffusers' {name}"), tuple(sorted(options))
-    raise UsageError(f"unknown --baseline '{name}': use one of {', '.join(BASELINES)}, or a diffusers scheduler "
+    raise UsageError(f"unknown baseline={name!r}: use one of {', '.join(BASELINES)}, or a diffusers scheduler "
                      "class name (e.g. KDPM2DiscreteScheduler)")
 
 
@@ -108,12 +108,12 @@ def build_scheduler(spec: str, source: Source):
 
     baseline, user = parse_baseline(spec)
     if source.converted:
-        raise UsageError(f"--baseline {spec} runs a source's own scheduler; '{source.reference}' is a converted model: "
+        raise UsageError(f"baseline={spec!r} runs a source's own scheduler; '{source.reference}' is a converted model: "
                          "give its source")
     class_name = baseline.scheduler_class or source.scheduler.get("_class_name", "DDPMScheduler")
     cls = getattr(diffusers, class_name, None)
     if cls is None:
-        raise UsageError(f"--baseline {spec}: diffusers has no {class_name}")
+        raise UsageError(f"baseline={spec!r}: diffusers has no {class_name}")
     takes = set(inspect.signature(cls.__init__).parameters)
     # diffusers' private keys dropped: a live config's _use_default_values names the keys from_config
     # resets to their defaults, which would silently undo the alias's settings (ddim's trailing spacing)
@@ -123,18 +123,18 @@ def build_scheduler(spec: str, source: Source):
         if "use_flow_sigmas" not in takes:
             flows = ", ".join(n for n, b in BASELINES.items() if b.scheduler_class in (
                 "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")) + ", default"
-            raise UsageError(f"--baseline {spec}: {class_name} has no flow mode for the flow model '{source.reference}'; "
+            raise UsageError(f"baseline={spec!r}: {class_name} has no flow mode for the flow model '{source.reference}'; "
                              f"use {flows}")
         config.update(use_flow_sigmas=True, prediction_type="flow_prediction",
                       flow_shift=float(source.scheduler.get("shift", 1.0) or 1.0))
     elif not flow:
         if class_name.startswith("FlowMatch"):
-            raise UsageError(f"--baseline {spec}: {class_name} drives flow models; '{source.reference}' predicts "
+            raise UsageError(f"baseline={spec!r}: {class_name} drives flow models; '{source.reference}' predicts "
                              f"{source.prediction_type}")
         config["prediction_type"] = source.prediction_type
     unknown = [key for key, _ in user if key not in takes]
     if unknown:
-        raise UsageError(f"--baseline {spec}: {class_name} takes no option {unknown[0]!r}")
+        raise UsageError(f"baseline={spec!r}: {class_name} takes no option {unknown[0]!r}")
     return cls.from_config({**config, **dict(baseline.options), **dict(user)})
 
 

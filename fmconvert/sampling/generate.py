@@ -5,7 +5,7 @@ is diffusers' rectified path (u(x_s, 1000·s) = ε̂ − x̂0): a converted velo
 is, a diffusion source through :class:`VelocityAdapter`, a flow source through the identity
 adapter, a converted epsilon / v folder through VelocityAdapter around it (an exact round trip).
 
-Noise convention: ``--seed S`` draws
+Noise convention: ``seed=S`` draws
 ``torch.randn((num_images, C, H, W), generator=torch.Generator("cpu").manual_seed(S))`` once,
 so the samples depend neither on the batch size nor on the device. The start is
 x_{s_0} = ε·√((1 − s_0)² + s_0²), the noise at the first grid time (ε itself at s_0 = 1, and
@@ -70,11 +70,14 @@ def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "fl
     return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", compute_dtype), source.path
 
 
-def load_velocity_model(reference: str, revision: str | None = None, dtype: torch.dtype | None = None,
+def load_velocity_model(reference: str | Source, revision: str | None = None, dtype: torch.dtype | None = None,
                         device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
                         need_pipeline: bool = False, channels_last: bool = False, compile: bool = False,
                         compute_dtype: str | None = None) -> VelocityModel:
-    """Resolve, load and wrap a MODEL for sampling (``channels_last`` / ``compile``: the GPU
+    """Load and wrap a model for sampling: ``reference`` is a source already inspected
+    (:func:`~fmconvert.integration.pipelines.inspect_source`: the command line resolves a
+    reference once, and loads what it resolved), or a reference string, inspected here with
+    ``revision``, ``allow_pickle`` and ``trust_remote_code`` (``channels_last`` / ``compile``: the GPU
     fast path for the wrapped network; ``compute_dtype``: the dtype a source wrapped here
     applies its conversion in, default below).
 
@@ -82,7 +85,8 @@ def load_velocity_model(reference: str, revision: str | None = None, dtype: torc
     (k_x·x + k_out·output) in float32 unless the network is float64: against a float64 DDIM
     that is as exact as a float64 combination, since the network's own rounding dominates
     (BENCHMARKS.md). A converted folder keeps the compute_dtype it was written with."""
-    source = inspect_source(reference, revision, allow_pickle, trust_remote_code)
+    source = (reference if isinstance(reference, Source)
+              else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     model = load_denoiser(source, dtype, allow_pickle, trust_remote_code)
     if compute_dtype is None:
         compute_dtype = "float64" if model.dtype == torch.float64 else "float32"
@@ -134,8 +138,8 @@ def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None 
         if length is None or config.get("time_shift_type", "exponential") != "exponential":
             raise ValueError(f"{config.get('_class_name')} of {vm.source.reference} shifts its times dynamically "
                              "(use_dynamic_shifting: mu from the image's sequence length, a rule of its pipeline that "
-                             f"fmconvert does not have for {vm.source.pipeline_class or 'a bare model'}); use --grid "
-                             "karras or logsnr")
+                             f"fmconvert does not have for {vm.source.pipeline_class or 'a bare model'}); use "
+                             "grid='karras' or grid='logsnr'")
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         mu = calculate_shift(length, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
@@ -294,7 +298,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                 where = SOLVERS[solver].step_of(result.first_bad_nfe, steps)
                 raise FmconvertError(
                     f"the model produced NaN/Inf at {where} (images {first}..{first + eps.shape[0] - 1}); "
-                    "try --dtype float32, or check the model's weights"
+                    "try dtype='float32', or check the model's weights"
                 )
             x = result.x.float().clone()
             yield x, to_images(vm, x), result.nfe
@@ -397,13 +401,16 @@ def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x
 def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tuple[int, int]] | None = None,
              progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The batches of ``run`` (:class:`fmconvert.sampling.runs.Run`): :func:`iter_baseline` for a
-    baseline, else :func:`iter_generate`, over the given global index ranges (default: all)."""
-    if run.baseline:
-        return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, run.baseline_spec,
-                             ranges=ranges, conditioning=run.conditioning,
-                             along_list=bool(dict(run.options).get("along_list", False)))
-    return iter_generate(vm, run.num_images, run.shard_size, run.seed, run.sampler, run.grid, run.steps, device,
-                         run.conditioning, progress, dict(run.options), ranges, run.shift)
+    :class:`~fmconvert.sampling.runs.SchedulerSampler`, :func:`iter_generate` for an
+    :class:`~fmconvert.sampling.runs.OdeSampler`, over the given global index ranges (default: all)."""
+    from fmconvert.sampling.runs import SchedulerSampler
+
+    sampler = run.sampler
+    if isinstance(sampler, SchedulerSampler):
+        return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, sampler.spec,
+                             ranges=ranges, conditioning=run.conditioning, along_list=sampler.along_list)
+    return iter_generate(vm, run.num_images, run.shard_size, run.seed, sampler.solver, sampler.grid, run.steps, device,
+                         run.conditioning, progress, dict(sampler.options), ranges, sampler.shift)
 
 
 def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: bool = False) -> SampleResult:

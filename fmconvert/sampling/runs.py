@@ -9,8 +9,7 @@ to Run cannot be forgotten there.
 The model is named by its reference and a fingerprint of its files (:func:`model_fingerprint`),
 so a folder whose weights changed under the same path is another model.
 
-What a training run is (``train``, ``reflow``): :class:`TrainSettings`, the identity of its
-checkpoint, here too, torch-free, so the command line reads its defaults from it.
+What a training run is: :class:`fmconvert.training.settings.TrainSettings`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,24 +61,75 @@ def files_fingerprint(roots: list[Path], edge: int = _EDGE) -> str:
 
 
 @dataclass(frozen=True)
+class OdeSampler:
+    """fmconvert's ODE solver ``solver`` (:data:`fmconvert.math.solvers.SOLVERS`) on the converted
+    velocity field, on the time grid ``grid`` (:data:`fmconvert.math.grids.GRIDS`) with time shift
+    ``shift`` (None: the source scheduler's own), with the solver's ``options`` (rtol, atol)."""
+
+    solver: str
+    grid: str = "uniform"
+    shift: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.solver
+
+    def record(self) -> dict[str, Any]:
+        """The sampler's part of a run's record (:meth:`Run.manifest`)."""
+        return {"sampler": self.solver, "grid": self.grid, "shift": self.shift, "baseline": False,
+                "options": dict(self.options)}
+
+    def describe(self) -> str:
+        shifted = "" if self.shift is None else f" (shift {self.shift:g})"
+        return f"{self.solver} on the {self.grid} grid{shifted}"
+
+
+@dataclass(frozen=True)
+class SchedulerSampler:
+    """A diffusers scheduler driving the unconverted network on its own timesteps (a baseline):
+    ``scheduler``, an alias of :data:`fmconvert.sampling.baselines.BASELINES` or a diffusers class
+    name; ``options``: the user's settings of its config; ``spacing``: what its timesteps are called
+    in a record (the alias's ``grid``); ``along_list``: step along its listed timesteps rather than
+    by its own step rule (:func:`fmconvert.evaluation.agreement.trajectory_agreement`)."""
+
+    scheduler: str
+    options: tuple[tuple[str, Any], ...] = ()
+    spacing: str = "own"
+    along_list: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.scheduler
+
+    @property
+    def spec(self) -> str:
+        """As :func:`fmconvert.sampling.baselines.parse_baseline` reads it: ``NAME[:key=value,...]``."""
+        options = [f"{k}={json.dumps(v)}" for k, v in self.options]
+        return self.scheduler + (":" + ",".join(options) if options else "")
+
+    def record(self) -> dict[str, Any]:
+        """The sampler's part of a run's record (:meth:`Run.manifest`)."""
+        options = dict(self.options) | ({"along_list": True} if self.along_list else {})
+        return {"sampler": self.scheduler, "grid": self.spacing, "shift": None, "baseline": True, "options": options}
+
+    def describe(self) -> str:
+        return f"its own {self.scheduler} scheduler"
+
+
+@dataclass(frozen=True)
 class Run:
-    """One set of samples: draw ``num_images`` samples of ``model`` with ``sampler`` (a solver
-    of :data:`fmconvert.math.solvers.SOLVERS` on ``grid``, or with ``baseline`` a scheduler of
-    :data:`fmconvert.sampling.baselines.BASELINES` on its own timesteps) in ``steps`` steps, from the
-    noise of ``seed`` (:mod:`fmconvert.sampling.generate`'s convention), in ``dtype``, conditioned by
-    ``conditioning``; ``shard_size`` samples a batch and a shard. ``options``: the solver's
-    (rtol, atol) or the baseline scheduler's (use_karras_sigmas, ...). ``shift``: the grid's
-    time shift where not the source scheduler's own (None). ``shape``: one sample's (C, H, W),
-    known once the model is loaded (None before)."""
+    """One set of samples: draw ``num_images`` samples of ``model`` with ``sampler`` (an
+    :class:`OdeSampler` on the converted field, or a :class:`SchedulerSampler`, diffusers' own on the
+    unconverted network; a string names an ODE solver on the uniform grid) in ``steps`` steps, from
+    the noise of ``seed`` (:mod:`fmconvert.sampling.generate`'s convention), in ``dtype``,
+    conditioned by ``conditioning``; ``shard_size`` samples a batch and a shard. ``shape``: one
+    sample's (C, H, W), known once the model is loaded (None before)."""
 
     model: str
     fingerprint: str
-    sampler: str
+    sampler: OdeSampler | SchedulerSampler
     steps: int
-    grid: str = "uniform"
-    shift: float | None = None
-    baseline: bool = False
-    options: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
     dtype: str = "float32"
     conditioning: Conditioning = field(default_factory=Conditioning)
@@ -90,19 +139,33 @@ class Run:
     shape: tuple[int, ...] | None = None
     fmconvert_version: str = __version__
 
+    def __post_init__(self) -> None:
+        if isinstance(self.sampler, str):
+            object.__setattr__(self, "sampler", OdeSampler(self.sampler))
+
+    @property
+    def baseline(self) -> bool:
+        """Whether diffusers' own scheduler draws it (a :class:`SchedulerSampler`)."""
+        return isinstance(self.sampler, SchedulerSampler)
+
     def manifest(self) -> dict[str, Any]:
-        """The JSON-ready record of every field (``conditioning``: its description; what loading
-        tells, ``model_class`` and ``shape``, is left out while unknown, so a record made before
-        loading compares with a whole one on what it has)."""
+        """The JSON-ready record of every field, the sampler's flattened into it (sampler, grid,
+        shift, baseline, options: the keys samples folders and fingerprints have always had;
+        ``conditioning``: its description; what loading tells, ``model_class`` and ``shape``, is left
+        out while unknown, so a record made before loading compares with a whole one on what it has)."""
         record: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None and f.name in ("model_class", "shape"):
                 continue
+            if f.name == "sampler":
+                sampler = value.record()
+                record["sampler"] = sampler.pop("sampler")
+                record["steps"] = self.steps
+                record.update(sampler)
+                continue
             if f.name == "conditioning":
                 value = value.describe()
-            elif f.name == "options":
-                value = dict(value)
             elif isinstance(value, tuple):
                 value = list(value)
             record[f.name] = value
@@ -112,24 +175,65 @@ class Run:
         """The same run with what loading the model tells: its class and one sample's shape."""
         return dataclasses.replace(self, model_class=model_class, shape=tuple(int(n) for n in shape))
 
-    @property
-    def baseline_spec(self) -> str:
-        """A baseline run's scheduler as :func:`fmconvert.sampling.baselines.parse_baseline` reads it."""
-        options = [f"{k}={json.dumps(v)}" for k, v in self.options if k != "along_list"]
-        return self.sampler + (":" + ",".join(options) if options else "")
-
     def slug(self) -> str:
         """A name for the run's samples folder: sampler-grid[-shiftK]-steps, and a hash of its options if any."""
-        name = f"{self.sampler}-{self.grid}{'' if self.shift is None else f'-shift{self.shift:g}'}-{self.steps}"
-        if self.options:
-            name += "-" + hashlib.sha256(json.dumps(self.options, default=str).encode()).hexdigest()[:8]
+        record = self.sampler.record()
+        shift = record["shift"]
+        name = f"{record['sampler']}-{record['grid']}{'' if shift is None else f'-shift{shift:g}'}-{self.steps}"
+        options = tuple(record["options"].items())
+        if options:
+            name += "-" + hashlib.sha256(json.dumps(options, default=str).encode()).hexdigest()[:8]
         return name
 
     def describe(self) -> str:
         """In words, for logs."""
-        shifted = "" if self.shift is None else f" (shift {self.shift:g})"
-        how = f"its own {self.sampler} scheduler" if self.baseline else f"{self.sampler} on the {self.grid} grid{shifted}"
-        return f"{self.num_images} images of {self.model} with {how}, {self.steps} steps"
+        return f"{self.num_images} images of {self.model} with {self.sampler.describe()}, {self.steps} steps"
+
+
+def check_choices(solvers: list[str], grid: str = "uniform", shift: float | None = None, dtype: str = "float32",
+                  baselines: list[str] | tuple[str, ...] = (), rtol: float | None = None, atol: float | None = None) -> None:
+    """Refuse what no run could honour, before any file is read: a solver, grid, dtype or baseline
+    not in its registry (:data:`~fmconvert.math.solvers.SOLVERS`, :data:`~fmconvert.math.grids.GRIDS`,
+    :data:`~fmconvert.integration.configs.SAMPLE_DTYPES`, :func:`~fmconvert.sampling.baselines.parse_baseline`),
+    a ``shift`` on a grid that takes none, an ``rtol``/``atol`` that none of ``solvers`` takes.
+    UsageError naming the parameter and its value."""
+    from fmconvert.integration.configs import SAMPLE_DTYPES
+    from fmconvert.math.grids import GRIDS, check_shift
+    from fmconvert.math.solvers import SOLVERS
+    from fmconvert.sampling.baselines import parse_baseline
+
+    for name in solvers:
+        _choice("solver", name, SOLVERS)
+    _choice("grid", grid, GRIDS)
+    try:
+        check_shift(grid, shift)
+    except ValueError as error:
+        raise UsageError(f"shift={shift}: {error}") from None
+    _choice("dtype", dtype, SAMPLE_DTYPES)
+    for spec in baselines:
+        parse_baseline(spec)  # (an unknown name or a malformed option: refused here)
+    for option, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not any(option in dict(SOLVERS[name].options) for name in solvers):
+            takers = ", ".join(n for n, s in SOLVERS.items() if option in dict(s.options))
+            raise UsageError(f"{option}={value} is an option of {takers}; {', '.join(solvers)} does not take it")
+
+
+def _choice(parameter: str, value: str, choices: Any) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {parameter}={value!r}: use one of {', '.join(choices)}")
+
+
+def make_run(source: Source, solvers: list[str], *, grid: str = "uniform", dtype: str = "float32",
+             shift: float | None = None, baselines: list[str] | tuple[str, ...] = (), rtol: float | None = None,
+             atol: float | None = None, **fields: Any) -> Run:
+    """The run of ``solvers[0]`` on ``source`` (an inspected source: its fingerprint is read from
+    its files, nothing is loaded), after :func:`check_choices`; a sweep's other runs follow by
+    :func:`sweep_runs`. ``fields``: the other :class:`Run` fields (steps, seed, num_images, ...).
+    Solver ``auto`` stays ``auto`` here: :func:`resolved` replaces it, run by run."""
+    check_choices(solvers, grid, shift, dtype, baselines, rtol, atol)
+    given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
+    sampler = OdeSampler(solvers[0], grid, shift, solver_options(solvers[0], **given))
+    return Run(model=source.reference, fingerprint=model_fingerprint(source), sampler=sampler, dtype=dtype, **fields)
 
 
 def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
@@ -151,10 +255,11 @@ def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: 
     runs = []
     for spec in baselines:
         baseline, options = parse_baseline(spec)
-        runs += [dataclasses.replace(base, sampler=baseline.name, baseline=True, grid=baseline.grid, shift=None,
-                                     steps=steps, options=options) for steps in steps_list]
-    runs += [dataclasses.replace(base, sampler=solver, baseline=False, steps=steps,
-                                 options=solver_options(solver, **given_options))
+        scheduler = SchedulerSampler(baseline.name, options, baseline.grid)
+        runs += [dataclasses.replace(base, sampler=scheduler, steps=steps) for steps in steps_list]
+    grid, shift = ((base.sampler.grid, base.sampler.shift) if isinstance(base.sampler, OdeSampler) else ("uniform", None))
+    runs += [dataclasses.replace(base, sampler=OdeSampler(solver, grid, shift, solver_options(solver, **given_options)),
+                                 steps=steps)
              for solver in solvers for steps in steps_list]
     return runs
 
@@ -163,13 +268,14 @@ def resolved(run: Run, source_shifts: bool) -> Run:
     """``run`` as it runs: solver ``auto`` replaced by the solver and grid shift it picks for
     ``run.steps`` (:func:`fmconvert.math.solvers.resolve_auto`; ``source_shifts``: whether the source's
     scheduler shifts its times, :attr:`fmconvert.integration.pipelines.Source.shifts_times`), so that its
-    records (manifest, samples folder, --json) name what ran. Any other run is returned as it is."""
-    if run.baseline or run.sampler != "auto":
+    records (manifest, samples folder, JSON summary) name what ran. Any other run is returned as it is."""
+    sampler = run.sampler
+    if not isinstance(sampler, OdeSampler) or sampler.solver != "auto":
         return run
     from fmconvert.math.solvers import resolve_auto
 
-    solver, shift = resolve_auto(run.steps, run.grid, run.shift, source_shifts)
-    return dataclasses.replace(run, sampler=solver, shift=shift, options=solver_options(solver))
+    solver, shift = resolve_auto(run.steps, sampler.grid, sampler.shift, source_shifts)
+    return dataclasses.replace(run, sampler=OdeSampler(solver, sampler.grid, shift, solver_options(solver)))
 
 
 def run_fingerprint(run: Run) -> str:
@@ -178,127 +284,3 @@ def run_fingerprint(run: Run) -> str:
     is loaded (a checkpoint trained on them names them by it: ``fmconvert reflow``)."""
     record = dataclasses.replace(run, model_class=None, shape=None).manifest()
     return "sha256:" + hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-# -- training runs ---------------------------------------------------------------------------------
-
-TIME_SAMPLINGS = ("uniform", "logit_normal", "u_shaped")
-LR_SCHEDULES = ("constant", "cosine")
-LOSS_TYPES = ("l2", "pseudo_huber")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
-#: the attention projections of diffusers' UNets and transformers (diffusers' own LoRA default)
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-#: what a diffusion source's network can be trained to predict (``prediction_type``)
-TRAINABLE_PREDICTIONS = ("epsilon", "v_prediction", "sample")
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """One training run: everything that determines its weights, and so the identity of its
-    checkpoint (:meth:`manifest`; a test checks that every field reaches it). How often it is
-    checkpointed, on which device and with how many processes it runs are not settings: they
-    do not change what is computed (up to rounding).
-
-    ``model``/``data``: the references as given, named by ``fingerprint`` (the model's files,
-    :func:`fmconvert.sampling.runs.model_fingerprint`) and ``data_fingerprint`` (the data's file paths and
-    sizes). ``steps`` optimiser steps of ``batch_size`` samples (global, over all processes);
-    ``lr`` after ``warmup`` steps, then ``lr_schedule``; ``weight_decay`` (AdamW's);
-    ``max_grad_norm`` (0: no clipping); ``time_sampling`` with ``logit_mean``/``logit_std``
-    (logit-normal) or ``u_shape_a`` (U-shaped); ``loss_type``: the per-sample loss of the velocity
-    error (:func:`fmconvert.training.loop.per_sample_loss`);
-    ``ema_decay`` (0: no EMA); ``lora_rank`` (0: the whole network trains) with ``lora_alpha``
-    (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``.
-    ``couplings``: for paired data (``fmconvert reflow``), the couplings' identity
-    (:func:`fmconvert.sampling.runs.run_fingerprint` of the run that drew them), None for fresh noise at
-    every step; ``distill``: every s = 1 (one-step distillation; paired data only).
-    ``prediction_type``: what the network is trained to predict on the source's path (None: what
-    it predicts now; see the module docstring)."""
-
-    model: str
-    fingerprint: str
-    data: str
-    data_fingerprint: str
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-4
-    warmup: int = 100
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    time_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    u_shape_a: float = 4.0
-    loss_type: str = "l2"
-    ema_decay: float = 0.999
-    lora_rank: int = 0
-    lora_alpha: int | None = None
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    mixed_precision: str = "no"
-    seed: int = 0
-    couplings: str | None = None
-    distill: bool = False
-    prediction_type: str | None = None
-    fmconvert_version: str = __version__
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 1, "steps", "a positive integer"), (self.batch_size >= 1, "batch_size", "a positive integer"),
-            (self.lr > 0, "lr", "positive"), (self.warmup >= 0, "warmup", "0 or more"),
-            (self.weight_decay >= 0, "weight_decay", "0 or more"), (self.max_grad_norm >= 0, "max_grad_norm", "0 (off) or more"),
-            (self.logit_std > 0, "logit_std", "positive"), (self.u_shape_a > 0, "u_shape_a", "positive"),
-            (0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0: off)"),
-            (self.lora_rank >= 0, "lora_rank", "0 (off) or a positive integer"),
-            (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "positive"),
-            (self.seed >= 0, "seed", "0 or more"), (bool(self.lora_targets), "lora_targets", "at least one module name"),
-        ]
-        for valid, name, what in checks:
-            if not valid:
-                raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
-        if self.prediction_type is not None and self.prediction_type not in TRAINABLE_PREDICTIONS:
-            raise UsageError(f"unknown --prediction-type '{self.prediction_type}': use one of {', '.join(TRAINABLE_PREDICTIONS)}")
-        if self.distill and self.couplings is None:
-            raise UsageError("--distill trains one step from the noise to its coupled sample: it needs couplings "
-                             "(fmconvert reflow --distill)")
-        for name, choices in (("lr_schedule", LR_SCHEDULES), ("time_sampling", TIME_SAMPLINGS), ("loss_type", LOSS_TYPES),
-                              ("mixed_precision", MIXED_PRECISIONS)):
-            if getattr(self, name) not in choices:
-                raise UsageError(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}': use one of "
-                                 f"{', '.join(choices)}")
-
-    @classmethod
-    def create(cls, model: str, data: str, **fields: Any) -> "TrainSettings":
-        """Settings for ``model`` and ``data`` with their fingerprints, read from their files
-        (configs and file ends, nothing loaded); UsageError for data that is not there."""
-        from fmconvert.integration.pipelines import inspect_source
-
-        return cls(model=model, fingerprint=model_fingerprint(inspect_source(model)), data=data,
-                   data_fingerprint=data_fingerprint(data), **fields)
-
-    def manifest(self) -> dict[str, Any]:
-        """The JSON-ready record of every field (a checkpoint's identity)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of step ``step`` (0-based): linear warm-up to ``lr`` over ``warmup``
-        steps, then constant, or cosine from ``lr`` down to 0.1·lr at the last step."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.lr_schedule == "constant":
-            return self.lr
-        progress = (step - self.warmup) / max(1, self.steps - 1 - self.warmup)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def data_fingerprint(data: str) -> str:
-    """The data's identity for a checkpoint: builtin data by its file's ends, a folder by its
-    files' paths and sizes (not their contents: a large folder is not read for it)."""
-    from fmconvert.files.references import parse_data
-
-    ref = parse_data(data)
-    if ref.kind == "builtin":
-        from fmconvert.zoo.digits import digits_path
-
-        return files_fingerprint([digits_path().parent]) + f"/{ref.split}"
-    assert ref.path is not None
-    return files_fingerprint([ref.path], edge=0)

@@ -62,7 +62,7 @@ class ShardStore:
         detail = differences(existing, settings, whole)
         if detail:
             raise FmconvertError(f"samples folder '{folder}' was made with other settings ({detail}); "
-                                 "use another --samples-dir or remove it")
+                                 "use another folder or remove it")
 
     def path(self, index: int) -> Path:
         return self.folder / f"shard-{index:06d}.safetensors"

@@ -58,7 +58,7 @@ shows the difference).
 Parametrisation (``prediction_type``). A diffusion source's network can be trained to predict
 another quantity on its own path: ``epsilon``, ``v_prediction`` (α·ε − σ·x0, Salimans & Ho 2022)
 or ``sample`` (x0). The adapter reads its output as that from step 1
-(:meth:`~fmconvert.integration.adapters.PathAdapter.reparametrise`) and the written folder says so; the
+(:meth:`~fmconvert.integration.adapters.PathAdapter.set_source_prediction`) and the written folder says so; the
 weights are the source's, so the field no longer starts at the source's and the output is learnt
 anew (as SD 2's v models were fine-tuned from epsilon ones). What it buys is conditioning: an
 output error δ is a velocity error of δ/(1 − s) for epsilon (the noisiest trained time of
@@ -95,7 +95,7 @@ import torch
 
 from fmconvert.errors import FmconvertError, UsageError
 from fmconvert.files.atomic import atomic_write
-from fmconvert.sampling.runs import (  # noqa: F401 (TrainSettings and its choices, re-exported: what a training run is lives in runs.py)
+from fmconvert.training.settings import (  # noqa: F401 (TrainSettings and its choices, re-exported)
     LORA_TARGETS,
     LOSS_TYPES,
     LR_SCHEDULES,
@@ -138,7 +138,7 @@ class TrainingData:
 
 def load_training_data(data: str, shape: tuple[int, ...], latent_model: bool, model: str = "the model") -> TrainingData:
     """``data`` (builtin:digits[/SPLIT], an image folder, or a folder of latent shards
-    ``shard-NNNNNN.safetensors`` with key "samples", as ``--samples-dir`` writes them) for a
+    ``shard-NNNNNN.safetensors`` with key "samples", as a ``samples_dir`` keeps them) for a
     model whose samples are ``shape`` (C, H, W). UsageError, one line, for an empty folder, data
     of another channel count or size, and images for a model that samples latents."""
     from fmconvert.files.references import parse_data
@@ -160,21 +160,21 @@ def load_training_data(data: str, shape: tuple[int, ...], latent_model: bool, mo
 
             files = image_files(ref.path)
             if not files:
-                raise UsageError(f"--data '{data}' has no images ({', '.join(IMAGE_SUFFIXES)}) and no latent shards "
+                raise UsageError(f"data={data!r} has no images ({', '.join(IMAGE_SUFFIXES)}) and no latent shards "
                                  "(shard-*.safetensors)")
             found = TrainingData(load_files(files), "images")
     have, want = tuple(found.values.shape[1:]), tuple(shape)
     what = "latents" if found.kind == "latents" else "images"
     if latent_model and found.kind == "images":
-        raise UsageError(f"{model} samples latents ({'×'.join(map(str, want))}); --data '{data}' holds images: give a "
+        raise UsageError(f"{model} samples latents ({'×'.join(map(str, want))}); data={data!r} holds images: give a "
                          "folder of latent shards (shard-*.safetensors, key 'samples') of that shape")
     if len(found.values) == 0:
-        raise UsageError(f"--data '{data}' holds no {what}")
+        raise UsageError(f"data={data!r} holds no {what}")
     if have[:1] != want[:1]:
-        raise UsageError(f"--data '{data}' holds {have[0]}-channel {what}; {model} takes {want[0]} channels "
+        raise UsageError(f"data={data!r} holds {have[0]}-channel {what}; {model} takes {want[0]} channels "
                          f"({'×'.join(map(str, want))})")
     if have != want:
-        raise UsageError(f"--data '{data}' holds {'×'.join(map(str, have[1:]))} {what}; {model} takes "
+        raise UsageError(f"data={data!r} holds {'×'.join(map(str, have[1:]))} {what}; {model} takes "
                          f"{'×'.join(map(str, want[1:]))} ({'×'.join(map(str, want))})")
     return found
 
@@ -239,8 +239,9 @@ def check_prediction_type(source: Source, prediction_type: str | None) -> None:
     into: a flow-matching network (or a converted-back one) predicts the velocity itself, which
     stock diffusers reads as such."""
     if prediction_type is not None and network_prediction(source) == "flow_prediction":
-        raise UsageError(f"--prediction-type reparametrises a diffusion model's network; '{source.reference}' is a "
-                         "flow-matching model, whose network predicts the velocity: leave --prediction-type out")
+        raise UsageError(f"prediction_type={prediction_type!r} reparametrises a diffusion model's network; "
+                         f"'{source.reference}' is a flow-matching model, whose network predicts the velocity: "
+                         "leave it out")
 
 
 def _seed_of(*parts: object) -> int:
@@ -254,7 +255,7 @@ class Draws:
     def __init__(self, settings: TrainSettings, data: TrainingData, s_range: tuple[float, float],
                  device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
         if settings.batch_size % world_size:
-            raise UsageError(f"--batch-size {settings.batch_size} is the global batch: it must divide evenly over the "
+            raise UsageError(f"batch_size={settings.batch_size} is the global batch: it must divide evenly over the "
                              f"{world_size} processes")
         self.settings, self.data, self.s_range = settings, data, s_range
         self.device = torch.device(device)
@@ -431,8 +432,8 @@ def require_peft() -> None:
     try:
         import peft  # noqa: F401
     except ImportError:
-        raise UsageError("--lora-rank needs peft, which is not installed: pip install 'fmconvert[train]' "
-                         "(or pip install peft), or train the whole network (--lora-rank 0)") from None
+        raise UsageError("LoRA needs peft, which is not installed: pip install 'fmconvert[train]' "
+                         "(or pip install peft), or train the whole network (lora_rank=0)") from None
 
 
 def add_lora(network: torch.nn.Module, settings: TrainSettings) -> None:
@@ -446,8 +447,7 @@ def add_lora(network: torch.nn.Module, settings: TrainSettings) -> None:
     try:
         inject_adapter_in_model(config, network)
     except ValueError as error:
-        names = ", ".join(settings.lora_targets)
-        raise UsageError(f"--lora-targets {names}: {str(error).strip().splitlines()[0]}") from None
+        raise UsageError(f"lora_targets={settings.lora_targets!r}: {str(error).strip().splitlines()[0]}") from None
     for name, parameter in network.named_parameters():
         parameter.requires_grad_("lora_" in name)
 
@@ -460,7 +460,7 @@ def check_lora_targets(network: torch.nn.Module, settings: TrainSettings) -> Non
         return
     names = [name for name, _ in network.named_modules()]
     if not any(name == target or name.endswith("." + target) for target in settings.lora_targets for name in names):
-        raise UsageError(f"--lora-targets {', '.join(settings.lora_targets)}: no module of the "
+        raise UsageError(f"lora_targets={settings.lora_targets!r}: no module of the "
                          f"{type(network).__name__} has those names (its attention projections, for instance, are "
                          f"{', '.join(LORA_TARGETS)} where it has attention)")
 
@@ -487,12 +487,12 @@ def check_device(settings: TrainSettings, device: str) -> bool:
     if settings.lora_rank:
         require_peft()
     if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"train takes --device auto, cpu or cuda, got '{device}' (pick GPUs with CUDA_VISIBLE_DEVICES)")
+        raise UsageError(f"device={device!r}: train takes 'auto', 'cpu' or 'cuda' (pick GPUs with CUDA_VISIBLE_DEVICES)")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for but no CUDA device is available; use --device cpu")
+        raise UsageError("device='cuda' asked for but no CUDA device is available; use device='cpu'")
     cpu = device == "cpu" or not torch.cuda.is_available()
     if settings.mixed_precision == "fp16" and cpu:
-        raise UsageError("--mixed-precision fp16 needs a GPU (loss scaling is CUDA's); use bf16 or no on the CPU")
+        raise UsageError("mixed_precision='fp16' needs a GPU (loss scaling is CUDA's); use 'bf16' or 'no' on the CPU")
     return cpu
 
 
@@ -531,25 +531,26 @@ def _quiet(message: str) -> None:
 def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoint_every: int = 500,
           force: bool = False, progress: bool = False, log: Callable[[str], None] = _quiet,
           on_step: Callable[[int], None] | None = None, data: TrainingData | None = None,
-          add_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
+          add_files: Callable[[Path], None] | None = None, source: Source | None = None) -> dict[str, Any]:
     """Fine-tune ``settings.model`` on ``settings.data`` and write ``out`` (see the module
     docstring): a converted folder with the trained weights (the EMA's, if any), ``loss.png``
     and ``training.json`` (the settings, the loss of every step, the seconds).
 
     ``data``: the data already loaded (paired data, which ``settings.couplings`` names, come
     only this way: :func:`fmconvert.training.reflow.reflow`), else :func:`load_training_data` reads
-    ``settings.data``. ``add_files(tmp)``: writes more files into the output folder.
+    ``settings.data``. ``add_files(tmp)``: writes more files into the output folder. ``source``:
+    ``settings.model`` already inspected (else it is inspected here).
 
     Before any step, in one line each: an existing ``out`` without ``force``, a checkpoint in
     ``OUT.partial`` made with other settings (FmconvertError), fp16 without a GPU, LoRA without
     peft, data that do not fit the model (UsageError); nothing is written then. A checkpoint
     with the same settings is resumed. ``on_step(k)``: called after step k (1-based) is done and
-    checkpointed if due. Returns a summary for --json."""
+    checkpointed if due. Returns a summary (JSON-ready)."""
     out = Path(out)
     if out.exists() and not force:
-        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+        raise UsageError(f"output '{out}' already exists; pass force=True to replace it")
     if checkpoint_every < 1:
-        raise UsageError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+        raise UsageError(f"checkpoint_every={checkpoint_every}: must be a positive integer")
     if (settings.couplings is not None) != (data is not None and data.noise is not None):
         raise FmconvertError("paired training (couplings) needs the paired data, and paired data their couplings' "
                              "identity in the settings: use fmconvert reflow")
@@ -559,7 +560,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     from fmconvert.sampling.generate import load_velocity_model, sample_shape
 
     # the conversion runs in float64 (the network in its own dtype): the loss is the converted field's
-    vm = load_velocity_model(settings.model, compute_dtype="float64")
+    vm = load_velocity_model(source or settings.model, compute_dtype="float64")
     family = vm.source.family
     if family.accepts:
         raise UsageError(f"train fine-tunes unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
@@ -567,9 +568,9 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     check_prediction_type(vm.source, settings.prediction_type)
     if settings.prediction_type is not None:
         try:
-            vm.velocity.reparametrise(settings.prediction_type)
+            vm.velocity.set_source_prediction(settings.prediction_type)
         except ValueError as error:
-            raise UsageError(f"--prediction-type {settings.prediction_type}: {error}") from None
+            raise UsageError(f"prediction_type={settings.prediction_type!r}: {error}") from None
     if data is None:
         data = load_training_data(settings.data, sample_shape(vm), family.decoder is not None, settings.model)
     s_range = trained_range(vm.velocity)
@@ -583,7 +584,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
-    losses = torch.zeros(settings.steps, dtype=F64)
+    losses = torch.zeros(settings.train_steps, dtype=F64)
     start, seconds = 0, 0.0
     if (work / CHECKPOINT).is_file():
         state = load_checkpoint(work / CHECKPOINT)
@@ -600,8 +601,8 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
         log(f"resuming from step {start} (checkpoint in {work})")
     model, optimizer = accelerator.prepare(vm.velocity, optimizer)
     target = vm.velocity.target
-    on_device = torch.zeros(settings.steps, dtype=F64, device=accelerator.device)
-    log(f"training {settings.model} on {settings.data} ({len(data.values)} {data.kind}): {settings.steps} steps of "
+    on_device = torch.zeros(settings.train_steps, dtype=F64, device=accelerator.device)
+    log(f"training {settings.model} on {settings.data} ({len(data.values)} {data.kind}): {settings.train_steps} steps of "
         f"{settings.batch_size}, s in [{s_range[0]:.4g}, {s_range[1]:.4g}] "
         f"({'s = 1 only: distillation' if settings.distill else settings.time_sampling}), "
         f"{sum(p.numel() for p in trainable) / 1e6:.3g}M trainable parameters, on {accelerator.device}"
@@ -610,7 +611,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.steps, initial=start, file=sys.stderr, desc="train", unit="step", leave=False)
+        bar = tqdm(total=settings.train_steps, initial=start, file=sys.stderr, desc="train", unit="step", leave=False)
     started = time.perf_counter()
 
     def checkpoint(step: int) -> None:
@@ -627,7 +628,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
         accelerator.wait_for_everyone()
 
     try:
-        for step in range(start, settings.steps):
+        for step in range(start, settings.train_steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr_at(step)
             x0, eps, s = draws.batch(step)
@@ -646,7 +647,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
                 bar.update(1)
                 if (step + 1) % 20 == 0:
                     bar.set_postfix(loss=f"{on_device[step].item():.4g}")
-            if (step + 1) % checkpoint_every == 0 and step + 1 < settings.steps:
+            if (step + 1) % checkpoint_every == 0 and step + 1 < settings.train_steps:
                 checkpoint(step + 1)
             if on_step is not None:
                 on_step(step + 1)
@@ -655,7 +656,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
             bar.close()
     losses[start:] = on_device[start:].cpu()
     seconds += time.perf_counter() - started
-    summary = {"out": str(out), "steps": settings.steps, "resumed_from": start, "seconds": round(seconds, 3),
+    summary = {"out": str(out), "train_steps": settings.train_steps, "resumed_from": start, "seconds": round(seconds, 3),
                "first_loss": float(losses[0]), "last_loss": float(losses[-1]), "time_range": list(s_range),
                "processes": accelerator.num_processes, "device": str(accelerator.device), "settings": settings.manifest()}
     if accelerator.is_main_process:

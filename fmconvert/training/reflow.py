@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fmconvert.errors import UsageError
+from fmconvert.integration.pipelines import COUPLINGS_RECORD, Source
 
-if TYPE_CHECKING:  # (torch is imported where it is used: the command line reads couplings_seed without it)
+if TYPE_CHECKING:  # (torch is imported where it is used)
     import torch
 
     from fmconvert.sampling.runs import Run
@@ -54,23 +55,10 @@ if TYPE_CHECKING:  # (torch is imported where it is used: the command line reads
 
 COUPLINGS = "couplings"
 #: the record beside a reflowed model: the couplings' run manifest and fingerprint
-COUPLINGS_RECORD = "couplings.json"
 
 
 def _quiet(message: str) -> None:
     pass
-
-
-def couplings_seed(folder: Path) -> int | None:
-    """The seed of the noise a folder written by reflow was trained on (its ``couplings.json``),
-    None for any other folder: samples from that seed's noise repeat training pairs."""
-    record = Path(folder) / COUPLINGS_RECORD
-    if not record.is_file():
-        return None
-    try:
-        return int(json.loads(record.read_text())["run"]["seed"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def load_couplings(folder: Path, run: Run) -> TrainingData:
@@ -92,18 +80,18 @@ def load_couplings(folder: Path, run: Run) -> TrainingData:
 
 def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: bool = False,
                    log: Callable[[str], None] = _quiet,
-                   check: Callable[[torch.nn.Module], None] | None = None) -> tuple[Run, int]:
+                   check: Callable[[torch.nn.Module], None] | None = None, source: Source | None = None) -> tuple[Run, int]:
     """Solve the ``couplings`` run into shards in ``folder`` (:func:`fmconvert.sampling.generate.generate_sharded`;
     complete shards of the same run are reused, another run's folder is refused). Returns the
     run, loaded (its shape known), and the number of shards reused. UsageError for a model
     that needs conditioning; ``check(network)``: called on the loaded network before anything is
-    drawn (reflow checks the LoRA targets there)."""
+    drawn (reflow checks the LoRA targets there). ``source``: ``couplings.model`` already inspected."""
     import torch
 
     from fmconvert.sampling.generate import generate_sharded, iter_run, load_velocity_model, sample_shape
     from fmconvert.sampling.shards import ShardStore
 
-    vm = load_velocity_model(couplings.model, dtype=getattr(torch, couplings.dtype), device=device)
+    vm = load_velocity_model(source or couplings.model, dtype=getattr(torch, couplings.dtype), device=device)
     family = vm.source.family
     if family.accepts:
         raise UsageError(f"reflow straightens unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
@@ -121,18 +109,19 @@ def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: 
 def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: Path | None = None,
            device: str = "auto", checkpoint_every: int = 500, force: bool = False, progress: bool = False,
            log: Callable[[str], None] = _quiet, on_step: Callable[[int], None] | None = None,
-           **training: Any) -> dict[str, Any]:
+           source: Source | None = None, **training: Any) -> dict[str, Any]:
     """Reflow ``couplings.model`` (see the module docstring): draw the ``couplings`` run (its
     model, solver, grid, steps, seed and ``num_images`` pairs) into ``couplings_dir`` (default
     ``OUT.partial/couplings``, removed with the checkpoint once ``out`` is written), then train on
-    the pairs with ``training`` (fields of :class:`~fmconvert.training.loop.TrainSettings`: steps,
+    the pairs with ``training`` (fields of :class:`~fmconvert.training.settings.TrainSettings`: train_steps,
     batch_size, lr, ..., seed) and write ``out``.
 
     Before anything is drawn or trained, in one line each: an existing ``out`` without ``force``,
     a bad training setting, a device or precision train cannot use (UsageError); couplings of
     another run in the folder, a checkpoint of other settings in ``OUT.partial``
     (FmconvertError); nothing is written then. Couplings and checkpoint of the same settings are
-    resumed. Returns train's summary with the couplings' record under "couplings"."""
+    resumed. ``source``: ``couplings.model`` already inspected (else it is inspected here, once).
+    Returns train's summary with the couplings' record under "couplings"."""
     from fmconvert.integration.pipelines import inspect_source
     from fmconvert.sampling import distributed
     from fmconvert.sampling.runs import run_fingerprint
@@ -151,11 +140,12 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
 
     out = Path(out)
     if out.exists() and not force:
-        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+        raise UsageError(f"output '{out}' already exists; pass force=True to replace it")
     if couplings.num_images < 1:
-        raise UsageError(f"--num-couplings must be a positive integer, got {couplings.num_images}")
+        raise UsageError(f"couplings.num_images={couplings.num_images}: the number of couplings must be a positive "
+                         "integer")
     if checkpoint_every < 1:
-        raise UsageError(f"--checkpoint-every must be a positive integer, got {checkpoint_every}")
+        raise UsageError(f"checkpoint_every={checkpoint_every}: must be a positive integer")
     if couplings.baseline:
         raise UsageError("couplings are solved with fmconvert's solvers from the documented noise, not with a baseline "
                          "scheduler")
@@ -165,15 +155,15 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
                              data=f"couplings: {couplings.describe()}", data_fingerprint=fingerprint,
                              couplings=fingerprint, distill=distill, **training)
     ShardStore.check(folder, couplings.manifest())
-    source = inspect_source(couplings.model)
+    source = source or inspect_source(couplings.model)
     check_prediction_type(source, settings.prediction_type)
     if settings.prediction_type is None and network_prediction(source) == "epsilon":
         log("note: the network predicts epsilon, whose x0 estimate at the noise end divides by alpha_T; "
-            "--prediction-type v_prediction trains it into v, which few steps need (REFLOW.md)")
+            "prediction_type='v_prediction' trains it into v, which few steps need (REFLOW.md)")
     check_checkpoint(work_folder(out) / CHECKPOINT, settings)
     check_device(settings, device)
     run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log,
-                                 lambda network: check_lora_targets(network, settings))
+                                 lambda network: check_lora_targets(network, settings), source)
     data = load_couplings(folder, run)
     record = {"run": run.manifest(), "fingerprint": fingerprint, "folder": str(folder),
               "kept": couplings_dir is not None, "shards_reused": reused}
@@ -184,5 +174,5 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
         (tmp / COUPLINGS_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     summary = train(settings, out, device=device, checkpoint_every=checkpoint_every, force=force, progress=progress,
-                    log=log, on_step=on_step, data=data, add_files=write_record)
+                    log=log, on_step=on_step, data=data, add_files=write_record, source=source)
     return {**summary, "couplings": record}

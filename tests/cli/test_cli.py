@@ -265,15 +265,15 @@ def test_unsupported_model_class(tmp_path):
     (["--solver", "rk45"], ["--solver", "'rk45'", "euler"]),
     (["--grid", "cubic"], ["--grid", "'cubic'", "trailing"]),
     (["--dtype", "float8"], ["--dtype", "bfloat16"]),
-    (["--steps", "2000", "--grid", "trailing"], ["steps=2000"]),
+    (["--steps", "2000", "--grid", "trailing"], ["--steps 2000"]),
 ])
 def test_bad_sample_options_are_usage_errors(ddpm_folder, args, words):
     one_line_error(run("sample", ddpm_folder, *args), 2, *words)
 
 
 def test_wrong_direction_is_a_usage_error(tmp_path, ddpm_folder, flow_folder):
-    one_line_error(run("wrap", flow_folder, "--out", tmp_path / "o"), 2, "already a flow-matching model", "--to epsilon")
-    one_line_error(run("wrap", ddpm_folder, "--out", tmp_path / "o", "--to", "epsilon"), 2, "--to velocity")
+    one_line_error(run("wrap", flow_folder, "--out", tmp_path / "o"), 2, "already a flow-matching model", "--to 'epsilon'")
+    one_line_error(run("wrap", ddpm_folder, "--out", tmp_path / "o", "--to", "epsilon"), 2, "--to 'velocity'")
     one_line_error(run("wrap", ddpm_folder, "--out", tmp_path / "o", "--to", "noise"), 2, "--to", "velocity")
 
 
@@ -338,7 +338,7 @@ def test_bfloat16_sampling_is_finite(tmp_path, ddpm_folder):
 def test_progress_bar_only_when_interactive_and_never_with_json(monkeypatch):
     import sys
 
-    from fmconvert.cli import _interactive
+    from fmconvert.cli.output import interactive as _interactive
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert _interactive(as_json=False) is True

@@ -9,7 +9,8 @@ from conftest import error
 from typer.testing import CliRunner
 
 from fmconvert.cli import app
-from fmconvert.evaluation.fid import FeatureStats, fid_between, make_extractor, reference_stats, stats_of
+from fmconvert.evaluation.fid import fid_between, make_extractor, reference_stats, stats_of
+from fmconvert.evaluation.statistics import FeatureStatistics
 from fmconvert.zoo.digits import load_digits
 
 runner = CliRunner()
@@ -152,7 +153,7 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
         feature_extractor="inception-v3-compat", feature_layer_fid="64", feature_extractor_weights_path=str(weights),
         verbose=False, cache=False, save_cpu_ram=True,
     )["frechet_inception_distance"]
-    extractor = make_extractor("inception", weights, layer="64")
+    extractor = make_extractor("inception", weights, inception_layer="64")
     ours = fid_between(stats_of([real[:80], real[80:]], extractor), stats_of([fake], extractor))
     assert theirs > 1e-3
     assert ours == pytest.approx(theirs, rel=1e-3)
@@ -160,7 +161,7 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
 
 def test_inception_weights_must_be_plain_tensors(tmp_path):
     bad = tmp_path / "bad.pth"
-    torch.save({"conv": torch.zeros(1), "extra": FeatureStats}, bad)  # a pickled class, not just tensors
+    torch.save({"conv": torch.zeros(1), "extra": FeatureStatistics}, bad)  # a pickled class, not just tensors
     from fmconvert.errors import FmconvertError
 
     with pytest.raises(FmconvertError, match="plain state dict"):

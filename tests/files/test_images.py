@@ -153,7 +153,7 @@ def test_the_same_pixels_give_the_same_first_training_loss(folders, tmp_path):
     losses = {}
     for mode in GREY:
         summary = ok("train", "builtin:digits-eps", "--data", folders[mode], "--out", tmp_path / mode.replace(";", ""),
-                     "--steps", 1, "--batch-size", 8, "--json")
+                     "--train-steps", 1, "--batch-size", 8, "--json")
         losses[mode] = json.loads(summary.stdout)["first_loss"]
     assert all(loss == losses["L"] for loss in losses.values()), losses
 
@@ -172,7 +172,7 @@ def test_unreadable_images_are_refused_in_one_line_naming_the_file(tmp_path, dig
     Image.fromarray(digits[3].astype(np.float32) / 255, "F").save(floats / "000003.png", format="TIFF")
     line = refusal(floats)
     assert "000003.png" in line and "'F'" in line, line
-    line = error(2, "train", "builtin:digits-eps", "--data", floats, "--out", tmp_path / "out", "--steps", 1)
+    line = error(2, "train", "builtin:digits-eps", "--data", floats, "--out", tmp_path / "out", "--train-steps", 1)
     assert "000003.png" in line and "'F'" in line, line
 
     truncated = write(tmp_path / "truncated", good)

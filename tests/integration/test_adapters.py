@@ -213,9 +213,9 @@ def test_classifier_free_guidance_commutes_with_conversion(cond_unet):
             e_u = cond_unet(x_in, t_in, encoder_hidden_states=uncond).sample.double()
             return e_u + w * (e_c - e_u)
 
-        from fmconvert import reparameterize
+        from fmconvert import evaluate_converted
 
-        velocity_of_guided = reparameterize(guided_eps, x, timestep, wrapped.source, "epsilon", wrapped.target,
+        velocity_of_guided = evaluate_converted(guided_eps, x, timestep, wrapped.source, "epsilon", wrapped.target,
                                             "flow_prediction", input_dtype=torch.float32, output_dtype=F64)
     assert rel_l2(guided_velocity, velocity_of_guided) <= 1e-12
     assert rel_l2(u_c, u_u) > 1e-3  # the conditioning matters, so the check has teeth
@@ -226,7 +226,7 @@ def test_classifier_free_guidance_commutes_with_conversion(cond_unet):
 def test_remembered_conversion_is_the_conversion(unet, timestep):
     """The adapter plans a conversion once per timestep value (samplers ask for the same grid
     every batch); what it remembers gives bit for bit what the core computes afresh."""
-    from fmconvert import reparameterize
+    from fmconvert import evaluate_converted
 
     wrapped = VelocityAdapter.from_diffusion(unet, ddim("linear"))
     uniform = torch.as_tensor(timestep).unique().numel() == 1
@@ -234,7 +234,7 @@ def test_remembered_conversion_is_the_conversion(unet, timestep):
         for x in (noise(), noise((3, 3, 8, 8))) if uniform else (noise(),):  # one plan serves any batch size
             if uniform and torch.is_tensor(timestep) and timestep.numel() > 1:
                 timestep = timestep[:1].expand(len(x))
-            afresh = reparameterize(lambda x_in, t_in: unet(x_in, t_in).sample, x, timestep, wrapped.source,
+            afresh = evaluate_converted(lambda x_in, t_in: unet(x_in, t_in).sample, x, timestep, wrapped.source,
                                     "epsilon", wrapped.target, "flow_prediction", output_dtype=F64)
             first = wrapped.evaluate(x, timestep, output_dtype=F64)
             again = wrapped.evaluate(x, timestep, output_dtype=F64)

@@ -41,7 +41,7 @@ def test_options_class_names_and_refusals(ddpm_folder, flow_folder):
     karras = build_scheduler("dpm++2m:use_karras_sigmas=true,timestep_spacing=\"trailing\"", vm.source)
     assert karras.config.use_karras_sigmas is True and karras.config.timestep_spacing == "trailing"
     assert parse_baseline("KDPM2DiscreteScheduler")[0].scheduler_class == "KDPM2DiscreteScheduler"
-    with pytest.raises(UsageError, match="unknown --baseline 'dpm\\+\\+9m'"):
+    with pytest.raises(UsageError, match="unknown baseline='dpm\\+\\+9m'"):
         parse_baseline("dpm++9m")
     with pytest.raises(UsageError, match="takes no option 'karras'"):
         build_scheduler("euler:karras=true", vm.source)

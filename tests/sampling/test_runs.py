@@ -17,16 +17,20 @@ from fmconvert.integration.pipelines import inspect_source
 from fmconvert.math.grids import GRIDS
 from fmconvert.math.solvers import SOLVERS, solve
 from fmconvert.sampling.baselines import BASELINES
-from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs
+from fmconvert.sampling.runs import OdeSampler, Run, SchedulerSampler, model_fingerprint, run_fingerprint, sweep_runs
 from fmconvert.sampling.shards import ShardStore
 
 runner = CliRunner()
 
 #: a value other than the default for every field of Run (a new field without one fails the test below)
-OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": "heun", "steps": 9, "grid": "karras", "shift": 2.0,
-         "baseline": True, "options": (("rtol", 1e-3),), "seed": 7, "dtype": "bfloat16",
-         "conditioning": Conditioning(prompt="a cat", guidance_scale=3.0), "num_images": 5, "shard_size": 3,
-         "model_class": "UNet2DModel", "shape": (3, 8, 8), "fmconvert_version": "9.9"}
+OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": OdeSampler("heun"), "steps": 9, "seed": 7,
+         "dtype": "bfloat16", "conditioning": Conditioning(prompt="a cat", guidance_scale=3.0), "num_images": 5,
+         "shard_size": 3, "model_class": "UNet2DModel", "shape": (3, 8, 8), "fmconvert_version": "9.9"}
+#: other samplers than the base's (euler on the uniform grid): each field of each sampler type changed alone
+OTHER_SAMPLERS = [OdeSampler("euler", grid="karras"), OdeSampler("euler", shift=2.0),
+                  OdeSampler("euler", options=(("rtol", 1e-3),)), SchedulerSampler("euler"),
+                  SchedulerSampler("euler", options=(("use_karras_sigmas", True),)),
+                  SchedulerSampler("euler", spacing="trailing"), SchedulerSampler("euler", along_list=True)]
 
 
 def test_every_field_of_a_run_reaches_its_manifest_and_is_compared(tmp_path):
@@ -34,10 +38,16 @@ def test_every_field_of_a_run_reaches_its_manifest_and_is_compared(tmp_path):
     is refused, before loading (the fields known then) and after. A new Run field without an entry in OTHER
     fails here, so it cannot be left out of the record."""
     base = Run(model="m", fingerprint="sha256:x", sampler="euler", steps=4, model_class="A", shape=(1, 2, 2))
+    assert base.sampler == OdeSampler("euler", "uniform") and not base.baseline
     assert set(OTHER) == {f.name for f in dataclasses.fields(Run)}
-    assert set(base.manifest()) == set(OTHER)
+    # the sampler's fields are flattened into the record under the keys samples folders have always had
+    assert set(base.manifest()) == set(OTHER) | {"grid", "shift", "baseline", "options"}
+    for sampler in (OdeSampler, SchedulerSampler):  # a new sampler field without a changed value fails here
+        changed_fields = {f.name for s in OTHER_SAMPLERS if isinstance(s, sampler) for f in dataclasses.fields(s)
+                          if getattr(s, f.name) != getattr(sampler(s.name), f.name)}
+        assert changed_fields == {f.name for f in dataclasses.fields(sampler)} - {"solver", "scheduler"}, sampler
     ShardStore(tmp_path / "s", base.manifest())
-    for name, value in OTHER.items():
+    for name, value in [*OTHER.items(), *(("sampler", s) for s in OTHER_SAMPLERS)]:
         changed = dataclasses.replace(base, **{name: value})
         assert changed.manifest() != base.manifest(), name
         with pytest.raises(Exception, match="other settings"):
@@ -79,7 +89,7 @@ def test_solver_options_come_from_the_registry_in_every_command(tmp_path):
     options = {run["sampler"]: run["options"] for run in result["runs"]}
     assert options == {"euler": {}, "dopri5": {"rtol": 1e-3, "atol": 1e-5}}
     line = error(2, "sample", folder, "--solver", "heun", "--rtol", 1e-3, "--steps", 2)
-    assert "--rtol is an option of dopri5" in line
+    assert "--rtol 0.001 is an option of dopri5" in line
     assert "does not apply" in error(2, "sample", folder, "--baseline", "ddim", "--grid", "karras", "--steps", 2)
     with pytest.raises(ValueError, match="has no option 'rtol'"):
         solve(lambda x, s: x, torch.zeros(1, 1), torch.tensor([1.0, 0.0]), "euler", rtol=1e-3)
@@ -125,11 +135,14 @@ def test_the_nan_report_counts_steps_by_the_registry(solver):
 def test_a_sweep_is_its_runs():
     base = Run(model="m", fingerprint="f", sampler="euler", steps=1, seed=3, num_images=8)
     runs = sweep_runs(base, ["euler", "dopri5"], [2, 4], ["ddim"], rtol=1e-4)
-    assert [(r.sampler, r.steps, r.baseline) for r in runs] == [
+    assert [(r.sampler.name, r.steps, r.baseline) for r in runs] == [
         ("ddim", 2, True), ("ddim", 4, True), ("euler", 2, False), ("euler", 4, False), ("dopri5", 2, False),
         ("dopri5", 4, False)]
-    assert runs[0].grid == BASELINES["ddim"].grid and all(r.seed == 3 and r.num_images == 8 for r in runs)
-    assert dict(runs[-1].options) == {"rtol": 1e-4, "atol": 1e-5} and runs[2].options == ()
+    # a baseline run and a solver run differ by their sampler's type, not by a label
+    assert all(isinstance(r.sampler, SchedulerSampler) for r in runs[:2])
+    assert all(isinstance(r.sampler, OdeSampler) for r in runs[2:])
+    assert runs[0].sampler.spacing == BASELINES["ddim"].grid and all(r.seed == 3 and r.num_images == 8 for r in runs)
+    assert dict(runs[-1].sampler.options) == {"rtol": 1e-4, "atol": 1e-5} and runs[2].sampler.options == ()
 
 
 def test_images_the_features_cannot_take_are_refused_before_sampling(tmp_path, monkeypatch):
@@ -146,7 +159,7 @@ def test_images_the_features_cannot_take_are_refused_before_sampling(tmp_path, m
     result = runner.invoke(app, ["fid", str(folder), "--reference", "builtin:digits", "--steps", "1", "--num-images", "4",
                                  "--batch-size", "4"])
     assert result.exit_code == 2
-    assert "--features digits takes 8×8 images; these are 16×16: use --features inception" in result.stderr
+    assert "--features 'digits' takes 8×8 images; these are 16×16: use --features 'inception'" in result.stderr
 
 
 def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
@@ -170,7 +183,7 @@ def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
     ok(*args, "--save-tensor", tmp_path / "y.safetensors")
     assert (load_file(tmp_path / "y.safetensors")["samples"] - expected).abs().max() > 1e-3  # (the shift mattered)
     assert "other settings" in error(1, *args, "--samples-dir", tmp_path / "s")  # shift 1 is another run
-    assert dataclasses.replace(Run(model="m", fingerprint="f", sampler="ab2", steps=3), shift=1.5).slug() == "ab2-uniform-shift1.5-3"
+    assert Run(model="m", fingerprint="f", sampler=OdeSampler("ab2", shift=1.5), steps=3).slug() == "ab2-uniform-shift1.5-3"
 
 
 def test_a_time_shift_is_refused_where_it_cannot_apply(tmp_path):
@@ -200,3 +213,20 @@ def test_the_flowmatch_grid_with_a_shift_is_the_flow_scheduler_with_that_shift(t
     ok("sample", flow_folder, "--grid", "flowmatch", "--steps", 5, "--num-images", 2, "--seed", 3,
        "--save-tensor", tmp_path / "t.safetensors")
     assert (load_file(tmp_path / "t.safetensors")["samples"] - samples).abs().max() > 1e-3
+
+
+def test_a_runs_record_is_what_it_was_before_samplers_had_types():
+    """The sampler became a typed value (OdeSampler | SchedulerSampler) instead of a name, a grid label, a
+    baseline flag and options of either kind; its record did not change: samples folders and reflow
+    checkpoints made before keep their identity (fingerprints computed with the code before the change)."""
+    ode = Run(model="m", fingerprint="f", sampler=OdeSampler("ab2", shift=1.5), steps=4, seed=2, fmconvert_version="0.1.0")
+    assert ode.manifest() == {"model": "m", "fingerprint": "f", "sampler": "ab2", "steps": 4, "grid": "uniform",
+                              "shift": 1.5, "baseline": False, "options": {}, "seed": 2, "dtype": "float32",
+                              "conditioning": ode.conditioning.describe(), "num_images": 16, "shard_size": 16,
+                              "fmconvert_version": "0.1.0"}
+    assert run_fingerprint(ode) == "sha256:428bf0bafdc4a2f7af1a"
+    (baseline,) = sweep_runs(dataclasses.replace(ode, sampler=OdeSampler("euler"), seed=0), [], [4],
+                             ["dpm++2m:use_karras_sigmas=true"])
+    assert baseline.sampler == SchedulerSampler("dpm++2m", (("use_karras_sigmas", True),))
+    assert run_fingerprint(baseline) == "sha256:63545921bd75a279e088" and baseline.slug() == "dpm++2m-own-4-d35808d3"
+    assert baseline.sampler.spec == "dpm++2m:use_karras_sigmas=true"

@@ -135,9 +135,9 @@ def test_variants_and_declared_dtype(tmp_path):
     assert fmconvert.load(fp16, dtype=torch.float32).unet.model.dtype == torch.float32  # the caller's dtype wins
 
     line = error(2, "wrap", src, "--out", tmp_path / "x", "--variant", "bf16")
-    assert "no bf16 variant" in line and "fp16" in line
+    assert "has no weights of --variant 'bf16'" in line and "fp16" in line
     only = source(tmp_path / "only", variant="fp16", plain=False)
-    assert "--variant fp16" in error(2, "wrap", only, "--out", tmp_path / "x")
+    assert "pass --variant 'fp16'" in error(2, "wrap", only, "--out", tmp_path / "x")
     assert "--dtype" in error(2, "wrap", src, "--out", tmp_path / "x", "--dtype", "float8")
     assert not (tmp_path / "x").exists()
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fmconvert.evaluation.agreement import weighted_epsilon_loss
 from fmconvert.integration.pipelines import inspect_source
-from fmconvert.sampling.runs import Run, model_fingerprint, run_fingerprint, solver_options
+from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, run_fingerprint, solver_options
 from fmconvert.sampling.shards import ShardStore
 from fmconvert.training import loop as training
 from fmconvert.training.loop import CHECKPOINT, Draws, TrainSettings, checkpoint_step, trained_range, work_folder
@@ -27,13 +27,14 @@ def tiny(tmp_path_factory):
 
 
 def couplings_run(model, num=N, solver="unipc", steps=3, seed=0, **fields):
-    return Run(model=str(model), fingerprint=model_fingerprint(inspect_source(str(model))), sampler=solver, steps=steps,
-               seed=seed, num_images=num, shard_size=SHARD, options=solver_options(solver), **fields)
+    return Run(model=str(model), fingerprint=model_fingerprint(inspect_source(str(model))),
+               sampler=OdeSampler(solver, options=solver_options(solver)), steps=steps, seed=seed, num_images=num,
+               shard_size=SHARD, **fields)
 
 
 def run(model, out, couplings=None, **fields):
     """Library reflow() with small defaults; returns (summary, training.json)."""
-    fields = {"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup": 0, "ema_decay": 0.0, **fields}
+    fields = {"train_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup": 0, "ema_decay": 0.0, **fields}
     summary = reflow(couplings or couplings_run(model), out, **fields)
     return summary, json.loads((out / "training.json").read_text())
 
@@ -85,7 +86,7 @@ def test_the_couplings_are_the_solvers_samples_of_the_regenerated_noise(tmp_path
     settings = json.loads((out / "training.json").read_text())["settings"]
     assert record["run"] == run_.manifest() == json.loads((folder / "manifest.json").read_text())
     assert settings["couplings"] == record["fingerprint"] == run_fingerprint(run_) == summary["couplings"]["fingerprint"]
-    assert settings["distill"] is False and settings["seed"] == 5 and summary["steps"] == 2
+    assert settings["distill"] is False and settings["seed"] == 5 and summary["train_steps"] == 2
     assert not work_folder(out).exists() and record["kept"]
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe.unet).__name__ == "VelocityAdapter"
@@ -102,7 +103,7 @@ def test_the_first_loss_is_the_source_fields_loss_on_the_pairs(tmp_path, tiny):
     from fmconvert.sampling.generate import load_velocity_model
 
     out, folder = tmp_path / "out", tmp_path / "couplings"
-    summary, record = run(tiny, out, couplings_dir=folder, steps=1, batch_size=16)
+    summary, record = run(tiny, out, couplings_dir=folder, train_steps=1, batch_size=16)
     vm = load_velocity_model(str(tiny), compute_dtype="float64")
     settings = TrainSettings(**{k: tuple(v) if k == "lora_targets" else v for k, v in record["settings"].items()})
     data = load_couplings(folder, couplings_run(tiny).loaded("UNet2DModel", (3, 8, 8)))
@@ -124,7 +125,7 @@ def test_resuming_after_interruptions_in_the_couplings_and_in_training_equals_an
     """Interrupted while drawing the couplings (after shard 1 of 3), the command exits 130 saying the shard is kept;
     the rerun draws only shards 2 and 3 and is interrupted after training step 3 (checkpoints every 2); the next
     rerun resumes from step 2 and writes the weights and losses of the run never interrupted."""
-    fields = dict(steps=6, checkpoint_every=2, ema_decay=0.9, time_sampling="logit_normal")
+    fields = dict(train_steps=6, checkpoint_every=2, ema_decay=0.9, time_sampling="logit_normal")
     _, whole = run(tiny, tmp_path / "whole", **fields)
     save, saved = ShardStore.save, []
 
@@ -185,16 +186,16 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
     cases = [
         (["--num-couplings", 0], "--num-couplings must be a positive integer"),
         (["--sample-batch-size", 0], "--sample-batch-size must be a positive integer"),
-        (["--train-steps", 0], "--steps must be a positive integer"),
-        (["--lr", -1], "--lr must be positive"),
+        (["--train-steps", 0], "--train-steps 0: must be a positive integer"),
+        (["--lr", -1], "--lr -1.0: must be positive"),
         (["--steps", "2,3"], "give one --steps value"),
         (["--solver", "nope"], "unknown --solver 'nope'"),
         (["--grid", "karras", "--shift", 2], "--shift 2.0"),
         (["--time-sampling", "beta"], "unknown --time-sampling"),
-        (["--mixed-precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
+        (["--mixed-precision", "fp16", "--device", "cpu"], "--mixed-precision 'fp16' needs a GPU"),
         (["--checkpoint-every", 0], "--checkpoint-every must be a positive integer"),
         (["--prediction-type", "score"], "unknown --prediction-type 'score'"),
-        (["--lora-rank", 2, "--lora-targets", "nothing"], "--lora-targets nothing: no module"),
+        (["--lora-rank", 2, "--lora-targets", "nothing"], "--lora-targets ('nothing',): no module"),
     ]
     for extra, message in cases:
         assert message in error(2, *base, *extra), extra
@@ -206,19 +207,19 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
     flow = save_flow_folder(tmp_path / "flow")
     assert "flow-matching model" in error(2, "reflow", flow, "--out", out / "f", "--prediction-type", "v_prediction")
     assert not (out / "f").exists() and not work_folder(out / "f").exists()
-    with pytest.raises(training.UsageError, match="--distill .* needs couplings"):
+    with pytest.raises(training.UsageError, match="distill=True .* needs couplings"):
         TrainSettings(model="m", fingerprint="f", data="d", data_fingerprint="g", distill=True)
 
 
 def test_an_epsilon_network_is_told_of_v_prediction(tmp_path, tiny, nothing_runs):
-    """Reflowing an epsilon network without --prediction-type logs one note naming --prediction-type v_prediction
+    """Reflowing an epsilon network without prediction_type logs one note naming prediction_type='v_prediction'
     before anything is drawn; with it, no note."""
     for prediction_type, notes in ((None, 1), ("v_prediction", 0)):
         lines: list[str] = []
         with pytest.raises(AssertionError, match="a coupling was drawn"):
-            reflow(couplings_run(tiny), tmp_path / str(prediction_type), log=lines.append, steps=1,
+            reflow(couplings_run(tiny), tmp_path / str(prediction_type), log=lines.append, train_steps=1,
                    prediction_type=prediction_type)
-        assert sum("--prediction-type v_prediction" in line for line in lines) == notes, lines
+        assert sum("prediction_type='v_prediction'" in line for line in lines) == notes, lines
 
 
 def test_a_rerun_against_other_settings_is_refused_and_nothing_is_overwritten(tmp_path, tiny, monkeypatch):
@@ -268,7 +269,7 @@ def test_distill_trains_at_the_noise_end_only(tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(training, "flow_matching_loss", recorded)
     out, folder = tmp_path / "distilled", tmp_path / "couplings"
-    summary, record = run(tiny, out, couplings_dir=folder, distill=True, steps=60, batch_size=N, lr=1e-4)
+    summary, record = run(tiny, out, couplings_dir=folder, distill=True, train_steps=60, batch_size=N, lr=1e-4)
     assert len(seen) == 60 and all(torch.equal(s, torch.ones(N, dtype=torch.float64)) for s in seen)
     assert record["settings"]["distill"] is True
     couplings = stored(folder)
@@ -283,7 +284,7 @@ def test_reflow_straightens_a_tiny_flow(tmp_path):
     to 3.5e-4 (a factor of 10; asserted: at least 3)."""
     source = save_flow_folder(tmp_path / "flow")
     out, folder = tmp_path / "reflowed", tmp_path / "couplings"
-    run(source, out, couplings=couplings_run(source, steps=8), couplings_dir=folder, steps=150, batch_size=N, lr=1e-3,
+    run(source, out, couplings=couplings_run(source, steps=8), couplings_dir=folder, train_steps=150, batch_size=N, lr=1e-3,
         warmup=10)
     couplings = stored(folder)
     before, after = one_step_error(source, couplings), one_step_error(out, couplings)

@@ -46,7 +46,7 @@ def run(model, out, **fields):
     checkpoint_every = fields.pop("checkpoint_every", 500)
     on_step = fields.pop("on_step", None)
     settings = TrainSettings.create(str(model), fields.pop("data", DATA),
-                                    **{"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup": 0, "ema_decay": 0.0, **fields})
+                                    **{"train_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup": 0, "ema_decay": 0.0, **fields})
     summary = training.train(settings, out, checkpoint_every=checkpoint_every, on_step=on_step)
     return summary, json.loads((out / "training.json").read_text())
 
@@ -65,15 +65,15 @@ def test_the_output_loads_in_stock_diffusers_and_fmconvert_sample(tmp_path, tiny
     from diffusers import DiffusionPipeline
 
     out = tmp_path / "trained"
-    summary = json.loads(ok("train", tiny, "--data", DATA, "--out", out, "--steps", 3, "--batch-size", 8, "--lr", 1e-3,
+    summary = json.loads(ok("train", tiny, "--data", DATA, "--out", out, "--train-steps", 3, "--batch-size", 8, "--lr", 1e-3,
                             "--warmup", 0, "--time-sampling", "u-shaped", "--loss-type", "pseudo-huber", "--json").stdout)
-    assert summary["steps"] == 3 and summary["resumed_from"] == 0 and not work_folder(out).exists()
+    assert summary["train_steps"] == 3 and summary["resumed_from"] == 0 and not work_folder(out).exists()
     record = json.loads((out / "training.json").read_text())
     assert len(record["loss"]) == 3 and all(v > 0 for v in record["loss"])
     assert record["settings"]["model"] == str(tiny) and record["settings"]["ema_decay"] == 0.999
     assert (record["settings"]["time_sampling"], record["settings"]["loss_type"]) == ("u_shaped", "pseudo_huber")
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "fmconvert.json").read_text())["trained"]["steps"] == 3
+    assert json.loads((out / "fmconvert.json").read_text())["trained"]["train_steps"] == 3
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe.unet).__name__ == "VelocityAdapter"
     trained, before = network_weights(out), source_weights(tiny)
@@ -91,7 +91,7 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
     float64 the flow-matching loss per sample equals it to rounding."""
     from fmconvert.sampling.generate import load_velocity_model
 
-    settings = TrainSettings.create("builtin:digits-eps", DATA, steps=1, batch_size=32, lr=1e-4, warmup=0)
+    settings = TrainSettings.create("builtin:digits-eps", DATA, train_steps=1, batch_size=32, lr=1e-4, warmup=0)
     out = tmp_path / "eps"
     training.train(settings, out)
     logged = json.loads((out / "training.json").read_text())["loss"][0]
@@ -118,9 +118,9 @@ def test_a_diffusion_network_trains_into_another_prediction_type(tmp_path, tiny)
     from fmconvert.sampling.generate import load_velocity_model
 
     out = tmp_path / "v"
-    _, record = run(tiny, out, steps=2, batch_size=16, prediction_type="v_prediction")
+    _, record = run(tiny, out, train_steps=2, batch_size=16, prediction_type="v_prediction")
     scheduler = DDPMScheduler.from_pretrained(tiny / "scheduler")
-    settings = TrainSettings.create(str(tiny), DATA, steps=2, batch_size=16)
+    settings = TrainSettings.create(str(tiny), DATA, train_steps=2, batch_size=16)
     source = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"), scheduler, "v_prediction")
     x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), trained_range(source)).batch(0)
     with torch.no_grad():
@@ -138,14 +138,14 @@ def test_a_diffusion_network_trains_into_another_prediction_type(tmp_path, tiny)
                                                                            output_type="np").images.shape == (1, 8, 8, 1)
     wrapped = tmp_path / "wrapped"
     ok("wrap", tiny, "--out", wrapped)
-    run(wrapped, tmp_path / "x0", steps=1, prediction_type="sample")
+    run(wrapped, tmp_path / "x0", train_steps=1, prediction_type="sample")
     assert json.loads((tmp_path / "x0" / "unet" / "config.json").read_text())["source_prediction"] == "sample"
     assert json.loads((wrapped / "unet" / "config.json").read_text())["source_prediction"] == "epsilon"
 
 
 def test_the_loss_decreases_from_a_random_network(tmp_path, tiny):
     """50 steps from random initialisation: the last ten losses average under a quarter of the first ten."""
-    _, record = run(tiny, tmp_path / "fit", steps=50, batch_size=32, lr=3e-3, warmup=5)
+    _, record = run(tiny, tmp_path / "fit", train_steps=50, batch_size=32, lr=3e-3, warmup=5)
     losses = record["loss"]
     assert sum(losses[-10:]) < 0.25 * sum(losses[:10]), losses
 
@@ -153,7 +153,7 @@ def test_the_loss_decreases_from_a_random_network(tmp_path, tiny):
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny):
     """Interrupted after step 5 with checkpoints every 3: the rerun resumes from step 3, runs steps 4–8 only,
     and writes the same weights (network and EMA) and losses as the run that was never interrupted."""
-    fields = dict(steps=8, checkpoint_every=3, ema_decay=0.9, time_sampling="logit_normal")
+    fields = dict(train_steps=8, checkpoint_every=3, ema_decay=0.9, time_sampling="logit_normal")
     _, whole = run(tiny, tmp_path / "whole", **fields)
 
     def interrupt(step):
@@ -176,7 +176,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny):
 def test_the_command_line_says_how_to_resume_an_interrupted_run(tmp_path, tiny, monkeypatch):
     """An interruption in the middle of a step (here: drawing step 3's batch) exits 130 with a line saying
     how to resume; the checkpoint of step 2 stays, and the same command resumes from it."""
-    args = ["train", tiny, "--data", DATA, "--out", tmp_path / "o", "--steps", 4, "--batch-size", 4,
+    args = ["train", tiny, "--data", DATA, "--out", tmp_path / "o", "--train-steps", 4, "--batch-size", 4,
             "--checkpoint-every", 2, "--json"]
     batch = stop_training_at(monkeypatch, 2)
     result = invoke(*args)
@@ -227,18 +227,20 @@ def test_settings_and_options_that_cannot_run_are_refused_in_one_line(tmp_path, 
     each, before any step, and the existing output untouched."""
     out = tmp_path / "out"
     base = ["train", tiny, "--data", DATA, "--out", out]
-    assert "fp16 needs a GPU" in error(2, *base, "--mixed-precision", "fp16", "--device", "cpu")
+    assert "--mixed-precision 'fp16' needs a GPU" in error(2, *base, "--mixed-precision", "fp16", "--device", "cpu")
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "peft", None)
         assert "needs peft" in error(2, *base, "--lora-rank", 4)
-    assert "--ema-decay must be in [0, 1)" in error(2, *base, "--ema-decay", 1.0)
+    assert "--ema-decay 1.0: must be in [0, 1)" in error(2, *base, "--ema-decay", 1.0)
     assert "unknown --time-sampling" in error(2, *base, "--time-sampling", "beta")
     assert "unknown --loss-type 'l1'" in error(2, *base, "--loss-type", "l1")
-    assert "--u-shape-a must be positive" in error(2, *base, "--time-sampling", "u-shaped", "--u-shape-a", 0)
+    assert "--u-shape-a 0.0: must be positive" in error(2, *base, "--time-sampling", "u-shaped", "--u-shape-a", 0)
+    # optimiser steps are --train-steps in train as in reflow; the old spelling is refused, naming the new one
+    assert "train's optimiser steps are --train-steps 3" in error(2, *base, "--steps", 3)
     assert "unknown --prediction-type 'score'" in error(2, *base, "--prediction-type", "score")
     flow = save_flow_folder(tmp_path / "flow")
     assert "flow-matching model" in error(2, "train", flow, "--data", DATA, "--out", out, "--prediction-type", "sample")
-    assert "--lora-targets nothing" in error(2, *base, "--lora-rank", 2, "--lora-targets", "nothing")
+    assert "--lora-targets ('nothing',)" in error(2, *base, "--lora-rank", 2, "--lora-targets", "nothing")
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert "already exists" in error(2, *base)
@@ -250,7 +252,7 @@ def test_a_checkpoint_of_other_settings_is_refused_and_kept(tmp_path, tiny, monk
     any step; the checkpoint is byte for byte what it was and no output appears."""
     out = tmp_path / "out"
     stop_training_at(monkeypatch, 2)
-    error_code = ["train", tiny, "--data", DATA, "--out", out, "--steps", 4, "--batch-size", 4, "--checkpoint-every", 1]
+    error_code = ["train", tiny, "--data", DATA, "--out", out, "--train-steps", 4, "--batch-size", 4, "--checkpoint-every", 1]
     assert invoke(*error_code).exit_code == 130
     before = digest(work_folder(out))
 
@@ -274,7 +276,7 @@ def test_lora_trains_only_its_adapters_and_writes_merged_weights(tmp_path, tiny)
         if step == 2:
             seen.update(load_file(str(work_folder(out) / CHECKPOINT)))
 
-    run(tiny, out, steps=3, lora_rank=2, lr=1e-2, checkpoint_every=2, on_step=keep_checkpoint)
+    run(tiny, out, train_steps=3, lora_rank=2, lr=1e-2, checkpoint_every=2, on_step=keep_checkpoint)
     targets = training.LORA_TARGETS
     adapted = [k for k in seen if k.startswith("network.") and ".lora_A." in k]
     assert adapted and all(any(f".{t}.lora_A." in k for t in targets) for k in adapted)
@@ -292,9 +294,9 @@ def test_the_ema_is_the_documented_recursion(tmp_path, tiny):
     e3 = 0.25·θ1 + 0.25·θ2 + 0.5·θ3 (e1 = θ1, e_k = d·e_(k−1) + (1 − d)·θ_k); decay 0 writes θ3 itself."""
     theta = []
     for k in (1, 2, 3):
-        run(tiny, tmp_path / f"raw{k}", steps=k)
+        run(tiny, tmp_path / f"raw{k}", train_steps=k)
         theta.append(network_weights(tmp_path / f"raw{k}"))
-    run(tiny, tmp_path / "ema", steps=3, ema_decay=0.5)
+    run(tiny, tmp_path / "ema", train_steps=3, ema_decay=0.5)
     ema = network_weights(tmp_path / "ema")
     for key, value in ema.items():
         torch.testing.assert_close(value, 0.25 * theta[0][key] + 0.25 * theta[1][key] + 0.5 * theta[2][key])
@@ -310,7 +312,7 @@ def test_latent_shards_train_as_they_are_and_bf16_runs_on_the_cpu(tmp_path, tiny
     data = load_training_data(str(shards), (1, 8, 8), latent_model=True)
     assert data.kind == "latents" and len(data.values) == 10
     torch.testing.assert_close(data.x0(torch.tensor([7])), load_file(str(shards / "shard-000001.safetensors"))["samples"][2:3])
-    summary, record = run(tiny, tmp_path / "bf16", data=str(shards), steps=2, mixed_precision="bf16")
+    summary, record = run(tiny, tmp_path / "bf16", data=str(shards), train_steps=2, mixed_precision="bf16")
     assert record["settings"]["mixed_precision"] == "bf16" and all(torch.isfinite(torch.tensor(record["loss"])))
 
 
@@ -365,9 +367,9 @@ def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones(tm
 
     from diffusers import DDPMScheduler, UNet2DModel
 
-    _, record = run(tiny, tmp_path / "huber", steps=1, batch_size=16, loss_type="pseudo_huber")
+    _, record = run(tiny, tmp_path / "huber", train_steps=1, batch_size=16, loss_type="pseudo_huber")
     assert record["settings"]["loss_type"] == "pseudo_huber"
-    settings = TrainSettings.create(str(tiny), DATA, steps=1, batch_size=16)
+    settings = TrainSettings.create(str(tiny), DATA, train_steps=1, batch_size=16)
     source = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"),
                                             DDPMScheduler.from_pretrained(tiny / "scheduler"))
     x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), trained_range(source)).batch(0)
@@ -378,7 +380,7 @@ def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones(tm
 
 
 OTHER = {
-    "model": "other", "fingerprint": "sha256:y", "data": "other", "data_fingerprint": "sha256:z", "steps": 7,
+    "model": "other", "fingerprint": "sha256:y", "data": "other", "data_fingerprint": "sha256:z", "train_steps": 7,
     "batch_size": 3, "lr": 0.5, "warmup": 9, "lr_schedule": "cosine", "weight_decay": 0.1, "max_grad_norm": 0.0,
     "time_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0, "u_shape_a": 2.0, "loss_type": "pseudo_huber",
     "ema_decay": 0.5, "lora_rank": 4,
@@ -432,7 +434,7 @@ def test_a_ddpm_source_of_three_channels_trains_on_an_image_folder(tmp_path):
     data = load_training_data(str(images), (3, 8, 8), latent_model=False)
     assert data.kind == "images" and data.values.dtype == torch.uint8
     torch.testing.assert_close(data.x0(torch.tensor([2]))[0, :, 0, 0], torch.tensor([1.0, -1.0, 20 / 127.5 - 1]))
-    summary, record = run(folder, tmp_path / "out", data=str(images), steps=2, batch_size=4)
+    summary, record = run(folder, tmp_path / "out", data=str(images), train_steps=2, batch_size=4)
     assert len(record["loss"]) == 2
 
 
@@ -446,11 +448,11 @@ def test_a_flow_source_keeps_its_layout_and_its_loss_is_the_plain_flow_matching_
     DDPMPipeline(unet=make_unet(5, channels=1), scheduler=FlowMatchEulerDiscreteScheduler()).save_pretrained(source)
     before = digest(source)
     out = tmp_path / "out"
-    summary, record = run(source, out, steps=2, batch_size=16)
+    summary, record = run(source, out, train_steps=2, batch_size=16)
     assert summary["time_range"] == [0.0, 1.0] and digest(source) == before
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and type(pipe.unet).__name__ == "UNet2DModel"
-    settings = TrainSettings.create(str(source), DATA, steps=2, batch_size=16, lr=1e-3, warmup=0, ema_decay=0.0)
+    settings = TrainSettings.create(str(source), DATA, train_steps=2, batch_size=16, lr=1e-3, warmup=0, ema_decay=0.0)
     x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), (0.0, 1.0)).batch(0)
     network = make_unet(5, channels=1)
     with torch.no_grad():
@@ -466,7 +468,7 @@ def test_training_a_converted_folder_leaves_it_untouched(tmp_path, tiny):
     ok("wrap", tiny, "--out", wrapped)
     before, source_before = digest(wrapped), digest(tiny)
     out = tmp_path / "out"
-    run(wrapped, out, steps=2)
+    run(wrapped, out, train_steps=2)
     assert digest(wrapped) == before and digest(tiny) == source_before
     trained = network_weights(out)
     assert any(not torch.equal(v, source_weights(tiny)[k]) for k, v in trained.items())
@@ -474,9 +476,9 @@ def test_training_a_converted_folder_leaves_it_untouched(tmp_path, tiny):
     ok("sample", out, "--steps", 2, "--num-images", 2)
     # a trained folder carries training.json and loss.png, which training it again writes anew: not through links
     trained_before = digest(out)
-    _, again = run(out, tmp_path / "again", steps=1, lr=1e-4)
-    assert digest(out) == trained_before and again["steps"] == 1
-    assert json.loads((out / "training.json").read_text())["steps"] == 2
+    _, again = run(out, tmp_path / "again", train_steps=1, lr=1e-4)
+    assert digest(out) == trained_before and again["train_steps"] == 1
+    assert json.loads((out / "training.json").read_text())["train_steps"] == 2
 
 
 def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
@@ -485,7 +487,7 @@ def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
     import os
     import subprocess
 
-    args = ["-m", "fmconvert", "train", str(tiny), "--data", DATA, "--steps", 3, "--batch-size", 8, "--lr", 1e-3,
+    args = ["-m", "fmconvert", "train", str(tiny), "--data", DATA, "--train-steps", 3, "--batch-size", 8, "--lr", 1e-3,
             "--warmup", 0, "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -497,25 +499,27 @@ def test_two_processes_take_halves_of_the_same_batches(tmp_path, tiny):
     from replicas import one_thread
 
     with one_thread():  # as each of the two processes runs (OMP_NUM_THREADS=1): the same reduction order
-        _, one = run(tiny, tmp_path / "one", steps=3)
+        _, one = run(tiny, tmp_path / "one", train_steps=3)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
 def test_the_cli_offers_every_training_setting_with_the_settings_default():
     """train and reflow take every TrainSettings field a user sets (not the identities the command fills in, the
     seed, or reflow's --distill) as an option whose default is the field's own (--lora-targets: None, meaning the
-    field's default), read from fmconvert.sampling.runs; and importing the command line still imports no torch."""
+    field's default), read from fmconvert.training.settings, under the field's own name in both (optimiser steps are
+    --train-steps in each); and importing the command line still imports no torch."""
     import inspect
     import subprocess
 
-    from fmconvert import cli
+    from fmconvert.cli import options
+    from fmconvert.cli import train as commands
 
     filled_in = {"model", "fingerprint", "data", "data_fingerprint", "seed", "couplings", "distill", "fmconvert_version"}
-    assert set(cli.TRAINING_OPTIONS) == {f.name for f in dataclasses.fields(TrainSettings)} - filled_in
+    assert set(options.TRAINING_OPTIONS) == {f.name for f in dataclasses.fields(TrainSettings)} - filled_in
     defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)} | {"lora_targets": None}
-    for command, renamed in ((cli.train, {}), (cli.reflow, {"steps": "train_steps"})):
+    for command in (commands.train, commands.reflow):
         parameters = inspect.signature(command).parameters
-        for name in cli.TRAINING_OPTIONS:
-            assert parameters[renamed.get(name, name)].default == defaults[name], (command.__name__, name)
+        for name in options.TRAINING_OPTIONS:
+            assert parameters[name].default == defaults[name], (command.__name__, name)
     code = "import sys, fmconvert.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -1,0 +1,101 @@
+"""``fmconvert agree``: how closely a converted field agrees with its source, or two fields."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from fmconvert.cli.checks import choice, parse_steps, plan, positive
+from fmconvert.cli.options import SAMPLE_DTYPES, AsJson, Device, NumImages, NumTimes, Seed, Steps, UsageError
+from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
+
+
+@handle_errors
+def agree(
+    model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
+    other: Optional[str] = typer.Argument(None, help="A second model: compare the two fields on one path."),
+    data: Optional[str] = typer.Option(None, help="Points from the forward process of this data: builtin:digits or an image folder (default: the model's own samples)."),
+    num_times: NumTimes = 20,
+    num_points: int = typer.Option(256, "--num-points", help="Data points per time."),
+    dtypes: str = typer.Option("float32", help="Network dtypes to measure the field in, comma-separated: " + ", ".join(SAMPLE_DTYPES) + "."),
+    steps: Steps = "4,8,16,32",
+    num_images: NumImages = 64,
+    loss: bool = typer.Option(False, "--loss", help="Also the loss identity per time: the converted field's flow-matching loss against the source's epsilon loss × (1 − s)⁻², per sample, on the points."),
+    seed: Seed = 0,
+    device: Device = "auto",
+    as_json: AsJson = False,
+):
+    """How closely the converted field agrees with its source (or two fields with each other); with a discrete
+    source, also Euler on the trailing grid against the source's DDIM along the same timesteps, per --steps."""
+    from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, loss_identity, trajectory_agreement
+    from fmconvert.files.references import parse_data
+    from fmconvert.math.paths import DiscreteVPSchedule
+    from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
+
+    interactive(as_json)
+    dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
+    for d in dtype_list:
+        choice(d, SAMPLE_DTYPES, "--dtypes")
+    steps_list = parse_steps(steps)
+    positive(num_times=num_times, num_points=num_points, num_images=num_images)
+    if loss and other is not None:
+        raise UsageError("--loss compares a model's converted field with its own source; drop OTHER or --loss")
+    if data is not None:
+        parse_data(data)  # (before any model is loaded)
+    # the points, when no --data: the model's own samples, Euler 50 steps (a run like any other)
+    points_run, source = plan(model, solvers=["euler"], grid="uniform", dtype="float32", steps=50, seed=seed,
+                              num_images=num_points, shard_size=256)
+    device = join_device(device)
+    # the agreement measures the conversion: apply it in float64 (the network keeps its dtype)
+    vm = load_velocity_model(source, device=device, compute_dtype="float64")
+    if vm.source.family.accepts:
+        raise UsageError(f"agree compares unconditional fields; {vm.source.pipeline_class} ({vm.source.family.title}) "
+                         "needs its conditioning, which agree does not take yet")
+    payload: dict = {"model": model, "loaded": vm.info, "data": data or "own samples", **computed_on(device), "runs": []}
+    points_run = points_run.loaded(vm.source.model_class, sample_shape(vm))
+    if data is not None:
+        points = load_points(data, num_points)
+        if tuple(points.shape[1:]) != tuple(points_run.shape or ()):
+            raise UsageError(f"--data {data} holds {'×'.join(map(str, points.shape[1:]))} images; {model} takes "
+                             f"{'×'.join(map(str, points_run.shape or ()))} (channels × height × width): give data of "
+                             "that shape, or leave --data out to use the model's own samples")
+    else:
+        log(f"no --data: using {points_run.describe()} as the points")
+        points = generate_run(vm, points_run, device).samples
+        payload["runs"].append(points_run.manifest())
+    payload["num_points"] = len(points)
+    if other is None:
+        log(f"field of {model} against its source's PF-ODE drift at {num_times} times, dtypes {', '.join(dtype_list)}")
+        result = field_vs_source(vm.velocity, points, num_times, dtype_list, seed=seed, device=device)
+        payload["field"] = {"s": result.s, **result.per_dtype}
+        if isinstance(vm.grid_source, DiscreteVPSchedule) and not vm.source.converted:  # DDIM needs its timesteps
+            log(f"trajectories: Euler vs the source's DDIM along the same timesteps at steps {steps}")
+            rows, runs = trajectory_agreement(vm, points_run, steps_list, num_images, device=device)
+            payload["trajectories"] = rows
+            payload["runs"] += [run.manifest() for run in runs]
+        if loss:
+            log(f"loss identity: flow-matching loss vs the source's epsilon loss × (1 − s)⁻² at {num_times} times")
+            payload["loss"] = loss_identity(vm.velocity, points, num_times, seed=seed, device=device)
+    else:
+        vm2 = load_velocity_model(other, device=device, compute_dtype="float64")
+        log(f"field of {model} against the field of {other} at {num_times} times")
+        result = field_vs_field(vm.velocity, vm2.velocity, points, num_times, seed=seed, device=device)
+        payload["other"] = other
+        payload["field"] = {"s": result.s, **result.per_dtype}
+    if as_json:
+        emit_json(payload)
+        return
+    for d in [k for k in payload["field"] if k != "s"]:
+        rows = payload["field"][d]
+        say(f"{d}: s, relative L2, cosine, max |error|")
+        for i, s in enumerate(payload["field"]["s"]):
+            say(f"  {s:.4f}  {rows['relative_l2'][i]:.3e}  {rows['cosine'][i]:.8f}  {rows['max_abs_error'][i]:.3e}")
+    for row in payload.get("trajectories", []):
+        say(f"NFE {row['nfe']:4d}: Euler vs DDIM relative L2 {row['relative_l2']:.3e}, max |error| {row['max_abs_error']:.3e}")
+    if "loss" in payload:
+        say("loss identity: s, flow-matching loss, epsilon loss × (1 − s)⁻², largest relative difference per sample")
+        table = payload["loss"]
+        for i, s in enumerate(table["s"]):
+            say(f"  {s:.4f}  {table['flow_matching_loss'][i]:.6e}  {table['weighted_epsilon_loss'][i]:.6e}  "
+                f"{table['max_relative_difference'][i]:.2e}")

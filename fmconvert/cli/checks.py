@@ -1,0 +1,84 @@
+"""Reading the command line's values into the library's: step lists, positive counts, outputs that
+must not be overwritten, embeddings files, and the runs a sampling command draws."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fmconvert.cli.output import log
+from fmconvert.errors import UsageError
+
+if TYPE_CHECKING:
+    from fmconvert.integration.pipelines import Source
+    from fmconvert.sampling.runs import Run
+
+
+def choice(value: str, choices, option: str) -> str:
+    if value not in choices:
+        raise UsageError(f"unknown {option} '{value}': use one of {', '.join(choices)}")
+    return value
+
+
+def new_output(out: Path, force: bool) -> None:
+    """Refuse an existing output without --force (before any work)."""
+    if out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+
+
+def positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def read_embeddings(path: Path) -> dict:
+    """--image-embeds: a safetensors file whose 'image_embeds' (and 'negative_image_embeds') are (1 or N, D)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UsageError(f"--image-embeds '{path}' does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"--image-embeds '{path}' is not a safetensors file: {error}") from None
+    if "image_embeds" not in tensors or any(t.ndim != 2 for t in tensors.values()):
+        raise UsageError(f"--image-embeds '{path}' needs a 2-d 'image_embeds' tensor (and optionally "
+                         f"'negative_image_embeds'); it has {', '.join(tensors) or 'nothing'}")
+    return tensors
+
+
+def parse_steps(value: str, single: bool = False) -> list[int]:
+    """--steps: solver steps, comma-separated for a sweep (``single``: a command that draws one run)."""
+    try:
+        values = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--steps takes comma-separated positive integers, got '{value}'") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"--steps values must be positive integers, got '{value}'")
+    if single and len(values) > 1:
+        raise UsageError(f"this command draws one run: give one --steps value, got '{value}' (fid sweeps step counts)")
+    return values
+
+
+def plan(model: str, revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False, *,
+         solvers: list[str], grid: str, dtype: str, baselines: list[str] | None = None, rtol: float | None = None,
+         atol: float | None = None, shift: float | None = None, **fields) -> tuple[Run, Source]:
+    """MODEL resolved once, and its first run: what no run could honour is refused before any file
+    is read (:func:`~fmconvert.sampling.runs.check_choices`), then the source is inspected (configs
+    and the ends of its files, nothing loaded: commands load this source, not the reference again),
+    then the run is made (:func:`~fmconvert.sampling.runs.make_run`; a sweep's others follow by
+    :func:`~fmconvert.sampling.runs.sweep_runs`, and solver ``auto`` is resolved run by run,
+    :func:`~fmconvert.sampling.runs.resolved`)."""
+    from fmconvert.integration.pipelines import inspect_source
+    from fmconvert.sampling.runs import check_choices, make_run
+
+    check_choices(solvers, grid, shift, dtype, baselines or (), rtol, atol)
+    source = inspect_source(model, revision, allow_pickle, trust_remote_code)
+    if "seed" in fields and source.reflow_seed == fields["seed"]:
+        log(f"note: seed {fields['seed']} is the noise '{model}' was reflowed on (its couplings.json): its samples from it "
+            "repeat training pairs; pass another --seed to measure it on held-out noise")
+    run = make_run(source, solvers, grid=grid, dtype=dtype, shift=shift, baselines=baselines or (), rtol=rtol, atol=atol,
+                   **fields)
+    return run, source

@@ -1,0 +1,124 @@
+"""``fmconvert fid``: FID and KID of a model's samples over an NFE sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmconvert.cli.checks import choice, parse_steps, plan
+from fmconvert.cli.options import (
+    FEATURES,
+    AsJson,
+    Atol,
+    Baseline,
+    BatchSize,
+    ChannelsLast,
+    Compile,
+    Device,
+    Dtype,
+    Grid,
+    NumImages,
+    Rtol,
+    SamplesDir,
+    Seed,
+    Shift,
+    Solver,
+    Steps,
+    UsageError,
+    _listing,
+)
+from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, main_process, say
+from fmconvert.sampling.runs import resolved
+
+
+@handle_errors
+def fid(
+    model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
+    reference: str = typer.Option(..., "--reference", help="builtin:digits[/train|/held_out], an image folder, or a statistics file (.safetensors)."),
+    features: str = typer.Option("digits", help="Feature extractor: " + _listing(FEATURES) + "."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, else download."),
+    inception_layer: str = typer.Option("2048", "--inception-layer", help="Inception feature layer: 64, 192, 768, 2048."),
+    steps: Steps = "4,8,16,32",
+    solver: Solver = "euler",
+    grid: Grid = "uniform",
+    shift: Shift = None,
+    baseline: Baseline = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    num_images: NumImages = 1000,
+    batch_size: BatchSize = 250,
+    dtype: Dtype = "float32",
+    channels_last: ChannelsLast = False,
+    compile: Compile = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the reference statistics (and do not store them)."),
+    samples_dir: SamplesDir = None,
+    save_reference_stats: Optional[Path] = typer.Option(None, "--save-reference-stats", help="Also write the reference statistics to this .safetensors file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write FID against NFE as a PNG."),
+    as_json: AsJson = False,
+):
+    """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep; --solver takes a
+    comma-separated list."""
+    from fmconvert.evaluation.fid import make_extractor, reference_stats, save_stats, sweep
+    from fmconvert.files.references import parse_data
+    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.sampling.runs import sweep_runs
+
+    bars = interactive(as_json)
+    choice(features, FEATURES, "--features")
+    solvers = [v.strip() for v in solver.split(",") if v.strip()]
+    steps_list = parse_steps(steps)
+    for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
+        if value < 2:
+            raise UsageError(f"{name} must be at least 2, got {value}")
+    parse_data(reference, statistics=True)  # (before any model is loaded or sample drawn)
+    base, source = plan(model, solvers=solvers, baselines=baseline, grid=grid, shift=shift,
+                        dtype=dtype, rtol=rtol, atol=atol, steps=steps_list[0], seed=seed, num_images=num_images,
+                        shard_size=batch_size)
+    runs = [resolved(run, source.shifts_times) for run in sweep_runs(base, solvers, steps_list, baseline or [], rtol=rtol,
+                                                                      atol=atol)]
+    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
+        from fmconvert.sampling.shards import ShardStore
+
+        for run in runs:
+            ShardStore.check(Path(samples_dir) / run.slug(), run.manifest())
+    device = join_device(device)
+    import torch
+
+    extractor = make_extractor(features, inception_weights, inception_layer, device)
+    if num_images <= extractor.num_features:
+        log(f"warning: {num_images} samples for {extractor.num_features}-dimensional {extractor.name} features: the "
+            "covariance is singular and the FID is biased high; use more samples than dimensions to compare numbers")
+    vm = load_velocity_model(source, dtype=getattr(torch, dtype), device=device, channels_last=channels_last, compile=compile)
+    from fmconvert.sampling.generate import image_shape
+
+    extractor.check(image_shape(vm))
+    log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
+        f"{''.join(f' and {b} (baseline)' for b in baseline or [])} at steps {steps}, {num_images} samples each")
+    result = sweep(vm, reference, extractor, runs, device, progress=bars, use_cache=not no_cache,
+                   samples_dir=samples_dir)
+    result["model"], result["loaded"] = model, vm.info
+    result.update(computed_on(device))
+    if save_reference_stats is not None:
+        stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise
+        if main_process():
+            save_stats(stats, save_reference_stats, extractor, reference)
+        result["saved_reference_stats"] = str(save_reference_stats)
+    if plot is not None and main_process():
+        from fmconvert.evaluation.fid import plot_sweep
+
+        result["plot"] = str(plot_sweep(result, plot))
+    if as_json:
+        emit_json(result)
+        return
+    log(f"reference statistics: {result['reference_stats']['source']} ({result['reference_stats']['num_samples']} images)")
+    say("| sampler | steps | NFE | FID vs reference | KID vs reference | FID vs baseline |")
+    say("|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        kid = f"{row['kid']:.4f} ± {row['kid_std']:.4f}" if "kid" in row else "n/a"
+        vs = f"{row['fid_vs_baseline']:.4f}" if "fid_vs_baseline" in row else ""
+        name = row["sampler"] + (" (baseline)" if row["baseline"] else "")
+        say(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.4f} | {kid} | {vs} |")

@@ -1,0 +1,41 @@
+"""``fmconvert report``: the full story for one model, as a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmconvert.cli.checks import new_output, parse_steps
+from fmconvert.cli.options import AsJson, Device, Force, NumImages, NumTimes, Seed, Steps
+from fmconvert.cli.output import emit_json, handle_errors, interactive, join_device, log
+
+
+@handle_errors
+def report(
+    model: str = typer.Argument("builtin:digits-eps", help="A diffusion SOURCE to convert and evaluate."),
+    other: Optional[str] = typer.Option("builtin:digits-flow", help="A second model whose field to compare ('' for none)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="The report folder."),
+    data: str = typer.Option("builtin:digits/held_out", help="Points for the field agreement."),
+    reference: str = typer.Option("builtin:digits", help="FID reference (digits features)."),
+    steps: Steps = "4,8,16,32",
+    num_images: NumImages = 1000,
+    num_times: NumTimes = 20,
+    seed: Seed = 0,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: AsJson = False,
+):
+    """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
+    from fmconvert.evaluation.report import build_report
+
+    bars = interactive(as_json)
+    new_output(out, force)
+    numbers = build_report(model, other or None, out, data, reference, tuple(parse_steps(steps)),
+                           num_images=num_images, num_times=num_times, seed=seed, device=join_device(device), force=force,
+                           progress=bars, log=log)
+    if as_json:
+        emit_json(numbers)
+    else:
+        log(f"wrote {out}/report.md ({numbers['seconds']} s)")

@@ -1,0 +1,159 @@
+"""``fmconvert sample``: samples of a model, with an ODE solver or a diffusers scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmconvert.cli.checks import parse_steps, plan, positive, read_embeddings
+from fmconvert.cli.options import (
+    AllowPickle,
+    AsJson,
+    Atol,
+    Baseline,
+    BatchSize,
+    ChannelsLast,
+    Compile,
+    Device,
+    Dtype,
+    Force,
+    Grid,
+    NumImages,
+    Revision,
+    Rtol,
+    SamplesDir,
+    Seed,
+    Shift,
+    Solver,
+    Steps,
+    TrustRemoteCode,
+    UsageError,
+)
+from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log
+from fmconvert.sampling.runs import resolved
+
+
+@handle_errors
+def sample(
+    model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
+    solver: Solver = "euler",
+    grid: Grid = "uniform",
+    shift: Shift = None,
+    steps: Steps = "50",
+    num_images: NumImages = 16,
+    batch_size: BatchSize = 16,
+    seed: Seed = 0,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    channels_last: ChannelsLast = False,
+    compile: Compile = False,
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (the unconditional branch of guidance)."),
+    class_label: Optional[list[str]] = typer.Option(None, "--class-label", help="Class label (int or id2label name) for class-conditional models (DiT); repeat it to cycle labels over the images."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
+    image_embeds: Optional[Path] = typer.Option(None, "--image-embeds", help="A .safetensors file with 'image_embeds' (and 'negative_image_embeds' for guidance), (1 or N, D), from the model's prior (Kandinsky 2.2)."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's sample_size)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's sample_size)."),
+    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale", help="Rescale the guided prediction (Lin et al. 2024), applied to the source's own prediction: exact (SD, SDXL)."),
+    baseline: Baseline = None,
+    rtol: Rtol = None,
+    atol: Atol = None,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="A .png grid, or a folder of PNGs."),
+    save_tensor: Optional[Path] = typer.Option(None, "--save-tensor", help="Write the final samples (float32, data space: latents for latent models) as safetensors, key 'samples', and the decoded images in [0, 1], key 'images'."),
+    force: Force = False,
+    samples_dir: SamplesDir = None,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+    as_json: AsJson = False,
+):
+    """Sample MODEL as a velocity field with an ODE solver (or, with --baseline, its own sampler)."""
+    from fmconvert.integration.families import Conditioning
+
+    (steps_value,) = parse_steps(steps, single=True)
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must be in [0, 1], got {guidance_rescale}")
+    embeds = read_embeddings(image_embeds) if image_embeds is not None else {}
+    conditioning = Conditioning(prompt=prompt, negative_prompt=negative_prompt, class_labels=tuple(class_label or ()),
+                                image_embeds=embeds.get("image_embeds"),
+                                negative_image_embeds=embeds.get("negative_image_embeds"),
+                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+    positive(num_images=num_images, batch_size=batch_size,
+              **{name: value for name, value in (("height", height), ("width", width)) if value is not None})
+    if out is not None and out.suffix.lower() != ".png" and out.exists() and not force:
+        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    if baseline is not None and len(baseline) > 1:
+        raise UsageError(f"sample draws one run: give one --baseline, got {len(baseline)} (fid compares several)")
+    run, source = plan(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baselines=baseline or [],
+                       grid=grid, shift=shift, steps=steps_value, seed=seed, dtype=dtype, conditioning=conditioning,
+                       num_images=num_images, shard_size=batch_size, rtol=rtol, atol=atol)
+    run = resolved(run, source.shifts_times)
+    # what the family cannot honour, from the configs alone: before any weight is read (again with the
+    # pipeline and network once loaded, for the values that need them, before any samples folder is made)
+    source.family.check(conditioning, source.pipeline_class, num_images=num_images)
+    if baseline:
+        mixed = [f"--{k} {v}" for k, v, default in (("solver", solver, "euler"), ("grid", grid, "uniform"),
+                                                    ("shift", shift, None), ("rtol", rtol, None), ("atol", atol, None))
+                 if v != default]
+        if mixed:
+            raise UsageError(f"--baseline {baseline[0]} samples with its own scheduler on its own timesteps: "
+                             f"{mixed[0]} does not apply")
+        from fmconvert.sampling.runs import sweep_runs
+
+        (run,) = sweep_runs(run, [], [steps_value], baseline)
+    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
+        from fmconvert.sampling.shards import ShardStore
+
+        ShardStore.check(samples_dir, run.manifest())
+    device = join_device(device)
+
+    import torch
+
+    from fmconvert.sampling.generate import generate_sharded, iter_run, load_velocity_model, sample_shape
+
+    bars = interactive(as_json)
+    vm = load_velocity_model(source, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
+                             channels_last=channels_last, compile=compile)
+    vm.resize(height, width)
+    vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
+    run = run.loaded(vm.source.model_class, sample_shape(vm))
+    store = None
+    if samples_dir is not None:
+        from fmconvert.sampling.shards import ShardStore
+
+        store = ShardStore(samples_dir, run.manifest())
+    log(f"sampling {run.describe()}, on {device}")
+    result, reused = generate_sharded(vm, lambda ranges: iter_run(vm, run, device, ranges, progress=bars),
+                                      num_images, batch_size, store, device)
+    if result is None:  # not rank 0: rank 0 writes and prints
+        return
+    outputs = {}
+    if out is not None:
+        from fmconvert.files.images import save_folder, save_grid
+
+        outputs["images"] = str(save_grid(result.images, out) if out.suffix.lower() == ".png" else save_folder(result.images, out, force))
+    if save_tensor is not None:
+        from safetensors.torch import save_file
+
+        from fmconvert.files.atomic import atomic_write
+
+        atomic_write(save_tensor, lambda tmp: save_file({"samples": result.samples.contiguous(),
+                                                          "images": result.images.contiguous()}, str(tmp)))
+        outputs["tensor"] = str(save_tensor)
+    payload = {
+        "loaded": vm.info, "run": run.manifest(), "solver": run.sampler.name,
+        "grid": run.sampler.record()["grid"], "shift": run.sampler.record()["shift"],
+        "steps": run.steps,
+        "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
+        "seed": seed, **computed_on(device), "dtype": dtype, "shape": list(run.shape or ()),
+        "conditioning": conditioning.describe(), "seconds": round(result.seconds, 4), "outputs": outputs,
+    }
+    if samples_dir is not None:
+        payload["samples_dir"], payload["shards_reused"] = str(samples_dir), reused
+    if as_json:
+        emit_json(payload)
+    else:
+        log(f"done: NFE {payload['nfe']}, {result.seconds:.2f} s" +
+            "".join(f"; wrote {v}" for v in outputs.values()))
