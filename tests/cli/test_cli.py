@@ -389,6 +389,7 @@ def test_value_errors_are_usage_errors_in_every_command(tmp_path):
     one_line_error(run("sample", folder, "--steps", 2000, "--grid", "trailing", "--num-images", 1), 2, "exceeds")
 
 
+@pytest.mark.slow
 def test_piped_stderr_gets_no_progress_bar_of_any_library(sd_folder):
     """With stderr piped (and --json), the libraries' own bars follow fmconvert's rule too: none of
     transformers' "Loading weights" (the text encoder), diffusers' or huggingface_hub's; the logs stay."""

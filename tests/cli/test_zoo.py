@@ -86,6 +86,7 @@ def test_builtin_names_work_in_the_cli(tmp_path):
     assert result.exit_code == 2 and "not a model" in result.stderr
 
 
+@pytest.mark.slow
 def test_training_is_seeded_and_reproducible(tmp_path):
     weights = []
     for run in ("a", "b"):

@@ -143,6 +143,7 @@ class _UInt8Dataset(torch.utils.data.Dataset):
         return self.images[i]
 
 
+@pytest.mark.slow
 def test_inception_fid_equals_torch_fidelity(tmp_path):
     torch_fidelity = pytest.importorskip("torch_fidelity")
     weights = _random_inception_weights(tmp_path / "inception.pth")

@@ -38,6 +38,7 @@ def test_noise_by_index_is_the_documented_convention(shape):
         assert torch.equal(stream.take(lo, hi), full[lo:hi])
 
 
+@pytest.mark.slow
 def test_fid_and_agree_from_two_processes_equal_one(tmp_path, ddpm_folder):
     fid_args = ["fid", ddpm_folder, "--reference", "builtin:digits", "--steps", "2,3", "--solver", "euler",
                 "--baseline", "ddim", "--num-images", 200, "--batch-size", 25, "--json"]  # > 128 features
@@ -63,6 +64,7 @@ def test_fid_and_agree_from_two_processes_equal_one(tmp_path, ddpm_folder):
             assert two["field"][dtype][key] == pytest.approx(one["field"][dtype][key], rel=1e-6, abs=1e-18)
 
 
+@pytest.mark.slow
 def test_sample_from_two_processes_equals_one(tmp_path, ddpm_folder):
     args = ["sample", ddpm_folder, "--steps", 3, "--num-images", 10, "--batch-size", 3]
     fmconvert(tmp_path, *args, "--save-tensor", tmp_path / "one.safetensors")
@@ -70,6 +72,7 @@ def test_sample_from_two_processes_equals_one(tmp_path, ddpm_folder):
     assert torch.equal(load_file(tmp_path / "one.safetensors")["samples"], load_file(tmp_path / "two.safetensors")["samples"])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_complete_shards(tmp_path, ddpm_folder):
     args = ["fid", ddpm_folder, "--reference", "builtin:digits", "--steps", 25, "--num-images", 480, "--batch-size", 8,
             "--json"]
@@ -95,6 +98,7 @@ def test_killed_run_resumes_from_complete_shards(tmp_path, ddpm_folder):
     assert again["rows"][0]["shards_reused"] == 60
 
 
+@pytest.mark.slow
 def test_samples_dir_with_other_settings_is_refused(tmp_path, ddpm_folder):
     args = ["sample", ddpm_folder, "--steps", 2, "--num-images", 4, "--batch-size", 2, "--samples-dir", tmp_path / "s"]
     first = json.loads(fmconvert(tmp_path, *args, "--json").stdout)
