@@ -224,3 +224,13 @@ def flow_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     return save_sd_folder(tmp_path_factory.mktemp("src") / "sd")
+
+
+def interior_points(path, n=64, seed=0):
+    """(point, x0, ε, x) at n times inside ``path``'s range (2 % … 98 % of it), x = α·x0 + σ·ε, float64, 5 values
+    each: where the prediction-type round trips are measured."""
+    g = torch.Generator().manual_seed(seed)
+    t = path.t_min + (path.t_max - path.t_min) * (0.02 + 0.96 * torch.rand(n, dtype=torch.float64, generator=g))
+    p = path.point(t).view_as_batch(2)
+    x0, eps = torch.randn(n, 5, dtype=torch.float64, generator=g), torch.randn(n, 5, dtype=torch.float64, generator=g)
+    return p, x0, eps, p.alpha * x0 + p.sigma * eps

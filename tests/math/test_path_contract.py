@@ -24,6 +24,7 @@ import json
 
 import pytest
 import torch
+from conftest import interior_points
 
 from fmconvert.math.conversion import check_pair
 from fmconvert.math.paths import _PATHS, DiscreteVPSchedule, path_from_config
@@ -98,15 +99,6 @@ def test_the_networks_timestep_maps_back_to_t(description):
     torch.testing.assert_close(path.time_from_model_timestep(path.model_timestep(t, F64)), t, rtol=1e-12, atol=1e-12)
 
 
-def _samples(path, n=64, seed=0):
-    """Interior points (2% .. 98% of the time range), as tests/math/test_predictions.py draws them."""
-    g = torch.Generator().manual_seed(seed)
-    t = path.t_min + (path.t_max - path.t_min) * (0.02 + 0.96 * torch.rand(n, dtype=F64, generator=g))
-    p = path.point(t).view_as_batch(2)
-    x0, eps = torch.randn(n, 5, dtype=F64, generator=g), torch.randn(n, 5, dtype=F64, generator=g)
-    return p, x0, eps, p.alpha * x0 + p.sigma * eps
-
-
 @pytest.mark.parametrize("description", DESCRIPTIONS, ids=IDS)
 @pytest.mark.parametrize("kind", PREDICTION_TYPES)
 def test_every_prediction_type_round_trips_where_it_is_paired(kind, description):
@@ -115,7 +107,7 @@ def test_every_prediction_type_round_trips_where_it_is_paired(kind, description)
         assert check_pair(path, kind) == kind
     except ValueError:  # a refused pair is refused cleanly, and only so
         return
-    p, x0, eps, x = _samples(path)
+    p, x0, eps, x = interior_points(path)
     output = from_x0_eps(kind, x0, eps, p)
     assert bool(torch.isfinite(output).all())
     x0_back, eps_back = to_x0_eps(kind, output, x, p)

@@ -3,6 +3,7 @@ diffusers' own formulas, and the flow velocity equals the PF-ODE drift analytica
 
 import pytest
 import torch
+from conftest import interior_points
 from diffusers import DDIMScheduler, DDPMScheduler, EDMEulerScheduler
 
 from fmconvert import (
@@ -24,14 +25,6 @@ PATHS = [DiscreteVPSchedule.from_config({"beta_schedule": "linear"}), RectifiedF
          EDMPath(0.002, 80.0, 0.5), EDMPath(0.002, 120.0, 1.0), VPSDEPath()]
 
 
-def _samples(path, n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = path.t_min + (path.t_max - path.t_min) * (0.02 + 0.96 * torch.rand(n, dtype=F64, generator=g))
-    p = path.point(t).view_as_batch(2)
-    x0, eps = torch.randn(n, 5, dtype=F64, generator=g), torch.randn(n, 5, dtype=F64, generator=g)
-    return p, x0, eps, p.alpha * x0 + p.sigma * eps
-
-
 # (the EDM output is defined on the EDM path only: check_pair refuses the others)
 PAIRS = [(path, kind) for path in PATHS for kind in PREDICTION_TYPES
          if isinstance(path, EDMPath) or not kind.startswith("edm")]
@@ -39,7 +32,7 @@ PAIRS = [(path, kind) for path in PATHS for kind in PREDICTION_TYPES
 
 @pytest.mark.parametrize("path, kind", PAIRS, ids=[f"{p!r}-{k}" for p, k in PAIRS])
 def test_every_prediction_type_round_trips(path, kind):
-    p, x0, eps, x = _samples(path)
+    p, x0, eps, x = interior_points(path)
     out = from_x0_eps(kind, x0, eps, p)
     x0_back, eps_back = to_x0_eps(kind, out, x, p)
     torch.testing.assert_close(x0_back, x0, rtol=1e-9, atol=1e-9)
@@ -67,13 +60,13 @@ def test_matches_diffusers_scheduler_formulas():
 
 
 def test_rectified_velocity_is_eps_minus_x0():
-    p, x0, eps, x = _samples(RectifiedFlow())
+    p, x0, eps, x = interior_points(RectifiedFlow())
     torch.testing.assert_close(from_x0_eps("flow_prediction", x0, eps, p), eps - x0)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=repr)
 def test_pf_ode_drift_from_score_is_the_velocity(path):
-    p, x0, eps, x = _samples(path, seed=3)
+    p, x0, eps, x = interior_points(path, seed=3)
     score = from_x0_eps("score", x0, eps, p)
     torch.testing.assert_close(pf_ode_drift(p, x, score), from_x0_eps("flow_prediction", x0, eps, p), rtol=1e-10, atol=1e-10)
 
