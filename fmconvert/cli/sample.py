@@ -90,9 +90,6 @@ def sample(
                        grid=grid, shift=shift, steps=steps_value, seed=seed, dtype=dtype, conditioning=conditioning,
                        num_images=num_images, shard_size=batch_size, rtol=rtol, atol=atol)
     run = resolved(run, source.shifts_times)
-    # what the family cannot honour, from the configs alone: before any weight is read (again with the
-    # pipeline and network once loaded, for the values that need them, before any samples folder is made)
-    source.family.check(conditioning, source.pipeline_class, num_images=num_images)
     if baseline:
         mixed = [f"--{k} {v}" for k, v, default in (("solver", solver, "euler"), ("grid", grid, "uniform"),
                                                     ("shift", shift, None), ("rtol", rtol, None), ("atol", atol, None))
@@ -103,30 +100,13 @@ def sample(
         from fmconvert.sampling.runs import sweep_runs
 
         (run,) = sweep_runs(run, [], [steps_value], baseline)
-    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
-        from fmconvert.sampling.shards import ShardStore
-
-        ShardStore.check(samples_dir, run.manifest())
     device = join_device(device)
+    from fmconvert.sampling.generate import draw
 
-    import torch
-
-    from fmconvert.sampling.generate import generate_sharded, iter_run, load_velocity_model, sample_shape
-
-    bars = interactive(as_json)
-    vm = load_velocity_model(source, revision, getattr(torch, dtype), device, allow_pickle, trust_remote_code,
-                             channels_last=channels_last, compile=compile)
-    vm.resize(height, width)
-    vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
-    run = run.loaded(vm.source.model_class, sample_shape(vm))
-    store = None
-    if samples_dir is not None:
-        from fmconvert.sampling.shards import ShardStore
-
-        store = ShardStore(samples_dir, run.manifest())
-    log(f"sampling {run.describe()}, on {device}")
-    result, reused = generate_sharded(vm, lambda ranges: iter_run(vm, run, device, ranges, progress=bars),
-                                      num_images, batch_size, store, device)
+    drawn = draw(source, run, device=device, revision=revision, allow_pickle=allow_pickle,
+                 trust_remote_code=trust_remote_code, channels_last=channels_last, compile=compile, height=height,
+                 width=width, samples_dir=samples_dir, progress=interactive(as_json), log=log)
+    result, run = drawn.result, drawn.run
     if result is None:  # not rank 0: rank 0 writes and prints
         return
     outputs = {}
@@ -143,7 +123,7 @@ def sample(
                                                           "images": result.images.contiguous()}, str(tmp)))
         outputs["tensor"] = str(save_tensor)
     payload = {
-        "loaded": vm.info, "run": run.manifest(), "solver": run.sampler.name,
+        "loaded": drawn.vm.info, "run": run.manifest(), "solver": run.sampler.name,
         "grid": run.sampler.record()["grid"], "shift": run.sampler.record()["shift"],
         "steps": run.steps,
         "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
@@ -151,7 +131,7 @@ def sample(
         "conditioning": conditioning.describe(), "seconds": round(result.seconds, 4), "outputs": outputs,
     }
     if samples_dir is not None:
-        payload["samples_dir"], payload["shards_reused"] = str(samples_dir), reused
+        payload["samples_dir"], payload["shards_reused"] = str(samples_dir), drawn.reused
     if as_json:
         emit_json(payload)
     else:

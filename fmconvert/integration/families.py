@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # torch is imported where it computes: `fmconvert wrap` reads
 
     import torch
 
+    from fmconvert.integration.pipelines import Source
+
 # -- the network ---------------------------------------------------------------------------------
 
 
@@ -308,12 +310,14 @@ class Family:
         """Whether sampling needs the pipeline's other components (encoders, decoder)."""
         return self.decoder is not None or "prompt" in self.accepts
 
-    def check(self, request: Conditioning, pipeline_class: str | None, pipe: Any = None, config: Any = None,
-              num_images: int | None = None) -> None:
+    def check(self, request: Conditioning, source: Source, num_images: int | None = None) -> None:
         """Refuse, before any work, what this family cannot honour (UsageError, one line,
         naming the Conditioning fields, ``name=value``): options it does not take, options that would
-        have no effect, and values it cannot use (``pipe``, ``config``: the pipeline and
-        the denoiser's config, where known; ``num_images``: how many images the run makes)."""
+        have no effect, and values it cannot use. From the configs of ``source`` alone (its pipeline
+        class, its denoiser's config, its model index): nothing needs to be loaded, so a run is
+        checked once, when it is made (:func:`fmconvert.sampling.runs.make_run`), before any weight
+        is read. ``num_images``: how many images the run makes."""
+        pipeline_class = source.pipeline_class
         allowed = set(self.accepts) | ({"guidance_rescale"} if self.guidance_rescale else set())
         wrong = [_setting(f.name, getattr(request, f.name)) for f in fields(request)
                  if f.name not in allowed | {"guidance_scale"} and _given(getattr(request, f.name))]
@@ -331,10 +335,10 @@ class Family:
                 raise UsageError(f"{_setting(idle[0], getattr(request, idle[0]))} has no effect at "
                                  f"guidance_scale={request.guidance_scale}: it acts on classifier-free guidance, "
                                  "which needs a guidance scale above 1")
-        self._check_values(request, pipe, config, num_images)
+        self._check_values(request, source, num_images)
 
-    def _check_values(self, request: Conditioning, pipe: Any, config: Any, num_images: int | None) -> None:
-        """Family-specific checks of the conditioning's values."""
+    def _check_values(self, request: Conditioning, source: Source, num_images: int | None) -> None:
+        """Family-specific checks of the conditioning's values (the source's configs)."""
 
     def check_variance(self, model_config: dict, scheduler_config: dict) -> None:
         """A network's output channels and its scheduler's variance_type must tell one story
@@ -487,16 +491,22 @@ class DiT(_VAEDecoded):
     fixed_size = True
     splits_variance = True
 
-    def labels(self, request: Conditioning, pipe: Any, config: Any) -> list[int]:
-        """The class labels as ints: names through the pipeline's id2label, each in range."""
-        num_classes = config.num_embeds_ada_norm
+    @staticmethod
+    def class_names(id2label: dict | None) -> dict[str, int]:
+        """{name: class} from a model index's id2label, as DiTPipeline reads it (comma-separated
+        synonyms, stripped)."""
+        return {name.strip(): int(key) for key, value in (id2label or {}).items() for name in value.split(",")}
+
+    def labels(self, request: Conditioning, names: dict[str, int], config: Any) -> list[int]:
+        """The class labels as ints: names through ``names`` (the pipeline's id2label), each in range."""
+        num_classes = config.get("num_embeds_ada_norm")
         if not request.class_labels:
             raise UsageError(f"{self.title} is class-conditional: pass class_labels=... (integers in 0 … "
                              f"{num_classes - 1}, or names from its id2label)")
         labels = []
         for label in request.class_labels:
             if isinstance(label, str) and not label.lstrip("-").isdigit():
-                known = getattr(pipe, "labels", None) or {}
+                known = names
                 if label not in known:
                     raise UsageError(f"unknown class label '{label}': use an integer in [0, {num_classes}) or a "
                                      "name from the pipeline's id2label")
@@ -508,14 +518,13 @@ class DiT(_VAEDecoded):
             labels.append(label)
         return labels
 
-    def _check_values(self, request, pipe, config, num_images):
-        if config is not None:
-            self.labels(request, pipe, config)
+    def _check_values(self, request, source, num_images):
+        self.labels(request, self.class_names((source.model_index or {}).get("id2label")), source.model_config)
 
     def encode(self, pipe, request, first, batch, device, config, size):
         import torch
 
-        labels = self.labels(request, pipe, config)
+        labels = self.labels(request, getattr(pipe, "labels", None) or {}, config)
         index = torch.arange(first, first + batch) % len(labels)
         cond = torch.tensor(labels)[index].to(device)
         null = torch.full_like(cond, config.num_embeds_ada_norm)  # the null class trained for guidance
@@ -574,13 +583,14 @@ class KandinskyV22(Family):
         f = pipe.movq_scale_factor
         return downscale_height_and_width(height or own[0] * f, width or own[1] * f, f)
 
-    def _check_values(self, request, pipe, config, num_images):
+    def _check_values(self, request, source, num_images):
+        config = source.model_config
         if request.image_embeds is None:
             raise UsageError("Kandinsky 2.2 is conditioned on image embeddings (from its prior): pass image_embeds=...")
         if request.guided and request.negative_image_embeds is None:
             raise UsageError(f"guidance_scale={request.guidance_scale} on Kandinsky 2.2 needs "
                              "negative_image_embeds=... (from its prior)")
-        width = config.get("encoder_hid_dim") if config is not None else None
+        width = config.get("encoder_hid_dim")
         for name in ("image_embeds", "negative_image_embeds"):
             embeds = getattr(request, name)
             if embeds is None:
@@ -666,13 +676,13 @@ class Flux(_VAEDecoded):
 
         return pipeline_default_sigmas(steps).tolist()
 
-    def check(self, request, pipeline_class, pipe=None, config=None, num_images=None):
+    def check(self, request, source, num_images=None):
         guided = request.guidance_scale != 1.0
-        if guided and config is not None and not config.get("guidance_embeds", False):
-            raise UsageError(f"{pipeline_class} ({self.title}) without a guidance embedding (FLUX.1-schnell) takes no "
-                             f"guidance scale, got guidance_scale={request.guidance_scale}: leave it at 1")
+        if guided and not source.model_config.get("guidance_embeds", False):
+            raise UsageError(f"{source.pipeline_class} ({self.title}) without a guidance embedding (FLUX.1-schnell) takes "
+                             f"no guidance scale, got guidance_scale={request.guidance_scale}: leave it at 1")
         # the guidance scale is an input of the network here, not classifier-free guidance
-        Family.check(self, replace(request, guidance_scale=1.0), pipeline_class, pipe, config, num_images)
+        Family.check(self, replace(request, guidance_scale=1.0), source, num_images)
 
     def encode(self, pipe, request, first, batch, device, config, size):
         import torch

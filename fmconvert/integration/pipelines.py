@@ -186,6 +186,27 @@ class Source:
 
         return path_from_config(self.path_config)
 
+    @cached_property
+    def model_config(self) -> dict:
+        """The network's config with its class's defaults filled in where it leaves them out, as
+        diffusers' ``from_config`` fills them: the denoiser's config.json, or in a converted folder the
+        network's config that the adapter's config.json records (``model_config``). Read, not loaded:
+        no weights."""
+        import inspect
+
+        import diffusers
+
+        config = _read_json(self.model_folder / "config.json")
+        model_class = self.model_class
+        if self.converted:
+            config, model_class = dict(config.get("model_config") or {}), config.get("model_class", "")
+        cls = getattr(diffusers, model_class, None)
+        if cls is None:
+            return config
+        defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {**defaults, **config}
+
     @property
     def converted(self) -> bool:
         return self.model_class in ADAPTER_CLASSES

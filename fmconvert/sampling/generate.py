@@ -18,6 +18,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
@@ -273,7 +274,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
     guidance); refused in one line where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
-    vm.source.family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
+    vm.source.family.check(conditioning, vm.source, num_images)
     if solver == "auto":
         solver, shift = resolve_auto(steps, grid, shift, vm.source.shifts_times)
     s_grid = sampling_grid(vm, grid, steps, shift)
@@ -349,7 +350,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
         raise ValueError("along_list is DDIM's: use baseline 'ddim'")
     conditioning = conditioning or Conditioning()
     family = vm.source.family
-    family.check(conditioning, vm.source.pipeline_class, vm.pipeline, vm.velocity.config, num_images)
+    family.check(conditioning, vm.source, num_images)
     scheduler = build_scheduler(baseline, vm.source)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
@@ -488,3 +489,40 @@ def generate_sharded(vm: VelocityModel, make_batches, num_images: int, batch_siz
     result = SampleResult(torch.cat([p[1] for p in gathered]), torch.cat([p[2] for p in gathered]),
                           [p[3] for p in gathered], time.perf_counter() - started)
     return result, reused
+
+
+@dataclass
+class Drawn:
+    """What :func:`draw` made: the loaded model, the run as it ran (``shape`` known), the samples
+    (None on ranks other than 0 under torchrun, where rank 0 gathers them) and how many shards of
+    ``samples_dir`` were reused."""
+
+    vm: VelocityModel
+    run: Run
+    result: SampleResult | None
+    reused: int
+
+
+def draw(source: Source, run: Run, *, device: str = "cpu", revision: str | None = None, allow_pickle: bool = False,
+         trust_remote_code: bool = False, channels_last: bool = False, compile: bool = False,
+         height: int | None = None, width: int | None = None, samples_dir: str | Path | None = None,
+         progress: bool = False, log: Callable[[str], None] = lambda message: None) -> Drawn:
+    """The samples of ``run`` (made by :func:`fmconvert.sampling.runs.make_run`, so checked) from
+    ``source`` (inspected once, :func:`~fmconvert.integration.pipelines.inspect_source`): a
+    ``samples_dir`` of other settings refused before the model is loaded, the model loaded once in
+    ``run.dtype`` on ``device`` (``height``/``width``: the image size where the family allows
+    another), then :func:`generate_sharded` (resumable shards in ``samples_dir``; under torchrun
+    every rank draws its share). What ``fmconvert sample`` does between its options and its output."""
+    from fmconvert.sampling.shards import ShardStore
+
+    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
+        ShardStore.check(Path(samples_dir), run.manifest())
+    vm = load_velocity_model(source, revision, getattr(torch, run.dtype), device, allow_pickle, trust_remote_code,
+                             channels_last=channels_last, compile=compile)
+    vm.resize(height, width)
+    run = run.loaded(vm.source.model_class, sample_shape(vm))
+    store = ShardStore(Path(samples_dir), run.manifest()) if samples_dir is not None else None
+    log(f"sampling {run.describe()}, on {device}")
+    result, reused = generate_sharded(vm, lambda ranges: iter_run(vm, run, device, ranges, progress=progress),
+                                      run.num_images, run.shard_size, store, device)
+    return Drawn(vm, run, result, reused)

@@ -227,10 +227,12 @@ def make_run(source: Source, solvers: list[str], *, grid: str = "uniform", dtype
              shift: float | None = None, baselines: list[str] | tuple[str, ...] = (), rtol: float | None = None,
              atol: float | None = None, **fields: Any) -> Run:
     """The run of ``solvers[0]`` on ``source`` (an inspected source: its fingerprint is read from
-    its files, nothing is loaded), after :func:`check_choices`; a sweep's other runs follow by
+    its files, nothing is loaded), after :func:`check_choices` and the family's check of the
+    ``conditioning`` (:meth:`~fmconvert.integration.families.Family.check`, from configs); a sweep's other runs follow by
     :func:`sweep_runs`. ``fields``: the other :class:`Run` fields (steps, seed, num_images, ...).
     Solver ``auto`` stays ``auto`` here: :func:`resolved` replaces it, run by run."""
     check_choices(solvers, grid, shift, dtype, baselines, rtol, atol)
+    source.family.check(fields.get("conditioning") or Conditioning(), source, fields.get("num_images"))
     given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
     sampler = OdeSampler(solvers[0], grid, shift, solver_options(solvers[0], **given))
     return Run(model=source.reference, fingerprint=model_fingerprint(source), sampler=sampler, dtype=dtype, **fields)

@@ -213,7 +213,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tmp_path_factory):
         dit = build_replica("dit", tmp_path_factory)
         assert "out of range" in error(2, "sample", dit, "--steps", 1, "--class-label", 1000)
         assert "unknown class label" in error(2, "sample", dit, "--steps", 1, "--class-label", "no-such-thing")
-        assert "images only" in error(2, "sample", dit, "--steps", 1, "--height", 64)
+        assert "images only" in error(2, "sample", dit, "--steps", 1, "--class-label", 1, "--height", 64)
         line = error(2, "sample", build_replica("ddpm", tmp_path_factory), "--steps", 1, "--prompt", "a cat",
                      "--out", tmp_path / "pics")
         assert "--prompt 'a cat' cannot be honoured" in line and not (tmp_path / "pics").exists()
