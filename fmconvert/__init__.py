@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "math.conversion": ("Conversion", "apply_conversion", "invert", "plan_conversion", "evaluate_converted"),
     "integration.adapters": ("DiffusionAdapter", "PathAdapter", "VelocityAdapter"),
-    "integration.families": ("Conditioning", "Family", "family_of"),
+    "integration.conditioning": ("Conditioning",),
+    "integration.families": ("Family", "family_of"),
     "integration.schedulers": ("FlowMatchEulerScheduler", "FlowPipelineDDIMScheduler", "FlowPipelineDPMSolverMultistepScheduler",
                    "FlowPipelineEulerDiscreteScheduler", "FlowDPMSolverMultistepScheduler", "FlowUniPCMultistepScheduler",
                    "FlowDEISMultistepScheduler"),

@@ -70,7 +70,7 @@ def sample(
     as_json: AsJson = False,
 ):
     """Sample MODEL as a velocity field with an ODE solver (or, with --baseline, its own sampler)."""
-    from fmconvert.integration.families import Conditioning
+    from fmconvert.integration.conditioning import Conditioning
 
     (steps_value,) = parse_steps(steps, single=True)
     if not 0.0 <= guidance_rescale <= 1.0:

@@ -9,17 +9,21 @@ Two diffusers modules (ModelMixin + ConfigMixin, JSON config, safetensors weight
   v_prediction model on a discrete VP schedule (integer or float timesteps), for DDIM,
   DPM-Solver, Euler and the rest.
 
-How the wrapped network is called and how its output is read (learned variance) is
-:func:`fmconvert.integration.families.network_call`'s; the adapter passes every other argument through and
-exposes the wrapped network's attributes (SDXL's pipeline reads ``unet.add_embedding``).
+How the wrapped network is called and how its output is read (learned variance, packed latents) is
+:func:`fmconvert.integration.network.network_call`'s; the adapter passes every other argument through and
+exposes the wrapped network's attributes (SDXL's pipeline reads ``unet.add_embedding``). A stock
+pipeline's options that would act nonlinearly on a converted prediction (``guidance_rescale``) are
+refused in the adapter's forward (:func:`refuse_nonlinear_options`).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -36,7 +40,8 @@ from fmconvert.integration.configs import (  # noqa: F401 (LOAD_DTYPES re-export
     scheduler_config,
     velocity_adapter_init,
 )
-from fmconvert.integration.families import family_timestep_path, network_call, refuse_nonlinear_options
+from fmconvert.integration.families import family_timestep_path, packs_latents
+from fmconvert.integration.network import network_call
 from fmconvert.math.conversion import Conversion, apply_conversion, check_pair, evaluate_converted, plan_conversion  # noqa: F401 (re-exported)
 from fmconvert.math.paths import DiscreteVPSchedule, GaussianPath, RectifiedFlow, path_from_config
 
@@ -62,6 +67,36 @@ def _resolve_model_class(name: str) -> type[ModelMixin]:
 
 def _public_config(model: ModelMixin) -> dict[str, Any]:
     return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+#: pipeline attribute → the __call__ option that sets it
+NONLINEAR_OPTIONS = {"_guidance_rescale": "guidance_rescale"}
+
+
+def refuse_nonlinear_options(max_depth: int = 12) -> None:
+    """Called from a converted network's forward: if a diffusers pipeline's ``__call__`` up
+    the stack has set an option that rescales the guided prediction nonlinearly (its std,
+    as ``guidance_rescale``), raise ValueError — applied to a velocity instead of the
+    source's prediction it would give another image, silently."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return
+        if frame.f_code.co_name == "__call__":
+            pipe = frame.f_locals.get("self")
+            if pipe is not None and hasattr(pipe, "components"):
+                for attribute, option in NONLINEAR_OPTIONS.items():
+                    value = getattr(pipe, attribute, 0.0) or 0.0
+                    guided = getattr(pipe, "_guidance_scale", 1.0) > 1.0
+                    if value > 0 and guided:
+                        raise ValueError(
+                            f"{option}={value} rescales the guided prediction by its standard deviation, which is "
+                            f"not the same on a converted model's velocity; use {option}=0, or fmconvert's sampling "
+                            f"with Conditioning({option}={value}) (`fmconvert sample --guidance-rescale {value}`), "
+                            "applied to the source's prediction, exact"
+                        )
+                return
+        frame = frame.f_back
 
 
 class PathAdapter(ModelMixin, ConfigMixin):
@@ -111,7 +146,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         # network's, with the defaults its class filled in (model_config may be the raw config.json)
         own = set(inspect.signature(PathAdapter.__init__).parameters)
         self.register_to_config(**{k: v for k, v in _public_config(self.model).items() if k not in own})
-        self._call = network_call(self.model)
+        self._call = network_call(self.model, packs_latents(type(self.model).__name__))
         self._plans: dict[tuple, Conversion] = {}  # see conversion()
         self._dtype_cache: tuple = (None, None, None, None, None)  # see network_dtype
 
@@ -205,7 +240,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
 
     def source_output(self, x: torch.Tensor, timestep: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The wrapped network's own prediction (``source_prediction`` on the ``source`` path) at
-        ``x`` and its own ``timestep``, through :class:`~fmconvert.integration.families.NetworkCall`
+        ``x`` and its own ``timestep``, through :class:`~fmconvert.integration.network.NetworkCall`
         (the one place that knows how the network is called and which channels are the prediction),
         in the network's dtype; no conversion. For checks that read the source without the adapter's
         conversion code (:mod:`fmconvert.evaluation.agreement`)."""

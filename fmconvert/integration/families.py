@@ -3,209 +3,35 @@
 A :class:`Family` answers, for one pipeline class (or a bare model folder):
 
 - which denoiser classes it holds;
-- what conditions it, and how that is built from a user's :class:`Conditioning` (text
-  through the pipeline's own ``encode_prompt``, called by keyword; class labels with the
-  null class for guidance; image embeddings) as keyword arguments for the network;
+- what conditions it, and how that is built from a user's
+  :class:`~fmconvert.integration.conditioning.Conditioning` (text through the pipeline's own
+  ``encode_prompt``, called by keyword; class labels with the null class for guidance; image
+  embeddings) as keyword arguments for the network;
 - whether its pipeline post-processes the prediction nonlinearly (``guidance_rescale``);
+- whether its network takes latents packed in 2×2 patches
+  (:class:`~fmconvert.integration.network.NetworkCall`) and which timestep form its pipeline hands it;
 - how samples are decoded (``vae`` / ``vqvae`` / ``movq``, scaling and shift factors);
 - what the converted pipeline's scheduler must keep in its ``latents``
   (:mod:`fmconvert.integration.schedulers`: ``sample_scaling``).
 
-A :class:`NetworkCall` answers, for one network: the name of its sample argument, whether
-the timestep is positional, and how the prediction is read from its output (learned
-variance: out_channels = 2 × in_channels, the first C channels are the prediction and the
-rest passes through unchanged, so stock pipelines that split it keep working).
-
-Adapters, sampling and pipelines ask these; nothing else holds a list of model classes.
+One small class per family (as k-diffusion's ``external.py``); :data:`FAMILIES` is the registry,
+:func:`family_of` the lookup. Adapters, sampling and pipelines ask these; nothing else holds a
+list of model classes.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.integration.conditioning import Conditioning, as_setting, is_given
+from fmconvert.integration.network import LEARNED_VARIANCE, learned_variance
 
 if TYPE_CHECKING:  # torch is imported where it computes: `fmconvert wrap` reads configs only
-    from types import FrameType
-
     import torch
 
     from fmconvert.integration.pipelines import Source
-
-# -- the network ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NetworkCall:
-    """How a diffusers network is called and read.
-
-    ``input_name``: its sample argument (``sample`` for UNets, ``hidden_states`` for
-    transformers); ``timestep_positional``: whether ``timestep`` is its second positional
-    parameter; ``channels``: C, the sample's channels; ``learned_variance``: whether the output
-    has 2·C channels (prediction, then the variance interpolation of Nichol & Dhariwal 2021).
-    """
-
-    input_name: str
-    timestep_positional: bool
-    channels: int | None
-    learned_variance: bool
-    #: the network takes its latents packed in 2×2 patches, (B, h/2·w/2, 4·C) (FLUX): packed
-    #: and unpacked around a call on (B, C, h, w) latents by its pipeline's own static methods (its
-    #: pipeline hands a converted network packed latents: they pass as they are)
-    packed: bool = False
-
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, args: tuple,
-                 kwargs: dict) -> torch.Tensor:
-        """The network's raw output (all its channels), shaped as ``x``."""
-        if self.packed and x.ndim == 4:  # (its own pipeline hands it packed latents, (B, h/2·w/2, 4·C))
-            from diffusers import FluxPipeline
-
-            b, c, h, w = x.shape
-            packed = FluxPipeline._pack_latents(x, b, c, h, w)
-            out = model(*args, **{self.input_name: packed, "timestep": timestep}, **kwargs, return_dict=False)[0]
-            return FluxPipeline._unpack_latents(out, h, w, 1)
-        if self.timestep_positional:
-            return model(x, timestep, *args, **kwargs, return_dict=False)[0]
-        return model(*args, **{self.input_name: x, "timestep": timestep}, **kwargs, return_dict=False)[0]
-
-    def split(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prediction, the rest or None): the first C channels of a learned-variance output."""
-        if not self.learned_variance:
-            return output, None
-        return output[:, : self.channels], output[:, self.channels:]
-
-
-LEARNED_VARIANCE = ("learned", "learned_range")
-
-
-def learned_variance(config: Any) -> bool:
-    """out_channels = 2 × in_channels: a learned-variance network (DiT, PixArt-α, IF, Kandinsky 2.2)."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    c_in, c_out = get("in_channels"), get("out_channels")
-    return c_in is not None and c_out is not None and c_out == 2 * c_in
-
-
-def network_call(model: torch.nn.Module) -> NetworkCall:
-    """The :class:`NetworkCall` of a diffusers model (read from its forward and config)."""
-    params = list(inspect.signature(model.forward).parameters)
-    config = getattr(model, "config", {})
-    channels = config.get("in_channels") if hasattr(config, "get") else None
-    packed = any(type(model).__name__ in f.models and f.packs_latents for f in FAMILIES)
-    return NetworkCall(params[0], len(params) > 1 and params[1] == "timestep", channels, learned_variance(config),
-                       packed)
-
-
-# -- what a user asks for ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """What conditions a sample, as a user gives it (CLI options or Python values).
-
-    ``class_labels``: ints or id2label names, assigned to images by global index n as
-    labels[n mod len]; ``image_embeds`` / ``negative_image_embeds``: (1 or N, D) tensors (from
-    a prior); ``guidance_scale``: classifier-free guidance weight w (1 = none), the guided
-    prediction is uncond + w·(cond − uncond); ``guidance_rescale``: φ of Lin et al. (2024),
-    applied to the source's own prediction.
-    """
-
-    prompt: str | None = None
-    negative_prompt: str | None = None
-    class_labels: tuple = ()
-    image_embeds: torch.Tensor | None = None
-    negative_image_embeds: torch.Tensor | None = None
-    guidance_scale: float = 1.0
-    guidance_rescale: float = 0.0
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-friendly: what the run's samples depend on."""
-        out: dict[str, Any] = {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                               "class_labels": list(self.class_labels), "guidance_scale": self.guidance_scale,
-                               "guidance_rescale": self.guidance_rescale}
-        for name in ("image_embeds", "negative_image_embeds"):
-            value = getattr(self, name)
-            out[name] = None if value is None else [list(value.shape), float(value.double().sum())]
-        return out
-
-
-def _given(value: Any) -> bool:
-    """Whether a Conditioning field was set (tensors compared by identity, not value)."""
-    if value is None:
-        return False
-    if isinstance(value, (tuple, list)):
-        return len(value) > 0
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value != 0
-    return True
-
-
-def _setting(name: str, value: Any = ...) -> str:
-    """A Conditioning field as a message names it, ``name=value`` (the command line shows its
-    option instead): strings and numbers as they are, anything else (labels, tensors) as ``...``."""
-    shown = repr(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "..."
-    return f"{name}={shown}"
-
-
-def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
-    """Classifier-free guidance uncond + w·(cond − uncond), then, with ``rescale`` φ > 0,
-    diffusers' ``rescale_noise_cfg`` (Lin et al. 2024, eq. 16: the guided prediction rescaled
-    to the conditional one's standard deviation, mixed by φ). Nonlinear only through φ."""
-    guided = uncond + scale * (cond - uncond)
-    if rescale > 0:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-        guided = rescale_noise_cfg(guided, cond, guidance_rescale=rescale)
-    return guided
-
-
-def cast_floats(kwargs: dict, dtype: torch.dtype) -> dict:
-    """Network keyword arguments with every floating tensor in ``dtype`` (nested dicts too),
-    as pipelines cast their embeddings to the network's dtype."""
-    import torch
-
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, dict):
-            value = cast_floats(value, dtype)
-        elif torch.is_tensor(value) and value.is_floating_point():
-            value = value.to(dtype)
-        out[key] = value
-    return out
-
-
-def concat_kwargs(first: dict, second: dict) -> dict:
-    """Network keyword arguments for the batch [first; second] (tensors concatenated on dim 0,
-    nested dicts recursively, anything else taken from ``second``)."""
-    import torch
-
-    out: dict[str, Any] = {}
-    for key, value in second.items():
-        other = first.get(key)
-        if isinstance(value, dict):
-            out[key] = concat_kwargs(other or {}, value)
-        elif torch.is_tensor(value) and torch.is_tensor(other):
-            out[key] = torch.cat([other, value])
-        else:
-            out[key] = value
-    return out
-
-
-def network_kwargs(family: "Family", pipe: Any, request: Conditioning, first: int, batch: int, device: Any,
-                   config: Any, size: tuple[int, int], dtype: torch.dtype) -> tuple[dict, dict | None]:
-    """The family's conditioning for images [first, first + batch) as network keyword
-    arguments in the network's ``dtype``: (conditional, the guidance batch [uncond; cond] or
-    None without guidance)."""
-    cond, uncond = family.encode(pipe, request, first, batch, device, config, size)
-    both = None if uncond is None else cast_floats(concat_kwargs(uncond, cond), dtype)
-    return cast_floats(cond, dtype), both
-
 
 # -- families ------------------------------------------------------------------------------------
 
@@ -248,7 +74,8 @@ class Family:
     #: its pipeline hands every scheduler the flow-only arguments sigmas (a FlowMatch grid) and mu:
     #: a converted folder steps fmconvert's FlowPipeline* schedulers (:mod:`fmconvert.integration.schedulers`)
     hands_flow_arguments: ClassVar[bool] = False
-    #: the network takes latents packed in 2×2 patches (see :class:`NetworkCall`)
+    #: the network takes latents packed in 2×2 patches (:func:`packs_latents`, read by
+    #: :class:`~fmconvert.integration.network.NetworkCall`)
     packs_latents: ClassVar[bool] = False
     #: a flow family whose pipeline can step a discrete scheduler (DDIM, DPM-Solver, Euler; through
     #: fmconvert's FlowPipeline* schedulers where it hands flow-only arguments or calls no
@@ -319,10 +146,10 @@ class Family:
         is read. ``num_images``: how many images the run makes."""
         pipeline_class = source.pipeline_class
         allowed = set(self.accepts) | ({"guidance_rescale"} if self.guidance_rescale else set())
-        wrong = [_setting(f.name, getattr(request, f.name)) for f in fields(request)
-                 if f.name not in allowed | {"guidance_scale"} and _given(getattr(request, f.name))]
+        wrong = [as_setting(f.name, getattr(request, f.name)) for f in fields(request)
+                 if f.name not in allowed | {"guidance_scale"} and is_given(getattr(request, f.name))]
         if wrong:
-            takes = ", ".join(_setting(a) for a in sorted(allowed)) or "no conditioning"
+            takes = ", ".join(as_setting(a) for a in sorted(allowed)) or "no conditioning"
             raise UsageError(f"{pipeline_class or 'this model'} ({self.title}) takes {takes}; "
                              f"{', '.join(wrong)} cannot be honoured")
         if request.guided and not self.accepts:
@@ -330,9 +157,9 @@ class Family:
                              f"{pipeline_class or self.title} is unconditional")
         if not request.guided:
             idle = [name for name in ("negative_prompt", "negative_image_embeds", "guidance_rescale")
-                    if _given(getattr(request, name))]
+                    if is_given(getattr(request, name))]
             if idle:
-                raise UsageError(f"{_setting(idle[0], getattr(request, idle[0]))} has no effect at "
+                raise UsageError(f"{as_setting(idle[0], getattr(request, idle[0]))} has no effect at "
                                  f"guidance_scale={request.guidance_scale}: it acts on classifier-free guidance, "
                                  "which needs a guidance scale above 1")
         self._check_values(request, source, num_images)
@@ -702,6 +529,12 @@ FAMILIES: tuple[Family, ...] = (PixelUnconditional(), LatentUnconditional(), Sta
 _BY_PIPELINE = {p: f for f in FAMILIES for p in f.pipelines}
 
 
+def packs_latents(model_class: str) -> bool:
+    """Whether a denoiser of ``model_class`` takes its latents packed in 2×2 patches (FLUX), as
+    :func:`fmconvert.integration.network.network_call` is told."""
+    return any(model_class in f.models and f.packs_latents for f in FAMILIES)
+
+
 def family_timestep_path(path: dict, model_class: str | None) -> dict:
     """A path description with the timestep form that ``model_class``'s family's pipeline hands
     its network: the scheduler's timestep over the family's ``timestep_divisor`` (FLUX: a flow
@@ -730,35 +563,3 @@ def family_of(pipeline_class: str | None, model_class: str | None, check_model: 
         what = f"pipeline {pipeline_class} with {model_class}" if pipeline_class else f"a bare {model_class} folder"
         raise FmconvertError(f"fmconvert does not know {what}; supported: {supported()}")
     return family
-
-
-# -- pipeline options that act nonlinearly on the prediction ------------------------------------------
-
-#: pipeline attribute → the __call__ option that sets it
-NONLINEAR_OPTIONS = {"_guidance_rescale": "guidance_rescale"}
-
-
-def refuse_nonlinear_options(max_depth: int = 12) -> None:
-    """Called from a converted network's forward: if a diffusers pipeline's ``__call__`` up
-    the stack has set an option that rescales the guided prediction nonlinearly (its std,
-    as ``guidance_rescale``), raise ValueError — applied to a velocity instead of the
-    source's prediction it would give another image, silently."""
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return
-        if frame.f_code.co_name == "__call__":
-            pipe = frame.f_locals.get("self")
-            if pipe is not None and hasattr(pipe, "components"):
-                for attribute, option in NONLINEAR_OPTIONS.items():
-                    value = getattr(pipe, attribute, 0.0) or 0.0
-                    guided = getattr(pipe, "_guidance_scale", 1.0) > 1.0
-                    if value > 0 and guided:
-                        raise ValueError(
-                            f"{option}={value} rescales the guided prediction by its standard deviation, which is "
-                            f"not the same on a converted model's velocity; use {option}=0, or fmconvert's sampling "
-                            f"with Conditioning({option}={value}) (`fmconvert sample --guidance-rescale {value}`), "
-                            "applied to the source's prediction, exact"
-                        )
-                return
-        frame = frame.f_back

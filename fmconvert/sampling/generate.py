@@ -25,8 +25,10 @@ import torch
 
 from fmconvert.errors import FmconvertError
 from fmconvert.integration.adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
+from fmconvert.integration.conditioning import Conditioning, guide, network_kwargs
 from fmconvert.integration.configs import FLOW_SCHEDULERS
-from fmconvert.integration.families import Conditioning, guide, network_call, network_kwargs
+from fmconvert.integration.families import packs_latents
+from fmconvert.integration.network import network_call
 from fmconvert.integration.pipelines import DENOISERS, Source, inspect_source, load_denoiser
 from fmconvert.math.conversion import invert
 from fmconvert.math.grids import time_grid
@@ -356,7 +358,7 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters and stochastic(scheduler)
     model = vm.velocity.model
-    call = network_call(model)
+    call = network_call(model, packs_latents(type(model).__name__))
     w, phi = conditioning.guidance_scale, conditioning.guidance_rescale
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     for first, stop in (batches_of(num_images, batch_size) if ranges is None else ranges):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from fmconvert import __version__
 from fmconvert.errors import UsageError
-from fmconvert.integration.families import Conditioning
+from fmconvert.integration.conditioning import Conditioning
 
 if TYPE_CHECKING:
     from fmconvert.integration.pipelines import Source

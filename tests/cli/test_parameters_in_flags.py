@@ -22,7 +22,7 @@ PACKAGE = Path(fmconvert.__file__).parent
 #: converted folder's model card
 QUOTES_A_COMMAND = {
     ("integration/push.py", "hf repos settings"),
-    ("integration/families.py", "`fmconvert sample --guidance-rescale"),
+    ("integration/adapters.py", "`fmconvert sample --guidance-rescale"),
     ("integration/pipelines.py", "from the command line: `fmconvert sample"),
 }
 

@@ -143,7 +143,7 @@ def test_family_converts_and_reproduces_its_ddim(name, tmp_path, tmp_path_factor
 
 def test_image_conditioned_sampling_through_the_python_api(tmp_path_factory):
     """Kandinsky 2.2: image embeddings (from its prior) through fmconvert.sampling.generate, guided."""
-    from fmconvert.integration.families import Conditioning
+    from fmconvert.integration.conditioning import Conditioning
     from fmconvert.sampling.generate import generate, load_velocity_model
 
     replica = REPLICAS["kandinsky22"]
@@ -155,7 +155,7 @@ def test_image_conditioned_sampling_through_the_python_api(tmp_path_factory):
                                negative_image_embeds=replica.call["negative_image_embeds"], guidance_scale=4.0)
         result = generate(vm, 1, 1, SEED, "euler", "trailing", STEPS, conditioning=request)
         assert rel(result.samples, reference) < 1e-5
-        with pytest.raises(fmconvert.integration.families.UsageError, match="image embeddings"):
+        with pytest.raises(fmconvert.errors.UsageError, match="image embeddings"):
             generate(vm, 1, 1, SEED, "euler", "trailing", STEPS)
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fmconvert.cli import app
 from fmconvert.evaluation.features import FEATURES
-from fmconvert.integration.families import Conditioning
+from fmconvert.integration.conditioning import Conditioning
 from fmconvert.integration.pipelines import inspect_source
 from fmconvert.math.grids import GRIDS
 from fmconvert.math.solvers import SOLVERS, solve
