@@ -109,7 +109,7 @@ def one_step_errors(student: Path, trained: Run, work: Path, held_seed: int, cou
     """The distillation loss (mean square of one Euler step's error against the coupled sample) of ``student`` on
     ``count`` of its training couplings (the run ``trained``) and on ``count`` couplings of the same run from the
     held-out noise of ``held_seed``: how far the one-step map generalises beyond the couplings it saw."""
-    from fmconvert.training.loop import flow_matching_loss
+    from fmconvert.training.objective import flow_matching_loss
     from fmconvert.training.reflow import draw_couplings, load_couplings
 
     count = min(count, trained.num_images)

@@ -38,7 +38,10 @@ from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.integration.pipelines import inspect_source  # noqa: E402
 from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
 from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs  # noqa: E402
-from fmconvert.training.loop import TIME_SAMPLINGS, Draws, TrainSettings, flow_matching_loss, load_training_data, train, trained_range  # noqa: E402
+from fmconvert.training.data import load_training_data  # noqa: E402
+from fmconvert.training.loop import train  # noqa: E402
+from fmconvert.training.objective import Draws, flow_matching_loss, trained_range  # noqa: E402
+from fmconvert.training.settings import TIME_SAMPLINGS, TrainSettings  # noqa: E402
 
 MODEL, DATA, HELD_OUT, REFERENCE = "builtin:digits-eps", "builtin:digits/train", "builtin:digits/held_out", "builtin:digits"
 

@@ -133,7 +133,7 @@ def error(code, *args):
 def stop_training_at(monkeypatch, step):
     """Training is interrupted (KeyboardInterrupt) as it draws the batch of ``step`` (0-based): the steps
     before it are done. Returns the original ``Draws.batch``, to put back."""
-    from fmconvert.training.loop import Draws
+    from fmconvert.training.objective import Draws
 
     batch = Draws.batch
 

@@ -108,7 +108,7 @@ def reflow(
 def _resumable(out: Path, couplings_dir: Path | None = None):
     """On an interruption (exit 130), say what a rerun of the same command resumes: the last
     checkpoint in OUT.partial, else the couplings' complete shards (reflow), else nothing."""
-    from fmconvert.training.loop import CHECKPOINT, checkpoint_step, work_folder
+    from fmconvert.training.checkpoint import CHECKPOINT, checkpoint_step, work_folder
 
     try:
         yield

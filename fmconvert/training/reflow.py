@@ -16,7 +16,7 @@ straight path):
 2. Training (:func:`fmconvert.training.loop.train`, its one loop, paired): on the straight path of each
    pair, x_s = (1 − s)·x0 + s·ε, L = mean |u_θ(x_s, T·s) − (ε − x0)|², s drawn on the source's
    trained range; with ``distill``, s = 1 only (x_1 = ε): one-step distillation, x0 ≈ ε − u(ε, 1)
-   (:mod:`fmconvert.training.loop`). The settings name the couplings by
+   (:mod:`fmconvert.training.objective`). The settings name the couplings by
    :func:`fmconvert.sampling.runs.run_fingerprint`, so a checkpoint resumes only on the same couplings.
 3. Output: a converted folder (:func:`fmconvert.integration.pipelines.write_trained`) that ``fmconvert
    sample`` / ``fid`` and stock diffusers load, with ``training.json``, ``loss.png`` and
@@ -26,14 +26,14 @@ Reflowing the output again is 2-rectification; ``distill`` on a reflowed model i
 distillation of a k-rectified flow.
 
 An epsilon network is best reflowed into ``prediction_type="v_prediction"``
-(:mod:`fmconvert.training.loop`, parametrisation): one step from the noise returns x̂0 of the noisiest
+(:mod:`fmconvert.training.objective`, parametrisation): one step from the noise returns x̂0 of the noisiest
 trained time, which epsilon computes as (x − σ·ε̂)/α, its ε̂ error × 1/α_T (digits-eps: 157), and
 v_prediction as α·x − σ·v̂. The field then starts away from the source's (REFLOW.md measures what
 it buys); left out, the network keeps its parametrisation and a note says so.
 
 Lee, Lin, Fanti (2024, "Improving the Training of Rectified Flows") train reflow with U-shaped
 times and the pseudo-Huber loss (``time_sampling="u_shaped"``, ``loss_type="pseudo_huber"``,
-:mod:`fmconvert.training.loop`), which REFLOW.md uses. A distilled one-step map fits its couplings far
+:mod:`fmconvert.training.objective`), which REFLOW.md uses. A distilled one-step map fits its couplings far
 better than held-out noise (REFLOW.md measures both), so distillation wants many couplings; a
 reflowed model's are cheap (a few steps of a straight field).
 """
@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # (torch is imported where it is used)
     import torch
 
     from fmconvert.sampling.runs import Run
-    from fmconvert.training.loop import TrainingData
+    from fmconvert.training.data import TrainingData
 
 COUPLINGS = "couplings"
 #: the record beside a reflowed model: the couplings' run manifest and fingerprint
@@ -69,7 +69,7 @@ def load_couplings(folder: Path, run: Run) -> TrainingData:
 
     from fmconvert.sampling.generate import NoiseStream, batches_of
     from fmconvert.sampling.shards import ShardStore
-    from fmconvert.training.loop import TrainingData
+    from fmconvert.training.data import TrainingData
 
     assert run.shape is not None
     store = ShardStore(folder, run.manifest())
@@ -126,17 +126,11 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     from fmconvert.sampling import distributed
     from fmconvert.sampling.runs import run_fingerprint
     from fmconvert.sampling.shards import ShardStore
-    from fmconvert.training.loop import (
-        CHECKPOINT,
-        TrainSettings,
-        check_checkpoint,
-        check_device,
-        check_lora_targets,
-        check_prediction_type,
-        network_prediction,
-        train,
-        work_folder,
-    )
+    from fmconvert.training.checkpoint import CHECKPOINT, check_checkpoint, work_folder
+    from fmconvert.training.loop import check_device, train
+    from fmconvert.training.lora import check_lora_targets
+    from fmconvert.training.objective import check_prediction_type, network_prediction
+    from fmconvert.training.settings import TrainSettings
 
     out = Path(out)
     if out.exists() and not force:

@@ -39,14 +39,14 @@ class TrainSettings:
     ``lr`` after ``warmup`` steps, then ``lr_schedule``; ``weight_decay`` (AdamW's);
     ``max_grad_norm`` (0: no clipping); ``time_sampling`` with ``logit_mean``/``logit_std``
     (logit-normal) or ``u_shape_a`` (U-shaped); ``loss_type``: the per-sample loss of the velocity
-    error (:func:`fmconvert.training.loop.per_sample_loss`);
+    error (:func:`fmconvert.training.objective.per_sample_loss`);
     ``ema_decay`` (0: no EMA); ``lora_rank`` (0: the whole network trains) with ``lora_alpha``
     (None: the rank, scale 1) on ``lora_targets``; ``mixed_precision``; ``seed``.
     ``couplings``: for paired data (``fmconvert reflow``), the couplings' identity
     (:func:`fmconvert.sampling.runs.run_fingerprint` of the run that drew them), None for fresh noise at
     every step; ``distill``: every s = 1 (one-step distillation; paired data only).
     ``prediction_type``: what the network is trained to predict on the source's path (None: what
-    it predicts now; see the module docstring)."""
+    it predicts now; see :mod:`fmconvert.training.objective`)."""
 
     model: str
     fingerprint: str

@@ -9,13 +9,17 @@ import torch
 from conftest import error, invoke, ok, save_ddpm_folder, save_flow_folder, stop_training_at
 from safetensors.torch import load_file
 
+from fmconvert.errors import UsageError
 from fmconvert.evaluation.agreement import weighted_epsilon_loss
 from fmconvert.integration.pipelines import inspect_source
 from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, run_fingerprint, solver_options
 from fmconvert.sampling.shards import ShardStore
-from fmconvert.training import loop as training
-from fmconvert.training.loop import CHECKPOINT, Draws, TrainSettings, checkpoint_step, trained_range, work_folder
+from fmconvert.training import loop
+from fmconvert.training.checkpoint import CHECKPOINT, checkpoint_step, work_folder
+from fmconvert.training.data import TrainingData
+from fmconvert.training.objective import Draws, flow_matching_loss, trained_range
 from fmconvert.training.reflow import load_couplings, reflow
+from fmconvert.training.settings import TrainSettings
 
 N, SHARD = 20, 8  # couplings, and per shard: shards of 8, 8 and 4
 
@@ -114,7 +118,7 @@ def test_the_first_loss_is_the_source_fields_loss_on_the_pairs(tmp_path, tiny):
     assert len(set(index)) == 16 and torch.equal(eps, noise[index])
     with torch.no_grad():
         reference = weighted_epsilon_loss(vm.velocity, couplings[index], noise[index], s).mean().item()
-        unpaired = Draws(settings, training.TrainingData(data.values, "couplings"), trained_range(vm.velocity)).batch(0)
+        unpaired = Draws(settings, TrainingData(data.values, "couplings"), trained_range(vm.velocity)).batch(0)
         fresh = weighted_epsilon_loss(vm.velocity, *unpaired).mean().item()
     assert record["loss"][0] == pytest.approx(reference, rel=1e-5)
     assert abs(fresh - reference) > 1e-3 * reference
@@ -207,7 +211,7 @@ def test_bad_option_values_are_refused_in_one_line_before_anything_runs(tmp_path
     flow = save_flow_folder(tmp_path / "flow")
     assert "flow-matching model" in error(2, "reflow", flow, "--out", out / "f", "--prediction-type", "v_prediction")
     assert not (out / "f").exists() and not work_folder(out / "f").exists()
-    with pytest.raises(training.UsageError, match="distill=True .* needs couplings"):
+    with pytest.raises(UsageError, match="distill=True .* needs couplings"):
         TrainSettings(model="m", fingerprint="f", data="d", data_fingerprint="g", distill=True)
 
 
@@ -261,13 +265,13 @@ def test_distill_trains_at_the_noise_end_only(tmp_path, tiny, monkeypatch):
     source's one-step error, and 60 steps cut it fivefold. (At s_hi, the top of the
     trained range, this fails: x_{s_hi} = ε + (1 − s_hi)·(x0 − ε) is far from ε for this random model's large samples.)"""
     seen = []
-    loss = training.flow_matching_loss
+    loss = flow_matching_loss
 
     def recorded(model, target, x0, eps, s):
         seen.append(s.clone())
         return loss(model, target, x0, eps, s)
 
-    monkeypatch.setattr(training, "flow_matching_loss", recorded)
+    monkeypatch.setattr(loop, "flow_matching_loss", recorded)  # where train looks it up
     out, folder = tmp_path / "distilled", tmp_path / "couplings"
     summary, record = run(tiny, out, couplings_dir=folder, distill=True, train_steps=60, batch_size=N, lr=1e-4)
     assert len(seen) == 60 and all(torch.equal(s, torch.ones(N, dtype=torch.float64)) for s in seen)

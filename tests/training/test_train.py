@@ -13,20 +13,11 @@ from conftest import error, invoke, make_unet, ok, save_ddpm_folder, save_flow_f
 from safetensors.torch import load_file, save_file
 
 from fmconvert.evaluation.agreement import weighted_epsilon_loss
-from fmconvert.training import loop as training
-from fmconvert.training.loop import (
-    CHECKPOINT,
-    Draws,
-    TrainSettings,
-    TrainState,
-    check_checkpoint,
-    flow_matching_loss,
-    load_training_data,
-    sample_times,
-    save_checkpoint,
-    trained_range,
-    work_folder,
-)
+from fmconvert.training.checkpoint import CHECKPOINT, TrainState, check_checkpoint, load_checkpoint, save_checkpoint, work_folder
+from fmconvert.training.data import load_training_data
+from fmconvert.training.loop import train
+from fmconvert.training.objective import Draws, flow_matching_loss, sample_times, trained_range
+from fmconvert.training.settings import LORA_TARGETS, TrainSettings
 
 DATA = "builtin:digits/train"
 
@@ -47,7 +38,7 @@ def run(model, out, **fields):
     on_step = fields.pop("on_step", None)
     settings = TrainSettings.create(str(model), fields.pop("data", DATA),
                                     **{"train_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup": 0, "ema_decay": 0.0, **fields})
-    summary = training.train(settings, out, checkpoint_every=checkpoint_every, on_step=on_step)
+    summary = train(settings, out, checkpoint_every=checkpoint_every, on_step=on_step)
     return summary, json.loads((out / "training.json").read_text())
 
 
@@ -93,7 +84,7 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
 
     settings = TrainSettings.create("builtin:digits-eps", DATA, train_steps=1, batch_size=32, lr=1e-4, warmup=0)
     out = tmp_path / "eps"
-    training.train(settings, out)
+    train(settings, out)
     logged = json.loads((out / "training.json").read_text())["loss"][0]
     vm = load_velocity_model("builtin:digits-eps", compute_dtype="float64")
     data = load_training_data(DATA, (1, 8, 8), False)
@@ -277,7 +268,7 @@ def test_lora_trains_only_its_adapters_and_writes_merged_weights(tmp_path, tiny)
             seen.update(load_file(str(work_folder(out) / CHECKPOINT)))
 
     run(tiny, out, train_steps=3, lora_rank=2, lr=1e-2, checkpoint_every=2, on_step=keep_checkpoint)
-    targets = training.LORA_TARGETS
+    targets = LORA_TARGETS
     adapted = [k for k in seen if k.startswith("network.") and ".lora_A." in k]
     assert adapted and all(any(f".{t}.lora_A." in k for t in targets) for k in adapted)
     optimised = {k.split(".")[1] for k in seen if k.startswith("optimizer.")}
@@ -353,7 +344,7 @@ def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones(tm
     computed from the error vector, ≈ ‖δ‖²/(2c·d) far below c and ‖δ‖/d − c/d far above; and it is what
     --loss-type pseudo_huber trains: step 1's recorded loss is it on step 1's draws."""
     from fmconvert.integration.adapters import VelocityAdapter
-    from fmconvert.training.loop import per_sample_loss
+    from fmconvert.training.objective import per_sample_loss
 
     delta = torch.randn(5, 1, 8, 8, dtype=torch.float64) * torch.tensor([1e-5, 1e-3, 1e-1, 1.0, 10.0],
                                                                         dtype=torch.float64).view(-1, 1, 1, 1)
@@ -414,7 +405,7 @@ def test_a_checkpoint_round_trips(tmp_path):
                        {0: {"step": torch.tensor(4.0), "exp_avg": torch.randn(3, 2)}}, {"cpu": torch.get_rng_state()},
                        torch.rand(4, dtype=torch.float64), 1.5, {"scale": 1024.0})
     save_checkpoint(tmp_path / CHECKPOINT, base, state)
-    back = training.load_checkpoint(tmp_path / CHECKPOINT)
+    back = load_checkpoint(tmp_path / CHECKPOINT)
     assert (back.step, back.seconds, back.scaler) == (4, 1.5, {"scale": 1024.0})
     for mine, theirs in ((state.network, back.network), (state.ema, back.ema), (state.optimizer[0], back.optimizer[0]),
                          (state.rng, back.rng)):
