@@ -32,7 +32,7 @@ _EXPORTS = {
     "math.paths": ("CosinePath", "DiscreteVPSchedule", "EDMPath", "GaussianPath", "Point", "RectifiedFlow", "VEPath",
                    "VPSDEPath", "path_from_config"),
     "integration.configs": ("path_from_scheduler_config",),
-    "integration.pipelines": ("load",),
+    "integration.folder": ("load",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -20,7 +20,7 @@ alternating, median over --repeats:
   Neither `fmconvert --help` nor `wrap` imports torch or diffusers (together about 0.8 GB and
   5–7 s on this CPU machine): wrap reads JSON configs and links the network's files. The rows
   in parentheses give both measured from the floor of fmconvert's own imports
-  (`python -c "import fmconvert.cli, fmconvert.integration.pipelines"`): what grows with the model;
+  (`python -c "import fmconvert.cli, fmconvert.integration.folder"`): what grows with the model;
 - load: `VelocityAdapter.from_pretrained(OUT/unet, dtype=float16)` against the source network's
   `from_pretrained(SRC/unet, dtype=float16)`: time and peak memory ratios (target: ≤ 1.05).
 
@@ -102,7 +102,7 @@ print("MEASURED", time.perf_counter() - started, resource.getrusage(resource.RUS
 
 LOAD = "import torch, {module}; {cls}.from_pretrained(r'{path}', dtype=torch.float16)"
 #: what `fmconvert wrap` imports before it reads a file (torch, diffusers): the floor of its time and memory
-IMPORTS = "import fmconvert.cli, fmconvert.integration.pipelines"
+IMPORTS = "import fmconvert.cli, fmconvert.integration.folder"
 
 
 def measured(*args: str) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from fmconvert.cli.output import log
 from fmconvert.errors import UsageError
 
 if TYPE_CHECKING:
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
     from fmconvert.sampling.runs import Run
 
 
@@ -65,20 +65,16 @@ def parse_steps(value: str, single: bool = False) -> list[int]:
 def plan(model: str, revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False, *,
          solvers: list[str], grid: str, dtype: str, baselines: list[str] | None = None, rtol: float | None = None,
          atol: float | None = None, shift: float | None = None, **fields) -> tuple[Run, Source]:
-    """MODEL resolved once, and its first run: what no run could honour is refused before any file
-    is read (:func:`~fmconvert.sampling.runs.check_choices`), then the source is inspected (configs
-    and the ends of its files, nothing loaded: commands load this source, not the reference again),
-    then the run is made (:func:`~fmconvert.sampling.runs.make_run`; a sweep's others follow by
-    :func:`~fmconvert.sampling.runs.sweep_runs`, and solver ``auto`` is resolved run by run,
-    :func:`~fmconvert.sampling.runs.resolved`)."""
-    from fmconvert.integration.pipelines import inspect_source
-    from fmconvert.sampling.runs import check_choices, make_run
+    """MODEL resolved once, and its first run (:func:`fmconvert.sampling.runs.plan_run`); a note where
+    the seed is the noise a reflowed MODEL was trained on. Commands load the source it returns, not the
+    reference again; a sweep's other runs follow by :func:`~fmconvert.sampling.runs.sweep_runs`, and
+    solver ``auto`` is resolved run by run (:func:`~fmconvert.sampling.runs.resolved`)."""
+    from fmconvert.sampling.runs import plan_run
 
-    check_choices(solvers, grid, shift, dtype, baselines or (), rtol, atol)
-    source = inspect_source(model, revision, allow_pickle, trust_remote_code)
+    run, source = plan_run(model, solvers, revision=revision, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, grid=grid, dtype=dtype, shift=shift,
+                           baselines=baselines or (), rtol=rtol, atol=atol, **fields)
     if "seed" in fields and source.reflow_seed == fields["seed"]:
         log(f"note: seed {fields['seed']} is the noise '{model}' was reflowed on (its couplings.json): its samples from it "
             "repeat training pairs; pass another --seed to measure it on held-out noise")
-    run = make_run(source, solvers, grid=grid, dtype=dtype, shift=shift, baselines=baselines or (), rtol=rtol, atol=atol,
-                   **fields)
     return run, source

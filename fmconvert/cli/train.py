@@ -41,7 +41,7 @@ def train(
     checkpoint_every: int,
 ):
     """Fine-tune MODEL with the conditional flow-matching loss on the rectified path; write a converted folder."""
-    from fmconvert.integration.pipelines import inspect_source
+    from fmconvert.integration.source import inspect_source
     from fmconvert.training.loop import train as train_model
     from fmconvert.training.settings import TrainSettings
 

@@ -41,7 +41,8 @@ def wrap(
 
         asked = visibility(private, public)
         preflight(push_to)
-    from fmconvert.integration.pipelines import TARGETS, inspect_source, write_converted
+    from fmconvert.integration.folder import TARGETS, write_converted
+    from fmconvert.integration.source import inspect_source
 
     interactive(as_json, import_diffusers=False)
     choice(to, TARGETS, "--to")

@@ -69,7 +69,8 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from fmconvert.evaluation.fid import fid_between, make_extractor, plot_sweep, reference_stats, sweep
     from fmconvert.files.atomic import atomic_folder, atomic_write
-    from fmconvert.integration.pipelines import inspect_source, write_converted
+    from fmconvert.integration.folder import write_converted
+    from fmconvert.integration.source import inspect_source
     from fmconvert.math.grids import trained_log_snr_range
     from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
     from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, sweep_runs

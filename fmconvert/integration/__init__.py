@@ -6,6 +6,7 @@
 - :mod:`~fmconvert.integration.families`: what each model family needs (its conditioning, decoding);
 - :mod:`~fmconvert.integration.adapters`: the converted denoisers (ModelMixin);
 - :mod:`~fmconvert.integration.schedulers`: the schedulers a converted folder names;
-- :mod:`~fmconvert.integration.pipelines`: reading a source, writing a converted folder, its shims;
+- :mod:`~fmconvert.integration.source`: reading a source (``Source``); what a converted folder contains, its shims;
+- :mod:`~fmconvert.integration.folder`: writing a converted folder, and loading it (``load``);
 - :mod:`~fmconvert.integration.hub`, :mod:`~fmconvert.integration.push`: the Hugging Face Hub.
 """

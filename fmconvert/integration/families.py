@@ -31,7 +31,7 @@ from fmconvert.integration.network import LEARNED_VARIANCE, learned_variance
 if TYPE_CHECKING:  # torch is imported where it computes: `fmconvert wrap` reads configs only
     import torch
 
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
 
 # -- families ------------------------------------------------------------------------------------
 

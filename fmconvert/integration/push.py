@@ -44,7 +44,8 @@ REQUIRED = ("model_index.json", "fmconvert.json", "README.md")
 
 def check_converted_folder(folder: Path) -> list[str]:
     """The files to upload; raises FmconvertError if ``folder`` is not a converted model."""
-    from fmconvert.integration.pipelines import ADAPTER_SHIM, load
+    from fmconvert.integration.folder import load
+    from fmconvert.integration.source import ADAPTER_SHIM
 
     folder = Path(folder)
     if not folder.is_dir():

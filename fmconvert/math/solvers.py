@@ -335,7 +335,7 @@ def resolve_auto(steps: int, grid: str, shift: float | None, source_shifts: bool
     """What ``auto`` runs in ``steps`` steps on ``grid``: (solver, time shift of the grid, None for
     the source's own). :data:`AUTO_CHOICE`'s shift applies on the uniform grid where no ``shift``
     is given and the source's scheduler has no shift of its own (``source_shifts``:
-    :attr:`fmconvert.integration.pipelines.Source.shifts_times`), the sources it was measured on; else the
+    :attr:`fmconvert.integration.source.Source.shifts_times`), the sources it was measured on; else the
     grid keeps ``shift``. Runs record this, not ``auto`` (:func:`fmconvert.sampling.runs.resolved`)."""
     solver, auto_shift = auto_choice(steps)
     if grid == "uniform" and shift is None and not source_shifts:

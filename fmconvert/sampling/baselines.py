@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from fmconvert.errors import UsageError
 
 if TYPE_CHECKING:
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
 
 #: settings that make DDIMScheduler the Euler ODE step on the trailing grid (clipping and thresholding
 #: clamp x̂0, which no ODE does)

@@ -29,7 +29,7 @@ from fmconvert.integration.conditioning import Conditioning, guide, network_kwar
 from fmconvert.integration.configs import FLOW_SCHEDULERS
 from fmconvert.integration.families import packs_latents
 from fmconvert.integration.network import network_call
-from fmconvert.integration.pipelines import DENOISERS, Source, inspect_source, load_denoiser
+from fmconvert.integration.source import DENOISERS, Source, inspect_source, load_denoiser
 from fmconvert.math.conversion import invert
 from fmconvert.math.grids import time_grid
 from fmconvert.math.paths import GaussianPath, RectifiedFlow
@@ -78,7 +78,7 @@ def load_velocity_model(reference: str | Source, revision: str | None = None, dt
                         need_pipeline: bool = False, channels_last: bool = False, compile: bool = False,
                         compute_dtype: str | None = None) -> VelocityModel:
     """Load and wrap a model for sampling: ``reference`` is a source already inspected
-    (:func:`~fmconvert.integration.pipelines.inspect_source`: the command line resolves a
+    (:func:`~fmconvert.integration.source.inspect_source`: the command line resolves a
     reference once, and loads what it resolved), or a reference string, inspected here with
     ``revision``, ``allow_pickle`` and ``trust_remote_code`` (``channels_last`` / ``compile``: the GPU
     fast path for the wrapped network; ``compute_dtype``: the dtype a source wrapped here
@@ -165,7 +165,7 @@ def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code
         return None
     from diffusers import DiffusionPipeline
 
-    from fmconvert.integration.pipelines import load
+    from fmconvert.integration.folder import load
 
     if source.converted:
         return load(source.folder, dtype=dtype)
@@ -510,7 +510,7 @@ def draw(source: Source, run: Run, *, device: str = "cpu", revision: str | None 
          height: int | None = None, width: int | None = None, samples_dir: str | Path | None = None,
          progress: bool = False, log: Callable[[str], None] = lambda message: None) -> Drawn:
     """The samples of ``run`` (made by :func:`fmconvert.sampling.runs.make_run`, so checked) from
-    ``source`` (inspected once, :func:`~fmconvert.integration.pipelines.inspect_source`): a
+    ``source`` (inspected once, :func:`~fmconvert.integration.source.inspect_source`): a
     ``samples_dir`` of other settings refused before the model is loaded, the model loaded once in
     ``run.dtype`` on ``device`` (``height``/``width``: the image size where the family allows
     another), then :func:`generate_sharded` (resumable shards in ``samples_dir``; under torchrun

@@ -26,7 +26,7 @@ from fmconvert.errors import UsageError
 from fmconvert.integration.conditioning import Conditioning
 
 if TYPE_CHECKING:
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
 
 #: how much of each file the fingerprint reads at each end (weights are hashed by their ends and size)
 _EDGE = 1 << 20
@@ -228,13 +228,33 @@ def make_run(source: Source, solvers: list[str], *, grid: str = "uniform", dtype
              atol: float | None = None, **fields: Any) -> Run:
     """The run of ``solvers[0]`` on ``source`` (an inspected source: its fingerprint is read from
     its files, nothing is loaded), after :func:`check_choices` and the family's check of the
-    ``conditioning`` (:meth:`~fmconvert.integration.families.Family.check`, from configs); a sweep's other runs follow by
-    :func:`sweep_runs`. ``fields``: the other :class:`Run` fields (steps, seed, num_images, ...).
-    Solver ``auto`` stays ``auto`` here: :func:`resolved` replaces it, run by run."""
+    ``conditioning`` (:meth:`~fmconvert.integration.families.Family.check`, from configs); a sweep's
+    other runs follow by :func:`sweep_runs`. ``fields``: the other :class:`Run` fields (steps, seed,
+    num_images, ...). Solver ``auto`` stays ``auto`` here: :func:`resolved` replaces it, run by run."""
     check_choices(solvers, grid, shift, dtype, baselines, rtol, atol)
+    return _checked_run(source, solvers[0], grid, dtype, shift, rtol, atol, fields)
+
+
+def plan_run(reference: str, solvers: list[str], *, revision: str | None = None, allow_pickle: bool = False,
+             trust_remote_code: bool = False, grid: str = "uniform", dtype: str = "float32", shift: float | None = None,
+             baselines: list[str] | tuple[str, ...] = (), rtol: float | None = None, atol: float | None = None,
+             **fields: Any) -> tuple[Run, Source]:
+    """A model reference resolved once, and its first run: what no run could honour is refused
+    before any file is read (:func:`check_choices`), then the source is inspected once (configs and
+    the ends of its files, :func:`~fmconvert.integration.source.inspect_source`), then the run is made
+    as :func:`make_run` makes it. Returns (run, source): load the source, not the reference again."""
+    from fmconvert.integration.source import inspect_source
+
+    check_choices(solvers, grid, shift, dtype, baselines, rtol, atol)
+    source = inspect_source(reference, revision, allow_pickle, trust_remote_code)
+    return _checked_run(source, solvers[0], grid, dtype, shift, rtol, atol, fields), source
+
+
+def _checked_run(source: Source, solver: str, grid: str, dtype: str, shift: float | None, rtol: float | None,
+                 atol: float | None, fields: dict[str, Any]) -> Run:
     source.family.check(fields.get("conditioning") or Conditioning(), source, fields.get("num_images"))
     given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
-    sampler = OdeSampler(solvers[0], grid, shift, solver_options(solvers[0], **given))
+    sampler = OdeSampler(solver, grid, shift, solver_options(solver, **given))
     return Run(model=source.reference, fingerprint=model_fingerprint(source), sampler=sampler, dtype=dtype, **fields)
 
 
@@ -269,7 +289,7 @@ def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: 
 def resolved(run: Run, source_shifts: bool) -> Run:
     """``run`` as it runs: solver ``auto`` replaced by the solver and grid shift it picks for
     ``run.steps`` (:func:`fmconvert.math.solvers.resolve_auto`; ``source_shifts``: whether the source's
-    scheduler shifts its times, :attr:`fmconvert.integration.pipelines.Source.shifts_times`), so that its
+    scheduler shifts its times, :attr:`fmconvert.integration.source.Source.shifts_times`), so that its
     records (manifest, samples folder, JSON summary) name what ran. Any other run is returned as it is."""
     sampler = run.sampler
     if not isinstance(sampler, OdeSampler) or sampler.solver != "auto":

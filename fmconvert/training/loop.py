@@ -4,7 +4,7 @@ The model is any MODEL that ``fmconvert sample`` takes: a converted folder, or a
 flow-matching source wrapped on the fly (:func:`fmconvert.sampling.generate.load_velocity_model`). The
 loss is computed through the adapter, so the gradients reach the source network through the
 conversion; the network is what is trained, and what is written is a converted folder with its
-new weights (:func:`fmconvert.integration.pipelines.write_trained`) that stock diffusers loads.
+new weights (:func:`fmconvert.integration.folder.write_trained`) that stock diffusers loads.
 
 What one step computes (on diffusers' rectified path, s = 1 is noise): its times, draws and loss,
 :mod:`fmconvert.training.objective`; what it trains on, :mod:`fmconvert.training.data`; the
@@ -52,7 +52,7 @@ from fmconvert.training.objective import (
 )
 
 if TYPE_CHECKING:
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
     from fmconvert.sampling.generate import VelocityModel
     from fmconvert.training.settings import TrainSettings
 
@@ -251,7 +251,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
             if add_files is not None:
                 add_files(tmp)
 
-        from fmconvert.integration.pipelines import write_trained
+        from fmconvert.integration.folder import write_trained
 
         write_trained(vm.source, out, final, {k: v for k, v in summary.items() if k != "out"}, force, write_records,
                       settings.prediction_type)

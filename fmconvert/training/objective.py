@@ -77,7 +77,7 @@ from fmconvert.errors import UsageError
 
 if TYPE_CHECKING:
     from fmconvert.integration.adapters import PathAdapter
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
     from fmconvert.training.data import TrainingData
     from fmconvert.training.settings import TrainSettings
 

@@ -18,7 +18,7 @@ straight path):
    trained range; with ``distill``, s = 1 only (x_1 = ε): one-step distillation, x0 ≈ ε − u(ε, 1)
    (:mod:`fmconvert.training.objective`). The settings name the couplings by
    :func:`fmconvert.sampling.runs.run_fingerprint`, so a checkpoint resumes only on the same couplings.
-3. Output: a converted folder (:func:`fmconvert.integration.pipelines.write_trained`) that ``fmconvert
+3. Output: a converted folder (:func:`fmconvert.integration.folder.write_trained`) that ``fmconvert
    sample`` / ``fid`` and stock diffusers load, with ``training.json``, ``loss.png`` and
    ``couplings.json`` (the couplings' run manifest and fingerprint: they can be drawn again).
 
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fmconvert.errors import UsageError
-from fmconvert.integration.pipelines import COUPLINGS_RECORD, Source
+from fmconvert.integration.source import COUPLINGS_RECORD, Source
 
 if TYPE_CHECKING:  # (torch is imported where it is used)
     import torch
@@ -122,7 +122,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     (FmconvertError); nothing is written then. Couplings and checkpoint of the same settings are
     resumed. ``source``: ``couplings.model`` already inspected (else it is inspected here, once).
     Returns train's summary with the couplings' record under "couplings"."""
-    from fmconvert.integration.pipelines import inspect_source
+    from fmconvert.integration.source import inspect_source
     from fmconvert.sampling import distributed
     from fmconvert.sampling.runs import run_fingerprint
     from fmconvert.sampling.shards import ShardStore

@@ -13,7 +13,7 @@ from fmconvert.errors import UsageError
 from fmconvert.sampling.runs import files_fingerprint, model_fingerprint
 
 if TYPE_CHECKING:
-    from fmconvert.integration.pipelines import Source
+    from fmconvert.integration.source import Source
 
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "u_shaped")
@@ -101,11 +101,11 @@ class TrainSettings:
 
     @classmethod
     def create(cls, source: Source | str, data: str, **fields: Any) -> "TrainSettings":
-        """Settings for ``source`` (inspected, :func:`fmconvert.integration.pipelines.inspect_source`,
+        """Settings for ``source`` (inspected, :func:`fmconvert.integration.source.inspect_source`,
         or a reference inspected here) and ``data`` with their fingerprints, read from their files
         (configs and file ends, nothing loaded); UsageError for data that is not there."""
         if isinstance(source, str):
-            from fmconvert.integration.pipelines import inspect_source
+            from fmconvert.integration.source import inspect_source
 
             source = inspect_source(source)
         return cls(model=source.reference, fingerprint=model_fingerprint(source), data=data,

@@ -129,7 +129,7 @@ def test_float32_combination_is_as_exact_as_float64(ddpm_folder, steps):
     float32 network, whose rounding depends on the thread count, and the errors are about one
     float32 ulp of the samples, so the test pins the threads: at 10 steps, with 2 threads float32
     2.83e-7, float64 2.83e-7; with 1 thread float32 2.83e-7, float64 1.75e-7 (ratio 1.6)."""
-    from fmconvert.integration.pipelines import load_denoiser
+    from fmconvert.integration.source import load_denoiser
     from fmconvert.sampling.generate import VelocityModel, as_velocity, generate, load_velocity_model
 
     noise = torch.randn((4, 3, 8, 8), generator=torch.Generator("cpu").manual_seed(7))
@@ -185,12 +185,12 @@ def test_sample_writes_a_folder_of_pngs(tmp_path, ddpm_folder):
 
 
 def test_wrap_is_atomic_after_an_injected_failure(tmp_path, ddpm_folder, monkeypatch):
-    import fmconvert.integration.pipelines as pipelines
+    import fmconvert.integration.folder as writing
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(pipelines, "_model_card", broken)
+    monkeypatch.setattr(writing, "_model_card", broken)
     out = tmp_path / "out"
     result = run("wrap", ddpm_folder, "--out", out)
     assert result.exit_code == 1 and "disk full" in result.stderr and "Traceback" not in result.stderr
@@ -199,7 +199,7 @@ def test_wrap_is_atomic_after_an_injected_failure(tmp_path, ddpm_folder, monkeyp
     monkeypatch.undo()
     ok("wrap", ddpm_folder, "--out", out)
     before = sorted(os.listdir(out))
-    monkeypatch.setattr(pipelines, "_model_card", broken)
+    monkeypatch.setattr(writing, "_model_card", broken)
     assert run("wrap", ddpm_folder, "--out", out, "--force").exit_code == 1
     assert sorted(os.listdir(out)) == before and os.listdir(tmp_path) == ["out"]
 

@@ -23,7 +23,7 @@ PACKAGE = Path(fmconvert.__file__).parent
 QUOTES_A_COMMAND = {
     ("integration/push.py", "hf repos settings"),
     ("integration/adapters.py", "`fmconvert sample --guidance-rescale"),
-    ("integration/pipelines.py", "from the command line: `fmconvert sample"),
+    ("integration/folder.py", "from the command line: `fmconvert sample"),
 }
 
 

@@ -305,7 +305,7 @@ def test_class_labels_by_name_and_cycled_by_index(tmp_path, tmp_path_factory):
 
 
 def test_diffusers_pipeline_modules_are_not_remote_code():
-    from fmconvert.integration.pipelines import trusted_library
+    from fmconvert.integration.source import trusted_library
 
     assert trusted_library("stable_diffusion") and trusted_library("deepfloyd_if") and trusted_library("diffusers")
     assert not trusted_library("my_pipeline") and not trusted_library("os.path") and not trusted_library("../evil")

@@ -10,7 +10,7 @@ import pytest
 from conftest import ok
 
 from fmconvert.errors import FmconvertError
-from fmconvert.integration.pipelines import ADAPTER_SHIM, SCHEDULER_SHIM, SHIM_TEXTS, inspect_source
+from fmconvert.integration.source import ADAPTER_SHIM, SCHEDULER_SHIM, SHIM_TEXTS, inspect_source
 
 #: loads each folder with stock diffusers, in a process where fmconvert has registered nothing
 STOCK_LOAD = """

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fmconvert.errors import UsageError
-from fmconvert.integration.pipelines import inspect_source
+from fmconvert.integration.source import inspect_source
 from fmconvert.math.grids import GRIDS, time_grid
 from fmconvert.math.paths import RectifiedFlow
 from fmconvert.sampling.baselines import BASELINES, build_scheduler, parse_baseline, stochastic

@@ -147,7 +147,7 @@ def test_a_live_schedulers_config_keeps_the_aliass_settings(ddpm_folder):
     from diffusers import DDPMScheduler
 
     from fmconvert.integration.configs import scheduler_config
-    from fmconvert.integration.pipelines import inspect_source
+    from fmconvert.integration.source import inspect_source
 
     source = inspect_source(str(ddpm_folder))
     live = {**DDPMScheduler.from_config({"num_train_timesteps": 1000}).config, "_class_name": "DDPMScheduler"}

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from fmconvert.cli import app
 from fmconvert.evaluation.features import FEATURES
 from fmconvert.integration.conditioning import Conditioning
-from fmconvert.integration.pipelines import inspect_source
+from fmconvert.integration.source import inspect_source
 from fmconvert.math.grids import GRIDS
 from fmconvert.math.solvers import SOLVERS, solve
 from fmconvert.sampling.baselines import BASELINES

@@ -109,14 +109,14 @@ def test_weight_file_names_are_diffusers(tmp_path):
     from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
     from diffusers.utils import _add_variant as diffusers_add_variant
 
-    from fmconvert.integration import pipelines
+    from fmconvert.integration import source as reading
 
-    ours = (pipelines.SAFE_WEIGHTS_NAME, pipelines.SAFE_WEIGHTS_INDEX_NAME, pipelines.WEIGHTS_NAME,
-            pipelines.WEIGHTS_INDEX_NAME)
+    ours = (reading.SAFE_WEIGHTS_NAME, reading.SAFE_WEIGHTS_INDEX_NAME, reading.WEIGHTS_NAME,
+            reading.WEIGHTS_INDEX_NAME)
     assert ours == (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     for name in ours:
         for variant in (None, "fp16", "bf16"):
-            assert pipelines._add_variant(name, variant) == diffusers_add_variant(name, variant)
+            assert reading._add_variant(name, variant) == diffusers_add_variant(name, variant)
 
 
 def test_variants_and_declared_dtype(tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fmconvert.errors import UsageError
 from fmconvert.evaluation.agreement import weighted_epsilon_loss
-from fmconvert.integration.pipelines import inspect_source
+from fmconvert.integration.source import inspect_source
 from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, run_fingerprint, solver_options
 from fmconvert.sampling.shards import ShardStore
 from fmconvert.training import loop
