@@ -120,7 +120,7 @@ def one_step_errors(student: Path, trained: Run, work: Path, held_seed: int, cou
     for name, run in (("train", trained), ("held_out", held)):
         data = load_couplings(couplings_folder(work, run), run.loaded(held.model_class, held.shape))
         with torch.no_grad():
-            errors[name] = flow_matching_loss(velocity, velocity.target, data.x0(torch.arange(count)), data.noise[:count],
+            errors[name] = flow_matching_loss(velocity, velocity.target_path, data.x0(torch.arange(count)), data.noise[:count],
                                               torch.ones(count, dtype=torch.float64)).mean().item()
     return {**errors, "count": count}
 

@@ -61,7 +61,7 @@ def held_out_loss(model: str, settings: TrainSettings, batches: int) -> float:
     vm = load_velocity_model(model, compute_dtype="float64")
     data = load_training_data(HELD_OUT, (1, 8, 8), False)
     draws = Draws(settings, data, trained_range(vm.velocity))
-    return sum(flow_matching_loss(vm.velocity, vm.velocity.target, *draws.batch(k)).mean().item()
+    return sum(flow_matching_loss(vm.velocity, vm.velocity.target_path, *draws.batch(k)).mean().item()
                for k in range(batches)) / batches
 
 

@@ -26,9 +26,9 @@ def test_ddim_identity_on_cuda(prediction_type, beta_schedule):
     eps = noise().cuda()
     reference = run_ddim(unet, scheduler, eps.clone(), 50)
     wrapped = VelocityAdapter.from_diffusion(unet, scheduler)
-    p = wrapped.source.point(scheduler.timesteps[:1])
+    p = wrapped.source_path.point(scheduler.timesteps[:1])
     start = (eps.double() / (p.alpha + p.sigma).cuda()).float()
-    ours = run_flowmatch_euler(wrapped, mapped_sigmas(wrapped.source, scheduler.timesteps.cpu()), start)
+    ours = run_flowmatch_euler(wrapped, mapped_sigmas(wrapped.source_path, scheduler.timesteps.cpu()), start)
     assert rel_max(ours, reference) <= 1e-5
 
 

@@ -71,7 +71,7 @@ class FieldAgreement(Metric):
 def pf_ode_reference(adapter: PathAdapter, x_s: torch.Tensor, s: torch.Tensor, **kwargs) -> torch.Tensor:
     """dx_s/ds from the adapter's wrapped network through the PF-ODE drift in score form,
     without the adapter's conversion code (see the module docstring). Float64."""
-    source = adapter.source
+    source = adapter.source_path
     lam = RectifiedFlow().log_snr(s.to(F64))
     t = source.time_at_log_snr(lam)
     p = source.point(t).view_as_batch(x_s.ndim)
@@ -85,7 +85,7 @@ def pf_ode_reference(adapter: PathAdapter, x_s: torch.Tensor, s: torch.Tensor, *
 
 def agreement_times(adapter: PathAdapter, num_times: int) -> torch.Tensor:
     """``num_times`` values of s spread evenly in the source's own time over its trained range."""
-    source = adapter.source
+    source = adapter.source_path
     t = torch.linspace(source.t_min, source.t_max, num_times, dtype=F64)
     s = RectifiedFlow().time_at_log_snr(source.log_snr(t))
     return s.clamp(1e-6, 1 - 1e-6)
@@ -202,7 +202,7 @@ def weighted_epsilon_loss(adapter: PathAdapter, x0: torch.Tensor, eps: torch.Ten
     from it where not given), with x_t = α·x0 + σ·ε. ε̂ comes from calling the source network
     directly in its own prediction type, not through the adapter's conversion: for a diffusion
     source this is the flow-matching loss of its converted field (:func:`loss_identity`)."""
-    source = adapter.source
+    source = adapter.source_path
     s_values = torch.as_tensor(s, dtype=F64, device=x0.device)
     if t is None:
         t = source.time_at_log_snr(RectifiedFlow().log_snr(s_values.reshape(-1)))
@@ -229,7 +229,7 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
     points, per element) and ``max_relative_difference`` (largest over the points)."""
     from fmconvert.math.paths import DiscreteVPSchedule
 
-    source = adapter.source
+    source = adapter.source_path
     t = torch.linspace(source.t_min, source.t_max, num_times, dtype=F64)
     if isinstance(source, DiscreteVPSchedule):
         t = t.round().unique()

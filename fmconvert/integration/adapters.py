@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -137,10 +138,10 @@ class PathAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"unsupported compute_dtype {compute_dtype!r}: supported are {', '.join(_DTYPES)}")
         if network_dtype is not None and network_dtype not in LOAD_DTYPES:
             raise ValueError(f"unsupported network_dtype {network_dtype!r}: supported are {', '.join(LOAD_DTYPES)}")
-        self.source = path_from_config(source_path)
-        self.target = path_from_config(target_path)
-        self.source_prediction = check_pair(self.source, source_prediction)
-        self.target_prediction = check_pair(self.target, target_prediction)
+        self.source_path = path_from_config(source_path)
+        self.target_path = path_from_config(target_path)
+        self.source_prediction = check_pair(self.source_path, source_prediction)
+        self.target_prediction = check_pair(self.target_path, target_prediction)
         self.model = model if model is not None else _resolve_model_class(model_class).from_config(model_config)
         # pipelines read the denoiser's config (sample_size, in_channels, ...): mirror the
         # network's, with the defaults its class filled in (model_config may be the raw config.json)
@@ -218,7 +219,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         config follows): what training a network into another parametrisation starts from, as
         SD 2's v_prediction models were fine-tuned from epsilon ones. The network is unchanged, so
         the field changes too. ValueError for a pair :func:`~fmconvert.math.conversion.check_pair` refuses."""
-        self.source_prediction = check_pair(self.source, prediction_type)
+        self.source_prediction = check_pair(self.source_path, prediction_type)
         self.register_to_config(source_prediction=self.source_prediction)
         self._plans.clear()
 
@@ -238,6 +239,19 @@ class PathAdapter(ModelMixin, ConfigMixin):
             return self.model.evaluate(x, timestep, *args, output_dtype=x.dtype, **kwargs)
         return self._call(self.model, x, timestep, args, kwargs)
 
+    @property
+    def source(self) -> GaussianPath:
+        """Renamed :attr:`source_path` ("source" is a resolved model reference,
+        :class:`fmconvert.integration.source.Source`); kept for code written before, with a DeprecationWarning."""
+        warnings.warn("PathAdapter.source is now PathAdapter.source_path", DeprecationWarning, stacklevel=2)
+        return self.source_path
+
+    @property
+    def target(self) -> GaussianPath:
+        """Renamed :attr:`target_path`; kept with a DeprecationWarning."""
+        warnings.warn("PathAdapter.target is now PathAdapter.target_path", DeprecationWarning, stacklevel=2)
+        return self.target_path
+
     def source_output(self, x: torch.Tensor, timestep: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The wrapped network's own prediction (``source_prediction`` on the ``source`` path) at
         ``x`` and its own ``timestep``, through :class:`~fmconvert.integration.network.NetworkCall`
@@ -251,7 +265,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         """:meth:`evaluate` at the target path's time ``s`` (s = 1 noise) rather than its network
         timestep: the timestep is the target path's ``model_timestep(s)`` in float64, the one rule
         (for the FlowMatch path, num_train_timesteps·s)."""
-        timestep = self.target.model_timestep(torch.as_tensor(s, dtype=torch.float64), torch.float64)
+        timestep = self.target_path.model_timestep(torch.as_tensor(s, dtype=torch.float64), torch.float64)
         return self.evaluate(sample, timestep, *args, output_dtype=output_dtype, **kwargs)
 
     @property
@@ -294,7 +308,7 @@ class PathAdapter(ModelMixin, ConfigMixin):
         # planned in float64 wherever the timestep can be read (the coefficients are then
         # rounded to compute_dtype once); on an accelerator, in compute_dtype
         plan_dtype = torch.float64 if timestep.device.type == "cpu" else compute_dtype
-        plan = plan_conversion(timestep, ndim, self.source, self.source_prediction, self.target, self.target_prediction,
+        plan = plan_conversion(timestep, ndim, self.source_path, self.source_prediction, self.target_path, self.target_prediction,
                                plan_dtype, compute_dtype if nested else torch.float32)
         if plan.scale.device != torch.device(device) or plan.scale.dtype != compute_dtype:
             plan = plan.to(device, compute_dtype)

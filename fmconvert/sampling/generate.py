@@ -65,9 +65,9 @@ def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "fl
     T = getattr(source.path, "num_train_timesteps", 1000)
     target = RectifiedFlow(num_train_timesteps=T)
     if isinstance(model, VelocityAdapter):
-        return model, model.source
+        return model, model.source_path
     if isinstance(model, DiffusionAdapter):  # converted back to a diffusion model: round trip, exact
-        return PathAdapter._wrap(model, model.target, model.target_prediction, target, "flow_prediction", "float64"), model.target
+        return PathAdapter._wrap(model, model.target_path, model.target_prediction, target, "flow_prediction", "float64"), model.target_path
     if source.prediction_type == "flow_prediction":
         return PathAdapter._wrap(model, source.path, "flow_prediction", target, "flow_prediction", compute_dtype), source.path
     return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", compute_dtype), source.path
@@ -428,7 +428,7 @@ def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch:
     the source's own prediction (diffusers' ``rescale_noise_cfg``): the guided and the
     conditional velocity are taken back through the conversion, rescaled, and brought forward."""
     velocity = vm.velocity
-    T = cast(RectifiedFlow, velocity.target).num_train_timesteps  # (the flow path, by construction)
+    T = cast(RectifiedFlow, velocity.target_path).num_train_timesteps  # (the flow path, by construction)
     channels, height, width = sample_shape(vm)
     cond, both = network_kwargs(vm.source.family, vm.pipeline, request, first, batch, device, velocity.config,
                                 (height, width), velocity.network_dtype)

@@ -182,7 +182,7 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
             accelerator.scaler.load_state_dict(state.scaler)
         log(f"resuming from step {start} (checkpoint in {work})")
     model, optimizer = accelerator.prepare(vm.velocity, optimizer)
-    target = vm.velocity.target
+    target = vm.velocity.target_path
     on_device = torch.zeros(settings.train_steps, dtype=F64, device=accelerator.device)
     log(f"training {settings.model} on {settings.data} ({len(data.values)} {data.kind}): {settings.train_steps} steps of "
         f"{settings.batch_size}, s in [{s_range[0]:.4g}, {s_range[1]:.4g}] "

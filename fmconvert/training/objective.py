@@ -89,7 +89,7 @@ def trained_range(adapter: PathAdapter) -> tuple[float, float]:
     trained times (equal log-SNR)."""
     from fmconvert.math.paths import RectifiedFlow
 
-    source = adapter.source
+    source = adapter.source_path
     lam = source.log_snr(torch.tensor([source.t_min, source.t_max], dtype=F64))
     s = RectifiedFlow().time_at_log_snr(lam).clamp(0.0, 1.0)
     return float(s.min()), float(s.max())

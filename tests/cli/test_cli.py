@@ -93,7 +93,7 @@ def test_wrap_text_conditioned_pipeline_reproduces_ddim_through_stock_diffusers(
                                                  clip_sample=False, set_alpha_to_one=True)
     steps = 10
     source.scheduler.set_timesteps(steps)
-    schedule = converted.unet.source
+    schedule = converted.unet.source_path
     sigmas = RectifiedFlow().time_at_log_snr(schedule.log_snr(source.scheduler.timesteps.double()))
     eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     common = dict(prompt="a red circle", guidance_scale=4.0, output_type="pt")

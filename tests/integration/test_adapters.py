@@ -73,7 +73,7 @@ def test_forward_identity_ddim_equals_flowmatch_euler_on_the_wrap(unet, predicti
     reference = run_ddim(unet, scheduler, eps.clone(), steps)
 
     wrapped = VelocityAdapter.from_diffusion(unet, scheduler)
-    schedule = wrapped.source
+    schedule = wrapped.source_path
     p = schedule.point(scheduler.timesteps[:1])
     x_start = (eps.double() / (p.alpha + p.sigma)).float()  # x_s0 = ε/(α_T + σ_T)
     ours = run_flowmatch_euler(wrapped, mapped_sigmas(schedule, scheduler.timesteps), x_start)
@@ -89,7 +89,7 @@ def test_back_identity_ddim_on_the_wrap_equals_flowmatch_euler_on_the_flow_model
     eps = noise(seed=2)
     ours = run_ddim(wrapped, scheduler, eps.clone(), steps)
 
-    schedule = wrapped.target
+    schedule = wrapped.target_path
     p = schedule.point(scheduler.timesteps[:1])
     x_start = (eps.double() / (p.alpha + p.sigma)).float()
     reference = run_flowmatch_euler(flow_model, mapped_sigmas(schedule, scheduler.timesteps), x_start)
@@ -102,9 +102,9 @@ def test_identity_fails_without_the_mapping(unet):
     eps = noise()
     reference = run_ddim(unet, scheduler, eps.clone(), 10)
     wrapped = VelocityAdapter.from_diffusion(unet, scheduler)
-    p = wrapped.source.point(scheduler.timesteps[:1])
+    p = wrapped.source_path.point(scheduler.timesteps[:1])
     x_start = (eps.double() / (p.alpha + p.sigma)).float()
-    ours = run_flowmatch_euler(wrapped, torch.linspace(mapped_sigmas(wrapped.source, scheduler.timesteps)[0].item(), 0.1, 10), x_start)
+    ours = run_flowmatch_euler(wrapped, torch.linspace(mapped_sigmas(wrapped.source_path, scheduler.timesteps)[0].item(), 0.1, 10), x_start)
     assert rel_max(ours, reference) > 1e-3
 
 
@@ -138,7 +138,7 @@ def test_round_trip_from_the_flow_side(unet):
     scheduler = ddim("linear")
     as_eps = DiffusionAdapter.from_flow(unet, "epsilon", schedule=scheduler)
     again = VelocityAdapter.from_diffusion(as_eps, scheduler)
-    s = mapped_sigmas(as_eps.target, TIMES)
+    s = mapped_sigmas(as_eps.target_path, TIMES)
     timesteps = RectifiedFlow().model_timestep(s)
     x = noise((len(TIMES), 3, 8, 8), seed=4)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_velocity_equals_pf_ode_drift(unet, prediction_type, beta_schedule):
     """Drift f·x − ½g²·score in VP time t from the raw network output, moved by hand to
     (s, x_s) = (σ/(α+σ), x/(α+σ)), equals the adapter's output at 1000·s."""
     wrapped = VelocityAdapter.from_diffusion(unet, ddim(beta_schedule, prediction_type))
-    schedule = wrapped.source
+    schedule = wrapped.source_path
     t = torch.tensor([0.25, 1.5, 10.25, 100.5, 250.75, 500.5, 750.25, 900.5, 990.75, 998.5])
     p = schedule.point(t.to(F64))
     a, s_, da, ds = (v.view(-1, 1, 1, 1) for v in (p.alpha, p.sigma, p.d_alpha, p.d_sigma))
@@ -215,7 +215,7 @@ def test_classifier_free_guidance_commutes_with_conversion(cond_unet):
 
         from fmconvert import evaluate_converted
 
-        velocity_of_guided = evaluate_converted(guided_eps, x, timestep, wrapped.source, "epsilon", wrapped.target,
+        velocity_of_guided = evaluate_converted(guided_eps, x, timestep, wrapped.source_path, "epsilon", wrapped.target_path,
                                             "flow_prediction", input_dtype=torch.float32, output_dtype=F64)
     assert rel_l2(guided_velocity, velocity_of_guided) <= 1e-12
     assert rel_l2(u_c, u_u) > 1e-3  # the conditioning matters, so the check has teeth
@@ -234,8 +234,8 @@ def test_remembered_conversion_is_the_conversion(unet, timestep):
         for x in (noise(), noise((3, 3, 8, 8))) if uniform else (noise(),):  # one plan serves any batch size
             if uniform and torch.is_tensor(timestep) and timestep.numel() > 1:
                 timestep = timestep[:1].expand(len(x))
-            afresh = evaluate_converted(lambda x_in, t_in: unet(x_in, t_in).sample, x, timestep, wrapped.source,
-                                    "epsilon", wrapped.target, "flow_prediction", output_dtype=F64)
+            afresh = evaluate_converted(lambda x_in, t_in: unet(x_in, t_in).sample, x, timestep, wrapped.source_path,
+                                    "epsilon", wrapped.target_path, "flow_prediction", output_dtype=F64)
             first = wrapped.evaluate(x, timestep, output_dtype=F64)
             again = wrapped.evaluate(x, timestep, output_dtype=F64)
             assert torch.equal(first, afresh) and torch.equal(again, afresh)
@@ -309,7 +309,7 @@ def test_transformer_flow_model_called_with_hidden_states():
     t = torch.tensor([100, 900])
     with torch.no_grad():
         eps = wrapped(hidden_states=x, timestep=t, **cond, return_dict=False)[0]
-        p = wrapped.target.point(t.to(F64))
+        p = wrapped.target_path.point(t.to(F64))
         s = (p.sigma / (p.alpha + p.sigma)).view(-1, 1, 1, 1)
         x_s = x.double() / (p.alpha + p.sigma).view(-1, 1, 1, 1)
         u = transformer(hidden_states=x_s.float(), timestep=(1000 * s.flatten()).float(), **cond).sample.double()
@@ -364,7 +364,7 @@ def test_endpoint_policy_values(unet):
     """s = 1: x̂0 from the last trained timestep, u = x − x̂0. s = 0: ε̂ from t = 0, u = ε̂ − x."""
     scheduler = ddim("linear")
     wrapped = VelocityAdapter.from_diffusion(unet, scheduler)
-    schedule = wrapped.source
+    schedule = wrapped.source_path
     x = noise((1, 3, 8, 8), seed=11).double()
     with torch.no_grad():
         u1 = wrapped.evaluate(x, torch.tensor([1000.0]), output_dtype=F64)
@@ -381,7 +381,7 @@ def test_endpoint_policy_values(unet):
 def test_x0_and_eps_stay_consistent_beyond_the_trained_range(unet):
     """(1 − s)·x̂0 + s·ε̂ = x_s for every s, the clamped ends included."""
     scheduler = ddim("linear")
-    source = VelocityAdapter.from_diffusion(unet, scheduler).source
+    source = VelocityAdapter.from_diffusion(unet, scheduler).source_path
     as_x0 = PathAdapter._wrap(unet, source, "epsilon", RectifiedFlow(), "sample", "float64")
     as_eps = PathAdapter._wrap(unet, source, "epsilon", RectifiedFlow(), "epsilon", "float64")
     s = torch.tensor([0.0, 0.001, 0.005, 0.5, 0.995, 0.9999, 1.0], dtype=F64)

@@ -73,7 +73,7 @@ def test_vp_sde_ddim_in_its_own_time_is_euler_on_the_converted_field():
     scheduler.set_timesteps(12)
     adapter = VelocityAdapter.from_diffusion(unet, scheduler)
     t = scheduler.timesteps.to(F64)
-    p = adapter.source.point(t)
+    p = adapter.source_path.point(t)
     x = noise()
     reference = x.double()
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_converted_field_is_the_pf_ode_drift(scheduler):
     network's output in score form (agree's reference), across the trained range."""
     unet = make_unet(seed=8, **({"time_embedding_type": "fourier"} if isinstance(scheduler, ScoreSdeVeScheduler) else {}))
     adapter = VelocityAdapter.from_diffusion(unet, scheduler)
-    assert isinstance(adapter.source, (VEPath, VPSDEPath))
+    assert isinstance(adapter.source_path, (VEPath, VPSDEPath))
     x = noise()
     for sigma in (0.02, 0.5, 3.0, 40.0):
         s = torch.full((2,), sigma / (1 + sigma), dtype=F64)

@@ -58,7 +58,7 @@ def test_flux_network_is_handed_s_through_the_python_api(tmp_path_factory):
         pipe = DiffusionPipeline.from_pretrained(build_continuous_replica("flux_dev", tmp_path_factory))
         transformer = pipe.transformer
         back = DiffusionAdapter.from_flow(transformer, "epsilon", flow_scheduler=pipe.scheduler)
-        assert back.source.to_config()["timestep_scale"] == 1.0 and back.target.to_config()["timestep_scale"] == 1e-3
+        assert back.source_path.to_config()["timestep_scale"] == 1.0 and back.target_path.to_config()["timestep_scale"] == 1e-3
         assert path_config(pipe.scheduler)[0].get("timestep_scale") is None  # (the scheduler alone cannot tell)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 16, 8, 8, generator=g)
@@ -69,8 +69,8 @@ def test_flux_network_is_handed_s_through_the_python_api(tmp_path_factory):
         t = torch.tensor([600])
         with torch.no_grad():
             eps = back(x, t.float() / 1000, **kwargs).sample.double()
-            p = back.target.point(t.double())
-            s = RectifiedFlow().time_at_log_snr(back.target.log_snr(t.double()))
+            p = back.target_path.point(t.double())
+            s = RectifiedFlow().time_at_log_snr(back.target_path.log_snr(t.double()))
             x_s = (x.double() / (p.alpha + p.sigma)).float()
             packed = FluxPipeline._pack_latents(x_s, 1, 16, 8, 8)
             u = transformer(hidden_states=packed, timestep=s.float(), **kwargs, return_dict=False)[0]
@@ -120,7 +120,7 @@ def flow_match_reference(folder, converted, kwargs, noise):
     converted pipeline's DDIM steps through, from the same noise mapped to the flow path."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    p = converted.transformer.target.point(converted.scheduler.timesteps.to(F64))
+    p = converted.transformer.target_path.point(converted.scheduler.timesteps.to(F64))
     grid = (p.sigma / (p.alpha + p.sigma)).tolist()
     source = DiffusionPipeline.from_pretrained(folder)
     source.scheduler = FlowMatchEulerDiscreteScheduler.from_config(source.scheduler.config, shift=1.0,
@@ -154,7 +154,7 @@ def test_flux_converted_back_runs_discrete_schedulers_in_its_own_pipeline(name, 
         assert (summary["pipeline_class"], summary["scheduler"]) == ("FluxPipeline", "FlowPipelineDDIMScheduler")
         converted = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
         assert type(converted.scheduler).__name__ == "FlowPipelineDDIMScheduler"
-        assert converted.transformer.target.to_config()["timestep_scale"] == 1e-3
+        assert converted.transformer.target_path.to_config()["timestep_scale"] == 1e-3
         noise = FluxPipeline._pack_latents(torch.randn((1, *replica.noise_shape), generator=torch.Generator().manual_seed(SEED)),
                                            1, *replica.noise_shape)
         kwargs = dict(replica.call, output_type="latent", num_inference_steps=STEPS)

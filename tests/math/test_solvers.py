@@ -111,7 +111,7 @@ def test_exponential_integrators_are_diffusers_schedulers_on_the_converted_field
     with torch.no_grad():
         for t in scheduler.timesteps:
             reference = scheduler.step(unet(reference, t).sample, t, reference).prev_sample
-        p = adapter.source.point(scheduler.timesteps.to(torch.float64))
+        p = adapter.source_path.point(scheduler.timesteps.to(torch.float64))
         grid = torch.cat([p.sigma / (p.alpha + p.sigma), torch.zeros(1, dtype=torch.float64)])
         result = solve(lambda y, s: adapter.evaluate(y, 1000 * s), (x.double() / (p.alpha[0] + p.sigma[0])).float(),
                        grid, solver)

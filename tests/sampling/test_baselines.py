@@ -101,7 +101,7 @@ def test_multistep_solvers_are_invariant_under_the_change_of_path(name, options,
     with torch.no_grad():
         for t in source.timesteps:
             x = source.step(unet(x, t).sample, t, x).prev_sample
-    p = adapter.source.point(source.timesteps.to(torch.float64))
+    p = adapter.source_path.point(source.timesteps.to(torch.float64))
     shim = getattr(schedulers, "Flow" + name).from_config({"num_train_timesteps": 1000, "shift": 1.0}, **options)
     shim.set_timesteps(sigmas=(p.sigma / (p.alpha + p.sigma)).tolist())
     assert shim.timesteps.dtype == torch.float32 and not torch.equal(shim.timesteps, shim.timesteps.round())

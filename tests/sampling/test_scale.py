@@ -156,7 +156,7 @@ def test_folders_of_the_earlier_layout_still_load(tmp_path):
     ModelMixin.save_pretrained(new.unet, legacy_unet)  # the earlier layout
     assert "network" not in os.listdir(legacy_unet)
     config = json.loads((legacy_unet / "config.json").read_text())  # and its source schedule as an ᾱ table
-    config["source_path"] = {"kind": "discrete_vp", "alphas_cumprod": new.unet.source.alphas_cumprod.tolist()}
+    config["source_path"] = {"kind": "discrete_vp", "alphas_cumprod": new.unet.source_path.alphas_cumprod.tolist()}
     (legacy_unet / "config.json").write_text(json.dumps(config))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for old in (fmconvert.load(out), DiffusionPipeline.from_pretrained(out, trust_remote_code=True)):

@@ -93,7 +93,7 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
         reference = weighted_epsilon_loss(vm.velocity, x0, eps, s)
         assert logged == pytest.approx(reference.mean().item(), rel=1e-6)
         vm64 = load_velocity_model("builtin:digits-eps", dtype=torch.float64, compute_dtype="float64")
-        fm = flow_matching_loss(vm64.velocity, vm64.velocity.target, x0.double(), eps.double(), s)
+        fm = flow_matching_loss(vm64.velocity, vm64.velocity.target_path, x0.double(), eps.double(), s)
         torch.testing.assert_close(fm, weighted_epsilon_loss(vm64.velocity, x0, eps, s), rtol=1e-12, atol=0)
     assert s.min() >= trained_range(vm.velocity)[0] and s.max() <= trained_range(vm.velocity)[1]
 
@@ -115,10 +115,10 @@ def test_a_diffusion_network_trains_into_another_prediction_type(tmp_path, tiny)
     source = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"), scheduler, "v_prediction")
     x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), trained_range(source)).batch(0)
     with torch.no_grad():
-        first = flow_matching_loss(source, source.target, x0, eps, s).mean().item()
+        first = flow_matching_loss(source, source.target_path, x0, eps, s).mean().item()
         assert record["loss"][0] == pytest.approx(first, rel=1e-6)
         as_epsilon = VelocityAdapter.from_diffusion(UNet2DModel.from_pretrained(tiny / "unet"), scheduler)
-        assert flow_matching_loss(as_epsilon, as_epsilon.target, x0, eps, s).mean().item() != pytest.approx(first, rel=1e-3)
+        assert flow_matching_loss(as_epsilon, as_epsilon.target_path, x0, eps, s).mean().item() != pytest.approx(first, rel=1e-3)
         assert json.loads((out / "unet" / "config.json").read_text())["source_prediction"] == "v_prediction"
         trained = UNet2DModel.from_pretrained(out / "unet" / "network")
         expected = VelocityAdapter.from_diffusion(trained, scheduler, "v_prediction", compute_dtype="float32")
@@ -365,7 +365,7 @@ def test_pseudo_huber_is_quadratic_for_small_errors_and_linear_for_large_ones(tm
                                             DDPMScheduler.from_pretrained(tiny / "scheduler"))
     x0, eps, s = Draws(settings, load_training_data(DATA, (1, 8, 8), False), trained_range(source)).batch(0)
     with torch.no_grad():
-        mse = flow_matching_loss(source, source.target, x0, eps, s)
+        mse = flow_matching_loss(source, source.target_path, x0, eps, s)
     assert record["loss"][0] == pytest.approx(per_sample_loss(mse, 64, "pseudo_huber").mean().item(), rel=1e-6)
     assert record["loss"][0] != pytest.approx(mse.mean().item(), rel=1e-2)
 
