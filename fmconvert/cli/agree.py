@@ -6,9 +6,11 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import choice, parse_steps, plan, positive
-from fmconvert.cli.options import SAMPLE_DTYPES, AsJson, Device, NumImages, NumTimes, Seed, Steps, UsageError
+from fmconvert.cli.checks import parse_steps, plan, positive
+from fmconvert.cli.options import AsJson, Device, NumImages, NumTimes, Seed, Steps
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
+from fmconvert.errors import UsageError, check_choice
+from fmconvert.integration.configs import SAMPLE_DTYPES
 
 
 @handle_errors
@@ -36,7 +38,7 @@ def agree(
     interactive(as_json)
     dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
     for d in dtype_list:
-        choice(d, SAMPLE_DTYPES, "--dtypes")
+        check_choice("dtypes", d, SAMPLE_DTYPES)
     steps_list = parse_steps(steps)
     positive(num_times=num_times, num_points=num_points, num_images=num_images)
     if loss and other is not None:

@@ -14,12 +14,6 @@ if TYPE_CHECKING:
     from fmconvert.sampling.runs import Run
 
 
-def choice(value: str, choices, option: str) -> str:
-    if value not in choices:
-        raise UsageError(f"unknown {option} '{value}': use one of {', '.join(choices)}")
-    return value
-
-
 def new_output(out: Path, force: bool) -> None:
     """Refuse an existing output without --force (before any work)."""
     if out.exists() and not force:

@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import choice, parse_steps, plan
+from fmconvert.cli.checks import parse_steps, plan
 from fmconvert.cli.options import (
-    FEATURES,
     AsJson,
     Atol,
     Baseline,
@@ -26,10 +25,11 @@ from fmconvert.cli.options import (
     Shift,
     Solver,
     Steps,
-    UsageError,
-    _listing,
+    listing,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, main_process, say
+from fmconvert.errors import UsageError, check_choice
+from fmconvert.evaluation.features import FEATURES
 from fmconvert.sampling.runs import resolved
 
 
@@ -37,7 +37,7 @@ from fmconvert.sampling.runs import resolved
 def fid(
     model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
     reference: str = typer.Option(..., "--reference", help="builtin:digits[/train|/held_out], an image folder, or a statistics file (.safetensors)."),
-    features: str = typer.Option("digits", help="Feature extractor: " + _listing(FEATURES) + "."),
+    features: str = typer.Option("digits", help="Feature extractor: " + listing(FEATURES) + "."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, else download."),
     inception_layer: str = typer.Option("2048", "--inception-layer", help="Inception feature layer: 64, 192, 768, 2048."),
     steps: Steps = "4,8,16,32",
@@ -68,7 +68,7 @@ def fid(
     from fmconvert.sampling.runs import sweep_runs
 
     bars = interactive(as_json)
-    choice(features, FEATURES, "--features")
+    check_choice("features", features, FEATURES)
     solvers = [v.strip() for v in solver.split(",") if v.strip()]
     steps_list = parse_steps(steps)
     for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):

@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from fmconvert.errors import UsageError
-from fmconvert.evaluation.features import FEATURES  # noqa: F401 (the --features choices, read by cli/fid.py)
 from fmconvert.integration.configs import SAMPLE_DTYPES
 from fmconvert.math.grids import GRIDS
 from fmconvert.math.solvers import SOLVERS
@@ -20,7 +19,7 @@ from fmconvert.sampling.baselines import BASELINES
 from fmconvert.training.settings import LORA_TARGETS, TrainSettings
 
 
-def _listing(registry: dict) -> str:
+def listing(registry: dict) -> str:
     return "; ".join(f"{name}: {entry.summary}" for name, entry in registry.items())
 
 
@@ -33,16 +32,16 @@ def _solver_option_help(option: str) -> str:
 Steps = Annotated[str, typer.Option(help="Solver steps (the NFE is counted and reported, not assumed); comma-separated for a sweep.")]
 
 
-Solver = Annotated[str, typer.Option(help="ODE solver: " + _listing(SOLVERS) + ".")]
+Solver = Annotated[str, typer.Option(help="ODE solver: " + listing(SOLVERS) + ".")]
 
 
-Grid = Annotated[str, typer.Option(help="Time grid: " + _listing(GRIDS) + ".")]
+Grid = Annotated[str, typer.Option(help="Time grid: " + listing(GRIDS) + ".")]
 
 
 Shift = Annotated[Optional[float], typer.Option(help="Time shift k of the uniform or flowmatch grid, s = k·u/(1 + (k − 1)·u) (SD3's shift: k > 1 puts more steps near the noise); default: the source scheduler's own (1 for a diffusion model). Few-step sampling gains from 1.5 to 2 (SAMPLERS.md).")]
 
 
-Baseline = Annotated[Optional[list[str]], typer.Option(help="A diffusers scheduler driving the unconverted source on the same noise (NFE counted from network calls), NAME[:key=value,...]; repeat it for several. NAME: " + _listing(BASELINES) + "; or a diffusers scheduler class name.")]
+Baseline = Annotated[Optional[list[str]], typer.Option(help="A diffusers scheduler driving the unconverted source on the same noise (NFE counted from network calls), NAME[:key=value,...]; repeat it for several. NAME: " + listing(BASELINES) + "; or a diffusers scheduler class name.")]
 
 
 Rtol = Annotated[Optional[float], typer.Option(help=_solver_option_help("rtol"))]

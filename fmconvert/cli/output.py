@@ -63,12 +63,11 @@ def handle_errors(command):
     schedule, a config it cannot map), so a usage error, exit 2, in every command. Anything
     else: exit 1, with its type. The library names parameters (``num_images=0``); the message
     names the command's options instead (``--num-images 0``, :func:`in_flags`)."""
-    flags = option_flags(command)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         saved = {name: os.environ.get(name) for name in _SETS_ENVIRONMENT}
-        token = _FLAGS.set(flags)
+        token = _FLAGS.set(option_flags(command))  # (read when the command runs, not when the CLI is imported)
         try:
             result = command(*args, **kwargs)
             _leave_together()
@@ -106,7 +105,7 @@ def handle_errors(command):
 
 #: the library's names for what an option sets, where they differ from the option's name
 PARAMETER_FLAGS = {"class_labels": "--class-label", "negative_image_embeds": "--image-embeds (negative_image_embeds)",
-                   "image_embeds": "--image-embeds", "num_couplings": "--num-couplings"}
+                   "image_embeds": "--image-embeds"}
 
 
 def option_flags(command) -> dict[str, str]:

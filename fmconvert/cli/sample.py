@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import parse_steps, plan, positive, read_embeddings
+from fmconvert.cli.checks import new_output, parse_steps, plan, positive, read_embeddings
 from fmconvert.cli.options import (
     AllowPickle,
     AsJson,
@@ -29,9 +29,9 @@ from fmconvert.cli.options import (
     Solver,
     Steps,
     TrustRemoteCode,
-    UsageError,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log
+from fmconvert.errors import UsageError
 from fmconvert.sampling.runs import resolved
 
 
@@ -82,8 +82,8 @@ def sample(
                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
     positive(num_images=num_images, batch_size=batch_size,
               **{name: value for name, value in (("height", height), ("width", width)) if value is not None})
-    if out is not None and out.suffix.lower() != ".png" and out.exists() and not force:
-        raise UsageError(f"output '{out}' already exists; pass --force to replace it")
+    if out is not None and out.suffix.lower() != ".png":  # (a .png grid is replaced, as an image file is)
+        new_output(out, force)
     if baseline is not None and len(baseline) > 1:
         raise UsageError(f"sample draws one run: give one --baseline, got {len(baseline)} (fid compares several)")
     run, source = plan(model, revision, allow_pickle, trust_remote_code, solvers=[solver], baselines=baseline or [],
@@ -122,9 +122,9 @@ def sample(
         atomic_write(save_tensor, lambda tmp: save_file({"samples": result.samples.contiguous(),
                                                           "images": result.images.contiguous()}, str(tmp)))
         outputs["tensor"] = str(save_tensor)
+    record = run.manifest()
     payload = {
-        "loaded": drawn.vm.info, "run": run.manifest(), "solver": run.sampler.name,
-        "grid": run.sampler.record()["grid"], "shift": run.sampler.record()["shift"],
+        "loaded": drawn.vm.info, "run": record, "solver": record["sampler"], "grid": record["grid"], "shift": record["shift"],
         "steps": run.steps,
         "nfe": max(result.nfe), "nfe_per_batch": result.nfe, "num_images": num_images, "batch_size": batch_size,
         "seed": seed, **computed_on(device), "dtype": dtype, "shape": list(run.shape or ()),

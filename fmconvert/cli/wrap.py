@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import choice, new_output
-from fmconvert.cli.options import AllowPickle, AsJson, Force, Private, Public, Revision, TrustRemoteCode, UsageError
+from fmconvert.cli.checks import new_output
+from fmconvert.cli.options import AllowPickle, AsJson, Force, Private, Public, Revision, TrustRemoteCode
 from fmconvert.cli.output import emit_json, handle_errors, interactive, log
+from fmconvert.errors import UsageError, check_choice
 
 
 @handle_errors
@@ -45,7 +46,7 @@ def wrap(
     from fmconvert.integration.source import inspect_source
 
     interactive(as_json, import_diffusers=False)
-    choice(to, TARGETS, "--to")
+    check_choice("to", to, TARGETS)
     new_output(out, force)
     src = inspect_source(source, revision, allow_pickle, trust_remote_code)
     log(f"converting {src.model_class} ({src.prediction_type}, {src.scheduler.get('_class_name')}) from {source}")

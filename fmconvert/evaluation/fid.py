@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.errors import FmconvertError, UsageError, check_choice
 from fmconvert.evaluation.features import FEATURES
 from fmconvert.evaluation.statistics import KID_KEEP as KID_KEEP
 from fmconvert.evaluation.statistics import FeatureStatistics, fid_between, kid_between
@@ -108,8 +108,7 @@ class Extractor:
 
 def make_extractor(features: str = "digits", inception_weights: str | Path | None = None, inception_layer: str = "2048",
                    device: str = "cpu") -> Extractor:
-    if features not in FEATURES:
-        raise UsageError(f"unknown features={features!r}: use one of {', '.join(FEATURES)}")
+    check_choice("features", features, FEATURES)
     if features == "digits":
         from fmconvert.zoo import builtin_path
         from fmconvert.zoo.digits import DigitsFeatures, load_classifier
@@ -117,8 +116,7 @@ def make_extractor(features: str = "digits", inception_weights: str | Path | Non
         module = DigitsFeatures(load_classifier()).to(device)
         weights_file = builtin_path("digits-features", kind="features") / "diffusion_pytorch_model.safetensors"
         return Extractor("digits", module, module.num_features, _sha256(weights_file))
-    if inception_layer not in INCEPTION_LAYERS:
-        raise UsageError(f"unknown inception_layer={inception_layer!r}: use one of {', '.join(INCEPTION_LAYERS)}")
+    check_choice("inception_layer", inception_layer, INCEPTION_LAYERS)
     path = _inception_file(inception_weights)
     try:
         torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: nothing executes

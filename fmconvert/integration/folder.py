@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fmconvert import __version__
-from fmconvert.errors import FmconvertError, UsageError
+from fmconvert.errors import FmconvertError, UsageError, check_choice
 from fmconvert.files.atomic import atomic_folder, link_large_or_copy, link_or_copy
 from fmconvert.integration.configs import LOAD_DTYPES, NETWORK_FOLDER, describe_path, velocity_adapter_init, velocity_scheduler_config
 from fmconvert.integration.hub import PICKLE_SUFFIXES
@@ -120,8 +120,7 @@ def convert(source: Source, to: str = "velocity", schedule: str | None = None,
     ``to="epsilon"`` / ``"v_prediction"`` (flow sources): :meth:`DiffusionAdapter.from_flow` on a
     meta-device skeleton of the network, with DDIMScheduler on the target schedule.
     """
-    if to not in TARGETS:
-        raise UsageError(f"unknown to={to!r}: use one of {', '.join(TARGETS)}")
+    check_choice("to", to, TARGETS)
     is_flow = source.prediction_type == "flow_prediction"
     if to == "velocity":
         if is_flow:
@@ -217,8 +216,8 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
     network (None: as diffusers loads the source's). ``finish(tmp)``: called on the complete
     temporary folder before it becomes ``out`` (:func:`write_trained` replaces the network
     there). Returns a summary (JSON-ready)."""
-    if dtype is not None and dtype not in LOAD_DTYPES:
-        raise UsageError(f"unknown dtype={dtype!r}: use one of {', '.join(LOAD_DTYPES)}")
+    if dtype is not None:
+        check_choice("dtype", dtype, LOAD_DTYPES)
     if source.converted and variant is not None:
         raise UsageError(f"variant={variant!r} picks a source's weight files; a converted folder keeps the variant it was "
                          "written with")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmconvert import __version__
-from fmconvert.errors import UsageError
+from fmconvert.errors import UsageError, check_choice
 from fmconvert.integration.conditioning import Conditioning
 
 if TYPE_CHECKING:
@@ -203,24 +203,19 @@ def check_choices(solvers: list[str], grid: str = "uniform", shift: float | None
     from fmconvert.sampling.baselines import parse_baseline
 
     for name in solvers:
-        _choice("solver", name, SOLVERS)
-    _choice("grid", grid, GRIDS)
+        check_choice("solver", name, SOLVERS)
+    check_choice("grid", grid, GRIDS)
     try:
         check_shift(grid, shift)
     except ValueError as error:
         raise UsageError(f"shift={shift}: {error}") from None
-    _choice("dtype", dtype, SAMPLE_DTYPES)
+    check_choice("dtype", dtype, SAMPLE_DTYPES)
     for spec in baselines:
         parse_baseline(spec)  # (an unknown name or a malformed option: refused here)
     for option, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not any(option in dict(SOLVERS[name].options) for name in solvers):
             takers = ", ".join(n for n, s in SOLVERS.items() if option in dict(s.options))
             raise UsageError(f"{option}={value} is an option of {takers}; {', '.join(solvers)} does not take it")
-
-
-def _choice(parameter: str, value: str, choices: Any) -> None:
-    if value not in choices:
-        raise UsageError(f"unknown {parameter}={value!r}: use one of {', '.join(choices)}")
 
 
 def make_run(source: Source, solvers: list[str], *, grid: str = "uniform", dtype: str = "float32",

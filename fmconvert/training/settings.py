@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fmconvert import __version__
-from fmconvert.errors import UsageError
+from fmconvert.errors import UsageError, check_choice
 from fmconvert.sampling.runs import files_fingerprint, model_fingerprint
 
 if TYPE_CHECKING:
@@ -89,15 +89,14 @@ class TrainSettings:
         for valid, name, what in checks:
             if not valid:
                 raise UsageError(f"{name}={getattr(self, name)!r}: must be {what}")
-        if self.prediction_type is not None and self.prediction_type not in TRAINABLE_PREDICTIONS:
-            raise UsageError(f"unknown prediction_type={self.prediction_type!r}: use one of {', '.join(TRAINABLE_PREDICTIONS)}")
+        if self.prediction_type is not None:
+            check_choice("prediction_type", self.prediction_type, TRAINABLE_PREDICTIONS)
         if self.distill and self.couplings is None:
             raise UsageError("distill=True trains one step from the noise to its coupled sample: it needs couplings "
                              "(reflow with distill=True)")
         for name, choices in (("lr_schedule", LR_SCHEDULES), ("time_sampling", TIME_SAMPLINGS), ("loss_type", LOSS_TYPES),
                               ("mixed_precision", MIXED_PRECISIONS)):
-            if getattr(self, name) not in choices:
-                raise UsageError(f"unknown {name}={getattr(self, name)!r}: use one of {', '.join(choices)}")
+            check_choice(name, getattr(self, name), choices)
 
     @classmethod
     def create(cls, source: Source | str, data: str, **fields: Any) -> "TrainSettings":
