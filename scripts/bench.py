@@ -218,7 +218,7 @@ def fid_inputs(work: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     from fmconvert.testing import random_inception_weights
-    from fmconvert.zoo.digits import load_digits
+    from fmconvert.zoo.datasets import load_digits
 
     images = load_digits().images.expand(-1, 3, -1, -1).contiguous()
     data = work / "digits-rgb.safetensors"

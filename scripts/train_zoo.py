@@ -36,7 +36,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteSchedul
 
 from fmconvert.math.paths import DiscreteVPSchedule, RectifiedFlow  # noqa: E402
 from fmconvert.math.predictions import from_x0_eps  # noqa: E402
-from fmconvert.zoo.digits import DigitsClassifier, build_digits, save_digits  # noqa: E402
+from fmconvert.zoo.datasets import build_digits, save_digits  # noqa: E402
+from fmconvert.zoo.digits import DigitsClassifier  # noqa: E402
 
 MODELS = {
     "digits-eps": {"scheduler": lambda: DDPMScheduler(beta_schedule="linear", prediction_type="epsilon"), "target": "epsilon"},
@@ -81,7 +82,7 @@ def noisy_batch(name: str, x0: torch.Tensor, generator: torch.Generator):
 
 
 def train_model(name: str, steps: int, out: Path, batch: int = 128, lr: float = 5e-4) -> None:
-    from fmconvert.zoo.digits import load_digits
+    from fmconvert.zoo.datasets import load_digits
 
     torch.manual_seed(SEEDS[name])
     generator = torch.Generator().manual_seed(SEEDS[name])
@@ -123,7 +124,7 @@ def train_model(name: str, steps: int, out: Path, batch: int = 128, lr: float = 
 
 
 def train_classifier(out: Path, epochs: int = 60) -> None:
-    from fmconvert.zoo.digits import load_digits
+    from fmconvert.zoo.datasets import load_digits
 
     torch.manual_seed(SEEDS["digits-features"])
     generator = torch.Generator().manual_seed(SEEDS["digits-features"])
@@ -168,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.what in ("all", "data"):
-        from fmconvert.zoo.digits import digits_path
+        from fmconvert.zoo.datasets import digits_path
 
         save_digits(build_digits(), digits_path())
         print(f"digits: wrote {digits_path()}", flush=True)

@@ -14,7 +14,7 @@ import fmconvert
 
 PACKAGE = Path(fmconvert.__file__).parent
 #: bottom to top; a module may import from its own layer and the layers before it
-LAYERS = ("errors", "files", "zoo", "math", "integration", "sampling", "evaluation", "training", "cli")
+LAYERS = ("errors", "zoo", "files", "math", "integration", "sampling", "evaluation", "training", "cli")
 #: the module paths converted folders import (their shims): re-exports that nothing inside imports
 FOLDER_PATHS = ("fmconvert.adapters", "fmconvert.schedulers", "fmconvert.pipelines")
 #: may import any layer: the package's lazy public names, the test stand-ins, ``python -m fmconvert``

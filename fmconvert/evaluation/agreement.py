@@ -183,15 +183,7 @@ def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
     (:func:`fmconvert.files.references.parse_data`)."""
     from fmconvert.files.references import parse_data
 
-    ref = parse_data(reference)
-    if ref.kind == "builtin":
-        from fmconvert.zoo.digits import load_digits
-
-        return load_digits(ref.split).data[:limit]
-    from fmconvert.files.images import load_folder
-
-    assert ref.path is not None  # (a folder reference)
-    return load_folder(ref.path, limit).float() / 127.5 - 1
+    return parse_data(reference).images(limit).float() / 127.5 - 1
 
 
 @torch.no_grad()

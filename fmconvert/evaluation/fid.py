@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -35,21 +35,13 @@ from fmconvert.errors import FmconvertError, UsageError, check_choice
 from fmconvert.evaluation.features import FEATURES
 from fmconvert.evaluation.statistics import KID_KEEP as KID_KEEP
 from fmconvert.evaluation.statistics import FeatureStatistics, fid_between, kid_between
-from fmconvert.files.references import DataRef, parse_data
+from fmconvert.files.references import file_sha256, parse_data
 from fmconvert.sampling.runs import Run, SchedulerSampler
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 INCEPTION_LAYERS = ("64", "192", "768", "2048")
 
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -115,7 +107,7 @@ def make_extractor(features: str = "digits", inception_weights: str | Path | Non
 
         module = DigitsFeatures(load_classifier()).to(device)
         weights_file = builtin_path("digits-features", kind="features") / "diffusion_pytorch_model.safetensors"
-        return Extractor("digits", module, module.num_features, _sha256(weights_file))
+        return Extractor("digits", module, module.num_features, file_sha256(weights_file))
     check_choice("inception_layer", inception_layer, INCEPTION_LAYERS)
     path = _inception_file(inception_weights)
     try:
@@ -132,7 +124,7 @@ def make_extractor(features: str = "digits", inception_weights: str | Path | Non
     # channels_last: the same convolutions (features equal to float32 rounding), ~1.5× faster
     # on CPU (oneDNN) and the layout cuDNN prefers
     module = module.to(device, memory_format=torch.channels_last)
-    return Extractor(f"inception-{inception_layer}", module, int(inception_layer), _sha256(path))
+    return Extractor(f"inception-{inception_layer}", module, int(inception_layer), file_sha256(path))
 
 
 def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str = "cpu") -> FeatureStatistics:
@@ -142,29 +134,6 @@ def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str 
     for images in batches:
         stats.update(extractor((images.pin_memory() if pin else images).to(device, non_blocking=True)))
     return stats
-
-
-def _reference_batches(ref: DataRef, batch_size: int) -> tuple[Iterator[torch.Tensor], str]:
-    """uint8 batches of a builtin dataset or an image folder, and a cache key part."""
-    if ref.kind == "builtin":
-        from fmconvert.zoo.digits import digits_path, load_digits
-
-        images = load_digits(ref.split).images
-        key = f"builtin:{ref.name}/{ref.split}:{_sha256(digits_path())}"
-        return (images[i:i + batch_size] for i in range(0, len(images), batch_size)), key
-    folder = ref.path
-    assert folder is not None  # (a folder reference)
-    from fmconvert.files.images import READER_VERSION, folder_files, folder_shape, load_files
-
-    files = folder_files(folder)
-    listing = hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
-
-    def batches() -> Iterator[torch.Tensor]:  # the folder's shape first: one for every batch, refusals before any feature
-        shape = folder_shape(files)
-        for first in range(0, len(files), batch_size):
-            yield load_files(files[first:first + batch_size], shape)
-
-    return batches(), f"{folder.resolve()}:{listing.hexdigest()}:reader{READER_VERSION}"
 
 
 @dataclass
@@ -193,8 +162,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
         return ReferenceStats(FeatureStatistics.from_tensors(tensors, device), "file", str(as_file))
     from fmconvert.sampling import distributed
 
-    batches, key = _reference_batches(ref, batch_size)
-    digest = hashlib.sha256(f"{key}|{extractor.name}|{extractor.weights_sha256}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(f"{ref.cache_key()}|{extractor.name}|{extractor.weights_sha256}".encode()).hexdigest()[:24]
     path = cache_dir() / f"{digest}.safetensors"
     cached = use_cache and path.is_file()
     distributed.barrier()  # every rank has looked before rank 0 may write
@@ -203,7 +171,7 @@ def reference_stats(reference: str, extractor: Extractor, batch_size: int = 500,
     if use_cache and not distributed.is_main():  # rank 0 computes and caches; the others read it
         distributed.barrier()
         return ReferenceStats(FeatureStatistics.from_tensors(load_file(path), device), "computed", str(path))
-    stats = stats_of(batches, extractor, device)
+    stats = stats_of(ref.batches(batch_size), extractor, device)
     if use_cache:
         metadata = {"fmconvert": json.dumps({"reference": reference, "extractor": extractor.name,
                                              "weights_sha256": extractor.weights_sha256})}

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fmconvert.files.images import to_uint8
-from fmconvert.zoo.digits import DigitsClassifier, DigitsFeatures, load_classifier, load_digits
+from fmconvert.zoo.datasets import load_digits
+from fmconvert.zoo.digits import DigitsClassifier, DigitsFeatures, load_classifier
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """What a data or reference string names, parsed once for every command (``data`` of agree,
-``reference`` of fid, report):
+train and report, ``reference`` of fid), and the one reader of the images it names
+(:meth:`DataRef.images`, :meth:`DataRef.batches`):
 
-- ``builtin:NAME[/SPLIT]``: data shipped with fmconvert (``builtin:digits``, splits ``train``
-  and ``held_out``; none means all);
+- ``builtin:NAME[/SPLIT]``: data shipped with fmconvert (:data:`fmconvert.zoo.datasets.DATASETS`:
+  ``builtin:digits``, splits ``train`` and ``held_out``; none means all);
 - an image folder;
 - a statistics file (``.safetensors``, reference statistics saved by fid), where the
   command takes feature statistics.
@@ -12,14 +13,20 @@ Anything else is refused in one line that lists what is valid (UsageError, exit 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from fmconvert.errors import UsageError
+from fmconvert.zoo.datasets import DATASETS
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN = "builtin:"
 #: builtin data and their splits ("all" is the name without a split)
-BUILTIN_DATA = {"digits": ("all", "train", "held_out")}
+BUILTIN_DATA = {name: dataset.splits for name, dataset in DATASETS.items()}
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,62 @@ class DataRef:
     name: str | None = None
     split: str = "all"
     path: Path | None = None
+
+    def images(self, limit: int | None = None) -> torch.Tensor:
+        """The first ``limit`` (default all) images, uint8 (N, C, H, W) in 0..255: a builtin data
+        set's split, or an image folder's files sorted by name as
+        :func:`fmconvert.files.images.load_files` reads them. UsageError, one line naming the file
+        or folder: a folder without images, a file that is not read, sizes that differ."""
+        if self.kind == "builtin":
+            assert self.name is not None
+            return DATASETS[self.name].images(self.split)[:limit]
+        from fmconvert.files.images import load_files
+
+        return load_files(self._files(limit))
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """All the images as :meth:`images` gives them, ``batch_size`` at a time (an image folder is
+        read a batch at a time; its files' shapes are checked, from their headers, before the first
+        batch, so every batch has one (C, H, W) and a refusal comes before any is used)."""
+        if self.kind == "builtin":
+            images = self.images()
+            yield from (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+            return
+        from fmconvert.files.images import folder_shape, load_files
+
+        files = self._files()
+        shape = folder_shape(files)
+        for first in range(0, len(files), batch_size):
+            yield load_files(files[first:first + batch_size], shape)
+
+    def cache_key(self) -> str:
+        """A key that changes when the images :meth:`images` gives may: a builtin data set's name,
+        split and file digest; an image folder's path, its files' names, sizes and modification
+        times, and the reader's version (:data:`fmconvert.files.images.READER_VERSION`)."""
+        if self.kind == "builtin":
+            assert self.name is not None
+            return f"{BUILTIN}{self.name}/{self.split}:{file_sha256(DATASETS[self.name].path())}"
+        from fmconvert.files.images import READER_VERSION
+
+        assert self.path is not None
+        listing = "\n".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self._files())
+        return f"{self.path.resolve()}:{hashlib.sha256(listing.encode()).hexdigest()}:reader{READER_VERSION}"
+
+    def _files(self, limit: int | None = None) -> list[Path]:
+        from fmconvert.files.images import folder_files
+
+        if self.kind != "folder" or self.path is None:
+            raise UsageError(f"'{self.text}' is a statistics file, not images")
+        return folder_files(self.path, limit)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _valid(statistics: bool) -> str:

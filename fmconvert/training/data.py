@@ -46,25 +46,18 @@ def load_training_data(data: str, shape: tuple[int, ...], latent_model: bool, mo
     from fmconvert.files.references import parse_data
 
     ref = parse_data(data)
-    if ref.kind == "builtin":
-        from fmconvert.zoo.digits import load_digits
+    shards = sorted(ref.path.glob("shard-*.safetensors")) if ref.path is not None else []
+    if shards:
+        from safetensors.torch import load_file
 
-        found = TrainingData(load_digits(ref.split).images, "images")
+        found = TrainingData(torch.cat([load_file(str(p))["samples"] for p in shards]).float(), "latents")
     else:
-        assert ref.path is not None
-        shards = sorted(ref.path.glob("shard-*.safetensors"))
-        if shards:
-            from safetensors.torch import load_file
+        from fmconvert.files.images import IMAGE_SUFFIXES, image_files
 
-            found = TrainingData(torch.cat([load_file(str(p))["samples"] for p in shards]).float(), "latents")
-        else:
-            from fmconvert.files.images import IMAGE_SUFFIXES, image_files, load_files
-
-            files = image_files(ref.path)
-            if not files:
-                raise UsageError(f"data={data!r} has no images ({', '.join(IMAGE_SUFFIXES)}) and no latent shards "
-                                 "(shard-*.safetensors)")
-            found = TrainingData(load_files(files), "images")
+        if ref.path is not None and not image_files(ref.path):
+            raise UsageError(f"data={data!r} has no images ({', '.join(IMAGE_SUFFIXES)}) and no latent shards "
+                             "(shard-*.safetensors)")
+        found = TrainingData(ref.images(), "images")
     have, want = tuple(found.values.shape[1:]), tuple(shape)
     what = "latents" if found.kind == "latents" else "images"
     if latent_model and found.kind == "images":

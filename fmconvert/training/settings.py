@@ -131,9 +131,9 @@ def data_fingerprint(data: str) -> str:
     from fmconvert.files.references import parse_data
 
     ref = parse_data(data)
-    if ref.kind == "builtin":
-        from fmconvert.zoo.digits import digits_path
+    if ref.name is not None:  # (builtin data)
+        from fmconvert.zoo.datasets import DATASETS
 
-        return files_fingerprint([digits_path().parent]) + f"/{ref.split}"
+        return files_fingerprint([DATASETS[ref.name].path().parent]) + f"/{ref.split}"
     assert ref.path is not None
     return files_fingerprint([ref.path], edge=0)

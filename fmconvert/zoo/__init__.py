@@ -5,7 +5,7 @@
   rectified flow with FlowMatchEulerDiscreteScheduler), trained by scripts/train_zoo.py;
 - builtin:digits-features: the digits classifier whose penultimate layer is the FID feature
   extractor (:class:`fmconvert.zoo.digits.DigitsClassifier`);
-- builtin:digits: the reference images (:func:`fmconvert.zoo.digits.load_digits`).
+- builtin:digits: the reference images (:mod:`fmconvert.zoo.datasets`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from fmconvert.errors import UsageError
 from fmconvert.evaluation.quality import digits_fid, digits_quality
 from fmconvert.sampling.generate import generate, load_velocity_model
 from fmconvert.zoo import ZOO_DIR, available, builtin_path
-from fmconvert.zoo.digits import NUM_HELD_OUT, DigitsFeatures, load_classifier, load_digits, split_mask
+from fmconvert.zoo.datasets import NUM_HELD_OUT, load_digits, split_mask
+from fmconvert.zoo.digits import DigitsFeatures, load_classifier
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fmconvert.cli import app
 from fmconvert.evaluation.fid import fid_between, make_extractor, reference_stats, stats_of
 from fmconvert.evaluation.statistics import FeatureStatistics
-from fmconvert.zoo.digits import load_digits
+from fmconvert.zoo.datasets import load_digits
 
 runner = CliRunner()
 

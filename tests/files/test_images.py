@@ -20,7 +20,7 @@ N = 24  # digits per folder: a few, so each command below takes about a second
 @pytest.fixture(scope="module")
 def digits():
     """(N, 8, 8) uint8 grey digits (17 levels, 0..255)."""
-    from fmconvert.zoo.digits import load_digits
+    from fmconvert.zoo.datasets import load_digits
 
     return load_digits("held_out").images[:N, 0].numpy()
 
