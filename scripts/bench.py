@@ -175,7 +175,8 @@ def bench_sampling(folder: Path, steps: int, batch: int, device: str, dtype, rep
     (the same number of network calls), which measures each loop's own work per run."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from fmconvert.sampling.generate import generate, load_velocity_model
+    from fmconvert.sampling.generate import generate
+    from fmconvert.sampling.model import load_velocity_model
 
     vm = load_velocity_model(str(folder), dtype=dtype, device=device)
     pipe = DDIMPipeline.from_pretrained(folder, dtype=dtype).to(device)

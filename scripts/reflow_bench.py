@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 import fmconvert  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.integration.source import inspect_source  # noqa: E402
-from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
+from fmconvert.sampling.model import load_velocity_model  # noqa: E402
 from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, run_fingerprint, solver_options  # noqa: E402
 from fmconvert.training.reflow import reflow  # noqa: E402
 from fmconvert.training.settings import LOSS_TYPES, TIME_SAMPLINGS  # noqa: E402

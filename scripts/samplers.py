@@ -37,7 +37,7 @@ import fmconvert  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.math.grids import GRIDS  # noqa: E402
 from fmconvert.math.solvers import SOLVERS  # noqa: E402
-from fmconvert.sampling.generate import load_velocity_model, sample_shape  # noqa: E402
+from fmconvert.sampling.model import load_velocity_model, sample_shape  # noqa: E402
 from fmconvert.sampling.runs import OdeSampler, Run, SchedulerSampler, model_fingerprint  # noqa: E402
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")

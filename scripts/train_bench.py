@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fmconvert.evaluation.agreement import weighted_epsilon_loss  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, sweep  # noqa: E402
 from fmconvert.integration.source import inspect_source  # noqa: E402
-from fmconvert.sampling.generate import load_velocity_model  # noqa: E402
+from fmconvert.sampling.model import load_velocity_model  # noqa: E402
 from fmconvert.sampling.runs import Run, model_fingerprint, sweep_runs  # noqa: E402
 from fmconvert.training.data import load_training_data  # noqa: E402
 from fmconvert.training.loop import train  # noqa: E402

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fmconvert.evaluation.quality import digits_quality, real_floor_fid  # noqa: E402
-from fmconvert.sampling.generate import generate, load_velocity_model  # noqa: E402
+from fmconvert.sampling.generate import generate  # noqa: E402
+from fmconvert.sampling.model import load_velocity_model  # noqa: E402
 from fmconvert.zoo.digits import load_classifier  # noqa: E402
 
 MODELS = ("digits-eps", "digits-v", "digits-flow")

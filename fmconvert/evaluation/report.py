@@ -72,7 +72,8 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from fmconvert.integration.folder import write_converted
     from fmconvert.integration.source import inspect_source
     from fmconvert.math.grids import trained_log_snr_range
-    from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
+    from fmconvert.sampling.generate import generate_run
+    from fmconvert.sampling.model import load_velocity_model, sample_shape
     from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, sweep_runs
 
     started = time.perf_counter()

@@ -1,255 +1,41 @@
-"""Sampling any model as a velocity field with the ODE solvers of :mod:`fmconvert.math.solvers`.
+"""Drawing samples: a loaded model (:mod:`fmconvert.sampling.model`) integrated by the ODE solvers
+of :mod:`fmconvert.math.solvers` on its velocity field (:func:`iter_generate`), or driven by a
+diffusers scheduler on the unconverted network (:func:`iter_baseline`), from the noise of
+:mod:`fmconvert.sampling.noise`; a :class:`~fmconvert.sampling.runs.Run` as batches
+(:func:`iter_run`), as resumable shards gathered over processes (:func:`generate_sharded`), and
+as one call from an inspected source to its samples (:func:`draw`, what ``fmconvert sample`` does).
 
-Every model is brought to one form, a :class:`~fmconvert.integration.adapters.PathAdapter` whose target
-is diffusers' rectified path (u(x_s, 1000·s) = ε̂ − x̂0): a converted velocity folder as it
-is, a diffusion source through :class:`VelocityAdapter`, a flow source through the identity
-adapter, a converted epsilon / v folder through VelocityAdapter around it (an exact round trip).
-
-Noise convention: ``seed=S`` draws
-``torch.randn((num_images, C, H, W), generator=torch.Generator("cpu").manual_seed(S))`` once,
-so the samples depend neither on the batch size nor on the device. The start is
-x_{s_0} = ε·√((1 − s_0)² + s_0²), the noise at the first grid time (ε itself at s_0 = 1, and
-ε/(α_T + σ_T) on DDIM's grid, as DDIMScheduler starts from x_T = ε).
+Each route checks the request once: :func:`iter_generate` and :func:`iter_baseline` check the
+conditioning against the model's family; :func:`iter_run` and :func:`draw` take a run that
+:func:`fmconvert.sampling.runs.make_run` made, which checked it (from configs, before any weight
+was read), and do not check it again.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import torch
 
 from fmconvert.errors import FmconvertError
-from fmconvert.integration.adapters import DiffusionAdapter, PathAdapter, VelocityAdapter
 from fmconvert.integration.conditioning import Conditioning, guide, network_kwargs
-from fmconvert.integration.configs import FLOW_SCHEDULERS
 from fmconvert.integration.families import packs_latents
 from fmconvert.integration.network import network_call
-from fmconvert.integration.source import DENOISERS, Source, inspect_source, load_denoiser
+from fmconvert.integration.source import Source
 from fmconvert.math.conversion import invert
-from fmconvert.math.grids import time_grid
-from fmconvert.math.paths import GaussianPath, RectifiedFlow
+from fmconvert.math.paths import RectifiedFlow
 from fmconvert.math.solvers import SOLVERS, resolve_auto, solve
+from fmconvert.sampling.model import VelocityModel, load_velocity_model, sample_shape, sampling_grid, to_images
+from fmconvert.sampling.noise import NoiseStream, batches_of
 
 if TYPE_CHECKING:
     from fmconvert.sampling.runs import Run
 
-
-@dataclass
-class VelocityModel:
-    """A model ready to sample: the velocity adapter, the path its grids come from, and
-    (for latent or text-conditioned pipelines) the rest of the pipeline."""
-
-    velocity: PathAdapter
-    grid_source: GaussianPath
-    source: Source
-    pipeline: Any = None
-    info: dict = field(default_factory=dict)
-    #: the sample's (h, w); None: the denoiser's sample_size (see :meth:`resize`)
-    size: tuple[int, int] | None = None
-
-    def resize(self, height: int | None, width: int | None) -> "VelocityModel":
-        """Sample images of height × width pixels (the family's rule; None keeps the default)."""
-        self.size = self.source.family.sample_size(self.pipeline, self.velocity.config, height, width)
-        return self
-
-
-def as_velocity(model: torch.nn.Module, source: Source, compute_dtype: str = "float64") -> tuple[PathAdapter, GaussianPath]:
-    """Any source denoiser as a PathAdapter onto the rectified path; plus its grid path.
-    ``compute_dtype``: the dtype the new adapter applies its conversion in (a round trip
-    through a converted diffusion folder stays float64 throughout)."""
-    T = getattr(source.path, "num_train_timesteps", 1000)
-    target = RectifiedFlow(num_train_timesteps=T)
-    if isinstance(model, VelocityAdapter):
-        return model, model.source_path
-    if isinstance(model, DiffusionAdapter):  # converted back to a diffusion model: round trip, exact
-        return PathAdapter._wrap(model, model.target_path, model.target_prediction, target, "flow_prediction", "float64"), model.target_path
-    if source.prediction_type == "flow_prediction":
-        return PathAdapter._wrap(model, source.path, "flow_prediction", target, "flow_prediction", compute_dtype), source.path
-    return VelocityAdapter._wrap(model, source.path, source.prediction_type, target, "flow_prediction", compute_dtype), source.path
-
-
-def load_velocity_model(reference: str | Source, revision: str | None = None, dtype: torch.dtype | None = None,
-                        device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
-                        need_pipeline: bool = False, channels_last: bool = False, compile: bool = False,
-                        compute_dtype: str | None = None) -> VelocityModel:
-    """Load and wrap a model for sampling: ``reference`` is a source already inspected
-    (:func:`~fmconvert.integration.source.inspect_source`: the command line resolves a
-    reference once, and loads what it resolved), or a reference string, inspected here with
-    ``revision``, ``allow_pickle`` and ``trust_remote_code`` (``channels_last`` / ``compile``: the GPU
-    fast path for the wrapped network; ``compute_dtype``: the dtype a source wrapped here
-    applies its conversion in, default below).
-
-    The conversion's coefficients are planned in float64; a source wrapped here applies them
-    (k_x·x + k_out·output) in float32 unless the network is float64: against a float64 DDIM
-    that is as exact as a float64 combination, since the network's own rounding dominates
-    (BENCHMARKS.md). A converted folder keeps the compute_dtype it was written with."""
-    source = (reference if isinstance(reference, Source)
-              else inspect_source(reference, revision, allow_pickle, trust_remote_code))
-    model = load_denoiser(source, dtype, allow_pickle, trust_remote_code)
-    if compute_dtype is None:
-        compute_dtype = "float64" if model.dtype == torch.float64 else "float32"
-    velocity, grid_source = as_velocity(model, source, compute_dtype)
-    pipeline = None
-    if need_pipeline or source.family.needs_pipeline:
-        pipeline = _load_pipeline(source, model, dtype, allow_pickle, trust_remote_code)
-    velocity.to(device)
-    network = velocity.source_network
-    if channels_last:
-        network.to(memory_format=torch.channels_last)
-    if compile:
-        compiled = torch.compile(network)
-        if isinstance(velocity.model, PathAdapter):
-            velocity.model.model = compiled
-        else:
-            velocity.model = compiled
-    if pipeline is not None:
-        for name, component in pipeline.components.items():
-            if isinstance(component, torch.nn.Module) and name not in DENOISERS:
-                component.to(device)
-    return VelocityModel(velocity.eval(), grid_source, source, pipeline, source.describe())
-
-
-def sampling_grid(vm: VelocityModel, kind: str, steps: int, shift: float | None = None) -> torch.Tensor:
-    """``steps + 1`` times s from 1 (noise) to 0 for ``vm``: :func:`fmconvert.math.grids.time_grid`
-    with the options of the scheduler a grid copies: the source's ``steps_offset`` (leading), and
-    for a source that ships FlowMatchEulerDiscreteScheduler, ``flowmatch`` is that scheduler's
-    own sigmas (shift, shift_terminal, karras / exponential / beta sigmas: computed by diffusers).
-    ValueError where the source's scheduler shifts dynamically (mu from the image's sequence
-    length, by a pipeline rule fmconvert does not have for this model) and the grid would use it.
-
-    With ``use_dynamic_shifting`` the shift is that of the family's pipeline: mu from the
-    sample's sequence length (diffusers' ``calculate_shift``); ``flowmatch`` hands the scheduler
-    the sigmas that pipeline does (FLUX: linspace(1, 1/N, N)), ``uniform`` shifts by e^mu.
-
-    ``shift``: a time shift to use instead of the scheduler's (static or dynamic) one, for the
-    grids that take one (:func:`fmconvert.math.grids.check_shift`: ValueError for the others)."""
-    from fmconvert.math.grids import GRIDS, check_shift
-
-    check_shift(kind, shift)
-    config, family = vm.source.scheduler, vm.source.family
-    flow_source = config.get("_class_name") in FLOW_SCHEDULERS
-    own = shift is None
-    k: float = vm.source.shift if shift is None else shift
-    mu = None
-    if own and config.get("use_dynamic_shifting") and GRIDS[kind].shifts:
-        length = family.image_seq_len(vm.velocity.config, sample_shape(vm)[1:]) if flow_source else None
-        if length is None or config.get("time_shift_type", "exponential") != "exponential":
-            raise ValueError(f"{config.get('_class_name')} of {vm.source.reference} shifts its times dynamically "
-                             "(use_dynamic_shifting: mu from the image's sequence length, a rule of its pipeline that "
-                             f"fmconvert does not have for {vm.source.pipeline_class or 'a bare model'}); use "
-                             "grid='karras' or grid='logsnr'")
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        mu = calculate_shift(length, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        k = math.exp(mu)
-    if kind == "flowmatch" and flow_source:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            config, **({} if own else {"shift": k, "use_dynamic_shifting": False}))
-        sigmas = family.flow_sigmas(steps)
-        scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.to(torch.float64)
-    return time_grid(kind, steps, vm.grid_source, shift=k, steps_offset=int(config.get("steps_offset") or 0))
-
-
-def _load_pipeline(source: Source, model, dtype, allow_pickle, trust_remote_code):
-    """The source pipeline's other components, with the already-loaded denoiser passed in."""
-    if source.model_index is None:
-        return None
-    from diffusers import DiffusionPipeline
-
-    from fmconvert.integration.folder import load
-
-    if source.converted:
-        return load(source.folder, dtype=dtype)
-    try:
-        return DiffusionPipeline.from_pretrained(
-            source.folder, **{source.denoiser: model}, dtype=dtype,
-            use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise FmconvertError(f"cannot load the pipeline '{source.reference}': {first}") from None
-
-
-def initial_noise(num_images: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The documented noise convention (CPU generator, drawn once for all images)."""
-    return torch.randn((num_images, *shape), generator=torch.Generator("cpu").manual_seed(seed))
-
-
-class NoiseStream:
-    """The same noise as :func:`initial_noise`, by global image index, without drawing it all
-    at once: torch's CPU normal sampler fills blocks of 16 values, so drawing the stream in
-    chunks whose sizes are multiples of 16 values gives the same numbers (the last chunk,
-    drawn whole, reproduces the sampler's treatment of the tail). Any process can take any
-    index range; reading forward is cheap, going back restarts the stream."""
-
-    def __init__(self, num_images: int, shape: tuple[int, ...], seed: int, chunk_values: int = 1 << 16):
-        import math
-
-        self.num_images, self.shape, self.seed = num_images, tuple(shape), seed
-        per_image = math.prod(self.shape)
-        step = 16 // math.gcd(per_image, 16)  # images per block of whole 16-value groups
-        chunk = step * max(1, chunk_values // (step * per_image))
-        bounds = list(range(0, num_images, chunk)) + [num_images]
-        if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * per_image < 16:
-            del bounds[-2]  # the sampler recomputes the last 16 values: keep them in one chunk
-        self.bounds = bounds
-        self._restart()
-
-    def _restart(self):
-        self.generator = torch.Generator("cpu").manual_seed(self.seed)
-        self.chunk_index, self.chunk = -1, None
-
-    def _advance(self):
-        self.chunk_index += 1
-        lo, hi = self.bounds[self.chunk_index], self.bounds[self.chunk_index + 1]
-        self.chunk = torch.randn((hi - lo, *self.shape), generator=self.generator)
-
-    def take(self, start: int, stop: int) -> torch.Tensor:
-        """Noise of images [start, stop)."""
-        if not 0 <= start <= stop <= self.num_images:
-            raise ValueError(f"indices [{start}, {stop}) outside [0, {self.num_images})")
-        if self.chunk_index >= 0 and start < self.bounds[self.chunk_index]:
-            self._restart()
-        parts = []
-        while start < stop:
-            while self.chunk_index < 0 or start >= self.bounds[self.chunk_index + 1]:
-                self._advance()
-            lo, hi = self.bounds[self.chunk_index], self.bounds[self.chunk_index + 1]
-            end = min(stop, hi)
-            parts.append(self.chunk[start - lo:end - lo])
-            start = end
-        return torch.cat(parts) if parts else torch.zeros((0, *self.shape))
-
-
-def batches_of(num_images: int, batch_size: int) -> list[tuple[int, int]]:
-    """Consecutive [start, stop) index ranges; shard j is [j·B, (j+1)·B)."""
-    return [(lo, min(num_images, lo + batch_size)) for lo in range(0, num_images, batch_size)]
-
-
-def sample_shape(vm: VelocityModel) -> tuple[int, int, int]:
-    """(C, h, w) of one sample: the denoiser's channels at :attr:`VelocityModel.size`."""
-    channels = vm.source.family.latent_channels(vm.velocity.config)
-    if channels is None:
-        raise FmconvertError(f"cannot tell the sample shape of {vm.source.model_class}: its config has no in_channels")
-    height, width = vm.size or vm.source.family.sample_size(vm.pipeline, vm.velocity.config, None, None)
-    return (channels, height, width)
-
-
-def image_shape(vm: VelocityModel) -> tuple[int, ...]:
-    """(C, H, W) of one decoded image (the decoder run once on zeros; pixels need none)."""
-    shape = sample_shape(vm)
-    if vm.source.family.decoder is None:
-        return shape
-    return tuple(to_images(vm, torch.zeros((1, *shape), device=vm.velocity.device)).shape[1:])
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor, int]]
 
 
 @dataclass
@@ -267,16 +53,24 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                   grid: str = "uniform", steps: int = 50, device: str = "cpu", conditioning: Conditioning | None = None,
                   progress: bool = False, solver_options: dict | None = None,
                   ranges: list[tuple[int, int]] | None = None,
-                  shift: float | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+                  shift: float | None = None) -> Batches:
     """Yield (samples, images, nfe) batch by batch (by default all of [0, num_images) in
     batches of ``batch_size``; or the given global index ranges): one batch is held.
     ``shift``: the grid's time shift instead of the scheduler's (:func:`sampling_grid`); with
     solver ``auto`` on the uniform grid of a source without a shift of its own, the one
     :func:`fmconvert.math.solvers.auto_choice` names.
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
-    guidance); refused in one line where the family cannot honour it."""
+    guidance); refused in one line, when called, where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, num_images)
+    return _solved_batches(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning, progress,
+                           solver_options, ranges, shift)
+
+
+def _solved_batches(vm: VelocityModel, num_images: int, batch_size: int, seed: int, solver: str, grid: str, steps: int,
+                    device: str, conditioning: Conditioning, progress: bool, solver_options: dict | None,
+                    ranges: list[tuple[int, int]] | None, shift: float | None) -> Batches:
+    """:func:`iter_generate`'s batches, the conditioning taken as checked."""
     if solver == "auto":
         solver, shift = resolve_auto(steps, grid, shift, vm.source.shifts_times)
     s_grid = sampling_grid(vm, grid, steps, shift)
@@ -332,7 +126,7 @@ def generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed
 def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16, seed: int = 0, steps: int = 50,
                   device: str = "cpu", baseline: str = "ddim", ranges: list[tuple[int, int]] | None = None,
                   conditioning: Conditioning | None = None,
-                  along_list: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+                  along_list: bool = False) -> Batches:
     """A diffusers scheduler (``baseline``: a spec of :func:`fmconvert.sampling.baselines.parse_baseline`)
     driving the unconverted source network on the same noise and conditioning (guidance on the
     source's prediction, as its pipeline applies it), batch by batch (or over the given global
@@ -344,15 +138,24 @@ def iter_baseline(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
     listed one (the last to α = 1), x' = α'·x̂0 + σ'·ε̂ in float64 on the source's ᾱ, instead of
     diffusers' ``DDIMScheduler.step``, which steps to t − T//N: for N not dividing T that is
     not the next timestep it evaluates (NOTES §8), so it is not one ODE solver on one grid."""
-    import inspect
-
-    from fmconvert.sampling.baselines import build_scheduler, parse_baseline, stochastic
+    from fmconvert.sampling.baselines import parse_baseline
 
     if along_list and parse_baseline(baseline)[0].name != "ddim":
         raise ValueError("along_list is DDIM's: use baseline 'ddim'")
     conditioning = conditioning or Conditioning()
+    vm.source.family.check(conditioning, vm.source, num_images)
+    return _scheduler_batches(vm, num_images, batch_size, seed, steps, device, baseline, ranges, conditioning, along_list)
+
+
+def _scheduler_batches(vm: VelocityModel, num_images: int, batch_size: int, seed: int, steps: int, device: str,
+                       baseline: str, ranges: list[tuple[int, int]] | None, conditioning: Conditioning,
+                       along_list: bool) -> Batches:
+    """:func:`iter_baseline`'s batches, the conditioning taken as checked."""
+    import inspect
+
+    from fmconvert.sampling.baselines import build_scheduler, stochastic
+
     family = vm.source.family
-    family.check(conditioning, vm.source, num_images)
     scheduler = build_scheduler(baseline, vm.source)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps={steps} exceeds the source's {scheduler.config.num_train_timesteps} trained timesteps")
@@ -402,18 +205,20 @@ def _ddim_along(vm: VelocityModel, timesteps: torch.Tensor, out: torch.Tensor, x
 
 
 def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tuple[int, int]] | None = None,
-             progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The batches of ``run`` (:class:`fmconvert.sampling.runs.Run`): :func:`iter_baseline` for a
-    :class:`~fmconvert.sampling.runs.SchedulerSampler`, :func:`iter_generate` for an
-    :class:`~fmconvert.sampling.runs.OdeSampler`, over the given global index ranges (default: all)."""
+             progress: bool = False) -> Batches:
+    """The batches of ``run`` (:class:`fmconvert.sampling.runs.Run`, as
+    :func:`~fmconvert.sampling.runs.make_run` made it: its conditioning checked there, not here):
+    a :class:`~fmconvert.sampling.runs.SchedulerSampler` as :func:`iter_baseline` draws, an
+    :class:`~fmconvert.sampling.runs.OdeSampler` as :func:`iter_generate` does, over the given
+    global index ranges (default: all)."""
     from fmconvert.sampling.runs import SchedulerSampler
 
-    sampler = run.sampler
+    sampler, conditioning = run.sampler, run.conditioning or Conditioning()
     if isinstance(sampler, SchedulerSampler):
-        return iter_baseline(vm, run.num_images, run.shard_size, run.seed, run.steps, device, sampler.spec,
-                             ranges=ranges, conditioning=run.conditioning, along_list=sampler.along_list)
-    return iter_generate(vm, run.num_images, run.shard_size, run.seed, sampler.solver, sampler.grid, run.steps, device,
-                         run.conditioning, progress, dict(sampler.options), ranges, sampler.shift)
+        return _scheduler_batches(vm, run.num_images, run.shard_size, run.seed, run.steps, device, sampler.spec, ranges,
+                                  conditioning, sampler.along_list)
+    return _solved_batches(vm, run.num_images, run.shard_size, run.seed, sampler.solver, sampler.grid, run.steps, device,
+                           conditioning, progress, dict(sampler.options), ranges, sampler.shift)
 
 
 def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: bool = False) -> SampleResult:
@@ -446,11 +251,6 @@ def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch:
         return torch.addcmul(plan.k_x * x, plan.k_out, source).to(torch.float32)
 
     return guided
-
-
-def to_images(vm: VelocityModel, x: torch.Tensor) -> torch.Tensor:
-    """Data space → images in [0, 1]: the family's decoder (VAE, VQ-VAE, MoVQ), or pixels."""
-    return vm.source.family.decode(vm.pipeline, x)
 
 
 def iter_shards(vm: VelocityModel, make_batches, num_images: int, batch_size: int, store=None,

@@ -98,6 +98,10 @@ class SchedulerSampler:
     spacing: str = "own"
     along_list: bool = False
 
+    def __post_init__(self) -> None:
+        if self.along_list and self.scheduler != "ddim":
+            raise ValueError("along_list is DDIM's: use scheduler 'ddim'")
+
     @property
     def name(self) -> str:
         return self.scheduler

@@ -1,7 +1,7 @@
 """Fine-tuning a velocity model with the conditional flow-matching loss (``fmconvert train``): the loop.
 
 The model is any MODEL that ``fmconvert sample`` takes: a converted folder, or a diffusion or
-flow-matching source wrapped on the fly (:func:`fmconvert.sampling.generate.load_velocity_model`). The
+flow-matching source wrapped on the fly (:func:`fmconvert.sampling.model.load_velocity_model`). The
 loss is computed through the adapter, so the gradients reach the source network through the
 conversion; the network is what is trained, and what is written is a converted folder with its
 new weights (:func:`fmconvert.integration.folder.write_trained`) that stock diffusers loads.
@@ -53,7 +53,7 @@ from fmconvert.training.objective import (
 
 if TYPE_CHECKING:
     from fmconvert.integration.source import Source
-    from fmconvert.sampling.generate import VelocityModel
+    from fmconvert.sampling.model import VelocityModel
     from fmconvert.training.settings import TrainSettings
 
 F64 = torch.float64
@@ -112,7 +112,8 @@ def _quiet(message: str) -> None:
 def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoint_every: int = 500,
           force: bool = False, progress: bool = False, log: Callable[[str], None] = _quiet,
           on_step: Callable[[int], None] | None = None, data: TrainingData | None = None,
-          add_files: Callable[[Path], None] | None = None, source: Source | None = None) -> dict[str, Any]:
+          add_files: Callable[[Path], None] | None = None, source: Source | None = None,
+          denoiser: torch.nn.Module | None = None) -> dict[str, Any]:
     """Fine-tune ``settings.model`` on ``settings.data`` and write ``out`` (see the module
     docstring): a converted folder with the trained weights (the EMA's, if any), ``loss.png``
     and ``training.json`` (the settings, the loss of every step, the seconds).
@@ -121,7 +122,9 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     only this way: :func:`fmconvert.training.reflow.reflow`), else
     :func:`~fmconvert.training.data.load_training_data` reads ``settings.data``. ``add_files(tmp)``:
     writes more files into the output folder. ``source``: ``settings.model`` already inspected
-    (else it is inspected here).
+    (else it is inspected here); ``denoiser``: its denoiser already loaded as train loads it (in
+    its stored dtype: :func:`~fmconvert.integration.source.load_denoiser` with no dtype), trained
+    in place (else it is loaded here).
 
     Before any step, in one line each: an existing ``out`` without ``force``, a checkpoint in
     ``OUT.partial`` made with other settings (FmconvertError), fp16 without a GPU, LoRA without
@@ -139,10 +142,10 @@ def train(settings: TrainSettings, out: Path, *, device: str = "auto", checkpoin
     work = work_folder(out)
     check_checkpoint(work / CHECKPOINT, settings)
     accelerator = _accelerator(settings, device)
-    from fmconvert.sampling.generate import load_velocity_model, sample_shape
+    from fmconvert.sampling.model import load_velocity_model, sample_shape
 
     # the conversion runs in float64 (the network in its own dtype): the loss is the converted field's
-    vm = load_velocity_model(source or settings.model, compute_dtype="float64")
+    vm = load_velocity_model(source or settings.model, compute_dtype="float64", denoiser=denoiser)
     family = vm.source.family
     if family.accepts:
         raise UsageError(f"train fine-tunes unconditional models; {vm.source.pipeline_class} ({family.title}) needs "

@@ -8,16 +8,17 @@ rounded), their labels, and the fixed held-out split: a permutation of the indic
 Model data space: x = u/127.5 − 1 ∈ [−1, 1] for a stored value u (≈ v/8 − 1; images in [0, 1] are
 (x + 1)/2).
 
-Nothing here imports diffusers: the digits classifier is in :mod:`fmconvert.zoo.digits`.
+Importing this module imports neither torch nor diffusers: the digits classifier is in :mod:`fmconvert.zoo.digits`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 NUM_HELD_OUT = 297
 SPLIT_SEED = 0
@@ -46,6 +47,7 @@ class Digits:
 
 def split_mask(n: int = 1797) -> torch.Tensor:
     import numpy as np
+    import torch
 
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
     mask = torch.zeros(n, dtype=torch.bool)
@@ -55,6 +57,7 @@ def split_mask(n: int = 1797) -> torch.Tensor:
 
 def build_digits() -> Digits:
     """From scikit-learn (needed only here, when the zoo is built)."""
+    import torch
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -78,6 +81,7 @@ def load_digits(which: str = "all") -> Digits:
 
 
 def save_digits(digits: Digits, path: Path) -> None:
+    import torch
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)

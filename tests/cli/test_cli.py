@@ -130,7 +130,8 @@ def test_float32_combination_is_as_exact_as_float64(ddpm_folder, steps):
     float32 ulp of the samples, so the test pins the threads: at 10 steps, with 2 threads float32
     2.83e-7, float64 2.83e-7; with 1 thread float32 2.83e-7, float64 1.75e-7 (ratio 1.6)."""
     from fmconvert.integration.source import load_denoiser
-    from fmconvert.sampling.generate import VelocityModel, as_velocity, generate, load_velocity_model
+    from fmconvert.sampling.generate import generate
+    from fmconvert.sampling.model import VelocityModel, as_velocity, load_velocity_model
 
     noise = torch.randn((4, 3, 8, 8), generator=torch.Generator("cpu").manual_seed(7))
     truth = ddim_reference(ddpm_folder, steps, noise, torch.float64)

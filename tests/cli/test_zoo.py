@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from fmconvert.cli import app
 from fmconvert.errors import UsageError
 from fmconvert.evaluation.quality import digits_fid, digits_quality
-from fmconvert.sampling.generate import generate, load_velocity_model
+from fmconvert.sampling.generate import generate
+from fmconvert.sampling.model import load_velocity_model
 from fmconvert.zoo import ZOO_DIR, available, builtin_path
 from fmconvert.zoo.datasets import NUM_HELD_OUT, load_digits, split_mask
 from fmconvert.zoo.digits import DigitsFeatures, load_classifier

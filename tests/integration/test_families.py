@@ -144,7 +144,8 @@ def test_family_converts_and_reproduces_its_ddim(name, tmp_path, tmp_path_factor
 def test_image_conditioned_sampling_through_the_python_api(tmp_path_factory):
     """Kandinsky 2.2: image embeddings (from its prior) through fmconvert.sampling.generate, guided."""
     from fmconvert.integration.conditioning import Conditioning
-    from fmconvert.sampling.generate import generate, load_velocity_model
+    from fmconvert.sampling.generate import generate
+    from fmconvert.sampling.model import load_velocity_model
 
     replica = REPLICAS["kandinsky22"]
     with one_thread():

@@ -210,7 +210,7 @@ def test_leading_grid_keeps_the_sources_steps_offset(steps):
     """SD 1.5 ships DDIM/PNDM with steps_offset=1: its leading timesteps are 901 … 1, not 900 … 0
     (sampling, and the converted pipeline's scheduler with timestep_spacing="leading")."""
     from fmconvert.integration.schedulers import FlowMatchEulerScheduler
-    from fmconvert.sampling.generate import sampling_grid
+    from fmconvert.sampling.model import sampling_grid
 
     config = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
               "beta_end": 0.012, "steps_offset": 1}
@@ -234,7 +234,7 @@ def test_leading_grid_keeps_the_sources_steps_offset(steps):
 def test_flowmatch_grid_is_the_flow_sources_own_scheduler(options):
     """A flow source's --grid flowmatch is its FlowMatchEulerDiscreteScheduler's sigmas, every option
     honoured, bit for bit (it was the static-shift grid whatever the config said)."""
-    from fmconvert.sampling.generate import sampling_grid
+    from fmconvert.sampling.model import sampling_grid
 
     scheduler = FlowMatchEulerDiscreteScheduler(**options)
     scheduler.set_timesteps(9)
@@ -246,7 +246,7 @@ def test_flowmatch_grid_is_the_flow_sources_own_scheduler(options):
 def test_options_a_grid_cannot_honour_are_refused():
     from fmconvert.integration.configs import path_config
     from fmconvert.integration.schedulers import FlowMatchEulerScheduler
-    from fmconvert.sampling.generate import sampling_grid
+    from fmconvert.sampling.model import sampling_grid
 
     dynamic = {**FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config,
                "_class_name": "FlowMatchEulerDiscreteScheduler"}

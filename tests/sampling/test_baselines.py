@@ -9,7 +9,8 @@ from conftest import error, ok
 
 from fmconvert.errors import UsageError
 from fmconvert.sampling.baselines import BASELINES, build_scheduler, parse_baseline
-from fmconvert.sampling.generate import iter_baseline, load_velocity_model
+from fmconvert.sampling.generate import iter_baseline
+from fmconvert.sampling.model import load_velocity_model
 
 STEPS = 3
 

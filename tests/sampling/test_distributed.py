@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmconvert.sampling.generate import NoiseStream, initial_noise
+from fmconvert.sampling.noise import NoiseStream, initial_noise
 
 
 def env(tmp_path):

@@ -30,7 +30,7 @@ OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": OdeSamp
 OTHER_SAMPLERS = [OdeSampler("euler", grid="karras"), OdeSampler("euler", shift=2.0),
                   OdeSampler("euler", options=(("rtol", 1e-3),)), SchedulerSampler("euler"),
                   SchedulerSampler("euler", options=(("use_karras_sigmas", True),)),
-                  SchedulerSampler("euler", spacing="trailing"), SchedulerSampler("euler", along_list=True)]
+                  SchedulerSampler("euler", spacing="trailing"), SchedulerSampler("ddim", along_list=True)]
 
 
 def test_every_field_of_a_run_reaches_its_manifest_and_is_compared(tmp_path):
@@ -167,7 +167,9 @@ def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
     [1, 0.8, 0.5, 0]; the run's record and samples folder carry it, so other shifts are other runs."""
     from safetensors.torch import load_file
 
-    from fmconvert.sampling.generate import Conditioning, NoiseStream, _velocity_field, load_velocity_model, sample_shape
+    from fmconvert.sampling.generate import Conditioning, _velocity_field
+    from fmconvert.sampling.model import load_velocity_model, sample_shape
+    from fmconvert.sampling.noise import NoiseStream
 
     folder = save_ddpm_folder(tmp_path / "m")
     args = ["sample", folder, "--steps", 3, "--num-images", 2, "--batch-size", 2, "--seed", 4]
@@ -230,3 +232,47 @@ def test_a_runs_record_is_what_it_was_before_samplers_had_types():
     assert baseline.sampler == SchedulerSampler("dpm++2m", (("use_karras_sigmas", True),))
     assert run_fingerprint(baseline) == "sha256:63545921bd75a279e088" and baseline.slug() == "dpm++2m-own-4-d35808d3"
     assert baseline.sampler.spec == "dpm++2m:use_karras_sigmas=true"
+
+
+@pytest.mark.parametrize("command", [["sample", "--out", "{tmp}/grid.png"],
+                                     ["fid", "--reference", "builtin:digits", "--features", "digits", "--no-cache"]])
+def test_a_command_resolves_loads_and_checks_its_model_once(tmp_path, monkeypatch, command):
+    """One route per model: the reference inspected once, the network loaded once, the family's
+    check of the request run once (from configs, before the weights), however many steps."""
+    import fmconvert.integration.source as source_module
+    import fmconvert.sampling.model as model_module
+    from fmconvert.integration.families import Family
+
+    calls = {"inspect": 0, "load": 0, "check": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(source_module, "inspect_source", counting("inspect", source_module.inspect_source))
+    monkeypatch.setattr(model_module, "load_denoiser", counting("load", model_module.load_denoiser))
+    monkeypatch.setattr(Family, "check", counting("check", Family.check))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    ok(args[0], "builtin:digits-eps", *args[1:], "--steps", 2, "--num-images", 4, "--batch-size", 2)
+    assert calls == {"inspect": 1, "load": 1, "check": 1}
+
+
+def test_stepping_along_the_listed_timesteps_is_ddims_alone():
+    with pytest.raises(ValueError, match="along_list is DDIM's"):
+        SchedulerSampler("euler", along_list=True)
+
+
+def test_a_request_the_family_cannot_honour_is_refused_when_the_batches_are_asked_for():
+    """iter_generate and iter_baseline (the library's direct route, without a Run) check the request
+    themselves, at the call, before any batch is drawn."""
+    from fmconvert.errors import UsageError
+    from fmconvert.integration.conditioning import Conditioning
+    from fmconvert.sampling.generate import iter_baseline, iter_generate
+    from fmconvert.sampling.model import load_velocity_model
+
+    vm = load_velocity_model("builtin:digits-eps")
+    for iterate in (iter_generate, iter_baseline):
+        with pytest.raises(UsageError):
+            iterate(vm, 2, conditioning=Conditioning(prompt="a digit"))

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 
 from fmconvert import VelocityAdapter
 from fmconvert.evaluation.agreement import load_points, loss_identity
-from fmconvert.sampling.generate import load_velocity_model
+from fmconvert.sampling.model import load_velocity_model
 
 
 @pytest.mark.threads(1)

@@ -80,7 +80,7 @@ def test_the_first_loss_is_the_sources_reweighted_epsilon_loss(tmp_path):
     """Step 1's logged loss (the pretrained digits-eps, before any update) is the source's epsilon loss on
     the same draws, each sample weighted by (1 − s)⁻², computed from the network directly (float32); and in
     float64 the flow-matching loss per sample equals it to rounding."""
-    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.sampling.model import load_velocity_model
 
     settings = TrainSettings.create("builtin:digits-eps", DATA, train_steps=1, batch_size=32, lr=1e-4, warmup=0)
     out = tmp_path / "eps"
@@ -106,7 +106,7 @@ def test_a_diffusion_network_trains_into_another_prediction_type(tmp_path, tiny)
     from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
     from fmconvert.integration.adapters import VelocityAdapter
-    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.sampling.model import load_velocity_model
 
     out = tmp_path / "v"
     _, record = run(tiny, out, train_steps=2, batch_size=16, prediction_type="v_prediction")
@@ -312,7 +312,7 @@ def test_times_follow_the_truncated_densities():
     its values at the range's ends (the truncated distribution function), and u = ½ on [0, 1] is sigmoid(m);
     U-shaped: its distribution function likewise, symmetric about s = ½.
     The trained range: digits-eps's t = 0 and 999 at equal log-SNR; a flow source's [0, 1]."""
-    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.sampling.model import load_velocity_model
 
     u = torch.linspace(0, 0.999, 7, dtype=torch.float64)
     settings = TrainSettings("m", "f", "d", "g")
