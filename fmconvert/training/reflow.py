@@ -10,7 +10,7 @@ straight path):
    :func:`fmconvert.sampling.generate.generate_sharded` into a :class:`~fmconvert.sampling.shards.ShardStore` whose
    manifest is the run's (``OUT.partial/couplings`` unless ``couplings_dir``), so an interrupted
    reflow keeps its complete shards and a rerun draws only the missing ones. ε_i is not stored:
-   it is image i of the run's noise (:class:`fmconvert.sampling.generate.NoiseStream`, the documented
+   it is image i of the run's noise (:class:`fmconvert.sampling.noise.NoiseStream`, the documented
    ``torch.randn`` stream of the seed), the trajectory starting from ε_i·√((1 − s_0)² + s_0²)
    at the grid's first time s_0 (ε_i itself on the uniform grid, s_0 = 1).
 2. Training (:func:`fmconvert.training.loop.train`, its one loop, paired): on the straight path of each
@@ -64,10 +64,10 @@ def _quiet(message: str) -> None:
 def load_couplings(folder: Path, run: Run) -> TrainingData:
     """The couplings of ``run`` (loaded: its ``shape`` known) in ``folder``: samples (N, C, H, W)
     float32 from its shards in index order, each with its noise ε (N, C, H, W) regenerated from
-    the run's seed (:class:`~fmconvert.sampling.generate.NoiseStream`)."""
+    the run's seed (:class:`~fmconvert.sampling.noise.NoiseStream`)."""
     import torch
 
-    from fmconvert.sampling.generate import NoiseStream, batches_of
+    from fmconvert.sampling.noise import NoiseStream, batches_of
     from fmconvert.sampling.shards import ShardStore
     from fmconvert.training.data import TrainingData
 
@@ -80,18 +80,22 @@ def load_couplings(folder: Path, run: Run) -> TrainingData:
 
 def draw_couplings(couplings: Run, folder: Path, device: str = "cpu", progress: bool = False,
                    log: Callable[[str], None] = _quiet,
-                   check: Callable[[torch.nn.Module], None] | None = None, source: Source | None = None) -> tuple[Run, int]:
+                   check: Callable[[torch.nn.Module], None] | None = None, source: Source | None = None,
+                   denoiser: torch.nn.Module | None = None) -> tuple[Run, int]:
     """Solve the ``couplings`` run into shards in ``folder`` (:func:`fmconvert.sampling.generate.generate_sharded`;
     complete shards of the same run are reused, another run's folder is refused). Returns the
     run, loaded (its shape known), and the number of shards reused. UsageError for a model
     that needs conditioning; ``check(network)``: called on the loaded network before anything is
-    drawn (reflow checks the LoRA targets there). ``source``: ``couplings.model`` already inspected."""
+    drawn (reflow checks the LoRA targets there). ``source``: ``couplings.model`` already inspected;
+    ``denoiser``: its denoiser already loaded in ``couplings.dtype`` (else it is loaded here)."""
     import torch
 
-    from fmconvert.sampling.generate import generate_sharded, iter_run, load_velocity_model, sample_shape
+    from fmconvert.sampling.generate import generate_sharded, iter_run
+    from fmconvert.sampling.model import load_velocity_model, sample_shape
     from fmconvert.sampling.shards import ShardStore
 
-    vm = load_velocity_model(source or couplings.model, dtype=getattr(torch, couplings.dtype), device=device)
+    vm = load_velocity_model(source or couplings.model, dtype=getattr(torch, couplings.dtype), device=device,
+                             denoiser=denoiser)
     family = vm.source.family
     if family.accepts:
         raise UsageError(f"reflow straightens unconditional models; {vm.source.pipeline_class} ({family.title}) needs "
@@ -122,7 +126,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     (FmconvertError); nothing is written then. Couplings and checkpoint of the same settings are
     resumed. ``source``: ``couplings.model`` already inspected (else it is inspected here, once).
     Returns train's summary with the couplings' record under "couplings"."""
-    from fmconvert.integration.source import inspect_source
+    from fmconvert.integration.source import inspect_source, load_denoiser
     from fmconvert.sampling import distributed
     from fmconvert.sampling.runs import run_fingerprint
     from fmconvert.sampling.shards import ShardStore
@@ -156,8 +160,12 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
             "prediction_type='v_prediction' trains it into v, which few steps need (REFLOW.md)")
     check_checkpoint(work_folder(out) / CHECKPOINT, settings)
     check_device(settings, device)
+    # the weights are read once: train loads them in their stored dtype; the couplings share them where
+    # they are drawn in that dtype (the default, float32, for float32 weights), else load their own copy
+    denoiser = load_denoiser(source)
+    shared = denoiser if str(denoiser.dtype) == f"torch.{couplings.dtype}" else None
     run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log,
-                                 lambda network: check_lora_targets(network, settings), source)
+                                 lambda network: check_lora_targets(network, settings), source, shared)
     data = load_couplings(folder, run)
     record = {"run": run.manifest(), "fingerprint": fingerprint, "folder": str(folder),
               "kept": couplings_dir is not None, "shards_reused": reused}
@@ -168,5 +176,5 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
         (tmp / COUPLINGS_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     summary = train(settings, out, device=device, checkpoint_every=checkpoint_every, force=force, progress=progress,
-                    log=log, on_step=on_step, data=data, add_files=write_record, source=source)
+                    log=log, on_step=on_step, data=data, add_files=write_record, source=source, denoiser=denoiser)
     return {**summary, "couplings": record}

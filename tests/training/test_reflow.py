@@ -64,7 +64,7 @@ def test_the_couplings_are_the_solvers_samples_of_the_regenerated_noise(tmp_path
     from diffusers import DiffusionPipeline
 
     from fmconvert.math.solvers import solve
-    from fmconvert.sampling.generate import load_velocity_model, sampling_grid
+    from fmconvert.sampling.model import load_velocity_model, sampling_grid
 
     out, folder = tmp_path / "reflowed", tmp_path / "couplings"
     summary = json.loads(ok("reflow", tiny, "--out", out, "--num-couplings", N, "--solver", "unipc", "--steps", 3,
@@ -104,7 +104,7 @@ def test_the_first_loss_is_the_source_fields_loss_on_the_pairs(tmp_path, tiny):
     """Step 1's logged loss is the source field's flow-matching loss on the couplings' straight paths: each x0 of the
     batch is a stored coupling and its ε is that coupling's own noise (regenerated here from the seed), and the loss
     computed from the network directly on them matches; with fresh noise instead of the pairs' the loss differs."""
-    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.sampling.model import load_velocity_model
 
     out, folder = tmp_path / "out", tmp_path / "couplings"
     summary, record = run(tiny, out, couplings_dir=folder, train_steps=1, batch_size=16)
@@ -253,7 +253,8 @@ def test_a_rerun_against_other_settings_is_refused_and_nothing_is_overwritten(tm
 
 def one_step_error(model, couplings):
     """Mean squared distance between one Euler step from each coupling's noise (s = 1 to 0) and its coupled sample."""
-    from fmconvert.sampling.generate import generate, load_velocity_model
+    from fmconvert.sampling.generate import generate
+    from fmconvert.sampling.model import load_velocity_model
 
     vm = load_velocity_model(str(model))
     return (generate(vm, N, SHARD, 0, "euler", "uniform", 1).samples - couplings).square().mean().item()
@@ -293,3 +294,24 @@ def test_reflow_straightens_a_tiny_flow(tmp_path):
     couplings = stored(folder)
     before, after = one_step_error(source, couplings), one_step_error(out, couplings)
     assert after < 0.3 * before, (before, after)
+
+
+@pytest.mark.parametrize("dtype,loads", [("float32", 1), ("float64", 2)])
+def test_reflow_reads_the_weights_once_where_couplings_and_training_share_a_dtype(tmp_path, tiny, monkeypatch, dtype,
+                                                                                 loads):
+    """Couplings drawn in the weights' stored dtype (float32 here, the default) share the network train loads;
+    in another dtype they load their own copy, so what each trains or samples is what it was before."""
+    import fmconvert.integration.source as source_module
+    import fmconvert.sampling.model as model_module
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("dtype"))
+        return load(*args, **kwargs)
+
+    load = source_module.load_denoiser
+    monkeypatch.setattr(source_module, "load_denoiser", counted)
+    monkeypatch.setattr(model_module, "load_denoiser", counted)
+    run(tiny, tmp_path / "out", couplings_run(tiny, num=4, dtype=dtype), train_steps=1, batch_size=4)
+    assert len(calls) == loads, calls
