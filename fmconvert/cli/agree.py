@@ -30,10 +30,8 @@ def agree(
 ):
     """How closely the converted field agrees with its source (or two fields with each other); with a discrete
     source, also Euler on the trailing grid against the source's DDIM along the same timesteps, per --steps."""
-    from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, loss_identity, trajectory_agreement
+    from fmconvert.evaluation.agreement import agree_fields
     from fmconvert.files.references import parse_data
-    from fmconvert.math.paths import DiscreteVPSchedule
-    from fmconvert.sampling.generate import generate_run, load_velocity_model, sample_shape
 
     interactive(as_json)
     dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -49,42 +47,9 @@ def agree(
     points_run, source = plan(model, solvers=["euler"], grid="uniform", dtype="float32", steps=50, seed=seed,
                               num_images=num_points, shard_size=256)
     device = join_device(device)
-    # the agreement measures the conversion: apply it in float64 (the network keeps its dtype)
-    vm = load_velocity_model(source, device=device, compute_dtype="float64")
-    if vm.source.family.accepts:
-        raise UsageError(f"agree compares unconditional fields; {vm.source.pipeline_class} ({vm.source.family.title}) "
-                         "needs its conditioning, which agree does not take yet")
-    payload: dict = {"model": model, "loaded": vm.info, "data": data or "own samples", **computed_on(device), "runs": []}
-    points_run = points_run.loaded(vm.source.model_class, sample_shape(vm))
-    if data is not None:
-        points = load_points(data, num_points)
-        if tuple(points.shape[1:]) != tuple(points_run.shape or ()):
-            raise UsageError(f"--data {data} holds {'×'.join(map(str, points.shape[1:]))} images; {model} takes "
-                             f"{'×'.join(map(str, points_run.shape or ()))} (channels × height × width): give data of "
-                             "that shape, or leave --data out to use the model's own samples")
-    else:
-        log(f"no --data: using {points_run.describe()} as the points")
-        points = generate_run(vm, points_run, device).samples
-        payload["runs"].append(points_run.manifest())
-    payload["num_points"] = len(points)
-    if other is None:
-        log(f"field of {model} against its source's PF-ODE drift at {num_times} times, dtypes {', '.join(dtype_list)}")
-        result = field_vs_source(vm.velocity, points, num_times, dtype_list, seed=seed, device=device)
-        payload["field"] = {"s": result.s, **result.per_dtype}
-        if isinstance(vm.grid_source, DiscreteVPSchedule) and not vm.source.converted:  # DDIM needs its timesteps
-            log(f"trajectories: Euler vs the source's DDIM along the same timesteps at steps {steps}")
-            rows, runs = trajectory_agreement(vm, points_run, steps_list, num_images, device=device)
-            payload["trajectories"] = rows
-            payload["runs"] += [run.manifest() for run in runs]
-        if loss:
-            log(f"loss identity: flow-matching loss vs the source's epsilon loss × (1 − s)⁻² at {num_times} times")
-            payload["loss"] = loss_identity(vm.velocity, points, num_times, seed=seed, device=device)
-    else:
-        vm2 = load_velocity_model(other, device=device, compute_dtype="float64")
-        log(f"field of {model} against the field of {other} at {num_times} times")
-        result = field_vs_field(vm.velocity, vm2.velocity, points, num_times, seed=seed, device=device)
-        payload["other"] = other
-        payload["field"] = {"s": result.s, **result.per_dtype}
+    payload = agree_fields(source, points_run, data=data, other=other, num_times=num_times, dtypes=dtype_list,
+                           steps_list=steps_list, num_images=num_images, loss=loss, seed=seed, device=device, log=log)
+    payload.update(computed_on(device))
     if as_json:
         emit_json(payload)
         return

@@ -27,9 +27,10 @@ from fmconvert.cli.options import (
     Steps,
     listing,
 )
-from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, main_process, say
+from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
 from fmconvert.errors import UsageError, check_choice
 from fmconvert.evaluation.features import FEATURES
+from fmconvert.files.references import parse_data
 from fmconvert.sampling.runs import resolved
 
 
@@ -62,9 +63,7 @@ def fid(
 ):
     """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep; --solver takes a
     comma-separated list."""
-    from fmconvert.evaluation.fid import make_extractor, reference_stats, save_stats, sweep
-    from fmconvert.files.references import parse_data
-    from fmconvert.sampling.generate import load_velocity_model
+    from fmconvert.evaluation.fid import fid_sweep
     from fmconvert.sampling.runs import sweep_runs
 
     bars = interactive(as_json)
@@ -74,43 +73,18 @@ def fid(
     for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
         if value < 2:
             raise UsageError(f"{name} must be at least 2, got {value}")
-    parse_data(reference, statistics=True)  # (before any model is loaded or sample drawn)
+    parse_data(reference, statistics=True)  # (before the model is inspected)
     base, source = plan(model, solvers=solvers, baselines=baseline, grid=grid, shift=shift,
                         dtype=dtype, rtol=rtol, atol=atol, steps=steps_list[0], seed=seed, num_images=num_images,
                         shard_size=batch_size)
     runs = [resolved(run, source.shifts_times) for run in sweep_runs(base, solvers, steps_list, baseline or [], rtol=rtol,
                                                                       atol=atol)]
-    if samples_dir is not None:  # a folder of other settings is refused before the model is loaded
-        from fmconvert.sampling.shards import ShardStore
-
-        for run in runs:
-            ShardStore.check(Path(samples_dir) / run.slug(), run.manifest())
     device = join_device(device)
-    import torch
-
-    extractor = make_extractor(features, inception_weights, inception_layer, device)
-    if num_images <= extractor.num_features:
-        log(f"warning: {num_images} samples for {extractor.num_features}-dimensional {extractor.name} features: the "
-            "covariance is singular and the FID is biased high; use more samples than dimensions to compare numbers")
-    vm = load_velocity_model(source, dtype=getattr(torch, dtype), device=device, channels_last=channels_last, compile=compile)
-    from fmconvert.sampling.generate import image_shape
-
-    extractor.check(image_shape(vm))
-    log(f"FID of {model} against {reference} in {extractor.name} features: {', '.join(solvers)}"
-        f"{''.join(f' and {b} (baseline)' for b in baseline or [])} at steps {steps}, {num_images} samples each")
-    result = sweep(vm, reference, extractor, runs, device, progress=bars, use_cache=not no_cache,
-                   samples_dir=samples_dir)
-    result["model"], result["loaded"] = model, vm.info
+    result = fid_sweep(source, runs, reference, features=features, inception_weights=inception_weights,
+                       inception_layer=inception_layer, device=device, channels_last=channels_last, compile=compile,
+                       use_cache=not no_cache, samples_dir=samples_dir, save_reference_stats=save_reference_stats,
+                       plot=plot, progress=bars, log=log)
     result.update(computed_on(device))
-    if save_reference_stats is not None:
-        stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise
-        if main_process():
-            save_stats(stats, save_reference_stats, extractor, reference)
-        result["saved_reference_stats"] = str(save_reference_stats)
-    if plot is not None and main_process():
-        from fmconvert.evaluation.fid import plot_sweep
-
-        result["plot"] = str(plot_sweep(result, plot))
     if as_json:
         emit_json(result)
         return

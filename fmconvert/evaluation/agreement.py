@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torchmetrics import Metric
 
+from fmconvert.errors import UsageError
 from fmconvert.integration.adapters import PathAdapter
 from fmconvert.math.paths import RectifiedFlow
 from fmconvert.math.predictions import from_x0_eps, pf_ode_drift, to_x0_eps
 from fmconvert.sampling.runs import Run
+
+if TYPE_CHECKING:
+    from fmconvert.integration.source import Source
 
 F64 = torch.float64
 
@@ -101,7 +106,7 @@ def _point_batches(data: torch.Tensor, batch_size: int, s_values: list[float], s
     goes to rank j mod K; ε for point n at time i is the n-th image of the noise stream
     seeded seed + i, so the points depend on neither the batch size nor the process count."""
     from fmconvert.sampling import distributed
-    from fmconvert.sampling.generate import NoiseStream, batches_of
+    from fmconvert.sampling.noise import NoiseStream, batches_of
 
     ranges = batches_of(len(data), batch_size)
     for i, s in enumerate(s_values):
@@ -178,6 +183,63 @@ def trajectory_agreement(vm, base: Run, steps_list, num_images: int = 64, batch_
     return rows, runs
 
 
+def agree_fields(source: Source, points_run: Run, *, data: str | None = None, other: str | None = None,
+                 num_times: int = 20, dtypes: list[str] | tuple[str, ...] = ("float32",),
+                 steps_list: list[int] | tuple[int, ...] = (4, 8, 16, 32), num_images: int = 64, loss: bool = False,
+                 seed: int = 0, device: str = "cpu", log: Callable[[str], None] = lambda message: None) -> dict:
+    """What ``fmconvert agree`` measures between its options and its output. ``source`` (inspected
+    once) is loaded once, its conversion applied in float64 (the network keeps its dtype); the
+    points are ``data`` (:meth:`fmconvert.files.references.DataRef.images`, ``points_run.num_images``
+    of them, in the model's data space) or, with none, the samples of ``points_run`` (a run
+    :func:`~fmconvert.sampling.runs.plan_run` made). Then, without ``other``: the field against the
+    source's PF-ODE drift in each of ``dtypes`` (:func:`field_vs_source`), for a discrete source also
+    Euler against its DDIM at each of ``steps_list`` on ``num_images`` (:func:`trajectory_agreement`),
+    and with ``loss`` the loss identity (:func:`loss_identity`); with ``other`` (a second model
+    reference): the two fields against each other (:func:`field_vs_field`). UsageError for a model
+    that needs conditioning and for data of another shape than the model's samples."""
+    from fmconvert.math.paths import DiscreteVPSchedule
+    from fmconvert.sampling.generate import generate_run
+    from fmconvert.sampling.model import load_velocity_model, sample_shape
+
+    vm = load_velocity_model(source, device=device, compute_dtype="float64")
+    if vm.source.family.accepts:
+        raise UsageError(f"agree compares unconditional fields; {vm.source.pipeline_class} ({vm.source.family.title}) "
+                         "needs its conditioning, which agree does not take yet")
+    payload: dict = {"model": source.reference, "loaded": vm.info, "data": data or "own samples", "runs": []}
+    points_run = points_run.loaded(vm.source.model_class, sample_shape(vm))
+    shape = "×".join(map(str, points_run.shape or ()))
+    if data is not None:
+        points = load_points(data, points_run.num_images)
+        if tuple(points.shape[1:]) != tuple(points_run.shape or ()):
+            raise UsageError(f"data={data} holds {'×'.join(map(str, points.shape[1:]))} images; {source.reference} "
+                             f"takes {shape} (channels × height × width): give data of that shape, or none to use the "
+                             "model's own samples")
+    else:
+        log(f"no data: using {points_run.describe()} as the points")
+        points = generate_run(vm, points_run, device).samples
+        payload["runs"].append(points_run.manifest())
+    payload["num_points"] = len(points)
+    if other is not None:
+        vm2 = load_velocity_model(other, device=device, compute_dtype="float64")
+        log(f"field of {source.reference} against the field of {other} at {num_times} times")
+        result = field_vs_field(vm.velocity, vm2.velocity, points, num_times, seed=seed, device=device)
+        payload["other"] = other
+        payload["field"] = {"s": result.s, **result.per_dtype}
+        return payload
+    log(f"field of {source.reference} against its source's PF-ODE drift at {num_times} times, dtypes {', '.join(dtypes)}")
+    result = field_vs_source(vm.velocity, points, num_times, dtypes, seed=seed, device=device)
+    payload["field"] = {"s": result.s, **result.per_dtype}
+    if isinstance(vm.grid_source, DiscreteVPSchedule) and not vm.source.converted:  # DDIM needs its timesteps
+        log(f"trajectories: Euler vs the source's DDIM along the same timesteps at steps {', '.join(map(str, steps_list))}")
+        rows, runs = trajectory_agreement(vm, points_run, steps_list, num_images, device=device)
+        payload["trajectories"] = rows
+        payload["runs"] += [run.manifest() for run in runs]
+    if loss:
+        log(f"loss identity: flow-matching loss vs the source's epsilon loss × (1 − s)⁻² at {num_times} times")
+        payload["loss"] = loss_identity(vm.velocity, points, num_times, seed=seed, device=device)
+    return payload
+
+
 def load_points(reference: str, limit: int | None = None) -> torch.Tensor:
     """Images in data space [−1, 1] from builtin:digits[/train|/held_out] or an image folder
     (:func:`fmconvert.files.references.parse_data`)."""
@@ -230,7 +292,7 @@ def loss_identity(adapter: PathAdapter, data: torch.Tensor, num_times: int = 10,
     sums = {"flow_matching_loss": torch.zeros(len(t), dtype=F64), "weighted_epsilon_loss": torch.zeros(len(t), dtype=F64)}
     worst, count = torch.zeros(len(t), dtype=F64), torch.zeros(len(t), dtype=F64)
     for i, s in enumerate(s_values.tolist()):
-        from fmconvert.sampling.generate import NoiseStream
+        from fmconvert.sampling.noise import NoiseStream
 
         noise = NoiseStream(len(data), tuple(data.shape[1:]), seed + i)
         for lo in range(0, len(data), batch_size):

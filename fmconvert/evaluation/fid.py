@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from fmconvert.evaluation.statistics import KID_KEEP as KID_KEEP
 from fmconvert.evaluation.statistics import FeatureStatistics, fid_between, kid_between
 from fmconvert.files.references import file_sha256, parse_data
 from fmconvert.sampling.runs import Run, SchedulerSampler
+
+if TYPE_CHECKING:
+    from fmconvert.integration.source import Source
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -223,7 +226,8 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
     seeds). Samples are streamed, never all held; with ``samples_dir`` each run keeps them in
     shards under a folder of its own, whose manifest is the run's (:meth:`Run.manifest`), and a
     rerun reuses the complete ones."""
-    from fmconvert.sampling.generate import iter_run, sample_shape
+    from fmconvert.sampling.generate import iter_run
+    from fmconvert.sampling.model import sample_shape
     from fmconvert.sampling.shards import ShardStore
 
     ref = reference_stats(reference, extractor, device=device, use_cache=use_cache)
@@ -268,6 +272,52 @@ def sweep(vm, reference: str, extractor: Extractor, runs: list[Run], device: str
             "reference_stats": {"source": ref.source, "path": ref.path, "num_samples": ref.stats.count,
                                 "reused": ref.source in ("cache", "file")},
             "runs": [run.manifest() for run in runs], "rows": rows}
+
+
+def fid_sweep(source: Source, runs: list[Run], reference: str, *, features: str = "digits",
+              inception_weights: str | Path | None = None, inception_layer: str = "2048", device: str = "cpu",
+              channels_last: bool = False, compile: bool = False, use_cache: bool = True,
+              samples_dir: Path | None = None, save_reference_stats: Path | None = None, plot: Path | None = None,
+              progress: bool = False, log: Callable[[str], None] = lambda message: None) -> dict:
+    """What ``fmconvert fid`` computes between its options and its output: the FID (and KID) of each
+    of ``runs`` (:func:`fmconvert.sampling.runs.sweep_runs` of one run that
+    :func:`~fmconvert.sampling.runs.plan_run` made for ``source``, each :func:`resolved`) against
+    ``reference`` (:func:`fmconvert.files.references.parse_data`, statistics files too), in the
+    ``features`` of :func:`make_extractor`. In order: a ``samples_dir`` holding another run's samples
+    is refused before the model is loaded; the model is loaded once (in the runs' dtype, on
+    ``device``); images the features cannot take are refused before any sample; then :func:`sweep`.
+    ``save_reference_stats``: also write the reference's statistics there; ``plot``: FID against NFE
+    as a PNG. Returns :func:`sweep`'s result with the model, what was loaded and where."""
+    from fmconvert.sampling import distributed
+    from fmconvert.sampling.model import image_shape, load_velocity_model
+    from fmconvert.sampling.shards import ShardStore
+
+    parse_data(reference, statistics=True)
+    if samples_dir is not None:
+        for run in runs:
+            ShardStore.check(Path(samples_dir) / run.slug(), run.manifest())
+    extractor = make_extractor(features, inception_weights, inception_layer, device)
+    num_images = runs[0].num_images
+    if num_images <= extractor.num_features:
+        log(f"warning: {num_images} samples for {extractor.num_features}-dimensional {extractor.name} features: the "
+            "covariance is singular and the FID is biased high; use more samples than dimensions to compare numbers")
+    vm = load_velocity_model(source, dtype=getattr(torch, runs[0].dtype), device=device, channels_last=channels_last,
+                             compile=compile)
+    extractor.check(image_shape(vm))
+    samplers = ", ".join(dict.fromkeys(run.sampler.describe() for run in runs))
+    steps = ", ".join(map(str, sorted({run.steps for run in runs})))
+    log(f"FID of {source.reference} against {reference} in {extractor.name} features: {samplers}, at steps {steps}, "
+        f"{num_images} samples each")
+    result = sweep(vm, reference, extractor, runs, device, progress=progress, use_cache=use_cache, samples_dir=samples_dir)
+    result["model"], result["loaded"] = source.reference, vm.info
+    if save_reference_stats is not None:
+        stats = reference_stats(reference, extractor, device=device).stats  # every rank: it may synchronise
+        if distributed.is_main():
+            save_stats(stats, save_reference_stats, extractor, reference)
+        result["saved_reference_stats"] = str(save_reference_stats)
+    if plot is not None and distributed.is_main():
+        result["plot"] = str(plot_sweep(result, plot))
+    return result
 
 
 def plot_sweep(result: dict, path: Path) -> Path:

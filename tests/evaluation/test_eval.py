@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import error
+from conftest import error, ok
 from typer.testing import CliRunner
 
 from fmconvert.cli import app
@@ -64,6 +64,26 @@ def test_agree_with_data_points():
     assert payload["num_points"] == 16 and max(payload["field"]["float32"]["relative_l2"]) < 1e-5
 
 
+def test_agree_is_one_library_call_whose_errors_name_parameters(ddpm_folder):
+    """The command's numbers are agree_fields' (the library's one call); its refusal of data of
+    another shape names the parameter, data=..., which the command line says as --data."""
+    from fmconvert.errors import UsageError
+    from fmconvert.evaluation.agreement import agree_fields
+    from fmconvert.sampling.runs import plan_run
+
+    run, source = plan_run("builtin:digits-eps", ["euler"], steps=50, num_images=8, shard_size=256)
+    payload = agree_fields(source, run, data="builtin:digits/held_out", num_times=3, steps_list=(2,), num_images=2)
+    command = json.loads(ok("agree", "builtin:digits-eps", "--data", "builtin:digits/held_out", "--num-times", 3,
+                            "--num-points", 8, "--steps", 2, "--num-images", 2, "--json").stdout)
+    assert payload["field"] == command["field"] and payload["trajectories"] == command["trajectories"]
+    assert payload["num_points"] == 8
+    run, source = plan_run(str(ddpm_folder), ["euler"], steps=50, num_images=8, shard_size=256)
+    with pytest.raises(UsageError, match=r"^data=builtin:digits holds 1×8×8 images"):
+        agree_fields(source, run, data="builtin:digits")
+    line = error(2, "agree", ddpm_folder, "--data", "builtin:digits", "--num-points", 8)
+    assert "--data builtin:digits holds 1×8×8 images" in line, line
+
+
 # -- FID ----------------------------------------------------------------------------------------
 
 
@@ -104,14 +124,14 @@ def test_fid_streams_samples(monkeypatch, ddpm_folder):
     import fmconvert.sampling.generate as sampling
 
     largest = []
-    original = sampling.iter_generate
+    original = sampling.iter_run
 
     def spy(*args, **kwargs):
         for x, images, nfe in original(*args, **kwargs):
             largest.append(len(x))
             yield x, images, nfe
 
-    monkeypatch.setattr(sampling, "iter_generate", spy)
+    monkeypatch.setattr(sampling, "iter_run", spy)
     ok("fid", ddpm_folder, "--reference", "builtin:digits", "--steps", 2, "--num-images", 100, "--batch-size", 25)
     assert largest == [25, 25, 25, 25]
 
