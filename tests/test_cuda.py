@@ -4,7 +4,7 @@ CUDA in float32 (TF32 off: it is not float32), finite outputs in bfloat16, and t
 import pytest
 import torch
 from conftest import make_unet
-from test_adapters import ddim, mapped_sigmas, noise, rel_max, run_ddim, run_flowmatch_euler
+from integration.test_adapters import ddim, mapped_sigmas, noise, rel_max, run_ddim, run_flowmatch_euler
 
 from fmconvert import VelocityAdapter
 

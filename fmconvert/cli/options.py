@@ -35,7 +35,7 @@ Steps = Annotated[str, typer.Option(help="Solver steps (the NFE is counted and r
 Solver = Annotated[str, typer.Option(help="ODE solver: " + listing(SOLVERS) + ".")]
 
 
-Grid = Annotated[str, typer.Option(help="Time grid: " + listing(GRIDS) + ".")]
+Grid = Annotated[str, typer.Option(help="Time grid: " + listing(GRIDS) + "; or a tuned sampler file (.json, written by fmconvert tune): its grid for these steps.")]
 
 
 Shift = Annotated[Optional[float], typer.Option(help="Time shift k of the uniform or flowmatch grid, s = k·u/(1 + (k − 1)·u) (SD3's shift: k > 1 puts more steps near the noise); default: the source scheduler's own (1 for a diffusion model). Few-step sampling gains from 1.5 to 2 (SAMPLERS.md).")]

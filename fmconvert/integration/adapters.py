@@ -291,12 +291,13 @@ class PathAdapter(ModelMixin, ConfigMixin):
         A timestep that can be read without waiting for a device (a number, or a CPU tensor
         with one value for the whole batch, as samplers pass it) is planned once per
         value and remembered; one on an accelerator is planned there, every call, so the
-        sampling loop never synchronises with the host.
+        sampling loop never synchronises with the host; one that requires grad (a time grid
+        being tuned) is planned every call, so the plan carries its gradient.
         """
         if not torch.is_tensor(timestep):
             timestep = torch.as_tensor(timestep)
         key = None
-        if timestep.device.type == "cpu" and timestep.numel() >= 1:
+        if timestep.device.type == "cpu" and timestep.numel() >= 1 and not timestep.requires_grad:
             flat = timestep.reshape(-1)
             if flat.numel() == 1 or torch.equal(flat, flat[:1].expand_as(flat)):
                 key = (float(flat[0]), timestep.dtype, ndim, str(device))

@@ -82,6 +82,11 @@ def _s(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def euler(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+    if grid.requires_grad:  # (a grid being tuned: the step sizes carry its gradient)
+        for i in range(len(grid) - 1):
+            x = x + (grid[i + 1] - grid[i]) * u(x, _s(grid[i], x))
+            callback and callback(i)
+        return x
     for i, h in enumerate(grid.diff().tolist()):  # h as a Python number: x + h·u in one pass
         x = x.add(u(x, _s(grid[i], x)), alpha=h)
         callback and callback(i)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, cast
 
 import torch
 
@@ -53,27 +53,34 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
                   grid: str = "uniform", steps: int = 50, device: str = "cpu", conditioning: Conditioning | None = None,
                   progress: bool = False, solver_options: dict | None = None,
                   ranges: list[tuple[int, int]] | None = None,
-                  shift: float | None = None) -> Batches:
+                  shift: float | None = None, times: Sequence[float] | None = None) -> Batches:
     """Yield (samples, images, nfe) batch by batch (by default all of [0, num_images) in
     batches of ``batch_size``; or the given global index ranges): one batch is held.
     ``shift``: the grid's time shift instead of the scheduler's (:func:`sampling_grid`); with
     solver ``auto`` on the uniform grid of a source without a shift of its own, the one
-    :func:`fmconvert.math.solvers.auto_choice` names.
+    :func:`fmconvert.math.solvers.auto_choice` names. ``times``: the ``steps + 1`` times s
+    themselves (a tuned grid, :mod:`fmconvert.sampling.tuned`; ``grid`` and ``shift`` then unused).
     ``conditioning``: what the family takes (prompt, class labels, image embeddings,
     guidance); refused in one line, when called, where the family cannot honour it."""
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, num_images)
     return _solved_batches(vm, num_images, batch_size, seed, solver, grid, steps, device, conditioning, progress,
-                           solver_options, ranges, shift)
+                           solver_options, ranges, shift, times)
 
 
 def _solved_batches(vm: VelocityModel, num_images: int, batch_size: int, seed: int, solver: str, grid: str, steps: int,
                     device: str, conditioning: Conditioning, progress: bool, solver_options: dict | None,
-                    ranges: list[tuple[int, int]] | None, shift: float | None) -> Batches:
+                    ranges: list[tuple[int, int]] | None, shift: float | None,
+                    times: Sequence[float] | None = None) -> Batches:
     """:func:`iter_generate`'s batches, the conditioning taken as checked."""
     if solver == "auto":
         solver, shift = resolve_auto(steps, grid, shift, vm.source.shifts_times)
-    s_grid = sampling_grid(vm, grid, steps, shift)
+    if times is not None:
+        if len(times) != steps + 1:
+            raise ValueError(f"times: {len(times)} given for {steps} steps (steps + 1 wanted)")
+        s_grid = torch.tensor(list(times), dtype=torch.float64)
+    else:
+        s_grid = sampling_grid(vm, grid, steps, shift)
     noise = NoiseStream(num_images, sample_shape(vm), seed)
     ranges = batches_of(num_images, batch_size) if ranges is None else ranges
     start_scale = float(RectifiedFlow().point(s_grid[0]).norm)  # ε at the first grid time
@@ -85,7 +92,7 @@ def _solved_batches(vm: VelocityModel, num_images: int, batch_size: int, seed: i
     try:
         for first, stop in ranges:
             eps = noise.take(first, stop).to(device)
-            field = _velocity_field(vm, conditioning, first, eps.shape[0], device)
+            field = velocity_field(vm, conditioning, first, eps.shape[0], device)
             # inference mode: less bookkeeping per operation than no_grad (the network's too);
             # the result is cloned out of it below, so callers get ordinary tensors
             with torch.inference_mode():
@@ -218,7 +225,7 @@ def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tupl
         return _scheduler_batches(vm, run.num_images, run.shard_size, run.seed, run.steps, device, sampler.spec, ranges,
                                   conditioning, sampler.along_list)
     return _solved_batches(vm, run.num_images, run.shard_size, run.seed, sampler.solver, sampler.grid, run.steps, device,
-                           conditioning, progress, dict(sampler.options), ranges, sampler.shift)
+                           conditioning, progress, dict(sampler.options), ranges, sampler.shift, sampler.times)
 
 
 def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: bool = False) -> SampleResult:
@@ -226,8 +233,9 @@ def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: boo
     return _collect(iter_run(vm, run, device, progress=progress))
 
 
-def _velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch: int, device) -> Callable:
-    """u(x, s) for images [first, first + batch): the family's conditioning, classifier-free
+def velocity_field(vm: VelocityModel, request: Conditioning, first: int, batch: int, device) -> Callable:
+    """u(x, s) for images [first, first + batch) (x: (batch, C, H, W), s: (batch,) on the rectified
+    path, 1 = noise; float32 out, differentiable in x and s): the family's conditioning, classifier-free
     guidance uncond + w·(cond − uncond) on the velocity (guidance is affine with weights
     summing to one, so it commutes with the conversion), and ``guidance_rescale`` applied to
     the source's own prediction (diffusers' ``rescale_noise_cfg``): the guided and the

@@ -60,25 +60,40 @@ def files_fingerprint(roots: list[Path], edge: int = _EDGE) -> str:
     return "sha256:" + digest.hexdigest()[:20]
 
 
+#: the grid name of a run whose times were tuned (:mod:`fmconvert.sampling.tuned`)
+TUNED = "tuned"
+
+
 @dataclass(frozen=True)
 class OdeSampler:
     """fmconvert's ODE solver ``solver`` (:data:`fmconvert.math.solvers.SOLVERS`) on the converted
     velocity field, on the time grid ``grid`` (:data:`fmconvert.math.grids.GRIDS`) with time shift
-    ``shift`` (None: the source scheduler's own), with the solver's ``options`` (rtol, atol)."""
+    ``shift`` (None: the source scheduler's own), with the solver's ``options`` (rtol, atol); or, with
+    grid ``"tuned"``, on the ``times`` s_0 > … > s_N themselves (a tuned sampler file's grid)."""
 
     solver: str
     grid: str = "uniform"
     shift: float | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    times: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.times is not None) != (self.grid == TUNED):
+            raise ValueError(f"grid={self.grid!r} with times={self.times!r}: a tuned grid is its times "
+                             f"(grid={TUNED!r}), and only a tuned grid has them")
+        if self.times is not None and self.shift is not None:
+            raise ValueError("a tuned grid takes no shift: its times are what was tuned")
 
     @property
     def name(self) -> str:
         return self.solver
 
     def record(self) -> dict[str, Any]:
-        """The sampler's part of a run's record (:meth:`Run.manifest`)."""
-        return {"sampler": self.solver, "grid": self.grid, "shift": self.shift, "baseline": False,
-                "options": dict(self.options)}
+        """The sampler's part of a run's record (:meth:`Run.manifest`); a tuned grid's times under
+        "times" (records of other grids have no such key, as before tuned grids)."""
+        record = {"sampler": self.solver, "grid": self.grid, "shift": self.shift, "baseline": False,
+                  "options": dict(self.options)}
+        return record if self.times is None else {**record, "times": list(self.times)}
 
     def describe(self) -> str:
         shifted = "" if self.shift is None else f" (shift {self.shift:g})"
@@ -199,7 +214,8 @@ def check_choices(solvers: list[str], grid: str = "uniform", shift: float | None
     """Refuse what no run could honour, before any file is read: a solver, grid, dtype or baseline
     not in its registry (:data:`~fmconvert.math.solvers.SOLVERS`, :data:`~fmconvert.math.grids.GRIDS`,
     :data:`~fmconvert.integration.configs.SAMPLE_DTYPES`, :func:`~fmconvert.sampling.baselines.parse_baseline`),
-    a ``shift`` on a grid that takes none, an ``rtol``/``atol`` that none of ``solvers`` takes.
+    a ``shift`` on a grid that takes none, an ``rtol``/``atol`` that none of ``solvers`` takes; a
+    ``grid`` that names a tuned sampler file (:func:`is_tuned_file`) must exist and takes no shift.
     UsageError naming the parameter and its value."""
     from fmconvert.integration.configs import SAMPLE_DTYPES
     from fmconvert.math.grids import GRIDS, check_shift
@@ -208,11 +224,17 @@ def check_choices(solvers: list[str], grid: str = "uniform", shift: float | None
 
     for name in solvers:
         check_choice("solver", name, SOLVERS)
-    check_choice("grid", grid, GRIDS)
-    try:
-        check_shift(grid, shift)
-    except ValueError as error:
-        raise UsageError(f"shift={shift}: {error}") from None
+    if is_tuned_file(grid):
+        if not Path(grid).is_file():
+            raise UsageError(f"grid={grid!r}: no such tuned sampler file (fmconvert tune writes one)")
+        if shift is not None:
+            raise UsageError(f"shift={shift}: a tuned grid takes no shift (its times are what was tuned)")
+    else:
+        check_choice("grid", grid, GRIDS)
+        try:
+            check_shift(grid, shift)
+        except ValueError as error:
+            raise UsageError(f"shift={shift}: {error}") from None
     check_choice("dtype", dtype, SAMPLE_DTYPES)
     for spec in baselines:
         parse_baseline(spec)  # (an unknown name or a malformed option: refused here)
@@ -253,8 +275,28 @@ def _checked_run(source: Source, solver: str, grid: str, dtype: str, shift: floa
                  atol: float | None, fields: dict[str, Any]) -> Run:
     source.family.check(fields.get("conditioning") or Conditioning(), source, fields.get("num_images"))
     given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
-    sampler = OdeSampler(solver, grid, shift, solver_options(solver, **given))
-    return Run(model=source.reference, fingerprint=model_fingerprint(source), sampler=sampler, dtype=dtype, **fields)
+    fingerprint = model_fingerprint(source)
+    if is_tuned_file(grid):
+        sampler = tuned_sampler(grid, fingerprint, solver, fields.get("steps", 50), given)
+    else:
+        sampler = OdeSampler(solver, grid, shift, solver_options(solver, **given))
+    return Run(model=source.reference, fingerprint=fingerprint, sampler=sampler, dtype=dtype, **fields)
+
+
+def is_tuned_file(grid: str) -> bool:
+    """Whether ``grid`` names a tuned sampler file (a path ending in .json) rather than a grid of
+    :data:`~fmconvert.math.grids.GRIDS`."""
+    return grid.lower().endswith(".json")
+
+
+def tuned_sampler(path: str, fingerprint: str, solver: str, steps: int, given: dict[str, Any] | None = None) -> OdeSampler:
+    """The sampler of the tuned sampler file at ``path`` for ``steps`` steps: its grid of least held-out
+    error for ``solver`` (``auto``: for any solver, whose solver it then is). UsageError, one line: a
+    file tuned for other weights than ``fingerprint`` names, or without a grid of that many steps."""
+    from fmconvert.sampling.tuned import load_tuned
+
+    entry = load_tuned(path, fingerprint).best(steps, None if solver == "auto" else solver)
+    return OdeSampler(entry.solver, TUNED, None, solver_options(entry.solver, **(given or {})), times=entry.s)
 
 
 def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
@@ -267,10 +309,12 @@ def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:
 
 
 def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: list[str] | tuple[str, ...] = (),
-               **given_options: Any) -> list[Run]:
+               grid_file: str | None = None, **given_options: Any) -> list[Run]:
     """The runs of an NFE sweep: each baseline (a spec of :func:`fmconvert.sampling.baselines.parse_baseline`,
     its options recorded, on its own timesteps: no grid shift) at every step count first, then
-    every solver at every step count; everything else as in ``base``."""
+    every solver at every step count; everything else as in ``base``. ``grid_file``: the tuned
+    sampler file ``base``'s grid came from, whose grid each solver and step count then takes
+    (:func:`tuned_sampler`)."""
     from fmconvert.sampling.baselines import parse_baseline
 
     runs = []
@@ -278,6 +322,11 @@ def sweep_runs(base: Run, solvers: list[str], steps_list: list[int], baselines: 
         baseline, options = parse_baseline(spec)
         scheduler = SchedulerSampler(baseline.name, options, baseline.grid)
         runs += [dataclasses.replace(base, sampler=scheduler, steps=steps) for steps in steps_list]
+    if grid_file is not None:
+        given = {k: v for k, v in given_options.items() if v is not None}
+        return runs + [dataclasses.replace(base, sampler=tuned_sampler(grid_file, base.fingerprint, solver, steps, given),
+                                           steps=steps)
+                       for solver in solvers for steps in steps_list]
     grid, shift = ((base.sampler.grid, base.sampler.shift) if isinstance(base.sampler, OdeSampler) else ("uniform", None))
     runs += [dataclasses.replace(base, sampler=OdeSampler(solver, grid, shift, solver_options(solver, **given_options)),
                                  steps=steps)

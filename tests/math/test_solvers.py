@@ -98,7 +98,7 @@ def test_exponential_integrators_are_diffusers_schedulers_on_the_converted_field
     (dpmpp_2m against the 3M scheduler, unipc against 2M, unipc without its corrector)
     differs by 4.2e-3 to 1.5e-2."""
     from conftest import make_unet
-    from test_adapters import noise, rel_max
+    from integration.test_adapters import noise, rel_max
 
     from fmconvert import VelocityAdapter
 

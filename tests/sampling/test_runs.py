@@ -28,7 +28,8 @@ OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": OdeSamp
          "shard_size": 3, "model_class": "UNet2DModel", "shape": (3, 8, 8), "fmconvert_version": "9.9"}
 #: other samplers than the base's (euler on the uniform grid): each field of each sampler type changed alone
 OTHER_SAMPLERS = [OdeSampler("euler", grid="karras"), OdeSampler("euler", shift=2.0),
-                  OdeSampler("euler", options=(("rtol", 1e-3),)), SchedulerSampler("euler"),
+                  OdeSampler("euler", options=(("rtol", 1e-3),)), OdeSampler("euler", "tuned", times=(1.0, 0.4, 0.0)),
+                  SchedulerSampler("euler"),
                   SchedulerSampler("euler", options=(("use_karras_sigmas", True),)),
                   SchedulerSampler("euler", spacing="trailing"), SchedulerSampler("ddim", along_list=True)]
 
@@ -167,7 +168,7 @@ def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
     [1, 0.8, 0.5, 0]; the run's record and samples folder carry it, so other shifts are other runs."""
     from safetensors.torch import load_file
 
-    from fmconvert.sampling.generate import Conditioning, _velocity_field
+    from fmconvert.sampling.generate import Conditioning, velocity_field
     from fmconvert.sampling.model import load_velocity_model, sample_shape
     from fmconvert.sampling.noise import NoiseStream
 
@@ -177,7 +178,7 @@ def test_a_time_shift_reaches_the_grid_the_samples_and_the_record(tmp_path):
                            "--samples-dir", tmp_path / "s").stdout)["run"]
     assert record["shift"] == 2.0 and record["grid"] == "uniform"
     vm = load_velocity_model(str(folder))
-    field = _velocity_field(vm, Conditioning(), 0, 2, "cpu")
+    field = velocity_field(vm, Conditioning(), 0, 2, "cpu")
     x = NoiseStream(2, sample_shape(vm), 4).take(0, 2)
     with torch.inference_mode():
         expected = solve(field, x, torch.tensor([1.0, 0.8, 0.5, 0.0], dtype=torch.float64), "euler").x
@@ -262,6 +263,16 @@ def test_a_command_resolves_loads_and_checks_its_model_once(tmp_path, monkeypatc
 def test_stepping_along_the_listed_timesteps_is_ddims_alone():
     with pytest.raises(ValueError, match="along_list is DDIM's"):
         SchedulerSampler("euler", along_list=True)
+
+
+def test_a_tuned_grid_is_its_times_and_only_it_has_times():
+    with pytest.raises(ValueError, match="a tuned grid is its times"):
+        OdeSampler("euler", "uniform", times=(1.0, 0.0))
+    with pytest.raises(ValueError, match="a tuned grid is its times"):
+        OdeSampler("euler", "tuned")
+    with pytest.raises(ValueError, match="takes no shift"):
+        OdeSampler("euler", "tuned", 1.5, times=(1.0, 0.0))
+    assert "times" not in OdeSampler("euler").record()  # (records of other grids are as they were)
 
 
 def test_a_request_the_family_cannot_honour_is_refused_when_the_batches_are_asked_for():

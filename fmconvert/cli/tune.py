@@ -1,0 +1,76 @@
+"""``fmconvert tune``: time grids tuned to one model, written as a tuned sampler file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmconvert.cli.checks import parse_steps, positive
+from fmconvert.cli.options import AllowPickle, AsJson, Device, Revision, TrustRemoteCode
+from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
+from fmconvert.errors import UsageError, check_choice
+
+
+@handle_errors
+def tune(
+    model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The tuned sampler file (.json) to write; a file of an earlier run of the same model and settings is continued (the grids it has are kept)."),
+    nfe: str = typer.Option("4", "--nfe", help="Field evaluations to tune for, comma-separated (e.g. 3,4,5,6)."),
+    solver: str = typer.Option("ab2", "--solver", help="The solver whose grid is tuned: ab2 or euler (one evaluation a step), heun (2 a step, 1 on the last), midpoint, rk4."),
+    method: str = typer.Option("gits,ld3", "--method", help="Tuning methods, comma-separated: gits (dynamic programming over a teacher trajectory, training-free) and ld3 (time steps learnt through the solver)."),
+    pairs: int = typer.Option(128, "--pairs", help="Teacher pairs (noise, converged endpoint) tuned on."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the tuning pairs' noise."),
+    validation_pairs: int = typer.Option(256, "--validation-pairs", help="Held-out pairs the tuned grids are judged on."),
+    validation_seed: int = typer.Option(1, "--validation-seed", help="Seeds the held-out pairs' noise (not --seed)."),
+    teacher_steps: int = typer.Option(64, "--teacher-steps", help="Steps of the teacher (rk4 on the uniform grid)."),
+    fine_steps: int = typer.Option(64, "--fine-steps", help="Steps of GITS's fine grid (uniform), the times its grids are chosen from."),
+    iterations: int = typer.Option(200, "--iterations", help="LD3's optimiser steps."),
+    lr: float = typer.Option(0.05, "--lr", help="LD3's learning rate (Adam, on the grid's logits)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per LD3 iteration, drawn afresh each time (default: all of them)."),
+    soft_radius: float = typer.Option(0.0, "--soft-radius", help="LD3's soft teacher: each student may start within this fraction of its noise's norm (0: the noise itself)."),
+    prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
+    class_label: Optional[list[str]] = typer.Option(None, "--class-label", help="Class label for class-conditional models; repeat it to cycle labels over the pairs."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write LD3's loss per iteration as a PNG."),
+    device: Device = "auto",
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+    as_json: AsJson = False,
+):
+    """Tune MODEL's time grid for each --nfe against a converged teacher; write a tuned sampler file that sample and
+    fid take as --grid FILE."""
+    from fmconvert.integration.conditioning import Conditioning
+    from fmconvert.sampling.tuned import METHODS, TunedFile, tune_model
+
+    bars = interactive(as_json)
+    nfe_list = parse_steps(nfe)
+    methods = tuple(m.strip() for m in method.split(",") if m.strip())
+    for name in methods:
+        check_choice("method", name, METHODS)
+    positive(pairs=pairs, validation_pairs=validation_pairs, teacher_steps=teacher_steps, fine_steps=fine_steps,
+             iterations=iterations,
+             **({} if batch_size is None else {"batch_size": batch_size}))
+    if out.suffix.lower() != ".json":
+        raise UsageError(f"--out {out}: a tuned sampler file is JSON; name it *.json")
+    conditioning = Conditioning(prompt=prompt, class_labels=tuple(class_label or ()), guidance_scale=guidance_scale)
+    existing = TunedFile.load(out) if out.exists() else None
+    device = join_device(device)
+    result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
+                        validation_pairs=validation_pairs, validation_seed=validation_seed,
+                        teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr, soft_radius=soft_radius,
+                        batch_size=batch_size, device=device, existing=existing, out=out, plot=plot, progress=bars, revision=revision,
+                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
+    if as_json:
+        emit_json({**result, **computed_on(device)})
+        return
+    say("| NFE | method | RMSE to teacher (held out) | best untuned | its RMSE | ratio | seconds |")
+    say("|---|---|---|---|---|---|---|")
+    for row in result["grids"]:
+        v = row["validation"]
+        say(f"| {row['nfe']} | {row['method']} | {v['rmse']:.4g} | {v['best_untuned']} | {v['best_untuned_rmse']:.4g} | "
+            f"{v['rmse'] / v['best_untuned_rmse']:.3f} | {row['tuning']['seconds']:.1f} |")
+    log(f"wrote {out}")
+

@@ -1,0 +1,190 @@
+"""Time grids tuned to one model's velocity field u(x, s) on the rectified path (s = 1 is noise,
+s = 0 is data): for a given number of steps N, the grid 1 = s_0 > s_1 > … > s_N = s_end whose
+N-step solve lands closest to a teacher's (a converged solve from the same noise).
+
+Two methods, both on teacher pairs (x_1 = ε, x_0 = the teacher's endpoint), pure torch:
+
+- :func:`gits_grid`, training-free (GITS: Chen et al., ICML 2024, "A Geometric Perspective on
+  Optimal Timesteps for Accelerating Diffusion Sampling", §4): one fine teacher trajectory
+  x(τ_0), …, x(τ_M) on a fine grid τ; the cost of a jump τ_i → τ_j is the mean squared distance
+  between one Euler step from the teacher's state, x(τ_i) + (τ_j − τ_i)·u(x(τ_i), τ_i), and the
+  teacher's x(τ_j) (:func:`jump_costs`); the N-step grid is the N-edge path from τ_0 to τ_M of
+  least total cost (:func:`shortest_path`, dynamic programming). M field evaluations in all.
+- :func:`learn_grid`, learnt (LD3: Tong et al., ICLR 2025, "Learning to Discretize Denoising
+  Diffusion ODEs", §3): the interior times are a monotone function of N free logits θ
+  (:func:`grid_from_logits`: increments softmax(θ)·(s_0 − s_N)), optimised by Adam on the mean
+  squared distance between the solver's endpoint on that grid and the teacher's, gradients taken
+  through the solver and the field; with the soft-teacher relaxation (LD3 eq. 6) each student
+  starts anywhere in the ball |x' − ε| ≤ r·|ε| (``soft_radius`` r) rather than at ε itself.
+  Warm-started from a given grid (the best untuned one), so it can only improve on it on the
+  training pairs.
+
+Nothing here loads a model: ``field`` is any u(x, s) with s a (B,) tensor (a converted model's,
+:mod:`fmconvert.sampling.tuned`; a closed-form one in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from fmconvert.math.solvers import SOLVERS
+
+Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: the solvers :func:`learn_grid` differentiates through (their step arithmetic is torch's on a
+#: grid that requires grad); :func:`gits_grid` takes any solver's NFE
+DIFFERENTIABLE = ("euler", "heun", "midpoint", "rk4", "ab2")
+
+
+def grid_from_logits(logits: torch.Tensor, start: float = 1.0, end: float = 0.0) -> torch.Tensor:
+    """The grid s_0 = ``start`` > s_1 > … > s_N = ``end`` (float64, (N + 1,)) whose N increments are
+    softmax(``logits``)·(start − end): strictly decreasing for any finite logits, its ends fixed
+    (LD3's monotone parametrisation). Differentiable in ``logits`` ((N,))."""
+    increments = torch.softmax(logits.to(torch.float64), 0) * (start - end)
+    inner = start - torch.cumsum(increments, 0)[:-1]
+    return torch.cat([inner.new_tensor([start]), inner, inner.new_tensor([end])])
+
+
+def logits_from_grid(grid: torch.Tensor) -> torch.Tensor:
+    """Logits θ with :func:`grid_from_logits`(θ, grid[0], grid[-1]) = ``grid`` (a decreasing grid):
+    the logarithms of its increments."""
+    return (-grid.to(torch.float64).diff()).log()
+
+
+def shortest_path(cost: torch.Tensor, steps: int) -> list[int]:
+    """Indices 0 = i_0 < i_1 < … < i_N = M (N = ``steps``) minimising the path's total cost, by dynamic
+    programming over the number of edges (GITS §4.2). ``cost``: (M + 1, M + 1), the cost of the edge
+    i → j (read above the diagonal), or (M + 1, M + 1, M + 1), the cost of the edge i → j after the
+    edge k → i, with cost[0, 0, j] the first edge's (nothing before it): a multistep solver's step
+    depends on the step before. ValueError if ``steps`` is not in 1..M."""
+    m = cost.shape[0] - 1
+    if not 1 <= steps <= m:
+        raise ValueError(f"steps={steps}: a path of that many edges needs a fine grid of at least {steps} intervals "
+                         f"(the fine grid has {m})")
+    cost = cost.to(torch.float64).cpu()
+    if cost.ndim == 2:
+        cost = cost[None].expand(m + 1, m + 1, m + 1)
+    best = torch.full((m + 1, m + 1), math.inf, dtype=torch.float64)  # [i, j]: the best path whose last edge is i → j
+    best[0, 1:] = cost[0, 0, 1:]
+    k, i, j = torch.meshgrid(*(torch.arange(m + 1),) * 3, indexing="ij")
+    cost = torch.where((k < i) & (i < j), cost, torch.full_like(cost, math.inf))
+    came = []
+    for _ in range(1, steps):
+        best, previous = (best[:, :, None] + cost).min(0)  # over k: the path to k → i, then i → j
+        came.append(previous)
+    path = [m, int(best[:, m].argmin())]
+    for previous in reversed(came):
+        path.append(int(previous[path[-1], path[-2]]))
+    return path[::-1]
+
+
+@torch.no_grad()
+def teacher_trajectory(field: Field, noise: torch.Tensor, fine: torch.Tensor, solver: str = "heun",
+                       substeps: int = 1) -> torch.Tensor:
+    """The teacher's states at every time of the decreasing ``fine`` grid, (M + 1, *noise.shape):
+    ``solver`` with ``substeps`` equal steps between consecutive fine times, from ``noise`` at
+    fine[0] (float64 time arithmetic; the states in noise's dtype)."""
+    states = [noise]
+    x = noise
+    for a, b in zip(fine[:-1].tolist(), fine[1:].tolist()):
+        sub = torch.linspace(a, b, substeps + 1, dtype=torch.float64)
+        x = SOLVERS[solver].step(field, x, sub)
+        states.append(x)
+    return torch.stack(states)
+
+
+@torch.no_grad()
+def jump_costs(field: Field, trajectory: torch.Tensor, fine: torch.Tensor, solver: str = "euler") -> torch.Tensor:
+    """GITS's costs on the teacher trajectory (from :func:`teacher_trajectory` on ``fine``): the mean
+    squared distance, per element, between one ``solver`` step from the teacher's state and the
+    teacher's state at the step's end, the field evaluated only at the teacher's states (one
+    evaluation per fine time). ``ab2``: its step after k → i, x(τ_i) + h·((1 + r/2)·u_i − (r/2)·u_k),
+    h = τ_j − τ_i, r = h/(τ_i − τ_k), Euler on the first edge, as a (M + 1)³ tensor for
+    :func:`shortest_path` (the teacher-forced error of the recursion, as OSS measures it); any other
+    solver: the Euler step x(τ_i) + h·u_i, GITS's own cost, (M + 1, M + 1). Computed from the Gram
+    matrices of the states and velocities; +∞ off the path."""
+    m = len(fine) - 1
+    flat = trajectory.to(torch.float64).flatten(1)  # (M + 1, K·D)
+    velocity = torch.stack([field(trajectory[i], fine[i].expand(trajectory.shape[1])).to(torch.float64).flatten()
+                            for i in range(m + 1)])
+    n = flat.shape[1]
+    xx, xu, uu = ((a @ b.T / n).cpu() for a, b in ((flat, flat), (flat, velocity), (velocity, velocity)))
+    tau = fine.to(torch.float64).cpu()
+    h = tau[None, :] - tau[:, None]  # [i, j] = τ_j − τ_i
+    sq_x, sq_u, xu_own = xx.diagonal(), uu.diagonal(), xu.diagonal()
+    # |x_i − x_j|² and |x_i − x_j + h·u_i|², as functions of (i, j)
+    apart = sq_x[:, None] + sq_x[None, :] - 2 * xx
+    euler = apart + h ** 2 * sq_u[:, None] + 2 * h * (xu_own[:, None] - xu.T)
+    if solver != "ab2":
+        return torch.where(h < 0, euler, torch.full_like(euler, math.inf))
+    h_prev = h[:, :, None]  # [k, i, ·] = τ_i − τ_k < 0, the step before
+    h_now = h[None, :, :]  # [·, i, j] = τ_j − τ_i < 0
+    r = h_now / h_prev
+    a, b = h_now * (1 + r / 2), -h_now * r / 2  # the step is x_i + a·u_i + b·u_k
+    cost = (apart[None] + a ** 2 * sq_u[None, :, None] + b ** 2 * sq_u[:, None, None]
+            + 2 * a * (xu_own[None, :, None] - xu.T[None, :, :])  # <x_i − x_j, u_i>
+            + 2 * b * (xu.T[:, :, None] - xu.T[:, None, :])  # <x_i − x_j, u_k>
+            + 2 * a * b * uu[:, :, None])  # <u_i, u_k>
+    valid = (h_prev < 0) & (h_now < 0)
+    cost = torch.where(valid, cost, torch.full_like(cost, math.inf))
+    cost[0, 0, :] = torch.where(h[0] < 0, euler[0], torch.full_like(euler[0], math.inf))  # the first edge: Euler
+    return cost
+
+
+def gits_grid(field: Field, noise: torch.Tensor, steps: int, fine: torch.Tensor, teacher_solver: str = "heun",
+              substeps: int = 1, solver: str = "euler") -> torch.Tensor:
+    """The ``steps``-step grid (a subset of ``fine``, ends included) of least total cost of
+    ``solver``'s steps (:func:`jump_costs`) on the teacher trajectory from ``noise`` (see the module
+    docstring: GITS). Float64, (steps + 1,)."""
+    fine = fine.to(torch.float64)
+    trajectory = teacher_trajectory(field, noise, fine, teacher_solver, substeps)
+    return fine[shortest_path(jump_costs(field, trajectory, fine, solver), steps)]
+
+
+def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str = "ab2", *,
+               iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
+               seed: int = 0, callback: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+    """LD3: the grid with ``init``'s ends (and, at the start, its times) minimising the mean squared
+    distance, per element, between ``solver``'s endpoint from each noise and its ``target`` (the
+    teacher's endpoint), by ``iterations`` steps of Adam (``lr``) on the logits of
+    :func:`grid_from_logits`, on batches of ``batch_size`` pairs (default all; drawn by ``seed``).
+    ``soft_radius`` r > 0: the soft teacher, each student starting at ε + δ with |δ| ≤ r·|ε|, δ
+    learnt alongside (LD3 eq. 6). Returns (the grid whose loss on all pairs, started at ε itself,
+    is least among the initial and the final one: float64, detached; the loss per iteration).
+    ``callback(k, loss)`` after iteration k. ValueError for a solver not in :data:`DIFFERENTIABLE`."""
+    if solver not in DIFFERENTIABLE:
+        raise ValueError(f"solver={solver!r}: learn_grid differentiates through {', '.join(DIFFERENTIABLE)}")
+    init = init.to(torch.float64)
+    start, end = float(init[0]), float(init[-1])
+    logits = logits_from_grid(init).clone().requires_grad_(True)
+    delta = torch.zeros_like(noise, requires_grad=True)
+    parameters = [logits] + ([delta] if soft_radius > 0 else [])
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    n = noise.shape[0]
+    losses: list[float] = []
+    step = SOLVERS[solver].step
+    for k in range(iterations):
+        index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
+        grid = grid_from_logits(logits, start, end)
+        x = noise[index] + delta[index] if soft_radius > 0 else noise[index]
+        loss = (step(field, x, grid) - target[index]).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if soft_radius > 0:
+            with torch.no_grad():  # back into the ball |δ| ≤ r·|ε|, per sample
+                norms = delta.flatten(1).norm(dim=1).clamp_min(1e-30)
+                limit = soft_radius * noise.flatten(1).norm(dim=1)
+                delta.mul_((limit / norms).clamp(max=1).view((-1,) + (1,) * (noise.ndim - 1)))
+        losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(k, losses[-1])
+    learnt = grid_from_logits(logits.detach(), start, end)
+    with torch.no_grad():
+        def error(grid: torch.Tensor) -> float:
+            return float((step(field, noise, grid) - target).square().mean())
+
+        return (learnt if error(learnt) <= error(init) else init), losses

@@ -1,0 +1,370 @@
+"""Tuned samplers: time grids fitted to one model's velocity field (:mod:`fmconvert.math.tuning`),
+from teacher pairs drawn here, and the tuned sampler file that ``sample`` and ``fid`` take.
+
+A tuning run, for each step count N (= NFE for the one-evaluation solvers), on the loaded model:
+
+1. K teacher pairs: noise ε of the documented convention (seed ``seed``, images 0..K−1, scaled
+   to the first grid time as :func:`fmconvert.sampling.generate.iter_generate` starts), and the
+   teacher's endpoint, ``teacher_solver`` on ``teacher_steps`` uniform steps (a converged solve);
+2. the candidates without tuning (the uniform grid with the source's own shift and shifted by 1.5
+   and 2, karras, logsnr), each solved with ``solver``; the best on the training pairs is "best untuned";
+3. ``gits``: :func:`fmconvert.math.tuning.gits_grid` on a fine uniform grid of ``fine_steps``;
+   ``ld3``: :func:`fmconvert.math.tuning.learn_grid` warm-started from the best untuned grid;
+4. validation on ``validation_pairs`` other pairs (seed ``validation_seed``, never tuned on): the
+   RMSE to the teacher of every grid above, recorded with the tuned grid.
+
+The file (JSON, no pickle; :class:`TunedFile`) names the model's fingerprint; each entry holds the
+times in s (fmconvert's, 1 = noise) and in the source's own coordinates: its model timesteps and
+its σ/α (the sigmas diffusers' Euler / DPM schedulers take with ``sigmas=``). A file tuned for
+other weights is refused in one line (:func:`check_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fmconvert.errors import UsageError, check_choice
+from fmconvert.integration.conditioning import Conditioning
+from fmconvert.integration.source import Source
+from fmconvert.math.paths import RectifiedFlow
+from fmconvert.math.solvers import SOLVERS
+from fmconvert.sampling.generate import velocity_field
+from fmconvert.sampling.model import VelocityModel, sample_shape, sampling_grid
+from fmconvert.sampling.noise import NoiseStream
+
+FORMAT, VERSION = "fmconvert-tuned-sampler", 1
+#: the tuning methods: name → what it is, for help and records
+METHODS = {"gits": "dynamic programming over a fine teacher trajectory (GITS, Chen et al. ICML 2024)",
+           "ld3": "time steps learnt by gradient descent through the solver (LD3, Tong et al. ICLR 2025)"}
+#: the grids a tuned one is compared with: (grid, shift)
+UNTUNED = (("uniform", None), ("uniform", 1.5), ("uniform", 2.0), ("karras", None), ("logsnr", None))
+
+
+@dataclass(frozen=True)
+class TunedGrid:
+    """One tuned grid: ``solver`` in ``steps`` steps (``nfe`` field evaluations), found by ``method``;
+    ``s``: the times (steps + 1, decreasing, 1 = noise); ``timesteps`` and ``sigmas``: the same times
+    as the source's model timesteps and its σ/α (∞ at a time beyond the source's noisiest, written
+    as null); ``validation``: held-out RMSE to the teacher of this grid and of each untuned one;
+    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds)."""
+
+    solver: str
+    steps: int
+    nfe: int
+    method: str
+    s: tuple[float, ...]
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float | None, ...]
+    validation: dict[str, Any]
+    tuning: dict[str, Any]
+
+    @property
+    def rmse(self) -> float:
+        return float(self.validation["rmse"])
+
+
+@dataclass
+class TunedFile:
+    """A tuned sampler file: the ``model`` reference and ``fingerprint`` it was tuned for, and its grids."""
+
+    model: str
+    fingerprint: str
+    grids: list[TunedGrid] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        from fmconvert.files.atomic import atomic_write
+
+        record = {"format": FORMAT, "version": VERSION, "model": self.model, "fingerprint": self.fingerprint,
+                  "grids": [asdict(g) for g in self.grids]}
+        text = json.dumps(record, indent=1, allow_nan=False) + "\n"
+        return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TunedFile:
+        """UsageError, one line naming the file: not JSON, not a tuned sampler file, another version."""
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"cannot read tuned sampler file '{path}': {str(error).splitlines()[0]}") from None
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise UsageError(f"'{path}' is not a tuned sampler file (format {FORMAT!r}; made by fmconvert tune)")
+        if record.get("version") != VERSION:
+            raise UsageError(f"'{path}' is a version {record.get('version')} tuned sampler file; this fmconvert reads "
+                             f"version {VERSION}")
+        grids = [TunedGrid(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})  # type: ignore[arg-type]
+                 for g in record["grids"]]
+        return cls(record["model"], record["fingerprint"], grids)
+
+    def best(self, steps: int, solver: str | None = None) -> TunedGrid:
+        """The grid of ``steps`` steps (of ``solver``, or any) with the least held-out RMSE; UsageError
+        listing what the file has."""
+        found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)]
+        if not found:
+            have = ", ".join(sorted({f"{g.solver} in {g.steps} steps" for g in self.grids})) or "nothing"
+            raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps; it has "
+                             f"{have}")
+        return min(found, key=lambda g: g.rmse)
+
+
+def check_fingerprint(tuned: TunedFile, fingerprint: str, path: str | Path) -> None:
+    """UsageError unless ``tuned`` was made for the weights ``fingerprint`` names."""
+    if tuned.fingerprint != fingerprint:
+        raise UsageError(f"tuned sampler file '{path}' was tuned for other weights ({tuned.model}, {tuned.fingerprint}); "
+                         f"this model is {fingerprint}: tune it with fmconvert tune")
+
+
+def nfe_of(solver: str, steps: int) -> int:
+    """Field evaluations of ``solver`` in ``steps`` steps on a grid ending at s = 0 (heun's last step
+    is Euler's: :func:`fmconvert.math.solvers.heun`)."""
+    return (SOLVERS[solver].evals_per_step or 0) * steps - (1 if solver == "heun" else 0)
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    """Grid steps that spend ``nfe`` evaluations with ``solver`` (:func:`nfe_of`); UsageError where none
+    do or the NFE is below the solver's order."""
+    spec = SOLVERS[solver]
+    if spec.evals_per_step is None or solver == "auto":
+        raise UsageError(f"solver={solver!r} cannot be tuned: its steps are chosen for it; name a solver")
+    if nfe < spec.order:
+        raise UsageError(f"nfe={nfe} is below {solver}'s order {spec.order}: tune it for {spec.order} or more")
+    found = [steps for steps in range(1, nfe + 1) if nfe_of(solver, steps) == nfe]
+    if not found:
+        possible = ", ".join(str(nfe_of(solver, k)) for k in range(1, 5))
+        raise UsageError(f"nfe={nfe}: {solver} spends {possible}, ... evaluations; give one of those")
+    return found[0]
+
+
+def source_coordinates(vm: VelocityModel, s: torch.Tensor) -> tuple[list[float], list[float | None]]:
+    """The times ``s`` in the source's own coordinates: (model timesteps, σ/α) on its path at equal
+    log-SNR; σ/α is None where it is infinite (s = 1 on a path that reaches pure noise)."""
+    path = vm.grid_source
+    lam = RectifiedFlow().log_snr(s.to(torch.float64))
+    t = path.time_at_log_snr(lam)
+    timesteps = path.model_timestep(t).to(torch.float64).tolist()
+    sigmas = [float(v) if torch.isfinite(v) else None for v in (-0.5 * lam).exp()]
+    return [float(v) for v in timesteps], sigmas
+
+
+def _rmse(x: torch.Tensor, target: torch.Tensor) -> float:
+    return float((x.double() - target.double()).square().mean().sqrt())
+
+
+def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pairs: int, validation_pairs: int,
+                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int) -> list[int]:
+    """The step counts of ``nfe_list``; UsageError, before any model is read, for what no tuning run
+    could honour: an unknown method or solver, a solver that cannot be tuned (or not by LD3), an NFE
+    below its order, non-positive counts, held-out pairs on the tuning seed."""
+    from fmconvert.math.tuning import DIFFERENTIABLE
+
+    for method in methods:
+        check_choice("method", method, METHODS)
+    check_choice("solver", solver, SOLVERS)
+    if solver not in DIFFERENTIABLE:
+        raise UsageError(f"solver={solver!r} is not tuned yet: tune one of {', '.join(DIFFERENTIABLE)} (LD3 "
+                         "differentiates through the solver's steps, which these take as torch arithmetic)")
+    steps_list = [steps_for(solver, n) for n in nfe_list]
+    if teacher_steps < 1 or fine_steps < max(steps_list) or pairs < 1 or validation_pairs < 1:
+        raise UsageError("teacher_steps, pairs and validation_pairs must be positive and fine_steps at least the "
+                         "largest step count")
+    if seed == validation_seed:
+        raise UsageError(f"validation_seed={validation_seed} is the tuning seed: held-out pairs need another seed")
+    return steps_list
+
+
+def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str = "ab2", *,
+         methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None, pairs: int = 128,
+         seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1, teacher_solver: str = "rk4",
+         teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 200, lr: float = 0.05,
+         soft_radius: float = 0.0, batch_size: int | None = None, device: str = "cpu", existing: TunedFile | None = None,
+         save: Callable[[TunedFile], object] | None = None,
+         progress: Callable[[str, int, float], None] | None = None) -> TunedFile:
+    """Tune ``solver``'s grid for each NFE of ``nfe_list`` by each of ``methods`` on ``vm`` (see the
+    module docstring). ``existing``: a file of an earlier run of the same settings, whose grids are
+    kept and not tuned again (a rerun continues); ``save(file)``: called after each grid (the CLI
+    writes the file there). ``progress(what, iteration, loss)``: during LD3. UsageError, before any
+    teacher solve, for an unknown method, a solver that cannot be tuned, an NFE below its order,
+    and a model that needs conditioning it is not given (the family's check)."""
+    check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps)
+    conditioning = conditioning or Conditioning()
+    vm.source.family.check(conditioning, vm.source, max(pairs, validation_pairs))
+    return _tune(vm, fingerprint, nfe_list, solver, methods, conditioning, pairs, seed, validation_pairs,
+                 validation_seed, teacher_solver, teacher_steps, fine_steps, iterations, lr, soft_radius, batch_size,
+                 device, existing, save, progress)
+
+
+def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str, methods: tuple[str, ...],
+          conditioning: Conditioning, pairs: int, seed: int, validation_pairs: int, validation_seed: int,
+          teacher_solver: str, teacher_steps: int, fine_steps: int, iterations: int, lr: float, soft_radius: float,
+          batch_size: int | None, device: str, existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
+          progress: Callable[[str, int, float], None] | None) -> TunedFile:
+    """:func:`tune`'s work, the request taken as checked."""
+    from fmconvert.math.tuning import gits_grid, learn_grid
+
+    steps_list = [steps_for(solver, n) for n in nfe_list]
+    tuned = existing or TunedFile(vm.source.reference, fingerprint)
+    settings = {"teacher": {"solver": teacher_solver, "steps": teacher_steps, "grid": "uniform"}, "pairs": pairs,
+                "seed": seed, "validation_pairs": validation_pairs, "validation_seed": validation_seed,
+                "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius,
+                "batch_size": batch_size,
+                "conditioning": conditioning.describe()}
+
+    for g in tuned.grids:  # (a rerun continues a file of the same settings only)
+        if g.solver == solver and g.steps in steps_list and g.method in methods and \
+                {k: g.tuning.get(k) for k in settings} != settings:
+            raise UsageError(f"the tuned sampler file already holds a {g.method} grid for {solver} in {g.steps} steps "
+                             "tuned with other settings; write to another file")
+
+    def pairs_of(count: int, noise_seed: int):
+        field_ = velocity_field(vm, conditioning, 0, count, device)
+        start = sampling_grid(vm, "uniform", teacher_steps)
+        noise = NoiseStream(count, sample_shape(vm), noise_seed).take(0, count).to(device)
+        x1 = noise * float(RectifiedFlow().point(start[0]).norm)
+        with torch.no_grad():
+            target = SOLVERS[teacher_solver].step(field_, x1, start)
+        return field_, x1, target
+
+    train_field, train_x, train_target = pairs_of(pairs, seed)
+    held_field, held_x, held_target = pairs_of(validation_pairs, validation_seed)
+    step = SOLVERS[solver].step
+
+    def error(grid: torch.Tensor, on_held_out: bool) -> float:
+        f, x, target = (held_field, held_x, held_target) if on_held_out else (train_field, train_x, train_target)
+        with torch.no_grad():
+            return _rmse(step(f, x, grid), target)
+
+    for nfe, steps in zip(nfe_list, steps_list):
+        candidates = {}
+        for grid_name, shift in UNTUNED:
+            try:
+                name = grid_name + ("" if shift is None else f"@{shift:g}")
+                candidates[name] = sampling_grid(vm, grid_name, steps, shift)
+            except ValueError:  # (a grid this source cannot have)
+                continue
+        untuned = {name: error(grid, False) for name, grid in candidates.items()}
+        best_name = min(untuned, key=untuned.__getitem__)
+        held_untuned = {name: error(grid, True) for name, grid in candidates.items()}
+        for method in methods:
+            if any(g.steps == steps and g.solver == solver and g.method == method for g in tuned.grids):
+                continue
+            started = time.perf_counter()
+            losses: list[float] = []
+            if method == "gits":
+                fine = sampling_grid(vm, "uniform", fine_steps)
+                grid = gits_grid(train_field, train_x, steps, fine, teacher_solver,
+                                 substeps=max(1, teacher_steps // fine_steps), solver=solver)
+            else:
+                callback = (lambda k, loss: progress(f"ld3 {solver} NFE {nfe}", k, loss)) if progress else None
+                grid, losses = learn_grid(train_field, train_x, train_target, candidates[best_name], solver,
+                                          iterations=iterations, lr=lr, soft_radius=soft_radius,
+                                          batch_size=batch_size, seed=seed, callback=callback)
+            seconds = time.perf_counter() - started
+            grid = grid.detach().to(torch.float64)
+            timesteps, sigmas = source_coordinates(vm, grid)
+            validation = {"rmse": error(grid, True), "untuned_rmse": held_untuned, "best_untuned": best_name,
+                          "best_untuned_rmse": held_untuned[best_name], "train_rmse": error(grid, False),
+                          "untuned_train_rmse": untuned}
+            record = {**settings, "best_untuned_on_train": best_name, "losses": losses, "seconds": round(seconds, 3)}
+            tuned.grids.append(TunedGrid(solver, steps, nfe, method, tuple(grid.tolist()), tuple(timesteps),
+                                         tuple(sigmas), validation, record))
+            if save is not None:
+                save(tuned)
+    return tuned
+
+
+def load_tuned(path: str | Path, fingerprint: str) -> TunedFile:
+    """A tuned sampler file for the weights ``fingerprint`` names (:func:`check_fingerprint`)."""
+    tuned = TunedFile.load(path)
+    check_fingerprint(tuned, fingerprint, path)
+    return tuned
+
+
+def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2", *, out: str | Path,
+               methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None,
+               pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
+               teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 200, lr: float = 0.05,
+               soft_radius: float = 0.0, batch_size: int | None = None, device: str = "cpu",
+               existing: TunedFile | None = None, plot: str | Path | None = None, progress: bool = False, revision: str | None = None,
+               allow_pickle: bool = False, trust_remote_code: bool = False,
+               log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """What ``fmconvert tune`` does between its options and its output: ``reference`` (or a source
+    inspected once) checked (:func:`check_tuning`; the family's check of ``conditioning`` from its
+    configs) before its weights are read, loaded once (float32, on ``device``), tuned (:func:`tune`),
+    the file written to ``out`` after each grid (atomically: an interrupted run keeps the grids
+    done, and a rerun with ``existing`` continues), and with ``plot`` LD3's loss per iteration as a
+    PNG. ``revision``, ``allow_pickle``, ``trust_remote_code``: as
+    :func:`~fmconvert.integration.source.inspect_source` reads them. Returns the file's record with
+    the seconds."""
+    from fmconvert.integration.source import inspect_source
+    from fmconvert.sampling.model import load_velocity_model
+    from fmconvert.sampling.runs import model_fingerprint
+
+    check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps)
+    source = (reference if isinstance(reference, Source)
+              else inspect_source(reference, revision, allow_pickle, trust_remote_code))
+    conditioning = conditioning or Conditioning()
+    source.family.check(conditioning, source, max(pairs, validation_pairs))
+    fingerprint = model_fingerprint(source)
+    if existing is not None:
+        check_fingerprint(existing, fingerprint, out)
+    vm = load_velocity_model(source, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, desc="tune", unit="it", leave=False, file=__import__("sys").stderr)
+
+    def step(what: str, k: int, loss: float) -> None:
+        if bar is not None:
+            if k == 0:
+                bar.reset()
+                bar.set_description(what)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3g}")
+
+    started = time.perf_counter()
+    log(f"tuning {solver} for NFE {', '.join(map(str, nfe_list))} on {source.reference} ({', '.join(methods)}; "
+        f"{pairs} pairs, teacher rk4 {teacher_steps} steps)")
+    try:
+        tuned = _tune(vm, fingerprint, nfe_list, solver, methods, conditioning, pairs, seed, validation_pairs,
+                      validation_seed, "rk4", teacher_steps, fine_steps, iterations, lr, soft_radius, batch_size, device,
+                      existing, lambda file: file.save(out), step)
+    finally:
+        if bar is not None:
+            bar.close()
+    tuned.save(out)
+    record = json.loads(Path(out).read_text())
+    record["file"], record["seconds"] = str(out), round(time.perf_counter() - started, 3)
+    if plot is not None:
+        record["plot"] = str(plot_losses(tuned, plot))
+    return record
+
+
+def plot_losses(tuned: TunedFile, path: str | Path) -> Path:
+    """LD3's training loss per iteration, one line per tuned grid (matplotlib PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fmconvert.files.atomic import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for g in tuned.grids:
+        if g.tuning.get("losses"):
+            ax.plot(range(1, len(g.tuning["losses"]) + 1), g.tuning["losses"], label=f"{g.solver} NFE {g.nfe}")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean squared distance to the teacher")
+    ax.set_title(f"LD3 tuning of {tuned.model}")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    written = atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return written
