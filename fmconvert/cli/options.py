@@ -59,6 +59,19 @@ Seed = Annotated[int, typer.Option(help="Noise seed: torch.randn((N, C, H, W), g
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 
 
+# what a conditional model is asked for (sample, tune): fmconvert.integration.conditioning.Conditioning
+Prompt = Annotated[Optional[str], typer.Option(help="Text prompt (text-conditioned pipelines).")]
+
+
+NegativePrompt = Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt (the unconditional branch of guidance).")]
+
+
+ClassLabel = Annotated[Optional[list[str]], typer.Option("--class-label", help="Class label (int or id2label name) for class-conditional models (DiT); repeat it to cycle labels over the images.")]
+
+
+GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance weight (1 = none).")]
+
+
 NumImages = Annotated[int, typer.Option("--num-images", help="How many samples (per run).")]
 
 

@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 
 from fmconvert.cli.checks import parse_steps, positive
-from fmconvert.cli.options import AllowPickle, AsJson, Device, Revision, TrustRemoteCode
+from fmconvert.cli.options import AllowPickle, AsJson, ClassLabel, Device, GuidanceScale, NegativePrompt, Prompt, Revision, TrustRemoteCode
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
-from fmconvert.errors import UsageError, check_choice
+from fmconvert.errors import UsageError
 
 
 @handle_errors
@@ -30,9 +30,10 @@ def tune(
     lr: float = typer.Option(0.05, "--lr", help="LD3's learning rate (Adam, on the grid's logits)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per LD3 iteration, drawn afresh each time (default: all of them)."),
     soft_radius: float = typer.Option(0.0, "--soft-radius", help="LD3's soft teacher: each student may start within this fraction of its noise's norm (0: the noise itself)."),
-    prompt: Optional[str] = typer.Option(None, help="Text prompt (text-conditioned pipelines)."),
-    class_label: Optional[list[str]] = typer.Option(None, "--class-label", help="Class label for class-conditional models; repeat it to cycle labels over the pairs."),
-    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Classifier-free guidance weight (1 = none)."),
+    prompt: Prompt = None,
+    negative_prompt: NegativePrompt = None,
+    class_label: ClassLabel = None,
+    guidance_scale: GuidanceScale = 1.0,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write LD3's loss per iteration as a PNG."),
     device: Device = "auto",
     revision: Revision = None,
@@ -43,19 +44,18 @@ def tune(
     """Tune MODEL's time grid for each --nfe against a converged teacher; write a tuned sampler file that sample and
     fid take as --grid FILE."""
     from fmconvert.integration.conditioning import Conditioning
-    from fmconvert.sampling.tuned import METHODS, TunedFile, tune_model
+    from fmconvert.sampling.tuned import TunedFile, tune_model
 
     bars = interactive(as_json)
     nfe_list = parse_steps(nfe)
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
-    for name in methods:
-        check_choice("method", name, METHODS)
     positive(pairs=pairs, validation_pairs=validation_pairs, teacher_steps=teacher_steps, fine_steps=fine_steps,
              iterations=iterations,
              **({} if batch_size is None else {"batch_size": batch_size}))
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {out}: a tuned sampler file is JSON; name it *.json")
-    conditioning = Conditioning(prompt=prompt, class_labels=tuple(class_label or ()), guidance_scale=guidance_scale)
+    conditioning = Conditioning(prompt=prompt, negative_prompt=negative_prompt, class_labels=tuple(class_label or ()),
+                                guidance_scale=guidance_scale)
     existing = TunedFile.load(out) if out.exists() else None
     device = join_device(device)
     result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,

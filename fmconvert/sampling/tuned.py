@@ -156,8 +156,8 @@ def _rmse(x: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pairs: int, validation_pairs: int,
-                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int) -> list[int]:
-    """The step counts of ``nfe_list``; UsageError, before any model is read, for what no tuning run
+                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int) -> None:
+    """UsageError, before any model is read, for what no tuning run
     could honour: an unknown method or solver, a solver that cannot be tuned (or not by LD3), an NFE
     below its order, non-positive counts, held-out pairs on the tuning seed."""
     from fmconvert.math.tuning import DIFFERENTIABLE
@@ -174,7 +174,6 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
                          "largest step count")
     if seed == validation_seed:
         raise UsageError(f"validation_seed={validation_seed} is the tuning seed: held-out pairs need another seed")
-    return steps_list
 
 
 def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str = "ab2", *,
@@ -193,12 +192,14 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps)
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, max(pairs, validation_pairs))
-    return _tune(vm, fingerprint, nfe_list, solver, methods, conditioning, pairs, seed, validation_pairs,
-                 validation_seed, teacher_solver, teacher_steps, fine_steps, iterations, lr, soft_radius, batch_size,
-                 device, existing, save, progress)
+    return _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
+                 validation_pairs=validation_pairs, validation_seed=validation_seed, teacher_solver=teacher_solver,
+                 teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr,
+                 soft_radius=soft_radius, batch_size=batch_size, device=device, existing=existing, save=save,
+                 progress=progress)
 
 
-def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str, methods: tuple[str, ...],
+def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str, *, methods: tuple[str, ...],
           conditioning: Conditioning, pairs: int, seed: int, validation_pairs: int, validation_seed: int,
           teacher_solver: str, teacher_steps: int, fine_steps: int, iterations: int, lr: float, soft_radius: float,
           batch_size: int | None, device: str, existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
@@ -331,9 +332,11 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     log(f"tuning {solver} for NFE {', '.join(map(str, nfe_list))} on {source.reference} ({', '.join(methods)}; "
         f"{pairs} pairs, teacher rk4 {teacher_steps} steps)")
     try:
-        tuned = _tune(vm, fingerprint, nfe_list, solver, methods, conditioning, pairs, seed, validation_pairs,
-                      validation_seed, "rk4", teacher_steps, fine_steps, iterations, lr, soft_radius, batch_size, device,
-                      existing, lambda file: file.save(out), step)
+        tuned = _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs,
+                      seed=seed, validation_pairs=validation_pairs, validation_seed=validation_seed,
+                      teacher_solver="rk4", teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations,
+                      lr=lr, soft_radius=soft_radius, batch_size=batch_size, device=device, existing=existing,
+                      save=lambda file: file.save(out), progress=step)
     finally:
         if bar is not None:
             bar.close()
