@@ -162,8 +162,10 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     check_device(settings, device)
     # the weights are read once: train loads them in their stored dtype; the couplings share them where
     # they are drawn in that dtype (the default, float32, for float32 weights), else load their own copy
+    import torch
+
     denoiser = load_denoiser(source)
-    shared = denoiser if str(denoiser.dtype) == f"torch.{couplings.dtype}" else None
+    shared = denoiser if denoiser.dtype == getattr(torch, couplings.dtype) else None
     run, reused = draw_couplings(couplings, folder, distributed.init(device), progress, log,
                                  lambda network: check_lora_targets(network, settings), source, shared)
     data = load_couplings(folder, run)
