@@ -26,6 +26,22 @@ def positive(**values: int) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
+def conditioning_from(prompt: str | None, negative_prompt: str | None, class_label: list[str] | None,
+                      guidance_scale: float, guidance_rescale: float = 0.0, image_embeds: Path | None = None,
+                      height: int | None = None, width: int | None = None):
+    """The conditioning options (options.py: Prompt ... Width) as the library's Conditioning, the
+    image size checked positive and the embeddings read (:func:`read_embeddings`)."""
+    from fmconvert.integration.conditioning import Conditioning
+
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must be in [0, 1], got {guidance_rescale}")
+    positive(**{name: value for name, value in (("height", height), ("width", width)) if value is not None})
+    embeds = read_embeddings(image_embeds) if image_embeds is not None else {}
+    return Conditioning(prompt=prompt, negative_prompt=negative_prompt, class_labels=tuple(class_label or ()),
+                        image_embeds=embeds.get("image_embeds"), negative_image_embeds=embeds.get("negative_image_embeds"),
+                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+
+
 def read_embeddings(path: Path) -> dict:
     """--image-embeds: a safetensors file whose 'image_embeds' (and 'negative_image_embeds') are (1 or N, D)."""
     from safetensors import SafetensorError

@@ -72,6 +72,18 @@ ClassLabel = Annotated[Optional[list[str]], typer.Option("--class-label", help="
 GuidanceScale = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance weight (1 = none).")]
 
 
+GuidanceRescale = Annotated[float, typer.Option("--guidance-rescale", help="Rescale the guided prediction (Lin et al. 2024), applied to the source's own prediction: exact (SD, SDXL).")]
+
+
+ImageEmbeds = Annotated[Optional[Path], typer.Option("--image-embeds", help="A .safetensors file with 'image_embeds' (and 'negative_image_embeds' for guidance), (1 or N, D), from the model's prior (Kandinsky 2.2).")]
+
+
+Height = Annotated[Optional[int], typer.Option("--height", help="Image height in pixels (default: the model's sample_size).")]
+
+
+Width = Annotated[Optional[int], typer.Option("--width", help="Image width in pixels (default: the model's sample_size).")]
+
+
 NumImages = Annotated[int, typer.Option("--num-images", help="How many samples (per run).")]
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import new_output, parse_steps, plan, positive, read_embeddings
+from fmconvert.cli.checks import conditioning_from, new_output, parse_steps, plan, positive
 from fmconvert.cli.options import (
     AllowPickle,
     AsJson,
@@ -21,7 +21,10 @@ from fmconvert.cli.options import (
     Dtype,
     Force,
     Grid,
+    GuidanceRescale,
     GuidanceScale,
+    Height,
+    ImageEmbeds,
     NegativePrompt,
     NumImages,
     Prompt,
@@ -33,6 +36,7 @@ from fmconvert.cli.options import (
     Solver,
     Steps,
     TrustRemoteCode,
+    Width,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log
 from fmconvert.errors import UsageError
@@ -57,10 +61,10 @@ def sample(
     negative_prompt: NegativePrompt = None,
     class_label: ClassLabel = None,
     guidance_scale: GuidanceScale = 1.0,
-    image_embeds: Optional[Path] = typer.Option(None, "--image-embeds", help="A .safetensors file with 'image_embeds' (and 'negative_image_embeds' for guidance), (1 or N, D), from the model's prior (Kandinsky 2.2)."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's sample_size)."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's sample_size)."),
-    guidance_rescale: float = typer.Option(0.0, "--guidance-rescale", help="Rescale the guided prediction (Lin et al. 2024), applied to the source's own prediction: exact (SD, SDXL)."),
+    image_embeds: ImageEmbeds = None,
+    height: Height = None,
+    width: Width = None,
+    guidance_rescale: GuidanceRescale = 0.0,
     baseline: Baseline = None,
     rtol: Rtol = None,
     atol: Atol = None,
@@ -74,18 +78,10 @@ def sample(
     as_json: AsJson = False,
 ):
     """Sample MODEL as a velocity field with an ODE solver (or, with --baseline, its own sampler)."""
-    from fmconvert.integration.conditioning import Conditioning
-
     (steps_value,) = parse_steps(steps, single=True)
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise UsageError(f"--guidance-rescale must be in [0, 1], got {guidance_rescale}")
-    embeds = read_embeddings(image_embeds) if image_embeds is not None else {}
-    conditioning = Conditioning(prompt=prompt, negative_prompt=negative_prompt, class_labels=tuple(class_label or ()),
-                                image_embeds=embeds.get("image_embeds"),
-                                negative_image_embeds=embeds.get("negative_image_embeds"),
-                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-    positive(num_images=num_images, batch_size=batch_size,
-              **{name: value for name, value in (("height", height), ("width", width)) if value is not None})
+    conditioning = conditioning_from(prompt, negative_prompt, class_label, guidance_scale, guidance_rescale,
+                                     image_embeds, height, width)
+    positive(num_images=num_images, batch_size=batch_size)
     if out is not None and out.suffix.lower() != ".png":  # (a .png grid is replaced, as an image file is)
         new_output(out, force)
     if baseline is not None and len(baseline) > 1:

@@ -7,8 +7,22 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import parse_steps, positive
-from fmconvert.cli.options import AllowPickle, AsJson, ClassLabel, Device, GuidanceScale, NegativePrompt, Prompt, Revision, TrustRemoteCode
+from fmconvert.cli.checks import conditioning_from, parse_steps, positive
+from fmconvert.cli.options import (
+    AllowPickle,
+    AsJson,
+    ClassLabel,
+    Device,
+    GuidanceRescale,
+    GuidanceScale,
+    Height,
+    ImageEmbeds,
+    NegativePrompt,
+    Prompt,
+    Revision,
+    TrustRemoteCode,
+    Width,
+)
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
 from fmconvert.errors import UsageError
 
@@ -34,7 +48,12 @@ def tune(
     negative_prompt: NegativePrompt = None,
     class_label: ClassLabel = None,
     guidance_scale: GuidanceScale = 1.0,
+    image_embeds: ImageEmbeds = None,
+    height: Height = None,
+    width: Width = None,
+    guidance_rescale: GuidanceRescale = 0.0,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write LD3's loss per iteration as a PNG."),
+    into: Optional[Path] = typer.Option(None, "--into", help="A converted folder of these weights (MODEL itself): store the tuned times in its scheduler, so its stock pipeline's num_inference_steps=N steps them, and the file beside (with --solver euler, the scheduler's)."),
     device: Device = "auto",
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -43,7 +62,6 @@ def tune(
 ):
     """Tune MODEL's time grid for each --nfe against a converged teacher; write a tuned sampler file that sample and
     fid take as --grid FILE."""
-    from fmconvert.integration.conditioning import Conditioning
     from fmconvert.sampling.tuned import TunedFile, tune_model
 
     bars = interactive(as_json)
@@ -54,14 +72,15 @@ def tune(
              **({} if batch_size is None else {"batch_size": batch_size}))
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {out}: a tuned sampler file is JSON; name it *.json")
-    conditioning = Conditioning(prompt=prompt, negative_prompt=negative_prompt, class_labels=tuple(class_label or ()),
-                                guidance_scale=guidance_scale)
+    conditioning = conditioning_from(prompt, negative_prompt, class_label, guidance_scale, guidance_rescale,
+                                     image_embeds, height, width)
     existing = TunedFile.load(out) if out.exists() else None
     device = join_device(device)
     result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                         validation_pairs=validation_pairs, validation_seed=validation_seed,
                         teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr, soft_radius=soft_radius,
-                        batch_size=batch_size, device=device, existing=existing, out=out, plot=plot, progress=bars, revision=revision,
+                        batch_size=batch_size, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
+                        progress=bars, revision=revision,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
     if as_json:
         emit_json({**result, **computed_on(device)})

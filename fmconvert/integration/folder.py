@@ -74,6 +74,14 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
 }
 TARGETS = ("velocity", "epsilon", "v_prediction")
+#: the tuned sampler file ``fmconvert tune --into`` stores in a converted folder
+TUNED_SAMPLER = "tuned_sampler.json"
+#: what in a converted folder says how to sample it, not what the velocity field is: the scheduler,
+#: the pipeline's index, a stored tuned sampler file (``tune --into`` rewrites them; the model's
+#: fingerprint, :func:`fmconvert.sampling.runs.model_fingerprint`, leaves them out)
+SAMPLER_SETTINGS = ("model_index.json", "scheduler", TUNED_SAMPLER)
+#: the schedulers of converted folders that step Euler on the flow path (tuned Euler times go into them)
+EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchEulerScheduler")
 DEFAULT_SCHEDULE = {"epsilon": "linear", "v_prediction": "cosine"}
 
 
@@ -261,6 +269,47 @@ def write_converted(source: Source, out: Path, to: str = "velocity", schedule: s
     return {"out": str(out), "to": to, "adapter": adapter["_class_name"], "scheduler": scheduler["_class_name"],
             "pipeline_class": index["_class_name"], "network_files": files, "network_variant": variant,
             "network_dtype": dtype, **{"loaded": source.describe()}}
+
+
+def check_tuned_folder(folder: str | Path) -> Path:
+    """``folder`` as :func:`store_tuned_times` takes it: a converted velocity folder whose pipeline
+    steps Euler on the flow path (:data:`EULER_SCHEDULERS`). UsageError, one line naming it."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not (folder / "fmconvert.json").is_file() or not index.is_file():
+        raise UsageError(f"into='{folder}': not a pipeline folder written by fmconvert wrap (no fmconvert.json "
+                         "beside model_index.json)")
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json").get("_class_name")
+    if scheduler not in EULER_SCHEDULERS:
+        raise UsageError(f"into='{folder}': its pipeline steps with {scheduler}, not Euler on the flow path; tuned "
+                         "times go into a velocity folder (what fmconvert wrap writes by default)")
+    return folder
+
+
+def store_tuned_times(folder: str | Path, times: dict[int, list[float]], tuned_text: str) -> dict[str, Any]:
+    """Make ``folder``'s stock pipeline step the tuned Euler ``times`` (steps → s_0 > … > s_N = 0):
+    its scheduler becomes :class:`~fmconvert.integration.schedulers.FlowMatchEulerScheduler` (through
+    the scheduler shim), its config unchanged but for ``tuned_times`` (merged with those it has), so
+    ``pipe(num_inference_steps=N)`` steps the tuned grid for each N of ``times`` and the scheduler's
+    own for any other; ``tuned_text`` (the tuned sampler file) is stored as :data:`TUNED_SAMPLER`.
+    Each file is replaced atomically; the velocity field, and with it the model's fingerprint, stay
+    as they were. UsageError as :func:`check_tuned_folder`. Returns what was written."""
+    from fmconvert.files.atomic import atomic_write
+
+    folder = check_tuned_folder(folder)
+    config = read_json(folder / "scheduler" / "scheduler_config.json")
+    tuned = {**(config.get("tuned_times") or {}), **{str(steps): list(s) for steps, s in sorted(times.items())}}
+    config = {**config, "_class_name": "FlowMatchEulerScheduler", "tuned_times": tuned}
+    shim = folder / "scheduler" / f"{SCHEDULER_SHIM}.py"
+    if not shim.is_file() or shim.read_text() not in SHIM_TEXTS[SCHEDULER_SHIM]:
+        atomic_write(shim, lambda tmp: tmp.write_text(_SHIMS[SCHEDULER_SHIM]))
+    atomic_write(folder / "scheduler" / "scheduler_config.json",
+                 lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    index = {**read_json(folder / "model_index.json"), "scheduler": [SCHEDULER_SHIM, "FlowMatchEulerScheduler"]}
+    atomic_write(folder / "model_index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+    atomic_write(folder / TUNED_SAMPLER, lambda tmp: tmp.write_text(tuned_text))
+    return {"into": str(folder), "scheduler": "FlowMatchEulerScheduler", "tuned_steps": sorted(int(k) for k in tuned),
+            "file": str(folder / TUNED_SAMPLER)}
 
 
 def _replace_file(path: Path, text: str) -> None:

@@ -26,6 +26,11 @@ Two config options beyond the parent's:
   description is ``source_schedule``, makes the pipeline's own ``__call__`` reproduce the source's
   DDIMScheduler(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)).
 
+- ``tuned_times``: grids fitted to the model for Euler (``fmconvert tune --solver euler --into
+  DIR`` writes them): ``{"N": [s_0, …, s_N = 0]}``; ``set_timesteps(N)`` (the pipeline's
+  ``num_inference_steps=N``) steps exactly those times, unshifted; other step counts, and
+  explicit ``sigmas`` / ``timesteps``, are as without them.
+
 ``variance_type`` is None (there is no variance to learn on an ODE): pipelines that read it
 (IF, Kandinsky) then drop a learned-variance network's extra channels before ``step``.
 """
@@ -72,7 +77,8 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, sample_scaling: str = "none",
                  timestep_spacing: str = "flowmatch", source_schedule: dict | None = None,
-                 variance_type: str | None = None, steps_offset: int = 0, **kwargs: Any):
+                 variance_type: str | None = None, steps_offset: int = 0,
+                 tuned_times: dict[str, list[float]] | None = None, **kwargs: Any):
         from fmconvert.math.grids import GRIDS
 
         if sample_scaling not in SAMPLE_SCALINGS:
@@ -86,6 +92,11 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         if timestep_spacing != "flowmatch" and reshaping:
             raise ValueError(f"timestep_spacing={timestep_spacing!r} is a grid of the source's times; {reshaping[0]} "
                              "would reshape it: use one or the other")
+        for steps, times in (tuned_times or {}).items():
+            s = np.asarray(times, dtype=np.float64)
+            if not (str(steps).isdigit() and len(s) == int(steps) + 1 and s[-1] == 0 and s[0] <= 1
+                    and bool((np.diff(s) < 0).all())):
+                raise ValueError(f"tuned_times[{steps!r}] must be {steps} + 1 decreasing times s in [0, 1] ending at 0")
         super().__init__(num_train_timesteps=num_train_timesteps, shift=shift, **kwargs)
         self._lifted = False
 
@@ -116,6 +127,14 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         ``timestep_spacing`` other than flowmatch, the grid is that of fmconvert's grids
         (the parent then applies ``shift`` and appends s = 0, as to any custom sigmas)."""
         spacing = self.config.timestep_spacing
+        tuned = (self.config.tuned_times or {}).get(str(num_inference_steps))
+        if sigmas is None and timesteps is None and tuned is not None:
+            s = torch.tensor(tuned, dtype=torch.float32, device=device)
+            self.num_inference_steps = len(tuned) - 1
+            self.timesteps, self.sigmas = s[:-1] * self.config.num_train_timesteps, s
+            self._step_index = self._begin_index = None
+            self._lifted = False
+            return
         if sigmas is None and timesteps is None and spacing != "flowmatch":
             from fmconvert.math.grids import time_grid
 

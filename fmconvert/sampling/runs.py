@@ -35,20 +35,28 @@ _EDGE = 1 << 20
 def model_fingerprint(source: Source) -> str:
     """``hub:ID@COMMIT`` for a Hub model (the snapshot's commit), else ``sha256:…`` over the
     folder's files: their paths, sizes and first and last MiB (cheap at any size; a changed
-    weight file changes its ends or its size in practice)."""
+    weight file changes its ends or its size in practice). In a converted folder, the sampler
+    settings (:data:`~fmconvert.integration.folder.SAMPLER_SETTINGS`: its scheduler, the pipeline's
+    index, a stored tuned sampler file) are left out: they never change the velocity field, and
+    ``fmconvert tune --into`` rewrites them in the folder it tuned."""
+    from fmconvert.integration.folder import SAMPLER_SETTINGS
+
     folder = Path(source.folder)
     if source.hub_id:
         commit = folder.name if folder.parent.name == "snapshots" else (source.revision or "main")
         return f"hub:{source.hub_id}@{commit}"
-    return files_fingerprint([folder, Path(source.model_folder)])
+    return files_fingerprint([folder, Path(source.model_folder)], exclude=SAMPLER_SETTINGS if source.converted else ())
 
 
-def files_fingerprint(roots: list[Path], edge: int = _EDGE) -> str:
-    """``sha256:…`` over the files below ``roots`` (README.md aside): their relative paths, sizes
-    and first and last ``edge`` bytes (0: paths and sizes only, for data folders of many files)."""
+def files_fingerprint(roots: list[Path], edge: int = _EDGE, exclude: tuple[str, ...] = ()) -> str:
+    """``sha256:…`` over the files below ``roots`` (README.md aside, and each path of ``exclude``,
+    a file or a folder relative to a root): their relative paths, sizes and first and last
+    ``edge`` bytes (0: paths and sizes only, for data folders of many files)."""
     digest = hashlib.sha256()
     for root in sorted({Path(r).resolve() for r in roots}):
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "README.md"):
+        skipped = [root / name for name in exclude]
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "README.md"
+                           and not any(p == s or s in p.parents for s in skipped)):
             size = path.stat().st_size
             digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
             if edge:

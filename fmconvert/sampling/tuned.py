@@ -3,13 +3,18 @@ from teacher pairs drawn here, and the tuned sampler file that ``sample`` and ``
 
 A tuning run, for each step count N (= NFE for the one-evaluation solvers), on the loaded model:
 
-1. K teacher pairs: noise ε of the documented convention (seed ``seed``, images 0..K−1, scaled
-   to the first grid time as :func:`fmconvert.sampling.generate.iter_generate` starts), and the
+1. K teacher pairs: noise ε of the documented convention (seed ``seed``, images 0..K−1) and the
    teacher's endpoint, ``teacher_solver`` on ``teacher_steps`` uniform steps (a converged solve);
+   every solve, the teacher's and each grid's, starts from ε scaled to its grid's first time, as
+   :func:`fmconvert.sampling.generate.iter_generate` starts;
 2. the candidates without tuning (the uniform grid with the source's own shift and shifted by 1.5
    and 2, karras, logsnr), each solved with ``solver``; the best on the training pairs is "best untuned";
 3. ``gits``: :func:`fmconvert.math.tuning.gits_grid` on a fine uniform grid of ``fine_steps``;
    ``ld3``: :func:`fmconvert.math.tuning.learn_grid` warm-started from the best untuned grid;
+   a tuned grid starts at the top of the source's trained range (:func:`trained_top`: s = 1 for a
+   flow-matching or zero-terminal-SNR source and for a converted folder, s of its noisiest
+   timestep for any other), so each of its times is one the network was trained at, with a
+   finite σ/α;
 4. validation on ``validation_pairs`` other pairs (seed ``validation_seed``, never tuned on): the
    RMSE to the teacher of every grid above, recorded with the tuned grid.
 
@@ -147,8 +152,36 @@ def source_coordinates(vm: VelocityModel, s: torch.Tensor) -> tuple[list[float],
     lam = RectifiedFlow().log_snr(s.to(torch.float64))
     t = path.time_at_log_snr(lam)
     timesteps = path.model_timestep(t).to(torch.float64).tolist()
-    sigmas = [float(v) if torch.isfinite(v) else None for v in (-0.5 * lam).exp()]
+    sigmas = [float(v) if torch.isfinite(v) else None for v in (-lam).exp()]  # λ = log(α/σ)
     return [float(v) for v in timesteps], sigmas
+
+
+def trained_top(vm: VelocityModel) -> float:
+    """Where a tuned grid starts: for a source as it is, the largest s of its trained range, the
+    rectified-path time at the log-SNR of its noisiest trained time (1 where that is pure noise:
+    flow matching, zero terminal SNR), so every time has a finite σ/α the source's own schedulers
+    take; for a converted folder 1, where its pipeline starts (DDPMPipeline draws ε at s = 1 and
+    never scales it), its velocity field being defined on all of [0, 1]."""
+    if vm.source.converted:
+        return 1.0
+    path = vm.grid_source
+    lam = path.log_snr(torch.tensor(float(path.t_max), dtype=torch.float64))
+    return float(RectifiedFlow().time_at_log_snr(lam))
+
+
+def start_at(grid: torch.Tensor, top: float) -> torch.Tensor:
+    """``grid`` with its first time lowered to ``top`` where it lies above (a grid that starts at
+    s = 1 on a source trained up to ``top``); ValueError if its second time is not below ``top``."""
+    if float(grid[0]) <= top:
+        return grid
+    if float(grid[1]) >= top:
+        raise ValueError(f"the grid's second time {float(grid[1]):.6g} is not below the trained range's top {top:.6g}")
+    return torch.cat([grid.new_tensor([top]), grid[1:]])
+
+
+def _start_scale(grid: torch.Tensor) -> float:
+    """|x| / |ε| at the grid's first time: the noise's scale where a solve on ``grid`` starts."""
+    return float(RectifiedFlow().point(grid[0].to(torch.float64)).norm)
 
 
 def _rmse(x: torch.Tensor, target: torch.Tensor) -> float:
@@ -212,7 +245,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
     settings = {"teacher": {"solver": teacher_solver, "steps": teacher_steps, "grid": "uniform"}, "pairs": pairs,
                 "seed": seed, "validation_pairs": validation_pairs, "validation_seed": validation_seed,
                 "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius,
-                "batch_size": batch_size,
+                "batch_size": batch_size, "sample_shape": list(sample_shape(vm)),
                 "conditioning": conditioning.describe()}
 
     for g in tuned.grids:  # (a rerun continues a file of the same settings only)
@@ -223,21 +256,22 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
 
     def pairs_of(count: int, noise_seed: int):
         field_ = velocity_field(vm, conditioning, 0, count, device)
-        start = sampling_grid(vm, "uniform", teacher_steps)
+        teacher = sampling_grid(vm, "uniform", teacher_steps)
         noise = NoiseStream(count, sample_shape(vm), noise_seed).take(0, count).to(device)
-        x1 = noise * float(RectifiedFlow().point(start[0]).norm)
         with torch.no_grad():
-            target = SOLVERS[teacher_solver].step(field_, x1, start)
-        return field_, x1, target
+            target = SOLVERS[teacher_solver].step(field_, noise * _start_scale(teacher), teacher)
+        return field_, noise, target
 
-    train_field, train_x, train_target = pairs_of(pairs, seed)
-    held_field, held_x, held_target = pairs_of(validation_pairs, validation_seed)
+    train_field, train_noise, train_target = pairs_of(pairs, seed)
+    held_field, held_noise, held_target = pairs_of(validation_pairs, validation_seed)
     step = SOLVERS[solver].step
+    top = trained_top(vm)
 
     def error(grid: torch.Tensor, on_held_out: bool) -> float:
-        f, x, target = (held_field, held_x, held_target) if on_held_out else (train_field, train_x, train_target)
+        f, noise, target = (held_field, held_noise, held_target) if on_held_out else \
+            (train_field, train_noise, train_target)
         with torch.no_grad():
-            return _rmse(step(f, x, grid), target)
+            return _rmse(step(f, noise * _start_scale(grid), grid), target)
 
     for nfe, steps in zip(nfe_list, steps_list):
         candidates = {}
@@ -256,12 +290,13 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
             started = time.perf_counter()
             losses: list[float] = []
             if method == "gits":
-                fine = sampling_grid(vm, "uniform", fine_steps)
-                grid = gits_grid(train_field, train_x, steps, fine, teacher_solver,
+                fine = torch.linspace(top, 0, fine_steps + 1, dtype=torch.float64)
+                grid = gits_grid(train_field, train_noise * _start_scale(fine), steps, fine, teacher_solver,
                                  substeps=max(1, teacher_steps // fine_steps), solver=solver)
             else:
                 callback = (lambda k, loss: progress(f"ld3 {solver} NFE {nfe}", k, loss)) if progress else None
-                grid, losses = learn_grid(train_field, train_x, train_target, candidates[best_name], solver,
+                init = start_at(candidates[best_name], top)
+                grid, losses = learn_grid(train_field, train_noise * _start_scale(init), train_target, init, solver,
                                           iterations=iterations, lr=lr, soft_radius=soft_radius,
                                           batch_size=batch_size, seed=seed, callback=callback)
             seconds = time.perf_counter() - started
@@ -290,30 +325,47 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
                pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
                teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 200, lr: float = 0.05,
                soft_radius: float = 0.0, batch_size: int | None = None, device: str = "cpu",
-               existing: TunedFile | None = None, plot: str | Path | None = None, progress: bool = False, revision: str | None = None,
-               allow_pickle: bool = False, trust_remote_code: bool = False,
+               existing: TunedFile | None = None, plot: str | Path | None = None, into: str | Path | None = None,
+               height: int | None = None, width: int | None = None, progress: bool = False,
+               revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
                log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """What ``fmconvert tune`` does between its options and its output: ``reference`` (or a source
     inspected once) checked (:func:`check_tuning`; the family's check of ``conditioning`` from its
     configs) before its weights are read, loaded once (float32, on ``device``), tuned (:func:`tune`),
     the file written to ``out`` after each grid (atomically: an interrupted run keeps the grids
     done, and a rerun with ``existing`` continues), and with ``plot`` LD3's loss per iteration as a
-    PNG. ``revision``, ``allow_pickle``, ``trust_remote_code``: as
+    PNG. ``into``: a converted folder of the same weights (the model itself, when it is one) whose
+    stock pipeline then steps the tuned Euler times (:func:`~fmconvert.integration.folder.store_tuned_times`:
+    ``pipe(num_inference_steps=N)`` for each tuned N; the file stored beside); only for
+    ``solver="euler"``, the scheduler's, refused with the rest before the weights are read.
+    ``height``, ``width``: the image size tuned for, in pixels (the family's rule, as ``sample``
+    takes it; default the model's). ``revision``, ``allow_pickle``, ``trust_remote_code``: as
     :func:`~fmconvert.integration.source.inspect_source` reads them. Returns the file's record with
-    the seconds."""
+    the seconds (and with ``into``, what was stored)."""
+    from fmconvert.integration.folder import check_tuned_folder, store_tuned_times
     from fmconvert.integration.source import inspect_source
     from fmconvert.sampling.model import load_velocity_model
     from fmconvert.sampling.runs import model_fingerprint
 
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps)
+    if into is not None and solver != "euler":
+        raise UsageError(f"into='{into}': a converted folder's pipeline steps Euler (FlowMatchEulerScheduler); tune "
+                         "solver=euler to store times it runs")
     source = (reference if isinstance(reference, Source)
               else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     conditioning = conditioning or Conditioning()
     source.family.check(conditioning, source, max(pairs, validation_pairs))
     fingerprint = model_fingerprint(source)
+    if into is not None:
+        check_tuned_folder(into)
+        if model_fingerprint(inspect_source(str(into), allow_pickle=allow_pickle,
+                                            trust_remote_code=trust_remote_code)) != fingerprint:
+            raise UsageError(f"into='{into}' holds other weights than {source.reference}: tune the converted folder "
+                             "itself and store the times in it (the reference and into the same folder)")
     if existing is not None:
         check_fingerprint(existing, fingerprint, out)
     vm = load_velocity_model(source, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    vm.resize(height, width)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -345,6 +397,11 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     record["file"], record["seconds"] = str(out), round(time.perf_counter() - started, 3)
     if plot is not None:
         record["plot"] = str(plot_losses(tuned, plot))
+    if into is not None:
+        times = {steps: list(tuned.best(steps, solver).s) for steps in sorted({steps_for(solver, n) for n in nfe_list})}
+        record["into"] = store_tuned_times(into, times, Path(out).read_text())
+        log(f"stored the tuned times for {', '.join(map(str, times))} steps in {into}: its pipeline's "
+            "num_inference_steps steps them")
     return record
 
 

@@ -12,7 +12,7 @@ from replicas import build_replica
 from fmconvert.sampling.generate import generate
 from fmconvert.sampling.model import load_velocity_model
 from fmconvert.sampling.runs import model_fingerprint
-from fmconvert.sampling.tuned import TunedFile, steps_for
+from fmconvert.sampling.tuned import TunedFile, _start_scale, steps_for, trained_top
 
 MODEL = "builtin:digits-eps"
 SMALL = ("--pairs", 16, "--validation-pairs", 24, "--teacher-steps", 16, "--fine-steps", 16, "--iterations", 8)
@@ -35,12 +35,21 @@ def test_the_file_names_the_weights_and_each_grid_is_a_valid_validated_grid(tune
     assert file.fingerprint == model_fingerprint(vm.source) and record["fingerprint"] == file.fingerprint
     assert {(g.nfe, g.method) for g in file.grids} == {(3, "gits"), (3, "ld3"), (4, "gits"), (4, "ld3")}
     T = vm.grid_source.num_train_timesteps
+    top = trained_top(vm)  # the source's noisiest trained timestep, on the rectified path
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler.from_config(vm.source.scheduler).alphas_cumprod.double()
+    assert 0.99 < top < 1 and vm.grid_source.model_timestep(torch.tensor(999.0)) == 999
     for g in file.grids:
         s = torch.tensor(g.s, dtype=torch.float64)
         assert g.solver == "ab2" and len(s) == g.steps + 1 == g.nfe + 1
-        assert s[0] == 1 and s[-1] == 0 and bool((s.diff() < 0).all())
-        assert all(0 <= t <= T for t in g.timesteps) and list(g.timesteps) == sorted(g.timesteps, reverse=True)
-        assert g.sigmas[-1] == 0 and all(v is None or v >= 0 for v in g.sigmas)
+        assert s[0] == top and s[-1] == 0 and bool((s.diff() < 0).all())  # monotone, inside the trained range
+        assert g.timesteps[0] == T - 1 and all(0 <= t <= T - 1 for t in g.timesteps)
+        assert list(g.timesteps) == sorted(g.timesteps, reverse=True)
+        assert g.sigmas[-1] == 0 and all(v is not None and v >= 0 for v in g.sigmas)  # finite: the source's own
+        # σ/α is the VE sigma diffusers' Euler scheduler has at the same time: s/(1 − s) on the rectified path
+        assert g.sigmas[:-1] == pytest.approx([v / (1 - v) for v in g.s[:-1]], rel=1e-12)
+        assert g.sigmas[0] == pytest.approx(float(((1 - ac[-1]) / ac[-1]) ** 0.5), rel=1e-5)
         v = g.validation
         assert set(v["untuned_rmse"]) >= {"uniform", "uniform@1.5", "karras", "logsnr"}
         assert v["best_untuned"] == min(v["untuned_train_rmse"], key=v["untuned_train_rmse"].get)
@@ -67,6 +76,30 @@ def test_sample_with_the_file_is_the_solver_on_its_times(tuned, tmp_path):
     assert torch.equal(load_file(str(tmp_path / "x.safetensors"))["samples"], expected)
     untuned = generate(vm, 6, 6, 0, best.solver, "uniform", 4).samples
     assert not torch.equal(untuned, expected)
+
+
+def test_every_grid_is_judged_from_the_noise_scaled_to_its_own_first_time(tuned):
+    """The held-out RMSE of a grid that starts below s = 1 (karras, a tuned one) is that of its
+    samples as sample draws them (noise scaled to the grid's first time), not of a solve started
+    with the noise meant for s = 1."""
+    out, _ = tuned
+    g = TunedFile.load(out).best(4)
+    vm = load_velocity_model(MODEL)
+    from fmconvert.math.solvers import SOLVERS
+    from fmconvert.sampling.model import sample_shape, sampling_grid
+    from fmconvert.sampling.noise import NoiseStream
+
+    noise = NoiseStream(24, sample_shape(vm), 1).take(0, 24)  # the held-out pairs: --validation-pairs 24, seed 1
+    field = __import__("fmconvert.sampling.generate", fromlist=["velocity_field"]).velocity_field(vm, None, 0, 24, "cpu")
+    teacher = sampling_grid(vm, "uniform", 16)
+    with torch.no_grad():
+        target = SOLVERS["rk4"].step(field, noise, teacher)
+        for name, grid in (("karras", sampling_grid(vm, "karras", 4)), ("tuned", torch.tensor(g.s, dtype=torch.float64))):
+            assert float(grid[0]) < 1
+            x = SOLVERS["ab2"].step(field, noise * _start_scale(grid), grid)
+            rmse = float((x.double() - target.double()).square().mean().sqrt())
+            recorded = g.validation["untuned_rmse"]["karras"] if name == "karras" else g.rmse
+            assert rmse == pytest.approx(recorded, rel=1e-6), name
 
 
 def test_fid_sweeps_the_files_grids(tuned):
@@ -136,3 +169,82 @@ def test_steps_for_counts_evaluations_as_the_solvers_spend_them():
     assert [steps_for("ab2", n) for n in (2, 3, 6)] == [2, 3, 6]
     assert [steps_for("heun", n) for n in (3, 5)] == [2, 3]  # (2 a step, Euler into s = 0)
     assert steps_for("rk4", 8) == 2
+
+
+def test_stored_in_a_converted_folder_its_stock_pipeline_steps_the_tuned_times(tmp_path):
+    """tune FOLDER --into FOLDER: the folder's own DDPMPipeline, num_inference_steps=N, equals
+    fmconvert sample with the stored file's grid; the velocity field and its fingerprint are unchanged."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "digits-eps-velocity"
+    ok("wrap", MODEL, "--out", folder)
+    before = model_fingerprint(load_velocity_model(str(folder)).source)
+    record = json.loads(ok("tune", folder, "--out", tmp_path / "t.json", "--solver", "euler", "--nfe", "3,4",
+                           "--method", "gits", *SMALL, "--into", folder, "--json").stdout)
+    assert record["into"]["tuned_steps"] == [3, 4] and (folder / "tuned_sampler.json").read_text() == (
+        tmp_path / "t.json").read_text()
+    assert model_fingerprint(load_velocity_model(str(folder)).source) == before
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerScheduler"
+    best = TunedFile.load(folder / "tuned_sampler.json").best(4, "euler")
+    images = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="np").images
+    pipe.scheduler.set_timesteps(4)
+    assert pipe.scheduler.sigmas.tolist() == torch.tensor(best.s, dtype=torch.float32).tolist()
+    ok("sample", folder, "--grid", folder / "tuned_sampler.json", "--solver", "euler", "--steps", 4, "--num-images", 2,
+       "--seed", 3, "--save-tensor", tmp_path / "s.safetensors")
+    ours = (load_file(str(tmp_path / "s.safetensors"))["samples"] / 2 + 0.5).clamp(0, 1)
+    assert (torch.from_numpy(images).permute(0, 3, 1, 2) - ours).abs().max() < 1e-5
+    pipe.scheduler.set_timesteps(5)  # a step count it has no tuned times for: the scheduler's own grid
+    assert pipe.scheduler.sigmas[0] == 1 and len(pipe.scheduler.sigmas) == 6
+    import fmconvert
+
+    again = fmconvert.load(folder)  # without running the folder's code: the same scheduler and times
+    again.scheduler.set_timesteps(4)
+    assert torch.equal(again.scheduler.sigmas, torch.tensor(best.s, dtype=torch.float32))
+    from fmconvert.integration.schedulers import FlowMatchEulerScheduler
+
+    with pytest.raises(ValueError, match="decreasing times"):
+        FlowMatchEulerScheduler(tuned_times={"3": [1.0, 0.5, 0.0]})
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--solver", "ab2"), "tune --solver euler to store times it runs"),
+    (("--into", "{other}"), "holds other weights"),
+    (("--into", "{tmp}"), "not a pipeline folder written by fmconvert wrap"),
+])
+def test_into_is_refused_for_another_solver_other_weights_or_a_non_converted_folder(tmp_path, args, message):
+    other = tmp_path / "digits-v-velocity"
+    ok("wrap", "builtin:digits-v", "--out", other)
+    folder = tmp_path / "digits-eps-velocity"
+    ok("wrap", MODEL, "--out", folder)
+    args = [str(a).format(other=other, tmp=tmp_path) for a in args]
+    into = [] if "--into" in args else ["--into", folder]
+    line = error(2, "tune", folder, "--out", tmp_path / "t.json", "--nfe", 3, "--solver", "euler", *into, *args, *SMALL)
+    assert message in line, line
+    assert not (folder / "tuned_sampler.json").exists()
+
+
+def test_the_files_sigmas_drive_the_unconverted_models_stock_pipeline(tmp_path_factory, tmp_path):
+    """A conditional replica (Stable Diffusion 1.5) tuned with its prompt: its own pipeline with
+    EulerDiscreteScheduler and sigmas= the file's σ/α equals fmconvert sample on the file's grid."""
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+    from replicas import PROMPT, REPLICAS, one_thread
+    from safetensors.torch import load_file
+
+    replica = REPLICAS["sd15"]
+    with one_thread():
+        sd = build_replica("sd15", tmp_path_factory)
+        out = tmp_path / "sd.json"
+        ok("tune", sd, "--out", out, "--solver", "euler", "--nfe", 3, "--method", "gits,ld3", *replica.sample_args,
+           "--pairs", 4, "--validation-pairs", 4, "--teacher-steps", 8, "--fine-steps", 8, "--iterations", 3)
+        g = TunedFile.load(out).best(3, "euler")
+        assert g.tuning["conditioning"]["prompt"] == [PROMPT] or PROMPT in str(g.tuning["conditioning"])
+        pipe = DiffusionPipeline.from_pretrained(sd)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        noise = torch.randn((1, *replica.noise_shape), generator=torch.Generator().manual_seed(3))
+        stock = pipe(**replica.call, sigmas=list(g.sigmas), latents=noise.clone(), output_type="latent").images
+        ok("sample", sd, "--grid", out, "--solver", "euler", "--steps", 3, "--num-images", 1, "--seed", 3,
+           *replica.sample_args, "--save-tensor", tmp_path / "s.safetensors")
+        ours = load_file(str(tmp_path / "s.safetensors"))["samples"]
+    assert ((ours.double() - stock.double()).abs().max() / stock.abs().max()) < 1e-5
