@@ -64,7 +64,7 @@ def fid(
     """FID of MODEL's samples against a reference (and its baseline sampler) over an NFE sweep; --solver takes a
     comma-separated list."""
     from fmconvert.evaluation.fid import fid_sweep
-    from fmconvert.sampling.runs import is_tuned_file, sweep_runs
+    from fmconvert.sampling.runs import sweep_runs, tuned_file_of
 
     bars = interactive(as_json)
     check_choice("features", features, FEATURES)
@@ -78,7 +78,7 @@ def fid(
                         dtype=dtype, rtol=rtol, atol=atol, steps=steps_list[0], seed=seed, num_images=num_images,
                         shard_size=batch_size)
     runs = [resolved(run, source.shifts_times)
-            for run in sweep_runs(base, solvers, steps_list, baseline or [], grid if is_tuned_file(grid) else None,
+            for run in sweep_runs(base, solvers, steps_list, baseline or [], tuned_file_of(grid, source),
                                   rtol=rtol, atol=atol)]
     device = join_device(device)
     result = fid_sweep(source, runs, reference, features=features, inception_weights=inception_weights,

@@ -40,9 +40,9 @@ def tune(
     validation_seed: int = typer.Option(1, "--validation-seed", help="Seeds the held-out pairs' noise (not --seed)."),
     teacher_steps: int = typer.Option(64, "--teacher-steps", help="Steps of the teacher (rk4 on the uniform grid)."),
     fine_steps: int = typer.Option(64, "--fine-steps", help="Steps of GITS's fine grid (uniform), the times its grids are chosen from."),
-    iterations: int = typer.Option(200, "--iterations", help="LD3's optimiser steps."),
-    lr: float = typer.Option(0.05, "--lr", help="LD3's learning rate (Adam, on the grid's logits)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per LD3 iteration, drawn afresh each time (default: all of them)."),
+    iterations: int = typer.Option(150, "--iterations", help="LD3's optimiser steps."),
+    lr: float = typer.Option(0.1, "--lr", help="LD3's learning rate (Adam, on the grid's logits)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Pairs per LD3 iteration, drawn afresh each time (the defaults are scripts/tune_bench.py's, measured in docs/benchmarks/TUNING.md)."),
     soft_radius: float = typer.Option(0.0, "--soft-radius", help="LD3's soft teacher: each student may start within this fraction of its noise's norm (0: the noise itself)."),
     prompt: Prompt = None,
     negative_prompt: NegativePrompt = None,
@@ -68,8 +68,7 @@ def tune(
     nfe_list = parse_steps(nfe)
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
     positive(pairs=pairs, validation_pairs=validation_pairs, teacher_steps=teacher_steps, fine_steps=fine_steps,
-             iterations=iterations,
-             **({} if batch_size is None else {"batch_size": batch_size}))
+             iterations=iterations, batch_size=batch_size)
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {out}: a tuned sampler file is JSON; name it *.json")
     conditioning = conditioning_from(prompt, negative_prompt, class_label, guidance_scale, guidance_rescale,

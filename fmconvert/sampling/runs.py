@@ -223,7 +223,8 @@ def check_choices(solvers: list[str], grid: str = "uniform", shift: float | None
     not in its registry (:data:`~fmconvert.math.solvers.SOLVERS`, :data:`~fmconvert.math.grids.GRIDS`,
     :data:`~fmconvert.integration.configs.SAMPLE_DTYPES`, :func:`~fmconvert.sampling.baselines.parse_baseline`),
     a ``shift`` on a grid that takes none, an ``rtol``/``atol`` that none of ``solvers`` takes; a
-    ``grid`` that names a tuned sampler file (:func:`is_tuned_file`) must exist and takes no shift.
+    ``grid`` that names a tuned sampler file (:func:`is_tuned_file`) must exist, and it or ``"tuned"``
+    (a converted folder's stored file, :func:`tuned_file_of`) takes no shift.
     UsageError naming the parameter and its value."""
     from fmconvert.integration.configs import SAMPLE_DTYPES
     from fmconvert.math.grids import GRIDS, check_shift
@@ -232,8 +233,8 @@ def check_choices(solvers: list[str], grid: str = "uniform", shift: float | None
 
     for name in solvers:
         check_choice("solver", name, SOLVERS)
-    if is_tuned_file(grid):
-        if not Path(grid).is_file():
+    if is_tuned_file(grid) or grid == TUNED:
+        if grid != TUNED and not Path(grid).is_file():
             raise UsageError(f"grid={grid!r}: no such tuned sampler file (fmconvert tune writes one)")
         if shift is not None:
             raise UsageError(f"shift={shift}: a tuned grid takes no shift (its times are what was tuned)")
@@ -284,8 +285,9 @@ def _checked_run(source: Source, solver: str, grid: str, dtype: str, shift: floa
     source.family.check(fields.get("conditioning") or Conditioning(), source, fields.get("num_images"))
     given = {k: v for k, v in {"rtol": rtol, "atol": atol}.items() if v is not None}
     fingerprint = model_fingerprint(source)
-    if is_tuned_file(grid):
-        sampler = tuned_sampler(grid, fingerprint, solver, fields.get("steps", 50), given)
+    tuned_file = tuned_file_of(grid, source)
+    if tuned_file is not None:
+        sampler = tuned_sampler(tuned_file, fingerprint, solver, fields.get("steps", 50), given)
     else:
         sampler = OdeSampler(solver, grid, shift, solver_options(solver, **given))
     return Run(model=source.reference, fingerprint=fingerprint, sampler=sampler, dtype=dtype, **fields)
@@ -295,6 +297,23 @@ def is_tuned_file(grid: str) -> bool:
     """Whether ``grid`` names a tuned sampler file (a path ending in .json) rather than a grid of
     :data:`~fmconvert.math.grids.GRIDS`."""
     return grid.lower().endswith(".json")
+
+
+def tuned_file_of(grid: str, source: Source) -> str | None:
+    """The tuned sampler file ``grid`` names for ``source``: a .json path (:func:`is_tuned_file`), or
+    ``"tuned"``, the file ``fmconvert tune --into`` stored in a converted folder (UsageError where
+    the model holds none); None for a grid of :data:`~fmconvert.math.grids.GRIDS`."""
+    from fmconvert.integration.folder import TUNED_SAMPLER
+
+    if is_tuned_file(grid):
+        return grid
+    if grid != TUNED:
+        return None
+    stored = Path(source.folder) / TUNED_SAMPLER
+    if not stored.is_file():
+        raise UsageError(f"grid={TUNED!r} reads the tuned sampler file a converted folder holds ({TUNED_SAMPLER}, "
+                         f"stored by fmconvert tune with into=FOLDER); {source.reference} has none")
+    return str(stored)
 
 
 def tuned_sampler(path: str, fingerprint: str, solver: str, steps: int, given: dict[str, Any] | None = None) -> OdeSampler:

@@ -212,8 +212,8 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
 def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str = "ab2", *,
          methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None, pairs: int = 128,
          seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1, teacher_solver: str = "rk4",
-         teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 200, lr: float = 0.05,
-         soft_radius: float = 0.0, batch_size: int | None = None, device: str = "cpu", existing: TunedFile | None = None,
+         teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
+         soft_radius: float = 0.0, batch_size: int | None = 32, device: str = "cpu", existing: TunedFile | None = None,
          save: Callable[[TunedFile], object] | None = None,
          progress: Callable[[str, int, float], None] | None = None) -> TunedFile:
     """Tune ``solver``'s grid for each NFE of ``nfe_list`` by each of ``methods`` on ``vm`` (see the
@@ -323,8 +323,8 @@ def load_tuned(path: str | Path, fingerprint: str) -> TunedFile:
 def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2", *, out: str | Path,
                methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None,
                pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
-               teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 200, lr: float = 0.05,
-               soft_radius: float = 0.0, batch_size: int | None = None, device: str = "cpu",
+               teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
+               soft_radius: float = 0.0, batch_size: int | None = 32, device: str = "cpu",
                existing: TunedFile | None = None, plot: str | Path | None = None, into: str | Path | None = None,
                height: int | None = None, width: int | None = None, progress: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,

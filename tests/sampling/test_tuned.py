@@ -195,6 +195,11 @@ def test_stored_in_a_converted_folder_its_stock_pipeline_steps_the_tuned_times(t
        "--seed", 3, "--save-tensor", tmp_path / "s.safetensors")
     ours = (load_file(str(tmp_path / "s.safetensors"))["samples"] / 2 + 0.5).clamp(0, 1)
     assert (torch.from_numpy(images).permute(0, 3, 1, 2) - ours).abs().max() < 1e-5
+    # --grid tuned names the folder's stored file
+    ok("sample", folder, "--grid", "tuned", "--solver", "euler", "--steps", 4, "--num-images", 2, "--seed", 3,
+       "--save-tensor", tmp_path / "t.safetensors")
+    assert torch.equal(load_file(str(tmp_path / "t.safetensors"))["samples"], load_file(str(tmp_path / "s.safetensors"))["samples"])
+    assert "has none" in error(2, "sample", MODEL, "--grid", "tuned", "--steps", 4)
     pipe.scheduler.set_timesteps(5)  # a step count it has no tuned times for: the scheduler's own grid
     assert pipe.scheduler.sigmas[0] == 1 and len(pipe.scheduler.sigmas) == 6
     import fmconvert
@@ -248,3 +253,21 @@ def test_the_files_sigmas_drive_the_unconverted_models_stock_pipeline(tmp_path_f
            *replica.sample_args, "--save-tensor", tmp_path / "s.safetensors")
         ours = load_file(str(tmp_path / "s.safetensors"))["samples"]
     assert ((ours.double() - stock.double()).abs().max() / stock.abs().max()) < 1e-5
+
+
+def test_the_command_lines_defaults_are_the_librarys():
+    """tune's options repeat tune_model's defaults (the command line imports no torch): the same values."""
+    import inspect
+
+    import typer.main
+
+    from fmconvert.cli import app
+    from fmconvert.sampling.tuned import tune_model
+
+    command = typer.main.get_command(app).commands["tune"]
+    library = inspect.signature(tune_model).parameters
+    shared = [p for p in command.params if p.name in library and library[p.name].default is not inspect.Parameter.empty
+              and p.name != "device"]  # (the command line's "auto" picks a device; the library takes one)
+    assert len(shared) >= 12
+    for param in shared:
+        assert param.default == library[param.name].default, param.name
