@@ -2,7 +2,7 @@
 """Side-by-side benchmarks: fmconvert against the bare model, diffusers and torch-fidelity.
 
     python scripts/bench.py [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats 15] [--quick]
-                            [--fid-images 2000] [--fid-repeats 1] [--skip-fid] [--sd15] [--out BENCHMARKS.md]
+                            [--fid-images 2000] [--fid-repeats 1] [--skip-fid] [--sd15] [--out docs/benchmarks/BENCHMARKS.md]
 
 Each comparison alternates the two sides in back-to-back pairs and reports the median ratio
 with its 95% confidence interval:
@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument("--skip-fid", action="store_true")
     parser.add_argument("--sd15", action="store_true", help="also a Stable Diffusion 1.5-size UNet2DConditionModel "
                         "(random weights): adapter overhead and the bf16-vs-fp32 field agreement")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "BENCHMARKS.md")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.fid_images = 6, 200

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Conversion at the scale of real checkpoints: `fmconvert wrap` against `cp -r`, and loading
 the converted network against loading the source's (the "Conversion at scale" section of
-BENCHMARKS.md; scripts/bench.py covers speed of sampling and FID).
+docs/benchmarks/BENCHMARKS.md; scripts/bench.py covers speed of sampling and FID).
 
-    python scripts/bench_scale.py [--work DIR] [--repeats 3] [--skip-sdxl] [--out BENCHMARKS.md]
+    python scripts/bench_scale.py [--work DIR] [--repeats 3] [--skip-sdxl] [--out docs/benchmarks/BENCHMARKS.md]
 
 Checkpoints, randomly initialised and written to disk once under --work (float16, as a Hub
 repo holds them; written shard by shard with huggingface_hub's save_torch_state_dict):
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where the checkpoints are written (kept for reruns)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-sdxl", action="store_true", help="only the 250M UNet (the SDXL one needs ~11 GB disk)")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "docs/benchmarks/BENCHMARKS.md")
     args = parser.parse_args()
     work = args.work or Path(tempfile.gettempdir()) / "fmconvert-bench-scale"
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for a lent GPU (fits in 10 minutes on one H200): the CUDA-marked tests, then the
 # benchmark on CUDA in bfloat16 (cifar10-size UNet, the zoo, a Stable Diffusion 1.5-size
-# UNet2DConditionModel with random weights), writing BENCHMARKS-gpu.md (and into $OUT if set).
+# UNet2DConditionModel with random weights), writing docs/benchmarks/BENCHMARKS-gpu.md (and into $OUT if set).
 #
 # Where the machine has a CUDA torch but no network (this workplace's H200: its python3 holds
 # torch, torchvision, torchmetrics, transformers, typer), first run scripts/gpu_wheels.sh here
@@ -27,8 +27,8 @@ set +e
 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tee "$OUT_DIR/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 timeout 420 $PY scripts/bench.py --device cuda --dtype bfloat16 --repeats 10 --batch 64 --steps 50 --sd15 \
-  --fid-images 2000 --fid-repeats 2 --out BENCHMARKS-gpu.md 2>&1 | tee "$OUT_DIR/gpu-bench.log"
+  --fid-images 2000 --fid-repeats 2 --out docs/benchmarks/BENCHMARKS-gpu.md 2>&1 | tee "$OUT_DIR/gpu-bench.log"
 bench=${PIPESTATUS[0]}
-[ "$OUT_DIR" != "." ] && cp BENCHMARKS-gpu.md "$OUT_DIR/" 2>/dev/null
+[ "$OUT_DIR" != "." ] && cp docs/benchmarks/BENCHMARKS-gpu.md "$OUT_DIR/" 2>/dev/null
 echo "CUDA tests exit $tests, benchmark exit $bench"
 exit $((tests != 0 ? tests : bench))

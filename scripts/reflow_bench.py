@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Reflow builtin:digits-eps and measure few-step sample quality before and after: REFLOW.md.
+"""Reflow builtin:digits-eps and measure few-step sample quality before and after: docs/benchmarks/REFLOW.md.
 
     python scripts/reflow_bench.py             # the defaults: ~41 minutes on 2 CPU threads (below)
     python scripts/reflow_bench.py --num-couplings 300 --solver-steps 4 --train-steps 10 --distill-steps 10 \
@@ -35,7 +35,7 @@ checkpoint, the finished models, the FID runs' samples, all under ``--work``):
 4. the targets (issue 18): at 2 NFE the reflowed model's FID is at most the source's best at
    5 NFE, and at 1 NFE at most twice that.
 
-Writes ``--md`` (default REFLOW.md), the numbers beside it (.json) and the loss curve (.png).
+Writes ``--md`` (default docs/benchmarks/REFLOW.md), the numbers beside it (.json) and the loss curve (.png).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def stage(name: str, model: str, out: Path, args: argparse.Namespace, training: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "reflow-bench", help="couplings, models, checkpoints, FID samples")
-    parser.add_argument("--md", type=Path, default=ROOT / "REFLOW.md")
+    parser.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks" / "docs/benchmarks/REFLOW.md")
     parser.add_argument("--num-couplings", type=int, default=10000, help="couplings of each stage")
     parser.add_argument("--solver", default="unipc", help="the couplings' solver (uniform grid)")
     parser.add_argument("--solver-steps", type=int, default=16, help="the couplings' solver steps")

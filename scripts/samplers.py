@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample quality per network evaluation: fmconvert's solvers × grids against diffusers' schedulers.
 
-    python scripts/samplers.py [--num-images 1000] [--nfe 3,4,5,6,8] [--models digits-eps,...] [--out SAMPLERS.md]
+    python scripts/samplers.py [--num-images 1000] [--nfe 3,4,5,6,8] [--models digits-eps,...] [--out docs/benchmarks/SAMPLERS.md]
 
 On each zoo model (builtin:digits-eps, -v, -flow), from the same noise (seed 0): FID in digits
 features against builtin:digits of
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--nfe", default="3,4,5,6,8")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--out", type=Path, default=Path("SAMPLERS.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/SAMPLERS.md"))
     parser.add_argument("--solvers", default=",".join(SOLVERS_COMPARED), help="fmconvert solvers compared")
     parser.add_argument("--grids", default=",".join(GRIDS_COMPARED),
                         help="grids compared (those that suit the source), GRID or GRID:shift=K")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune builtin:digits-eps with the flow-matching loss and measure what it changed: TRAIN.md.
+"""Fine-tune builtin:digits-eps with the flow-matching loss and measure what it changed: docs/benchmarks/TRAIN.md.
 
     python scripts/train_bench.py                       # 1,000 steps (about 10-15 minutes on the 2-core CPU)
     python scripts/train_bench.py --steps 50 --md /tmp/TRAIN.md --work /tmp/train-bench   # a quick look
@@ -16,7 +16,7 @@ What it does, in order:
    same draws, each sample weighted by (1 − s)⁻² (the identity that makes the two one loss), and
    the flow-matching loss on held-out digits (fixed draws) before and after.
 
-Writes ``--md`` (default TRAIN.md) and the loss curve beside it (TRAIN.png).
+Writes ``--md`` (default docs/benchmarks/TRAIN.md) and the loss curve beside it (TRAIN.png).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=ROOT / "train-bench", help="the trained model and its checkpoint")
-    parser.add_argument("--md", type=Path, default=ROOT / "TRAIN.md")
+    parser.add_argument("--md", type=Path, default=ROOT / "docs" / "benchmarks" / "docs/benchmarks/TRAIN.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     solvers = [s.strip() for s in args.solver.split(",") if s.strip()]

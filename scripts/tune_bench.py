@@ -2,12 +2,12 @@
 """Tuned grids against the best untuned ones: fmconvert tune on the zoo models, judged on held-out noise.
 
     python scripts/tune_bench.py [--models digits-eps,...] [--nfe 3,4,6] [--solver ab2] [--num-images 2000]
-                                 [--out TUNING.md]
+                                 [--out docs/benchmarks/TUNING.md]
 
 For each zoo model and NFE: ``fmconvert.sampling.tuned.tune`` (GITS and LD3; the settings below),
 then FID in digits features against builtin:digits of ``--num-images`` samples from seed 1000 (neither
 the tuning seed 0 nor the validation seed 1) for: the converged solve (rk4, 25 steps, 100 NFE, as
-SAMPLERS.md; the teacher is rk4 in 64 steps), the best untuned grid (the one tuning ranked first on
+docs/benchmarks/SAMPLERS.md; the teacher is rk4 in 64 steps), the best untuned grid (the one tuning ranked first on
 its pairs) and each tuned grid, all
 with the same solver and noise. Also the held-out RMSE to the teacher and the tuning seconds on this
 machine. Excess FID = FID − converged FID; the ratio is the tuned excess over the untuned one.
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--nfe", default="3,4,6")
     parser.add_argument("--solver", default="ab2")
     parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=Path("TUNING.md"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/TUNING.md"))
     parser.add_argument("--keep-files", type=Path, default=None, help="Also write each model's tuned sampler file here.")
     args = parser.parse_args()
     nfe_list = [int(n) for n in args.nfe.split(",")]

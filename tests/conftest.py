@@ -234,3 +234,25 @@ def interior_points(path, n=64, seed=0):
     p = path.point(t).view_as_batch(2)
     x0, eps = torch.randn(n, 5, dtype=torch.float64, generator=g), torch.randn(n, 5, dtype=torch.float64, generator=g)
     return p, x0, eps, p.alpha * x0 + p.sigma * eps
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A loopback fake Hub (tests/fakehub.py) that huggingface_hub and diffusers talk to, offline mode off."""
+    from fakehub import FakeHub
+
+    with FakeHub() as fake:
+        import huggingface_hub.constants as constants
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", fake.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        import huggingface_hub.hf_api as hf_api
+
+        monkeypatch.setattr(hf_api.api, "endpoint", fake.endpoint)  # the module-level client diffusers uses
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        yield fake

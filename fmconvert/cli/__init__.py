@@ -31,5 +31,15 @@ def main() -> None:
     app(prog_name="fmconvert")
 
 
+def __getattr__(name: str):
+    """``NAME_command``: the command NAME as the click command typer builds (the documentation's
+    command pages render it with mkdocs-click, so their options are the code's)."""
+    if name.endswith("_command"):
+        commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+        if name[: -len("_command")] in commands:
+            return commands[name[: -len("_command")]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     main()

@@ -35,10 +35,10 @@ Steps = Annotated[str, typer.Option(help="Solver steps (the NFE is counted and r
 Solver = Annotated[str, typer.Option(help="ODE solver: " + listing(SOLVERS) + ".")]
 
 
-Grid = Annotated[str, typer.Option(help="Time grid: " + listing(GRIDS) + "; or a tuned sampler file (.json, written by fmconvert tune): its grid for these steps.")]
+Grid = Annotated[str, typer.Option(help="Time grid: " + listing(GRIDS) + "; or a tuned sampler file (.json, written by fmconvert tune): its grid for these steps; or tuned: the file fmconvert tune --into stored in a converted folder.")]
 
 
-Shift = Annotated[Optional[float], typer.Option(help="Time shift k of the uniform or flowmatch grid, s = k·u/(1 + (k − 1)·u) (SD3's shift: k > 1 puts more steps near the noise); default: the source scheduler's own (1 for a diffusion model). Few-step sampling gains from 1.5 to 2 (SAMPLERS.md).")]
+Shift = Annotated[Optional[float], typer.Option(help="Time shift k of the uniform or flowmatch grid, s = k·u/(1 + (k − 1)·u) (SD3's shift: k > 1 puts more steps near the noise); default: the source scheduler's own (1 for a diffusion model). Few-step sampling gains from 1.5 to 2 (docs/benchmarks/SAMPLERS.md).")]
 
 
 Baseline = Annotated[Optional[list[str]], typer.Option(help="A diffusers scheduler driving the unconverted source on the same noise (NFE counted from network calls), NAME[:key=value,...]; repeat it for several. NAME: " + listing(BASELINES) + "; or a diffusers scheduler class name.")]

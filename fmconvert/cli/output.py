@@ -183,7 +183,7 @@ def interactive(as_json: bool, import_diffusers: bool = True) -> bool:
 def computed_on(device: str) -> dict:
     """Where the numbers were computed, for --json: the device, this process's torch threads and
     the number of processes. Results are bit-identical only where these (and the batch size) are
-    the same, or the world size alone changes (README, "Reproducibility")."""
+    the same, or the world size alone changes (docs/scaling.md, "Reproducibility")."""
     import torch
 
     from fmconvert.sampling import distributed

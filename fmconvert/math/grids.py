@@ -4,7 +4,7 @@
              time shift s = k·u / (1 + (k − 1)·u) (Esser et al. 2024, SD3, eq. 23): the
              source scheduler's ``shift`` k, or one given (k > 1 puts more steps near the
              noise; at 3 to 5 NFE a shift of 1.5 to 2 is what the zoo's models sample best
-             with: SAMPLERS.md);
+             with: docs/benchmarks/SAMPLERS.md);
 - flowmatch: FlowMatchEulerDiscreteScheduler's own default, bit for bit: N times from 1 to
              shift(1/T), shifted (again, as diffusers does), then 0 (what a converted
              pipeline's __call__ uses);

@@ -324,7 +324,7 @@ class Solver:
 
 
 #: ``auto``'s choice by step count (= NFE for these one-evaluation solvers): (most steps, solver,
-#: time shift of the uniform grid or None), from the measurements in SAMPLERS.md (scripts/samplers.py:
+#: time shift of the uniform grid or None), from the measurements in docs/benchmarks/SAMPLERS.md (scripts/samplers.py:
 #: FID per NFE on the three zoo models, against diffusers' schedulers): up to 5 steps ab2 on the
 #: uniform grid shifted by 1.5 is the best or within 0.5 FID of it on each model; from 6 steps UniPC
 #: on the unshifted grid (a shift makes it worse there)
@@ -365,7 +365,7 @@ SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("dpmpp_3m", dpmpp_3m, 1, 2, "DPM-Solver++(3M) as diffusers has it (2nd order: D2 halved), 1 evaluation a step"),
     Solver("unipc", unipc, 1, 3, "UniPC-2 bh2 predictor-corrector, 1 evaluation a step (diffusers' UniPCMultistep)"),
     Solver("auto", auto, 1, 2, "ab2 on the uniform grid with shift 1.5 up to 5 steps, unipc unshifted above: "
-           "the measured best in SAMPLERS.md, 1 evaluation a step (the shift: where neither a shift nor the "
+           "the measured best in docs/benchmarks/SAMPLERS.md, 1 evaluation a step (the shift: where neither a shift nor the "
            "scheduler gives one)"),
     Solver("dopri5", dopri5, None, 5, "adaptive Dormand-Prince (torchdiffeq), options rtol / atol",
            (("rtol", 1e-5), ("atol", 1e-5))),

@@ -72,7 +72,7 @@ def load_velocity_model(reference: str | Source, revision: str | None = None, dt
     The conversion's coefficients are planned in float64; a source wrapped here applies them
     (k_x·x + k_out·output) in float32 unless the network is float64: against a float64 DDIM
     that is as exact as a float64 combination, since the network's own rounding dominates
-    (BENCHMARKS.md). A converted folder keeps the compute_dtype it was written with."""
+    (docs/benchmarks/BENCHMARKS.md). A converted folder keeps the compute_dtype it was written with."""
     source = (reference if isinstance(reference, Source)
               else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     if denoiser is not None and dtype is not None and denoiser.dtype != dtype:

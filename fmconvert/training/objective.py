@@ -60,7 +60,7 @@ weights are the source's, so the field no longer starts at the source's and the 
 anew (as SD 2's v models were fine-tuned from epsilon ones). What it buys is conditioning: an
 output error δ is a velocity error of δ/(1 − s) for epsilon (the noisiest trained time of
 digits-eps: ×159), (α + σ)·δ ∈ [1, √2]·δ for v_prediction, δ/s for sample; few-step sampling
-leans on u near s = 1, where epsilon is worst (REFLOW.md).
+leans on u near s = 1, where epsilon is worst (docs/benchmarks/REFLOW.md).
 """
 
 from __future__ import annotations

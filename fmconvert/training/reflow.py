@@ -28,13 +28,13 @@ distillation of a k-rectified flow.
 An epsilon network is best reflowed into ``prediction_type="v_prediction"``
 (:mod:`fmconvert.training.objective`, parametrisation): one step from the noise returns x̂0 of the noisiest
 trained time, which epsilon computes as (x − σ·ε̂)/α, its ε̂ error × 1/α_T (digits-eps: 157), and
-v_prediction as α·x − σ·v̂. The field then starts away from the source's (REFLOW.md measures what
+v_prediction as α·x − σ·v̂. The field then starts away from the source's (docs/benchmarks/REFLOW.md measures what
 it buys); left out, the network keeps its parametrisation and a note says so.
 
 Lee, Lin, Fanti (2024, "Improving the Training of Rectified Flows") train reflow with U-shaped
 times and the pseudo-Huber loss (``time_sampling="u_shaped"``, ``loss_type="pseudo_huber"``,
-:mod:`fmconvert.training.objective`), which REFLOW.md uses. A distilled one-step map fits its couplings far
-better than held-out noise (REFLOW.md measures both), so distillation wants many couplings; a
+:mod:`fmconvert.training.objective`), which docs/benchmarks/REFLOW.md uses. A distilled one-step map fits its couplings far
+better than held-out noise (docs/benchmarks/REFLOW.md measures both), so distillation wants many couplings; a
 reflowed model's are cheap (a few steps of a straight field).
 """
 
@@ -157,7 +157,7 @@ def reflow(couplings: Run, out: Path, *, distill: bool = False, couplings_dir: P
     check_prediction_type(source, settings.prediction_type)
     if settings.prediction_type is None and network_prediction(source) == "epsilon":
         log("note: the network predicts epsilon, whose x0 estimate at the noise end divides by alpha_T; "
-            "prediction_type='v_prediction' trains it into v, which few steps need (REFLOW.md)")
+            "prediction_type='v_prediction' trains it into v, which few steps need (docs/benchmarks/REFLOW.md)")
     check_checkpoint(work_folder(out) / CHECKPOINT, settings)
     check_device(settings, device)
     # the weights are read once: train loads them in their stored dtype; the couplings share them where

@@ -7,32 +7,12 @@ import sys
 
 import pytest
 import torch
-from fakehub import FakeHub
 from typer.testing import CliRunner
 
 from fmconvert.cli import app
 
 runner = CliRunner()
 TOKEN = "hf_fmconvertTestToken0123456789"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with FakeHub() as fake:
-        import huggingface_hub.constants as constants
-
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
-        monkeypatch.setattr(constants, "ENDPOINT", fake.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        import huggingface_hub.hf_api as hf_api
-
-        monkeypatch.setattr(hf_api.api, "endpoint", fake.endpoint)  # the module-level client diffusers uses
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        yield fake
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""What leaves results bit-identical and what moves them at rounding, as README.md's
+"""What leaves results bit-identical and what moves them at rounding, as docs/scaling.md's
 "Reproducibility" states it (the world size: tests/sampling/test_distributed.py; a resumed samples folder:
 there too; the device: tests/test_cuda.py)."""
 
