@@ -26,7 +26,7 @@ def render(name: str) -> str:
         records = [p.get_help_record(ctx) for p in command.get_params(ctx) if p.param_type_name == kind]
         records = [r for r in records if r is not None]
         if records:
-            lines += [f"**{title}**", "", "| | |", "|---|---|"]
+            lines += [f"**{title}**", "", f"| {kind} | what it does |", "|---|---|"]
             lines += [f"| `{_cell(flags)}` | {_cell(help_)} |" for flags, help_ in records]
             lines.append("")
     return "\n".join(lines)
