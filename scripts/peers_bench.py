@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Few-step samplers side by side: fmconvert (untuned and tuned) against its peers on the zoo.
+
+    python scripts/peers_bench.py [--models digits-eps,...] [--nfe 2,3,4,6,8] [--num-images 2000]
+                                  [--tuned docs/benchmarks/TUNING.json] [--out docs/benchmarks/PEERS.md]
+
+For each zoo model and NFE, FID in digits features against builtin:digits of ``--num-images``
+samples from the same noise (seed 1000: image n's noise is the n-th of the documented stream) for
+
+- fmconvert: ``--solver auto`` (its measured default) and, where TUNING.json has one for this
+  NFE, the LD3-tuned ab2 grid (tuned on seeds 0 and 1, never on this noise);
+- diffusers: DPMSolverMultistepScheduler (2M) and UniPCMultistepScheduler driving the unconverted
+  network (fmconvert's ``--baseline dpm++2m`` and ``unipc``; a flow model gets their flow mode),
+  and DPM-Solver++ 2M with Karras sigmas;
+- k-diffusion (Crowson's, the samplers ComfyUI and A1111 build on): DPM-Solver++ 2M with Karras
+  and with exponential sigmas and LMS with Karras sigmas, over the trained σ range, through its own
+  DDPM wrappers (``DiscreteEpsDDPMDenoiser`` for digits-eps, ``DiscreteVDDPMDenoiser`` for
+  digits-v, unquantised); digits-flow, which k-diffusion has no wrapper for, through the
+  denoiser D(x, σ) = x̂0 of fmconvert's field at s = σ/(1 + σ). Installing k-diffusion pulls in
+  its training stack (wandb, clip, and an older numpy), so this script loads only its sampling
+  and external modules: ``pip install --no-deps --target DIR k-diffusion torchsde trampoline``
+  and pass ``--k-diffusion DIR`` (rows are left out without it);
+- the converged solve (rk4, 25 steps, 100 NFE), whose FID the excess is measured from.
+
+skrample, the other peer the issue names, needs Python >= 3.12 and is not run here.
+Writes OUT (Markdown: the excess ratio of fmconvert's best to the best peer's per point) and the
+numbers beside it (.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fmconvert  # noqa: E402
+from fmconvert.evaluation.fid import make_extractor, reference_stats, stats_of, sweep  # noqa: E402
+from fmconvert.evaluation.statistics import fid_between  # noqa: E402
+from fmconvert.files.images import to_uint8  # noqa: E402
+from fmconvert.sampling.generate import velocity_field  # noqa: E402
+from fmconvert.sampling.model import load_velocity_model, sample_shape  # noqa: E402
+from fmconvert.sampling.noise import NoiseStream  # noqa: E402
+from fmconvert.sampling.runs import TUNED, OdeSampler, Run, SchedulerSampler, model_fingerprint  # noqa: E402
+
+SEED, REFERENCE, BATCH = 1000, "builtin:digits", 500
+DIFFUSERS = ("dpm++2m", "unipc", "dpm++2m:use_karras_sigmas=true")
+K_SAMPLERS = (("dpmpp_2m", "karras"), ("dpmpp_2m", "exponential"), ("lms", "karras"))
+
+
+def load_k_diffusion(folder: Path):
+    """k_diffusion.sampling and .external from ``folder`` without its package __init__ (which
+    imports the training stack)."""
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [str(folder / "k_diffusion")]
+    sys.modules["k_diffusion"] = package
+    sys.path.insert(0, str(folder))
+    modules = {}
+    for name in ("utils", "sampling", "external"):
+        spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", folder / "k_diffusion" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"k_diffusion.{name}"] = module
+        spec.loader.exec_module(module)
+        setattr(package, name, module)
+        modules[name] = module
+    return modules["sampling"], modules["external"]
+
+
+class _Eps(torch.nn.Module):
+    """The unconverted UNet as k-diffusion's inner model: (x, t) → its output."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        return self.unet(x, t).sample
+
+
+class _FlowDenoiser(torch.nn.Module):
+    """D(x, σ) for a velocity field u(x_s, s): s = σ/(1 + σ), x_s = x/(1 + σ), x̂0 = x_s − s·u."""
+
+    def __init__(self, field, sigma_min: float, sigma_max: float):
+        super().__init__()
+        self.field, self.sigma_min, self.sigma_max = field, sigma_min, sigma_max
+
+    def forward(self, x, sigma):
+        s = (sigma / (1 + sigma)).to(torch.float64)
+        x_s = x / (1 + sigma).view(-1, *[1] * (x.ndim - 1))
+        u = self.field(x_s, s)
+        return x_s - s.view(-1, *[1] * (x.ndim - 1)).to(x.dtype) * u
+
+
+def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, ref):
+    """FID of k-diffusion's samplers on ``vm``'s source at each NFE, from the documented noise."""
+    from diffusers import DDPMScheduler
+
+    source = vm.source
+    if source.prediction_type in ("epsilon", "v_prediction"):
+        alphas = DDPMScheduler.from_config(source.scheduler).alphas_cumprod
+        wrapper = k_external.DiscreteEpsDDPMDenoiser if source.prediction_type == "epsilon" else k_external.DiscreteVDDPMDenoiser
+        from fmconvert.integration.source import load_denoiser
+
+        model = wrapper(_Eps(load_denoiser(source).eval()), alphas, quantize=False)
+        sigma_min, sigma_max = float(model.sigma_min), float(model.sigma_max)
+    else:  # a flow model: k-diffusion has no wrapper; fmconvert's field as a denoiser over s in [1/T, 1 − 1/T]
+        sigma_min, sigma_max = 1 / 999, 999.0
+        model = None
+    shape = sample_shape(vm)
+    rows = []
+    for sampler, schedule in K_SAMPLERS:
+        for nfe in nfe_list:
+            if schedule == "karras":
+                sigmas = k_sampling.get_sigmas_karras(nfe, sigma_min, sigma_max, rho=7.0)
+            else:
+                sigmas = k_sampling.get_sigmas_exponential(nfe, sigma_min, sigma_max)
+            batches = []
+            for start in range(0, num_images, BATCH):
+                count = min(BATCH, num_images - start)
+                noise = NoiseStream(num_images, shape, SEED).take(start, start + count)
+                denoiser = model or _FlowDenoiser(velocity_field(vm, None, start, count, "cpu"), sigma_min, sigma_max)
+                with torch.no_grad():
+                    x0 = getattr(k_sampling, f"sample_{sampler}")(denoiser, noise * sigmas[0], sigmas, disable=True)
+                batches.append(to_uint8((x0 / 2 + 0.5).clamp(0, 1)))
+            fid = fid_between(ref.stats, stats_of(batches, extractor))
+            rows.append({"model": name, "nfe": nfe, "side": "k-diffusion", "sampler": f"{sampler} ({schedule} sigmas)",
+                         "fid": fid})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits-eps,digits-v,digits-flow")
+    parser.add_argument("--nfe", default="2,3,4,6,8")
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--tuned", type=Path, default=Path("docs/benchmarks/TUNING.json"),
+                        help="scripts/tune_bench.py's numbers: its LD3 grids are the tuned rows")
+    parser.add_argument("--k-diffusion", type=Path, default=None, help="a folder holding k_diffusion (see above)")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/PEERS.md"))
+    args = parser.parse_args()
+    started = time.time()
+    nfe_list = [int(n) for n in args.nfe.split(",")]
+    tuned = json.loads(args.tuned.read_text())["rows"] if args.tuned.is_file() else []
+    k_modules = load_k_diffusion(args.k_diffusion) if args.k_diffusion else None
+    extractor = make_extractor("digits")
+    ref = reference_stats(REFERENCE, extractor)
+    rows: list[dict] = []
+    failed: list[dict] = []
+    converged: dict[str, float] = {}
+    for name in args.models.split(","):
+        model = f"builtin:{name}"
+        vm = load_velocity_model(model)
+        base = Run(model=model, fingerprint=model_fingerprint(vm.source), sampler=OdeSampler("rk4"), steps=25, seed=SEED,
+                   num_images=args.num_images, shard_size=BATCH)
+        runs, labels = [base], [("converged", "rk4, 25 steps")]
+        from fmconvert.math.solvers import resolve_auto
+        from fmconvert.sampling.baselines import parse_baseline
+
+        for nfe in nfe_list:
+            solver, shift = resolve_auto(nfe, "uniform", None, vm.source.shifts_times)
+            runs.append(dataclasses.replace(base, sampler=OdeSampler(solver, "uniform", shift), steps=nfe))
+            labels.append(("fmconvert", f"auto: {solver}" + (f", shift {shift:g}" if shift else "")))
+            for row in tuned:
+                if row["model"] == name and row["nfe"] == nfe and row["method"] == "ld3":
+                    runs.append(dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"])),
+                                                    steps=nfe))
+                    labels.append(("fmconvert tuned", f"{row['solver']}, LD3 grid"))
+            for spec in DIFFUSERS:
+                if vm.source.prediction_type == "flow_prediction" and ":" in spec:
+                    continue  # (Karras sigmas: a diffusion schedule's option)
+                baseline, options = parse_baseline(spec)
+                runs.append(dataclasses.replace(base, sampler=SchedulerSampler(baseline.name, options, baseline.grid),
+                                                steps=nfe))
+                labels.append(("diffusers", spec))
+        for run, (side, label) in zip(runs, labels):  # one sweep a run: a scheduler that fails is recorded, not fatal
+            try:
+                (row,) = sweep(vm, REFERENCE, extractor, [run])["rows"]
+            except Exception as error:  # noqa: BLE001 (diffusers' schedulers fail on some schedules and step counts)
+                failed.append({"model": name, "nfe": run.steps, "side": side, "sampler": label,
+                               "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"})
+                print(json.dumps(failed[-1]), flush=True)
+                continue
+            if side == "converged":
+                converged[name] = row["fid"]
+                continue
+            rows.append({"model": name, "nfe": row["nfe"], "side": side, "sampler": label, "fid": row["fid"]})
+            print(json.dumps(rows[-1]), flush=True)
+        if k_modules is not None:
+            rows += k_rows(name, vm, *k_modules, nfe_list, args.num_images, extractor, ref)
+    record = {"num_images": args.num_images, "seed": SEED, "converged": converged, "rows": rows, "failed": failed,
+              "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "k_diffusion": k_modules is not None}
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = ["# fmconvert against its peers at few steps", "",
+             f"Written by `scripts/peers_bench.py` ({record['seconds']} s on {record['machine']}). FID in digits features "
+             f"against builtin:digits, {args.num_images} samples from the same noise (seed {SEED}) for every sampler; the "
+             "NFE is counted from network calls. Excess = FID − the converged solve's (rk4, 100 NFE). Ratio = fmconvert's "
+             "best excess ÷ the best peer's (below 1: fmconvert is better).", "",
+             "| model | NFE | best peer | its FID | fmconvert auto | fmconvert tuned (LD3) | ratio (best fmconvert ÷ best peer, excess) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in converged:
+        for nfe in nfe_list:
+            here = [r for r in rows if r["model"] == name and r["nfe"] == nfe]
+            peers = [r for r in here if r["side"] in ("diffusers", "k-diffusion")]
+            ours = [r for r in here if r["side"].startswith("fmconvert")]
+            if not peers or not ours:
+                continue
+            peer = min(peers, key=lambda r: r["fid"])
+            auto = next(r for r in ours if r["side"] == "fmconvert")
+            tuned_row = next((r for r in ours if r["side"] == "fmconvert tuned"), None)
+            best = min(ours, key=lambda r: r["fid"])
+            ratio = (best["fid"] - converged[name]) / (peer["fid"] - converged[name])
+            lines.append(f"| {name} | {nfe} | {peer['side']}: {peer['sampler']} | {peer['fid']:.2f} | {auto['fid']:.2f} | "
+                         f"{tuned_row['fid']:.2f} |" if tuned_row else
+                         f"| {name} | {nfe} | {peer['side']}: {peer['sampler']} | {peer['fid']:.2f} | {auto['fid']:.2f} | — |")
+            lines[-1] += f" {ratio:.2f} |"
+    lines += ["", "Converged FID: " + ", ".join(f"{k} {v:.2f}" for k, v in converged.items()) + "."]
+    if failed:
+        lines += ["", "Runs that failed (left out of the table): " + "; ".join(
+            f"{f['model']} {f['sampler']} at {f['nfe']} NFE ({f['error']})" for f in failed) + "."]
+    lines += ["",
+              "Every row: " + ("" if k_modules else "(k-diffusion not loaded) ") + f"[{args.out.with_suffix('.json').name}]"
+              f"({args.out.with_suffix('.json').name})."]
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
