@@ -47,6 +47,8 @@ import fmconvert  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, reference_stats, stats_of, sweep  # noqa: E402
 from fmconvert.evaluation.statistics import fid_between  # noqa: E402
 from fmconvert.files.images import to_uint8  # noqa: E402
+from fmconvert.math.solvers import resolve_auto  # noqa: E402
+from fmconvert.sampling.baselines import parse_baseline  # noqa: E402
 from fmconvert.sampling.generate import velocity_field  # noqa: E402
 from fmconvert.sampling.model import load_velocity_model, sample_shape  # noqa: E402
 from fmconvert.sampling.noise import NoiseStream  # noqa: E402
@@ -163,9 +165,6 @@ def main() -> None:
         base = Run(model=model, fingerprint=model_fingerprint(vm.source), sampler=OdeSampler("rk4"), steps=25, seed=SEED,
                    num_images=args.num_images, shard_size=BATCH)
         runs, labels = [base], [("converged", "rk4, 25 steps")]
-        from fmconvert.math.solvers import resolve_auto
-        from fmconvert.sampling.baselines import parse_baseline
-
         for nfe in nfe_list:
             solver, shift = resolve_auto(nfe, "uniform", None, vm.source.shifts_times)
             runs.append(dataclasses.replace(base, sampler=OdeSampler(solver, "uniform", shift), steps=nfe))

@@ -181,6 +181,34 @@ def training_options(command):
     return wrapper
 
 
+#: what a conditional model is asked for, as sample and tune take it: parameter → its option
+CONDITIONING_OPTIONS = {"prompt": (Prompt, None), "negative_prompt": (NegativePrompt, None), "class_label": (ClassLabel, None),
+                        "guidance_scale": (GuidanceScale, 1.0), "image_embeds": (ImageEmbeds, None), "height": (Height, None),
+                        "width": (Width, None), "guidance_rescale": (GuidanceRescale, 0.0)}
+
+
+def conditioning_options(command):
+    """Add :data:`CONDITIONING_OPTIONS` to a command's options (after its own), declared once for
+    every command that samples a conditional model. The command receives ``conditioning``, the
+    library's Conditioning (:func:`fmconvert.cli.checks.conditioning_from`: the image size checked,
+    the embeddings read), and ``height`` and ``width`` (the image size, which is no conditioning)."""
+    from fmconvert.cli.checks import conditioning_from
+
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name not in ("conditioning", "height", "width")]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, (annotation, default) in CONDITIONING_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in CONDITIONING_OPTIONS}
+        conditioning = conditioning_from(**given)
+        return command(*args, conditioning=conditioning, height=given["height"], width=given["width"], **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + added)
+    return wrapper
+
+
 #: train's former spelling of its optimiser steps, hidden and refused in one line naming --train-steps
 OldTrainSteps = Annotated[Optional[str], typer.Option("--steps", hidden=True, help="Renamed --train-steps.")]
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import conditioning_from, new_output, parse_steps, plan, positive
+from fmconvert.cli.checks import new_output, parse_steps, plan, positive
 from fmconvert.cli.options import (
     AllowPickle,
     AsJson,
@@ -15,19 +15,12 @@ from fmconvert.cli.options import (
     Baseline,
     BatchSize,
     ChannelsLast,
-    ClassLabel,
     Compile,
     Device,
     Dtype,
     Force,
     Grid,
-    GuidanceRescale,
-    GuidanceScale,
-    Height,
-    ImageEmbeds,
-    NegativePrompt,
     NumImages,
-    Prompt,
     Revision,
     Rtol,
     SamplesDir,
@@ -36,7 +29,7 @@ from fmconvert.cli.options import (
     Solver,
     Steps,
     TrustRemoteCode,
-    Width,
+    conditioning_options,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log
 from fmconvert.errors import UsageError
@@ -44,6 +37,7 @@ from fmconvert.sampling.runs import resolved
 
 
 @handle_errors
+@conditioning_options
 def sample(
     model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
     solver: Solver = "euler",
@@ -57,14 +51,6 @@ def sample(
     dtype: Dtype = "float32",
     channels_last: ChannelsLast = False,
     compile: Compile = False,
-    prompt: Prompt = None,
-    negative_prompt: NegativePrompt = None,
-    class_label: ClassLabel = None,
-    guidance_scale: GuidanceScale = 1.0,
-    image_embeds: ImageEmbeds = None,
-    height: Height = None,
-    width: Width = None,
-    guidance_rescale: GuidanceRescale = 0.0,
     baseline: Baseline = None,
     rtol: Rtol = None,
     atol: Atol = None,
@@ -76,11 +62,12 @@ def sample(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: AsJson = False,
+    conditioning=None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ):
     """Sample MODEL as a velocity field with an ODE solver (or, with --baseline, its own sampler)."""
     (steps_value,) = parse_steps(steps, single=True)
-    conditioning = conditioning_from(prompt, negative_prompt, class_label, guidance_scale, guidance_rescale,
-                                     image_embeds, height, width)
     positive(num_images=num_images, batch_size=batch_size)
     if out is not None and out.suffix.lower() != ".png":  # (a .png grid is replaced, as an image file is)
         new_output(out, force)

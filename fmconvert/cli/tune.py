@@ -7,27 +7,21 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import conditioning_from, parse_steps, positive
+from fmconvert.cli.checks import parse_steps, positive
 from fmconvert.cli.options import (
     AllowPickle,
     AsJson,
-    ClassLabel,
     Device,
-    GuidanceRescale,
-    GuidanceScale,
-    Height,
-    ImageEmbeds,
-    NegativePrompt,
-    Prompt,
     Revision,
     TrustRemoteCode,
-    Width,
+    conditioning_options,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
 from fmconvert.errors import UsageError
 
 
 @handle_errors
+@conditioning_options
 def tune(
     model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
     out: Path = typer.Option(..., "--out", "-o", help="The tuned sampler file (.json) to write; a file of an earlier run of the same model and settings is continued (the grids it has are kept)."),
@@ -44,14 +38,6 @@ def tune(
     lr: float = typer.Option(0.1, "--lr", help="LD3's learning rate (Adam, on the grid's logits)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Pairs per LD3 iteration, drawn afresh each time (the defaults are scripts/tune_bench.py's, measured in docs/benchmarks/TUNING.md)."),
     soft_radius: float = typer.Option(0.0, "--soft-radius", help="LD3's soft teacher: each student may start within this fraction of its noise's norm (0: the noise itself)."),
-    prompt: Prompt = None,
-    negative_prompt: NegativePrompt = None,
-    class_label: ClassLabel = None,
-    guidance_scale: GuidanceScale = 1.0,
-    image_embeds: ImageEmbeds = None,
-    height: Height = None,
-    width: Width = None,
-    guidance_rescale: GuidanceRescale = 0.0,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write LD3's loss per iteration as a PNG."),
     into: Optional[Path] = typer.Option(None, "--into", help="A converted folder of these weights (MODEL itself): store the tuned times in its scheduler, so its stock pipeline's num_inference_steps=N steps them, and the file beside (with --solver euler, the scheduler's)."),
     device: Device = "auto",
@@ -59,6 +45,9 @@ def tune(
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: AsJson = False,
+    conditioning=None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ):
     """Tune MODEL's time grid for each --nfe against a converged teacher; write a tuned sampler file that sample and
     fid take as --grid FILE."""
@@ -71,8 +60,6 @@ def tune(
              iterations=iterations, batch_size=batch_size)
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {out}: a tuned sampler file is JSON; name it *.json")
-    conditioning = conditioning_from(prompt, negative_prompt, class_label, guidance_scale, guidance_rescale,
-                                     image_embeds, height, width)
     existing = TunedFile.load(out) if out.exists() else None
     device = join_device(device)
     result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,

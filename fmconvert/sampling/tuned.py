@@ -358,8 +358,9 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     fingerprint = model_fingerprint(source)
     if into is not None:
         check_tuned_folder(into)
-        if model_fingerprint(inspect_source(str(into), allow_pickle=allow_pickle,
-                                            trust_remote_code=trust_remote_code)) != fingerprint:
+        same_folder = Path(into).resolve() == Path(source.folder).resolve()  # (the usual case: read it once)
+        if not same_folder and model_fingerprint(inspect_source(str(into), allow_pickle=allow_pickle,
+                                                                trust_remote_code=trust_remote_code)) != fingerprint:
             raise UsageError(f"into='{into}' holds other weights than {source.reference}: tune the converted folder "
                              "itself and store the times in it (the reference and into the same folder)")
     if existing is not None:
