@@ -302,6 +302,46 @@ def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> to
     return x
 
 
+#: the solvers a tuned sampler may correct with per-step weights (:func:`weighted_multistep`)
+WEIGHTED = ("euler", "ab2")
+
+
+def weighted_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str, weights,
+                       callback=None) -> torch.Tensor:
+    """``solver`` (one of :data:`WEIGHTED`) with a learnt correction c_i of each step's weight on the
+    previous evaluation: the idea of S4S (Frankel et al., ICML 2025, "S4S: Solving for a Diffusion
+    Model Solver") and Bespoke / BNS solvers (Shaul et al., ICLR / ICML 2024), in its smallest form,
+    one number a step. Step s_i → s_{i+1}, h_i = s_{i+1} − s_i:
+
+        x ← x + h_i·((1 + b_i + c_i)·u_i − (b_i + c_i)·u_{i−1}),  b_i = 0 (euler), r_i/2 (ab2), r_i = h_i/h_{i−1}
+
+    Euler on the first step (c_0 is not used: nothing was evaluated before it). The two weights sum
+    to one at any c, so every step stays consistent (a constant field is integrated exactly); c = 0
+    is the plain solver. ``weights``: (c_0, …, c_{N−1}) for the N steps, a (N,) tensor (float64; it
+    may require grad) or a sequence of floats. One evaluation a step. ValueError for another solver
+    or another number of weights."""
+    import torch
+
+    if solver not in WEIGHTED:
+        raise ValueError(f"solver={solver!r}: per-step weights correct {', '.join(WEIGHTED)}")
+    n = len(grid) - 1
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    if weights.shape != (n,):
+        raise ValueError(f"{tuple(weights.shape)} weights for a grid of {n} steps: one a step wanted")
+    previous, h_prev = None, grid[1] - grid[0]
+    for i in range(n):
+        h = grid[i + 1] - grid[i]
+        current = u(x, _s(grid[i], x))
+        if previous is None:
+            x = x + h * current
+        else:
+            b = (0.5 * h / h_prev if solver == "ab2" else 0.0) + weights[i]
+            x = x + h * ((1 + b) * current - b * previous)
+        previous, h_prev = current, h
+        callback and callback(i)
+    return x
+
+
 @dataclass(frozen=True)
 class Solver:
     """A solver of dx/ds = u(x, s): ``step`` integrates along a whole grid (the module's
@@ -383,12 +423,13 @@ class SolveResult:
 
 
 def solve(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str = "euler", callback=None,
-          **options) -> SolveResult:
+          weights=None, **options) -> SolveResult:
     """Integrate dx/ds = u(x, s) along ``grid`` (float64, decreasing) with the named solver.
 
     ``u`` receives s as a (B,) tensor on the grid's device: a CPU grid (as fmconvert's
-    sampler uses) keeps every step free of host-device synchronisation. ``options``: the
-    solver's own (:attr:`Solver.options`); any other is refused (ValueError)."""
+    sampler uses) keeps every step free of host-device synchronisation. ``weights``: per-step
+    corrections of a tuned sampler (:func:`weighted_multistep`; None: the plain solver).
+    ``options``: the solver's own (:attr:`Solver.options`); any other is refused (ValueError)."""
     import torch
 
     if solver not in SOLVERS:
@@ -400,5 +441,8 @@ def solve(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str =
         raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} ({takes})")
     field = CountingField(velocity)
     grid = grid.to(torch.float64)
-    x = SOLVERS[solver].step(field, x, grid, callback=callback, **options)
+    if weights is not None:
+        x = weighted_multistep(field, x, grid, solver, weights, callback=callback)
+    else:
+        x = SOLVERS[solver].step(field, x, grid, callback=callback, **options)
     return SolveResult(x=x, nfe=field.nfe, first_bad_nfe=field.first_bad())

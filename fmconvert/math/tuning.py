@@ -18,6 +18,10 @@ Two methods, both on teacher pairs (x_1 = ε, x_0 = the teacher's endpoint), pur
   starts anywhere in the ball |x' − ε| ≤ r·|ε| (``soft_radius`` r) rather than at ε itself.
   Warm-started from a given grid (the best untuned one), so it can only improve on it on the
   training pairs.
+- :func:`learn_sampler`, the same descent on the times and one correction a step of the solver's
+  weight on its previous evaluation (:func:`fmconvert.math.solvers.weighted_multistep`; the solver
+  coefficients S4S, Frankel et al. ICML 2025, and BNS learn, in their smallest form): at zero
+  correction the plain solver, consistent at any.
 
 Nothing here loads a model: ``field`` is any u(x, s) with s a (B,) tensor (a converted model's,
 :mod:`fmconvert.sampling.tuned`; a closed-form one in the tests).
@@ -30,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from fmconvert.math.solvers import SOLVERS
+from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: the solvers :func:`learn_grid` differentiates through (their step arithmetic is torch's on a
@@ -156,21 +160,55 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
     ``callback(k, loss)`` after iteration k. ValueError for a solver not in :data:`DIFFERENTIABLE`."""
     if solver not in DIFFERENTIABLE:
         raise ValueError(f"solver={solver!r}: learn_grid differentiates through {', '.join(DIFFERENTIABLE)}")
+    grid, _, losses = _descend(field, noise, target, init, solver, False, iterations=iterations, lr=lr,
+                               soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback)
+    return grid, losses
+
+
+def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str = "ab2", *,
+                  iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
+                  seed: int = 0, callback: Callable[[int, float], None] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The times and, with them, one correction a step of ``solver``'s weight on its previous
+    evaluation (:func:`~fmconvert.math.solvers.weighted_multistep`; S4S, Frankel et al. ICML 2025,
+    learns times and solver coefficients against a teacher; here both by one Adam on the same loss
+    as :func:`learn_grid`, from ``init`` and zero corrections, i.e. the plain solver). Settings as
+    :func:`learn_grid`'s. Returns (grid, weights (N,), float64, detached, the pair with the least
+    loss on all pairs among the initial and the final one; the loss per iteration). ValueError
+    for a solver not in :data:`~fmconvert.math.solvers.WEIGHTED`."""
+    if solver not in WEIGHTED:
+        raise ValueError(f"solver={solver!r}: learn_sampler corrects the weights of {', '.join(WEIGHTED)}")
+    grid, weights, losses = _descend(field, noise, target, init, solver, True, iterations=iterations, lr=lr,
+                                     soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback)
+    assert weights is not None
+    return grid, weights, losses
+
+
+def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str,
+             with_weights: bool, *, iterations: int, lr: float, soft_radius: float, batch_size: int | None, seed: int,
+             callback: Callable[[int, float], None] | None) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
+    """The descent of :func:`learn_grid` (``with_weights``: and of :func:`learn_sampler`'s corrections)."""
     init = init.to(torch.float64)
     start, end = float(init[0]), float(init[-1])
     logits = logits_from_grid(init).clone().requires_grad_(True)
+    weights = torch.zeros(len(init) - 1, dtype=torch.float64, requires_grad=with_weights)
     delta = torch.zeros_like(noise, requires_grad=True)
-    parameters = [logits] + ([delta] if soft_radius > 0 else [])
+    parameters = [logits] + ([weights] if with_weights else []) + ([delta] if soft_radius > 0 else [])
     optimizer = torch.optim.Adam(parameters, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     n = noise.shape[0]
     losses: list[float] = []
-    step = SOLVERS[solver].step
+
+    def endpoint(x: torch.Tensor, grid: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
+        if with_weights:
+            return weighted_multistep(field, x, grid, solver, corrections)
+        return SOLVERS[solver].step(field, x, grid)
+
     for k in range(iterations):
         index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
         grid = grid_from_logits(logits, start, end)
         x = noise[index] + delta[index] if soft_radius > 0 else noise[index]
-        loss = (step(field, x, grid) - target[index]).square().mean()
+        loss = (endpoint(x, grid, weights) - target[index]).square().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -182,9 +220,11 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(k, losses[-1])
-    learnt = grid_from_logits(logits.detach(), start, end)
+    learnt = grid_from_logits(logits.detach(), start, end), weights.detach()
+    initial = init, torch.zeros_like(weights.detach())
     with torch.no_grad():
-        def error(grid: torch.Tensor) -> float:
-            return float((step(field, noise, grid) - target).square().mean())
+        def error(candidate: tuple[torch.Tensor, torch.Tensor]) -> float:
+            return float((endpoint(noise, *candidate) - target).square().mean())
 
-        return (learnt if error(learnt) <= error(init) else init), losses
+        grid, corrections = learnt if error(learnt) <= error(initial) else initial
+    return grid, (corrections if with_weights else None), losses

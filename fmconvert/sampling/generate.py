@@ -71,7 +71,7 @@ def iter_generate(vm: VelocityModel, num_images: int = 16, batch_size: int = 16,
 def _solved_batches(vm: VelocityModel, num_images: int, batch_size: int, seed: int, solver: str, grid: str, steps: int,
                     device: str, conditioning: Conditioning, progress: bool, solver_options: dict | None,
                     ranges: list[tuple[int, int]] | None, shift: float | None,
-                    times: Sequence[float] | None = None) -> Batches:
+                    times: Sequence[float] | None = None, weights: Sequence[float] | None = None) -> Batches:
     """:func:`iter_generate`'s batches, the conditioning taken as checked."""
     if solver == "auto":
         solver, shift = resolve_auto(steps, grid, shift, vm.source.shifts_times)
@@ -97,7 +97,7 @@ def _solved_batches(vm: VelocityModel, num_images: int, batch_size: int, seed: i
             # the result is cloned out of it below, so callers get ordinary tensors
             with torch.inference_mode():
                 result = solve(field, eps * start_scale, s_grid, solver, callback=(lambda i: bar.update(1)) if bar else None,
-                               **(solver_options or {}))
+                               weights=weights, **(solver_options or {}))
             if result.first_bad_nfe is not None:
                 where = SOLVERS[solver].step_of(result.first_bad_nfe, steps)
                 raise FmconvertError(
@@ -225,7 +225,8 @@ def iter_run(vm: VelocityModel, run: Run, device: str = "cpu", ranges: list[tupl
         return _scheduler_batches(vm, run.num_images, run.shard_size, run.seed, run.steps, device, sampler.spec, ranges,
                                   conditioning, sampler.along_list)
     return _solved_batches(vm, run.num_images, run.shard_size, run.seed, sampler.solver, sampler.grid, run.steps, device,
-                           conditioning, progress, dict(sampler.options), ranges, sampler.shift, sampler.times)
+                           conditioning, progress, dict(sampler.options), ranges, sampler.shift, sampler.times,
+                           sampler.weights)
 
 
 def generate_run(vm: VelocityModel, run: Run, device: str = "cpu", progress: bool = False) -> SampleResult:

@@ -77,13 +77,15 @@ class OdeSampler:
     """fmconvert's ODE solver ``solver`` (:data:`fmconvert.math.solvers.SOLVERS`) on the converted
     velocity field, on the time grid ``grid`` (:data:`fmconvert.math.grids.GRIDS`) with time shift
     ``shift`` (None: the source scheduler's own), with the solver's ``options`` (rtol, atol); or, with
-    grid ``"tuned"``, on the ``times`` s_0 > … > s_N themselves (a tuned sampler file's grid)."""
+    grid ``"tuned"``, on the ``times`` s_0 > … > s_N themselves (a tuned sampler file's grid), with,
+    where the file has them, its per-step ``weights`` (:func:`fmconvert.math.solvers.weighted_multistep`)."""
 
     solver: str
     grid: str = "uniform"
     shift: float | None = None
     options: tuple[tuple[str, Any], ...] = ()
     times: tuple[float, ...] | None = None
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.times is not None) != (self.grid == TUNED):
@@ -91,6 +93,8 @@ class OdeSampler:
                              f"(grid={TUNED!r}), and only a tuned grid has them")
         if self.times is not None and self.shift is not None:
             raise ValueError("a tuned grid takes no shift: its times are what was tuned")
+        if self.weights is not None and (self.times is None or len(self.weights) != len(self.times) - 1):
+            raise ValueError("per-step weights come with a tuned grid's times, one a step")
 
     @property
     def name(self) -> str:
@@ -99,13 +103,18 @@ class OdeSampler:
     def record(self) -> dict[str, Any]:
         """The sampler's part of a run's record (:meth:`Run.manifest`); a tuned grid's times under
         "times" (records of other grids have no such key, as before tuned grids)."""
-        record = {"sampler": self.solver, "grid": self.grid, "shift": self.shift, "baseline": False,
-                  "options": dict(self.options)}
-        return record if self.times is None else {**record, "times": list(self.times)}
+        record: dict[str, Any] = {"sampler": self.solver, "grid": self.grid, "shift": self.shift, "baseline": False,
+                                  "options": dict(self.options)}
+        if self.times is not None:
+            record["times"] = list(self.times)
+        if self.weights is not None:
+            record["weights"] = list(self.weights)
+        return record
 
     def describe(self) -> str:
         shifted = "" if self.shift is None else f" (shift {self.shift:g})"
-        return f"{self.solver} on the {self.grid} grid{shifted}"
+        weighted = "" if self.weights is None else " with tuned weights"
+        return f"{self.solver}{weighted} on the {self.grid} grid{shifted}"
 
 
 @dataclass(frozen=True)
@@ -323,7 +332,8 @@ def tuned_sampler(path: str, fingerprint: str, solver: str, steps: int, given: d
     from fmconvert.sampling.tuned import load_tuned
 
     entry = load_tuned(path, fingerprint).best(steps, None if solver == "auto" else solver)
-    return OdeSampler(entry.solver, TUNED, None, solver_options(entry.solver, **(given or {})), times=entry.s)
+    return OdeSampler(entry.solver, TUNED, None, solver_options(entry.solver, **(given or {})), times=entry.s,
+                      weights=entry.weights)
 
 
 def solver_options(solver: str, **given: Any) -> tuple[tuple[str, Any], ...]:

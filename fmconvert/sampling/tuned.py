@@ -11,6 +11,8 @@ A tuning run, for each step count N (= NFE for the one-evaluation solvers), on t
    and 2, karras, logsnr), each solved with ``solver``; the best on the training pairs is "best untuned";
 3. ``gits``: :func:`fmconvert.math.tuning.gits_grid` on a fine uniform grid of ``fine_steps``;
    ``ld3``: :func:`fmconvert.math.tuning.learn_grid` warm-started from the best untuned grid;
+   ``s4s``: :func:`fmconvert.math.tuning.learn_sampler`, the same with one correction a step of the
+   solver's weights (stored as ``weights``; only fmconvert's samplers run them, not a stock scheduler);
    a tuned grid starts at the top of the source's trained range (:func:`trained_top`: s = 1 for a
    flow-matching or zero-terminal-SNR source and for a converted folder, s of its noisiest
    timestep for any other), so each of its times is one the network was trained at, with a
@@ -38,7 +40,7 @@ from fmconvert.errors import UsageError, check_choice
 from fmconvert.integration.conditioning import Conditioning
 from fmconvert.integration.source import Source
 from fmconvert.math.paths import RectifiedFlow
-from fmconvert.math.solvers import SOLVERS
+from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
 from fmconvert.sampling.generate import velocity_field
 from fmconvert.sampling.model import VelocityModel, sample_shape, sampling_grid
 from fmconvert.sampling.noise import NoiseStream
@@ -46,7 +48,9 @@ from fmconvert.sampling.noise import NoiseStream
 FORMAT, VERSION = "fmconvert-tuned-sampler", 1
 #: the tuning methods: name → what it is, for help and records
 METHODS = {"gits": "dynamic programming over a fine teacher trajectory (GITS, Chen et al. ICML 2024)",
-           "ld3": "time steps learnt by gradient descent through the solver (LD3, Tong et al. ICLR 2025)"}
+           "ld3": "time steps learnt by gradient descent through the solver (LD3, Tong et al. ICLR 2025)",
+           "s4s": "time steps and one solver-weight correction a step, learnt together (S4S, Frankel et al. ICML "
+                  "2025, in its smallest form; euler and ab2)"}
 #: the grids a tuned one is compared with: (grid, shift)
 UNTUNED = (("uniform", None), ("uniform", 1.5), ("uniform", 2.0), ("karras", None), ("logsnr", None))
 
@@ -57,7 +61,9 @@ class TunedGrid:
     ``s``: the times (steps + 1, decreasing, 1 = noise); ``timesteps`` and ``sigmas``: the same times
     as the source's model timesteps and its σ/α (∞ at a time beyond the source's noisiest, written
     as null); ``validation``: held-out RMSE to the teacher of this grid and of each untuned one;
-    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds)."""
+    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds); ``weights``: the
+    per-step corrections of the solver's weights (:func:`fmconvert.math.solvers.weighted_multistep`;
+    method s4s), None for times alone (and absent from the file then)."""
 
     solver: str
     steps: int
@@ -68,6 +74,7 @@ class TunedGrid:
     sigmas: tuple[float | None, ...]
     validation: dict[str, Any]
     tuning: dict[str, Any]
+    weights: tuple[float, ...] | None = None
 
     @property
     def rmse(self) -> float:
@@ -86,7 +93,8 @@ class TunedFile:
         from fmconvert.files.atomic import atomic_write
 
         record = {"format": FORMAT, "version": VERSION, "model": self.model, "fingerprint": self.fingerprint,
-                  "grids": [asdict(g) for g in self.grids]}
+                  "grids": [{k: v for k, v in asdict(g).items() if k != "weights" or v is not None}
+                            for g in self.grids]}
         text = json.dumps(record, indent=1, allow_nan=False) + "\n"
         return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
@@ -106,14 +114,17 @@ class TunedFile:
                  for g in record["grids"]]
         return cls(record["model"], record["fingerprint"], grids)
 
-    def best(self, steps: int, solver: str | None = None) -> TunedGrid:
-        """The grid of ``steps`` steps (of ``solver``, or any) with the least held-out RMSE; UsageError
-        listing what the file has."""
-        found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)]
+    def best(self, steps: int, solver: str | None = None, times_only: bool = False) -> TunedGrid:
+        """The grid of ``steps`` steps (of ``solver``, or any; ``times_only``: without weights) with the
+        least held-out RMSE; UsageError listing what the file has."""
+        found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)
+                 and not (times_only and g.weights is not None)]
         if not found:
-            have = ", ".join(sorted({f"{g.solver} in {g.steps} steps" for g in self.grids})) or "nothing"
-            raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps; it has "
-                             f"{have}")
+            have = ", ".join(sorted({f"{g.solver} in {g.steps} steps" + (" (with weights)" if g.weights else "")
+                                     for g in self.grids})) or "nothing"
+            alone = " without weights" if times_only else ""
+            raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps{alone}; "
+                             f"it has {have}")
         return min(found, key=lambda g: g.rmse)
 
 
@@ -201,6 +212,9 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
     if solver not in DIFFERENTIABLE:
         raise UsageError(f"solver={solver!r} is not tuned yet: tune one of {', '.join(DIFFERENTIABLE)} (LD3 "
                          "differentiates through the solver's steps, which these take as torch arithmetic)")
+    if "s4s" in methods and solver not in WEIGHTED:
+        raise UsageError(f"method='s4s' corrects the weights of {' and '.join(WEIGHTED)}, not {solver}: tune one of "
+                         "those, or use method ld3 or gits")
     steps_list = [steps_for(solver, n) for n in nfe_list]
     if teacher_steps < 1 or fine_steps < max(steps_list) or pairs < 1 or validation_pairs < 1:
         raise UsageError("teacher_steps, pairs and validation_pairs must be positive and fine_steps at least the "
@@ -238,7 +252,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
           batch_size: int | None, device: str, existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
           progress: Callable[[str, int, float], None] | None) -> TunedFile:
     """:func:`tune`'s work, the request taken as checked."""
-    from fmconvert.math.tuning import gits_grid, learn_grid
+    from fmconvert.math.tuning import gits_grid, learn_grid, learn_sampler
 
     steps_list = [steps_for(solver, n) for n in nfe_list]
     tuned = existing or TunedFile(vm.source.reference, fingerprint)
@@ -267,11 +281,13 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
     step = SOLVERS[solver].step
     top = trained_top(vm)
 
-    def error(grid: torch.Tensor, on_held_out: bool) -> float:
+    def error(grid: torch.Tensor, on_held_out: bool, weights: torch.Tensor | None = None) -> float:
         f, noise, target = (held_field, held_noise, held_target) if on_held_out else \
             (train_field, train_noise, train_target)
         with torch.no_grad():
-            return _rmse(step(f, noise * _start_scale(grid), grid), target)
+            x = noise * _start_scale(grid)
+            return _rmse(step(f, x, grid) if weights is None else weighted_multistep(f, x, grid, solver, weights),
+                         target)
 
     for nfe, steps in zip(nfe_list, steps_list):
         candidates = {}
@@ -289,25 +305,33 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 continue
             started = time.perf_counter()
             losses: list[float] = []
+            weights: torch.Tensor | None = None
             if method == "gits":
                 fine = torch.linspace(top, 0, fine_steps + 1, dtype=torch.float64)
                 grid = gits_grid(train_field, train_noise * _start_scale(fine), steps, fine, teacher_solver,
                                  substeps=max(1, teacher_steps // fine_steps), solver=solver)
             else:
-                callback = (lambda k, loss: progress(f"ld3 {solver} NFE {nfe}", k, loss)) if progress else None
+                callback = (lambda k, loss: progress(f"{method} {solver} NFE {nfe}", k, loss)) if progress else None
                 init = start_at(candidates[best_name], top)
-                grid, losses = learn_grid(train_field, train_noise * _start_scale(init), train_target, init, solver,
-                                          iterations=iterations, lr=lr, soft_radius=soft_radius,
-                                          batch_size=batch_size, seed=seed, callback=callback)
+                x_train = train_noise * _start_scale(init)
+                if method == "ld3":
+                    grid, losses = learn_grid(train_field, x_train, train_target, init, solver, iterations=iterations,
+                                              lr=lr, soft_radius=soft_radius, batch_size=batch_size, seed=seed,
+                                              callback=callback)
+                else:
+                    grid, weights, losses = learn_sampler(train_field, x_train, train_target, init, solver,
+                                                          iterations=iterations, lr=lr, soft_radius=soft_radius,
+                                                          batch_size=batch_size, seed=seed, callback=callback)
             seconds = time.perf_counter() - started
             grid = grid.detach().to(torch.float64)
             timesteps, sigmas = source_coordinates(vm, grid)
-            validation = {"rmse": error(grid, True), "untuned_rmse": held_untuned, "best_untuned": best_name,
-                          "best_untuned_rmse": held_untuned[best_name], "train_rmse": error(grid, False),
+            validation = {"rmse": error(grid, True, weights), "untuned_rmse": held_untuned, "best_untuned": best_name,
+                          "best_untuned_rmse": held_untuned[best_name], "train_rmse": error(grid, False, weights),
                           "untuned_train_rmse": untuned}
             record = {**settings, "best_untuned_on_train": best_name, "losses": losses, "seconds": round(seconds, 3)}
             tuned.grids.append(TunedGrid(solver, steps, nfe, method, tuple(grid.tolist()), tuple(timesteps),
-                                         tuple(sigmas), validation, record))
+                                         tuple(sigmas), validation, record,
+                                         None if weights is None else tuple(weights.tolist())))
             if save is not None:
                 save(tuned)
     return tuned
@@ -351,6 +375,9 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     if into is not None and solver != "euler":
         raise UsageError(f"into='{into}': a converted folder's pipeline steps Euler (FlowMatchEulerScheduler); tune "
                          "solver=euler to store times it runs")
+    if into is not None and set(methods) <= {"s4s"}:
+        raise UsageError(f"into='{into}': a converted folder's scheduler steps plain Euler on stored times, and s4s "
+                         "also corrects the solver's weights; tune method ld3 or gits (as well) to store times")
     source = (reference if isinstance(reference, Source)
               else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     conditioning = conditioning or Conditioning()
@@ -399,7 +426,8 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     if plot is not None:
         record["plot"] = str(plot_losses(tuned, plot))
     if into is not None:
-        times = {steps: list(tuned.best(steps, solver).s) for steps in sorted({steps_for(solver, n) for n in nfe_list})}
+        times = {steps: list(tuned.best(steps, solver, times_only=True).s)
+                 for steps in sorted({steps_for(solver, n) for n in nfe_list})}
         record["into"] = store_tuned_times(into, times, Path(out).read_text())
         log(f"stored the tuned times for {', '.join(map(str, times))} steps in {into}: its pipeline's "
             "num_inference_steps steps them")
@@ -407,7 +435,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
 
 
 def plot_losses(tuned: TunedFile, path: str | Path) -> Path:
-    """LD3's training loss per iteration, one line per tuned grid (matplotlib PNG, written atomically)."""
+    """The training loss per iteration of each learnt grid (ld3, s4s), one line each (matplotlib PNG, written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,11 +446,11 @@ def plot_losses(tuned: TunedFile, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for g in tuned.grids:
         if g.tuning.get("losses"):
-            ax.plot(range(1, len(g.tuning["losses"]) + 1), g.tuning["losses"], label=f"{g.solver} NFE {g.nfe}")
+            ax.plot(range(1, len(g.tuning["losses"]) + 1), g.tuning["losses"], label=f"{g.method} {g.solver} NFE {g.nfe}")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean squared distance to the teacher")
-    ax.set_title(f"LD3 tuning of {tuned.model}")
+    ax.set_title(f"tuning of {tuned.model}")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

@@ -2,19 +2,21 @@
 probability-flow ODE carries ε at s = 1 to μ + √v·ε at s = 0 exactly. Tuning (GITS's dynamic
 programming, LD3's gradient descent) must beat the uniform grid against that exact solution at
 every step count; the gradient through the solver must be the finite differences'; the dynamic
-programme must find the brute-force optimum."""
+programme must find the brute-force optimum; learnt corrections of the solver's weights (s4s) must keep
+the solver at zero and consistent at any value, and beat times alone."""
 
 import itertools
 
 import pytest
 import torch
 
-from fmconvert.math.solvers import SOLVERS
+from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
 from fmconvert.math.tuning import (
     DIFFERENTIABLE,
     gits_grid,
     grid_from_logits,
     learn_grid,
+    learn_sampler,
     logits_from_grid,
     shortest_path,
 )
@@ -162,3 +164,73 @@ def test_the_ab2_costs_are_its_teacher_forced_steps_and_the_programme_their_opti
 
         best = min(((0, *inner, 8) for inner in itertools.combinations(range(1, 8), steps - 1)), key=total)
         assert total(path) == pytest.approx(total(best), rel=1e-12), steps
+
+
+# -- s4s: per-step corrections of the solver's weights (weighted_multistep, learn_sampler) -----------------
+
+
+@pytest.mark.parametrize("solver", WEIGHTED)
+def test_zero_corrections_are_the_plain_solver_and_any_corrections_stay_consistent(solver):
+    """weighted_multistep with c = 0 is euler / ab2 at rounding; with any c its two weights sum to one, so
+    the field u = const is integrated exactly (a step that changed the sum would miss by h·Σ·const)."""
+    mu, v, u = gaussian()
+    noise = noise_of(8, 8)
+    grid = torch.tensor([1.0, 0.8, 0.55, 0.3, 0.1, 0.0], dtype=F64)
+    plain = SOLVERS[solver].step(u, noise, grid)
+    torch.testing.assert_close(weighted_multistep(u, noise, grid, solver, torch.zeros(5, dtype=F64)), plain,
+                               rtol=0, atol=1e-14)
+    corrections = [0.0, 0.7, -0.4, 1.3, -2.0]
+    assert (weighted_multistep(u, noise, grid, solver, corrections) - plain).abs().max() > 1e-3  # (they act)
+    constant = torch.linspace(-1, 1, D, dtype=F64)
+    moved = weighted_multistep(lambda x, s: constant.expand_as(x), noise, grid, solver, corrections)
+    torch.testing.assert_close(moved, noise - constant, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="one a step"):
+        weighted_multistep(u, noise, grid, solver, [0.0, 1.0])
+    with pytest.raises(ValueError, match="per-step weights correct"):
+        weighted_multistep(u, noise, grid, "heun", corrections)
+
+
+@pytest.mark.parametrize("solver", WEIGHTED)
+def test_the_gradient_in_the_weights_and_times_is_the_finite_differences(solver):
+    mu, v, u = gaussian()
+    noise = noise_of(4, 2)
+    target = exact(mu, v, noise)
+    theta = torch.tensor([0.3, -0.2, 0.1, 0.4, 0.0, 0.5, -0.3, 0.2], dtype=F64, requires_grad=True)
+
+    def loss(p):
+        grid = grid_from_logits(p[:4], 1.0, 0.0)
+        return (weighted_multistep(u, noise, grid, solver, p[4:]) - target).square().mean()
+
+    loss(theta).backward()
+    eps = 1e-6
+    numeric = torch.stack([(loss(theta.detach() + eps * e) - loss(theta.detach() - eps * e)) / (2 * eps)
+                           for e in torch.eye(8, dtype=F64)])
+    assert float(theta.grad[4]) == 0  # c_0: nothing before the first step
+    torch.testing.assert_close(theta.grad, numeric, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", WEIGHTED)
+@pytest.mark.parametrize("steps", [2, 3, 4, 6])
+def test_learnt_weights_beat_the_uniform_grid_and_times_alone(solver, steps):
+    """Times and corrections learnt together (s4s), tuned on 64 noises and judged on 256 others: below the
+    uniform grid's error against the exact solution at every N, and below LD3's (times alone, the same
+    descent) on the training pairs, whose optimum it contains."""
+    mu, v, u = gaussian()
+    train, held_out = noise_of(64, 4), noise_of(256, 5)
+    uniform = torch.linspace(1, 0, steps + 1, dtype=F64)
+    grid, weights, losses = learn_sampler(u, train, exact(mu, v, train), uniform, solver, iterations=150)
+    times_only, _ = learn_grid(u, train, exact(mu, v, train), uniform, solver, iterations=150)
+
+    def weighted_error(noise, g, w):
+        return float((weighted_multistep(u, noise, g, solver, w) - exact(mu, v, noise)).square().mean())
+
+    assert weighted_error(held_out, grid, weights) < error(u, uniform, held_out, exact(mu, v, held_out), solver)
+    assert weighted_error(train, grid, weights) < error(u, times_only, train, exact(mu, v, train), solver)
+    assert grid[0] == 1 and grid[-1] == 0 and bool((grid.diff() < 0).all()) and weights.shape == (steps,)
+    assert len(losses) == 150
+
+
+def test_learn_sampler_refuses_a_solver_it_cannot_correct():
+    mu, v, u = gaussian()
+    with pytest.raises(ValueError, match="corrects the weights of euler, ab2"):
+        learn_sampler(u, noise_of(4, 0), noise_of(4, 1), torch.linspace(1, 0, 4, dtype=F64), "heun")

@@ -78,6 +78,39 @@ def test_sample_with_the_file_is_the_solver_on_its_times(tuned, tmp_path):
     assert not torch.equal(untuned, expected)
 
 
+def test_s4s_weights_are_stored_validated_and_run_by_sample(tmp_path):
+    """method s4s: the file holds one weight correction a step besides the times; its held-out RMSE is the
+    weighted solver's; sample with the file runs weighted_multistep on those times and weights (equal
+    to it bit for bit) and records them; a file of times alone has no weights key."""
+    from fmconvert.integration.conditioning import Conditioning
+    from fmconvert.math.solvers import weighted_multistep
+    from fmconvert.sampling.generate import generate_run, velocity_field
+    from fmconvert.sampling.noise import NoiseStream
+    from fmconvert.sampling.runs import TUNED, OdeSampler, Run
+
+    out = tmp_path / "s4s.json"
+    tune(out, "--nfe", 3, "--method", "s4s,ld3", "--iterations", 20)
+    file = TunedFile.load(out)
+    s4s, ld3 = (next(g for g in file.grids if g.method == m) for m in ("s4s", "ld3"))
+    assert ld3.weights is None and "weights" not in json.loads(out.read_text())["grids"][1]
+    assert len(s4s.weights) == 3 and any(w != 0 for w in s4s.weights[1:])
+    assert s4s.validation["train_rmse"] < s4s.validation["untuned_train_rmse"][s4s.validation["best_untuned"]]
+    payload = json.loads(ok("sample", MODEL, "--grid", out, "--solver", "ab2", "--steps", 3, "--num-images", 6,
+                            "--save-tensor", tmp_path / "x.safetensors", "--json").stdout)
+    best = file.best(3, "ab2")
+    assert payload["run"]["times"] == list(best.s) and payload["run"].get("weights") == (
+        None if best.weights is None else list(best.weights))
+    vm = load_velocity_model(MODEL)
+    s = torch.tensor(s4s.s, dtype=torch.float64)
+    noise = NoiseStream(6, (1, 8, 8), 0).take(0, 6) * _start_scale(s)
+    with torch.no_grad():
+        x = weighted_multistep(velocity_field(vm, Conditioning(), 0, 6, "cpu"), noise, s, "ab2", s4s.weights)
+    run = Run(model=MODEL, fingerprint=file.fingerprint, sampler=OdeSampler("ab2", TUNED, times=s4s.s, weights=s4s.weights),
+              steps=3, seed=0, num_images=6, shard_size=6)
+    assert torch.equal(generate_run(vm, run).samples, x.float())
+    assert "with tuned weights" in run.sampler.describe() and run.manifest()["weights"] == list(s4s.weights)
+
+
 def test_every_grid_is_judged_from_the_noise_scaled_to_its_own_first_time(tuned):
     """The held-out RMSE of a grid that starts below s = 1 (karras, a tuned one) is that of its
     samples as sample draws them (noise scaled to the grid's first time), not of a solve started
@@ -143,6 +176,7 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
     (("--nfe", 4, "--method", "oss"), "method"),
     (("--nfe", 4, "--validation-seed", 0), "held-out pairs need another seed"),
     (("--nfe", 4, "--out", "grid.txt"), "*.json"),
+    (("--nfe", 3, "--solver", "heun", "--method", "s4s"), "corrects the weights of euler and ab2, not heun"),
 ])
 def test_bad_requests_are_refused_before_any_teacher_solve(tmp_path, monkeypatch, args, message):
     import fmconvert.sampling.model as model_module
@@ -217,6 +251,7 @@ def test_stored_in_a_converted_folder_its_stock_pipeline_steps_the_tuned_times(t
     (("--solver", "ab2"), "tune --solver euler to store times it runs"),
     (("--into", "{other}"), "holds other weights"),
     (("--into", "{tmp}"), "not a pipeline folder written by fmconvert wrap"),
+    (("--method", "s4s"), "s4s also corrects the solver's weights"),
 ])
 def test_into_is_refused_for_another_solver_other_weights_or_a_non_converted_folder(tmp_path, args, message):
     other = tmp_path / "digits-v-velocity"
