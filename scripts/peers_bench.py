@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Few-step samplers side by side: fmconvert (untuned and tuned) against its peers on the zoo.
 
-    python scripts/peers_bench.py [--models digits-eps,...] [--nfe 2,3,4,6,8] [--num-images 2000]
-                                  [--tuned docs/benchmarks/TUNING.json] [--out docs/benchmarks/PEERS.md]
+    python scripts/peers_bench.py [--models digits-eps,...] [--nfe 2,3,4,5,6,8] [--num-images 2000]
+                                  [--tuned docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features.json]
+                                  [--out docs/benchmarks/PEERS.md]
 
 For each zoo model and NFE, FID in digits features against builtin:digits of ``--num-images``
 samples from the same noise (seed 1000: image n's noise is the n-th of the documented stream) for
 
-- fmconvert: ``--solver auto`` (its measured default) and, where TUNING.json has one for this
-  NFE, the LD3-tuned ab2 grid (tuned on seeds 0 and 1, never on this noise);
+- fmconvert: ``--solver auto`` (its measured default) and every tuned sampler the ``--tuned`` files
+  (scripts/tune_bench.py's) have for this NFE, LD3 and S4S, with each file's objective (tuned on seeds
+  0 and 1, never on this noise);
 - diffusers: DPMSolverMultistepScheduler (2M) and UniPCMultistepScheduler driving the unconverted
   network (fmconvert's ``--baseline dpm++2m`` and ``unipc``; a flow model gets their flow mode),
   and DPM-Solver++ 2M with Karras sigmas;
@@ -143,16 +145,18 @@ def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, re
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits-eps,digits-v,digits-flow")
-    parser.add_argument("--nfe", default="2,3,4,6,8")
+    parser.add_argument("--nfe", default="2,3,4,5,6,8")
     parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--tuned", type=Path, default=Path("docs/benchmarks/TUNING.json"),
-                        help="scripts/tune_bench.py's numbers: its LD3 grids are the tuned rows")
+    parser.add_argument("--tuned", default="docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features.json",
+                        help="scripts/tune_bench.py's numbers, comma-separated: their LD3 and S4S samplers are the tuned rows")
     parser.add_argument("--k-diffusion", type=Path, default=None, help="a folder holding k_diffusion (see above)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/PEERS.md"))
     args = parser.parse_args()
     started = time.time()
     nfe_list = [int(n) for n in args.nfe.split(",")]
-    tuned = json.loads(args.tuned.read_text())["rows"] if args.tuned.is_file() else []
+    tuned = [{**row, "objective": record["settings"].get("objective", "mse")}
+             for record in (json.loads(Path(f).read_text()) for f in args.tuned.split(",") if Path(f).is_file())
+             for row in record["rows"]]
     k_modules = load_k_diffusion(args.k_diffusion) if args.k_diffusion else None
     extractor = make_extractor("digits")
     ref = reference_stats(REFERENCE, extractor)
@@ -170,10 +174,11 @@ def main() -> None:
             runs.append(dataclasses.replace(base, sampler=OdeSampler(solver, "uniform", shift), steps=nfe))
             labels.append(("fmconvert", f"auto: {solver}" + (f", shift {shift:g}" if shift else "")))
             for row in tuned:
-                if row["model"] == name and row["nfe"] == nfe and row["method"] == "ld3":
-                    runs.append(dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"])),
-                                                    steps=nfe))
-                    labels.append(("fmconvert tuned", f"{row['solver']}, LD3 grid"))
+                if row["model"] == name and row["nfe"] == nfe and row["method"] in ("ld3", "s4s"):
+                    weights = tuple(row["weights"]) if row.get("weights") else None
+                    runs.append(dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"]),
+                                                                             weights=weights), steps=nfe))
+                    labels.append(("fmconvert tuned", f"{row['solver']}, {row['method']} ({row['objective']})"))
             for spec in DIFFUSERS:
                 if vm.source.prediction_type == "flow_prediction" and ":" in spec:
                     continue  # (Karras sigmas: a diffusion schedule's option)
@@ -204,10 +209,14 @@ def main() -> None:
     lines = ["# fmconvert against its peers at few steps", "",
              f"Written by `scripts/peers_bench.py` ({record['seconds']} s on {record['machine']}). FID in digits features "
              f"against builtin:digits, {args.num_images} samples from the same noise (seed {SEED}) for every sampler; the "
-             "NFE is counted from network calls. Excess = FID − the converged solve's (rk4, 100 NFE). Ratio = fmconvert's "
-             "best excess ÷ the best peer's (below 1: fmconvert is better).", "",
-             "| model | NFE | best peer | its FID | fmconvert auto | fmconvert tuned (LD3) | ratio (best fmconvert ÷ best peer, excess) |",
-             "|---|---|---|---|---|---|---|"]
+             "NFE is counted from network calls. Excess = FID − the converged solve's (rk4, 100 NFE). Ratio = the excess "
+             "of fmconvert's default (auto) and of its best tuned sampler ÷ the best peer's (below 1: fmconvert is "
+             "better; below 0: its FID is below the converged solve's, within the estimate's noise; — where the peer's "
+             "excess is not positive). The best tuned sampler is the best of the `--tuned` files' samplers on "
+             "this very noise, a choice that flatters it; one setting throughout is in the README and TUNING.md.", "",
+             "| model | NFE | best peer | its FID | fmconvert auto | best tuned (method, objective) | its FID "
+             "| ratio auto | ratio tuned |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in converged:
         for nfe in nfe_list:
             here = [r for r in rows if r["model"] == name and r["nfe"] == nfe]
@@ -217,13 +226,15 @@ def main() -> None:
                 continue
             peer = min(peers, key=lambda r: r["fid"])
             auto = next(r for r in ours if r["side"] == "fmconvert")
-            tuned_row = next((r for r in ours if r["side"] == "fmconvert tuned"), None)
-            best = min(ours, key=lambda r: r["fid"])
-            ratio = (best["fid"] - converged[name]) / (peer["fid"] - converged[name])
+            tuned_row = min((r for r in ours if r["side"] == "fmconvert tuned"), key=lambda r: r["fid"], default=None)
+            floor = converged[name]
+
+            def ratio(row, floor=floor, peer=peer):  # — where the peer's excess is not positive: compare FIDs
+                return "—" if row is None or peer["fid"] <= floor else f"{(row['fid'] - floor) / (peer['fid'] - floor):.2f}"
+
             lines.append(f"| {name} | {nfe} | {peer['side']}: {peer['sampler']} | {peer['fid']:.2f} | {auto['fid']:.2f} | "
-                         f"{tuned_row['fid']:.2f} |" if tuned_row else
-                         f"| {name} | {nfe} | {peer['side']}: {peer['sampler']} | {peer['fid']:.2f} | {auto['fid']:.2f} | — |")
-            lines[-1] += f" {ratio:.2f} |"
+                         + (f"{tuned_row['sampler']} | {tuned_row['fid']:.2f}" if tuned_row else "— | —")
+                         + f" | {ratio(auto)} | {ratio(tuned_row)} |")
     lines += ["", "Converged FID: " + ", ".join(f"{k} {v:.2f}" for k, v in converged.items()) + "."]
     if failed:
         lines += ["", "Runs that failed (left out of the table): " + "; ".join(

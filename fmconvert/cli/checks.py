@@ -59,14 +59,17 @@ def read_embeddings(path: Path) -> dict:
     return tensors
 
 
-def parse_steps(value: str, single: bool = False) -> list[int]:
-    """--steps: solver steps, comma-separated for a sweep (``single``: a command that draws one run)."""
+def parse_steps(value: str, single: bool = False, option: str = "--steps", allow_none: bool = False) -> list[int]:
+    """--steps (or ``option``): solver steps, comma-separated for a sweep (``single``: a command that draws
+    one run; ``allow_none``: '' for none)."""
     try:
         values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"--steps takes comma-separated positive integers, got '{value}'") from None
+        raise UsageError(f"{option} takes comma-separated positive integers, got '{value}'") from None
+    if allow_none and not value.strip():
+        return []
     if not values or min(values) < 1:
-        raise UsageError(f"--steps values must be positive integers, got '{value}'")
+        raise UsageError(f"{option} values must be positive integers, got '{value}'")
     if single and len(values) > 1:
         raise UsageError(f"this command draws one run: give one --steps value, got '{value}' (fid sweeps step counts)")
     return values

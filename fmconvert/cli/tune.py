@@ -37,6 +37,7 @@ def tune(
     iterations: int = typer.Option(150, "--iterations", help="LD3's and s4s's optimiser steps."),
     lr: float = typer.Option(0.1, "--lr", help="LD3's and s4s's learning rate (Adam, on the grid's logits and s4s's weight corrections)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Pairs per LD3 / s4s iteration, drawn afresh each time (the defaults are scripts/tune_bench.py's, measured in docs/benchmarks/TUNING.md)."),
+    objective: str = typer.Option("mse", "--objective", help="What ld3 and s4s minimise between the solver's endpoints and the teacher's: mse (in the model's data space) or features (the decoded images' early feature maps in a perceptual network; 8x8 pixel models). gits's cost is its own."),
     soft_radius: float = typer.Option(0.0, "--soft-radius", help="LD3's soft teacher: each student may start within this fraction of its noise's norm (0: the noise itself)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write LD3's and s4s's loss per iteration as a PNG."),
     into: Optional[Path] = typer.Option(None, "--into", help="A converted folder of these weights (MODEL itself): store the tuned times in its scheduler, so its stock pipeline's num_inference_steps=N steps them, and the file beside (with --solver euler, the scheduler's; the times of gits or ld3, s4s's weights being fmconvert's own)."),
@@ -65,7 +66,7 @@ def tune(
     result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                         validation_pairs=validation_pairs, validation_seed=validation_seed,
                         teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr, soft_radius=soft_radius,
-                        batch_size=batch_size, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
+                        batch_size=batch_size, objective=objective, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
                         progress=bars, revision=revision,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
     if as_json:

@@ -321,7 +321,8 @@ def fid_sweep(source: Source, runs: list[Run], reference: str, *, features: str 
 
 
 def plot_sweep(result: dict, path: Path) -> Path:
-    """FID against NFE, one line per sampler (matplotlib PNG, written atomically)."""
+    """FID against NFE, one line per sampler (a row's ``label``, else its sampler, grid and whether it is a
+    baseline; matplotlib PNG, written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,10 +330,13 @@ def plot_sweep(result: dict, path: Path) -> Path:
 
     from fmconvert.files.atomic import atomic_write
 
+    def label_of(row: dict) -> str:  # (a row's own label where its maker gave one)
+        return row.get("label") or (row["sampler"] + (" (tuned grid)" if row["grid"] == "tuned" else "")
+                                    + (" (baseline)" if row["baseline"] else ""))
+
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    samplers = dict.fromkeys(row["sampler"] + (" (baseline)" if row["baseline"] else "") for row in result["rows"])
-    for label in samplers:
-        rows = [r for r in result["rows"] if r["sampler"] + (" (baseline)" if r["baseline"] else "") == label]
+    for label in dict.fromkeys(map(label_of, result["rows"])):
+        rows = [r for r in result["rows"] if label_of(r) == label]
         ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker="o", label=label,
                 linestyle="--" if rows[0]["baseline"] else "-")
     ax.set_xscale("log", base=2)

@@ -6,6 +6,10 @@
 - ``samples.png``: the converted model's Euler samples beside the source's own DDIM
   samples from the same seeds (``converted-euler.png``, ``source-ddim.png`` alone);
 - ``agreement.png``, ``fid.png``: field agreement against s, FID against NFE;
+- ``samplers.png``: at few steps, the default sampler (``--solver auto``) and a sampler tuned to the
+  model (``fmconvert tune``, its file ``tuned_sampler.json``) against diffusers' schedulers (the
+  peers: DPM-Solver++ 2M and UniPC) driving the unconverted network, from the same noise, each
+  judged by its excess FID over a converged solve;
 - ``report.md`` with every table, and ``report.json`` with every number.
 """
 
@@ -62,10 +66,24 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+#: the peers the report's sampler comparison runs (diffusers' best at few steps on the zoo: docs/benchmarks/PEERS.md)
+PEERS = ("dpm++2m", "unipc")
+#: how the report tunes: ``fmconvert tune``'s solver, method and objective (LD3 on the squared distance, tune's default
+#: objective: on digits-eps at 4 NFE the tuned sampler closest to the default, docs/benchmarks/TUNING*.md)
+TUNE_SOLVER, TUNE_METHODS, TUNE_OBJECTIVE = "ab2", ("ld3",), "mse"
+
+
 def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin:digits-flow", out: Path = Path("report"),
                  data: str = "builtin:digits/held_out", reference: str = "builtin:digits", steps=(4, 8, 16, 32),
                  solvers=("euler", "heun"), num_images: int = 1000, num_times: int = 20, seed: int = 0,
+                 peers: tuple[str, ...] = PEERS, sampler_steps: tuple[int, ...] = (3, 4, 6), tune_steps: tuple[int, ...] = (4,),
                  device: str = "cpu", force: bool = False, progress: bool = False, log=print) -> dict:
+    """The report folder ``out`` (see the module docstring) for the diffusion source ``model``. ``steps`` and
+    ``solvers``: the FID sweep against DDIM; ``sampler_steps``: the NFEs at which the default sampler and
+    ``peers`` (baseline specs of :mod:`fmconvert.sampling.baselines`) are compared, ``tune_steps`` those
+    (among them) a sampler is tuned for (:data:`TUNE_SOLVER`, :data:`TUNE_METHODS`, :data:`TUNE_OBJECTIVE`;
+    empty: none). FID from ``num_images`` samples of
+    seed ``seed + 1000``, noise neither tuning nor its validation used."""
     from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from fmconvert.evaluation.fid import fid_between, make_extractor, plot_sweep, reference_stats, sweep
     from fmconvert.files.atomic import atomic_folder, atomic_write
@@ -77,7 +95,12 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, sweep_runs
 
     started = time.perf_counter()
-    stages = ["convert", "samples", "agreement", "two models", "FID sweep"]
+    stages = ["convert", "samples", "agreement", "two models", "FID sweep", "samplers"]
+    if not set(tune_steps) <= set(sampler_steps):
+        from fmconvert.errors import UsageError
+
+        raise UsageError(f"tune_steps={','.join(map(str, tune_steps))}: tuned samplers are compared at sampler_steps "
+                         f"({','.join(map(str, sampler_steps))}); tune at some of those")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -161,12 +184,74 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
         plot_sweep(result, tmp / "fid.png")
         done()
 
+        stage("samplers")
+        numbers["samplers"] = compare_samplers(original, base, tmp, reference, extractor, peers, sampler_steps,
+                                               tune_steps, num_images, seed + 1000, device, log)
+        done()
+
         numbers["seconds"] = round(time.perf_counter() - started, 1)
         atomic_write(tmp / "report.json", lambda p: p.write_text(json.dumps(numbers, indent=2) + "\n"))
         atomic_write(tmp / "report.md", lambda p: p.write_text(render(numbers)))
     if bar is not None:
         bar.close()
     return numbers
+
+
+def compare_samplers(vm, base, folder: Path, reference: str, extractor, peers: tuple[str, ...],
+                     steps: tuple[int, ...], tune_steps: tuple[int, ...], num_images: int, seed: int, device: str,
+                     log=print) -> dict:
+    """The report's sampler comparison on ``vm`` (the source as it is): FID of the converged solve (rk4, 25
+    steps), of ``--solver auto`` and each peer at every NFE of ``steps``, and of a sampler tuned for each
+    of ``tune_steps`` (written to ``folder/tuned_sampler.json``), all from the same noise (``seed``); the
+    excess FID of each over the converged solve's, and the ratio of the default's and the tuned sampler's
+    excess to the best peer's. ``samplers.png``: FID against NFE."""
+    import dataclasses
+
+    from fmconvert.evaluation.fid import plot_sweep, sweep
+    from fmconvert.sampling.runs import OdeSampler, model_fingerprint, resolved, sweep_runs, tuned_sampler
+    from fmconvert.sampling.tuned import tune
+
+    base = dataclasses.replace(base, seed=seed, num_images=num_images, shard_size=250)
+    fingerprint = model_fingerprint(vm.source)
+    tuned_file = None
+    if tune_steps:
+        log(f"report: tuning {TUNE_SOLVER} ({', '.join(TUNE_METHODS)}, objective {TUNE_OBJECTIVE}) "
+            f"for NFE {', '.join(map(str, tune_steps))}")
+        tuned_file = folder / "tuned_sampler.json"
+        tune(vm, fingerprint, list(tune_steps), TUNE_SOLVER, methods=TUNE_METHODS, objective=TUNE_OBJECTIVE,
+             device=device).save(tuned_file)
+    converged = dataclasses.replace(base, sampler=OdeSampler("rk4"), steps=25)
+    runs = [converged] + sweep_runs(base, [], list(steps), list(peers))
+    runs += [resolved(dataclasses.replace(base, sampler=OdeSampler("auto"), steps=n), vm.source.shifts_times)
+             for n in steps]
+    if tuned_file is not None:
+        runs += [dataclasses.replace(base, sampler=tuned_sampler(str(tuned_file), fingerprint, TUNE_SOLVER, n),
+                                     steps=n) for n in tune_steps]
+    result = sweep(vm, reference, extractor, runs, device)
+    rows = result["rows"]
+    floor = rows[0]["fid"]
+    kinds = ["converged"] + ["peer"] * len(peers) * len(steps) + ["default"] * len(steps) + ["tuned"] * len(tune_steps)
+    for row, kind in zip(rows, kinds):
+        row["kind"], row["excess"] = kind, row["fid"] - floor
+        row["label"] = {"default": "auto (default)", "tuned": "tuned", "converged": "converged"}.get(kind)
+    table = []
+    for n in steps:
+        at = [r for r in rows if r["nfe"] == n and r["kind"] != "converged"]
+        best = min((r for r in at if r["kind"] == "peer"), key=lambda r: r["fid"], default=None)
+        entry: dict = {"nfe": n, "best_peer": best and best["sampler"], "best_peer_fid": best and best["fid"]}
+        for kind in ("default", "tuned"):
+            mine = next((r for r in at if r["kind"] == kind), None)
+            if mine is not None:
+                entry[f"{kind}_fid"] = mine["fid"]
+                entry[f"{kind}_sampler"] = mine["sampler"] + (f" on the {mine['grid']} grid" if kind == "default" else "") \
+                    + (f", shift {mine['shift']:g}" if kind == "default" and mine["shift"] is not None else "")
+                if best is not None and best["excess"] > 0:
+                    entry[f"{kind}_ratio"] = mine["excess"] / best["excess"]
+        table.append(entry)
+    plot_sweep({**result, "rows": rows[1:]}, folder / "samplers.png")
+    return {**result, "converged_fid": floor, "table": table, "peers": list(peers),
+            "tuned_file": tuned_file and tuned_file.name,
+            "tuning": {"solver": TUNE_SOLVER, "methods": list(TUNE_METHODS), "objective": TUNE_OBJECTIVE}}
 
 
 def render(n: dict) -> str:
@@ -238,4 +323,29 @@ def render(n: dict) -> str:
         "![fid](fid.png)",
         "",
     ]
+    if "samplers" in n:
+        s = n["samplers"]
+        tuned = (f"the tuned sampler ({s['tuning']['solver']}, {', '.join(s['tuning']['methods'])}, objective "
+                 f"{s['tuning']['objective']}: [{s['tuned_file']}]({s['tuned_file']}), which `--grid` takes)"
+                 if s["tuned_file"] else "no tuned sampler")
+        lines += [
+            "## Samplers at few steps, against diffusers' schedulers",
+            "",
+            f"The default sampler (`--solver auto`) and {tuned} on the converted field, against diffusers' "
+            f"{', '.join(s['peers'])} driving the unconverted network, from the same {s['num_images']} noises "
+            f"(seed {s['seed']}, which tuning did not use). Excess = FID − the converged solve's "
+            f"({s['converged_fid']:.3f}: rk4, 100 NFE); ratio = excess ÷ the best peer's (below 1: better).",
+            "",
+            _table(["NFE", "best peer", "its FID", "default", "its FID", "ratio", "tuned FID", "ratio"],
+                   [[e["nfe"], e["best_peer"] or "", _number(e["best_peer_fid"]), e.get("default_sampler", ""),
+                     _number(e.get("default_fid")), _number(e.get("default_ratio")), _number(e.get("tuned_fid")),
+                     _number(e.get("tuned_ratio"))] for e in s["table"]]),
+            "",
+            "![samplers](samplers.png)",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.3f}"

@@ -37,6 +37,8 @@ import torch
 from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: a loss between the solver's endpoints and the teacher's, (B, …) each → a scalar
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: the solvers :func:`learn_grid` differentiates through (their step arithmetic is torch's on a
 #: grid that requires grad); :func:`gits_grid` takes any solver's NFE
 DIFFERENTIABLE = ("euler", "heun", "midpoint", "rk4", "ab2")
@@ -55,6 +57,11 @@ def logits_from_grid(grid: torch.Tensor) -> torch.Tensor:
     """Logits θ with :func:`grid_from_logits`(θ, grid[0], grid[-1]) = ``grid`` (a decreasing grid):
     the logarithms of its increments."""
     return (-grid.to(torch.float64).diff()).log()
+
+
+def mean_squared_distance(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean over elements of (x − target)²: the learnt methods' loss by default (LD3 §3 with L2)."""
+    return (x - target).square().mean()
 
 
 def shortest_path(cost: torch.Tensor, steps: int) -> list[int]:
@@ -149,7 +156,8 @@ def gits_grid(field: Field, noise: torch.Tensor, steps: int, fine: torch.Tensor,
 
 def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str = "ab2", *,
                iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
-               seed: int = 0, callback: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, list[float]]:
+               seed: int = 0, callback: Callable[[int, float], None] | None = None,
+               distance: Distance | None = None) -> tuple[torch.Tensor, list[float]]:
     """LD3: the grid with ``init``'s ends (and, at the start, its times) minimising the mean squared
     distance, per element, between ``solver``'s endpoint from each noise and its ``target`` (the
     teacher's endpoint), by ``iterations`` steps of Adam (``lr``) on the logits of
@@ -157,18 +165,21 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
     ``soft_radius`` r > 0: the soft teacher, each student starting at ε + δ with |δ| ≤ r·|ε|, δ
     learnt alongside (LD3 eq. 6). Returns (the grid whose loss on all pairs, started at ε itself,
     is least among the initial and the final one: float64, detached; the loss per iteration).
-    ``callback(k, loss)`` after iteration k. ValueError for a solver not in :data:`DIFFERENTIABLE`."""
+    ``callback(k, loss)`` after iteration k. ``distance(x, target)``: the loss in place of the mean
+    squared distance (a scalar, differentiable in x: LD3 tunes on LPIPS). ValueError for a solver
+    not in :data:`DIFFERENTIABLE`."""
     if solver not in DIFFERENTIABLE:
         raise ValueError(f"solver={solver!r}: learn_grid differentiates through {', '.join(DIFFERENTIABLE)}")
     grid, _, losses = _descend(field, noise, target, init, solver, False, iterations=iterations, lr=lr,
-                               soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback)
+                               soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
+                               distance=distance)
     return grid, losses
 
 
 def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str = "ab2", *,
                   iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
-                  seed: int = 0, callback: Callable[[int, float], None] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  seed: int = 0, callback: Callable[[int, float], None] | None = None,
+                  distance: Distance | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """The times and, with them, one correction a step of ``solver``'s weight on its previous
     evaluation (:func:`~fmconvert.math.solvers.weighted_multistep`; S4S, Frankel et al. ICML 2025,
     learns times and solver coefficients against a teacher; here both by one Adam on the same loss
@@ -179,15 +190,18 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
     if solver not in WEIGHTED:
         raise ValueError(f"solver={solver!r}: learn_sampler corrects the weights of {', '.join(WEIGHTED)}")
     grid, weights, losses = _descend(field, noise, target, init, solver, True, iterations=iterations, lr=lr,
-                                     soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback)
+                                     soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
+                                     distance=distance)
     assert weights is not None
     return grid, weights, losses
 
 
 def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str,
              with_weights: bool, *, iterations: int, lr: float, soft_radius: float, batch_size: int | None, seed: int,
-             callback: Callable[[int, float], None] | None) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
+             callback: Callable[[int, float], None] | None,
+             distance: Distance | None) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
     """The descent of :func:`learn_grid` (``with_weights``: and of :func:`learn_sampler`'s corrections)."""
+    loss_of = distance or mean_squared_distance
     init = init.to(torch.float64)
     start, end = float(init[0]), float(init[-1])
     logits = logits_from_grid(init).clone().requires_grad_(True)
@@ -208,7 +222,7 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
         index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
         grid = grid_from_logits(logits, start, end)
         x = noise[index] + delta[index] if soft_radius > 0 else noise[index]
-        loss = (endpoint(x, grid, weights) - target[index]).square().mean()
+        loss = loss_of(endpoint(x, grid, weights), target[index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -224,7 +238,7 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
     initial = init, torch.zeros_like(weights.detach())
     with torch.no_grad():
         def error(candidate: tuple[torch.Tensor, torch.Tensor]) -> float:
-            return float((endpoint(noise, *candidate) - target).square().mean())
+            return float(loss_of(endpoint(noise, *candidate), target))
 
         grid, corrections = learnt if error(learnt) <= error(initial) else initial
     return grid, (corrections if with_weights else None), losses

@@ -13,6 +13,8 @@ A tuning run, for each step count N (= NFE for the one-evaluation solvers), on t
    ``ld3``: :func:`fmconvert.math.tuning.learn_grid` warm-started from the best untuned grid;
    ``s4s``: :func:`fmconvert.math.tuning.learn_sampler`, the same with one correction a step of the
    solver's weights (stored as ``weights``; only fmconvert's samplers run them, not a stock scheduler);
+   both minimise the ``objective`` (:data:`OBJECTIVES`: the endpoints' mean squared distance, or a
+   perceptual network's, :func:`perceptual_distance`);
    a tuned grid starts at the top of the source's trained range (:func:`trained_top`: s = 1 for a
    flow-matching or zero-terminal-SNR source and for a converted folder, s of its noisiest
    timestep for any other), so each of its times is one the network was trained at, with a
@@ -51,6 +53,13 @@ METHODS = {"gits": "dynamic programming over a fine teacher trajectory (GITS, Ch
            "ld3": "time steps learnt by gradient descent through the solver (LD3, Tong et al. ICLR 2025)",
            "s4s": "time steps and one solver-weight correction a step, learnt together (S4S, Frankel et al. ICML "
                   "2025, in its smallest form; euler and ab2)"}
+#: what the learnt methods (ld3, s4s) minimise between the solver's endpoints and the teacher's
+OBJECTIVES = {"mse": "the mean squared distance of the endpoints, in the model's data space (latents for a latent model)",
+              "features": "the mean squared distance of the decoded images' early feature maps in a perceptual network "
+                          "(LPIPS's idea, Zhang et al. CVPR 2018; LD3 tunes on LPIPS): for 8x8 pixel images, the two "
+                          "convolutions of the digits classifier"}
+#: tuning settings recorded since a later version, with the value earlier files ran with
+_LATER_SETTINGS = {"objective": "mse"}
 #: the grids a tuned one is compared with: (grid, shift)
 UNTUNED = (("uniform", None), ("uniform", 1.5), ("uniform", 2.0), ("karras", None), ("logsnr", None))
 
@@ -199,8 +208,32 @@ def _rmse(x: torch.Tensor, target: torch.Tensor) -> float:
     return float((x.double() - target.double()).square().mean().sqrt())
 
 
+def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Objective ``features``: (x, target) ↦ the mean squared distance between the early feature maps
+    (two 3×3 convolutions with ReLU, 64 channels at 8×8) of the images decoded from x and from the
+    target, in the digits classifier, differentiable in x. UsageError for models whose samples are not
+    8×8 pixel images with 1 or 3 channels: fmconvert has no perceptual network for them (LPIPS's needs
+    weights from the network). The FID of the zoo is read from the same classifier's last layer, so
+    tuning on its first layers is not independent of that measure."""
+    from fmconvert.zoo.digits import load_classifier
+
+    shape = tuple(sample_shape(vm))
+    if vm.source.family.decoder is not None or shape[1:] != (8, 8) or shape[0] not in (1, 3):
+        made = "latents" if vm.source.family.decoder is not None else f"{shape[0]}x{shape[1]}x{shape[2]} images"
+        raise UsageError(f"objective='features' needs a perceptual network for these samples, and fmconvert has one "
+                         f"for 8x8 pixel images (the digits classifier); {vm.source.reference} makes {made}: use "
+                         "objective='mse'")
+    classifier = load_classifier().to(device).eval().requires_grad_(False)
+    early = classifier.body[:4]  # conv, ReLU, conv, ReLU
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return early(classifier.prepare(vm.source.family.decode(vm.pipeline, x)))
+
+    return lambda x, target: (features(x) - features(target)).square().mean()
+
+
 def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pairs: int, validation_pairs: int,
-                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int) -> None:
+                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int, objective: str = "mse") -> None:
     """UsageError, before any model is read, for what no tuning run
     could honour: an unknown method or solver, a solver that cannot be tuned (or not by LD3), an NFE
     below its order, non-positive counts, held-out pairs on the tuning seed."""
@@ -209,6 +242,7 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
     for method in methods:
         check_choice("method", method, METHODS)
     check_choice("solver", solver, SOLVERS)
+    check_choice("objective", objective, OBJECTIVES)
     if solver not in DIFFERENTIABLE:
         raise UsageError(f"solver={solver!r} is not tuned yet: tune one of {', '.join(DIFFERENTIABLE)} (LD3 "
                          "differentiates through the solver's steps, which these take as torch arithmetic)")
@@ -227,8 +261,8 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
          methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None, pairs: int = 128,
          seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1, teacher_solver: str = "rk4",
          teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
-         soft_radius: float = 0.0, batch_size: int | None = 32, device: str = "cpu", existing: TunedFile | None = None,
-         save: Callable[[TunedFile], object] | None = None,
+         soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse", device: str = "cpu",
+         existing: TunedFile | None = None, save: Callable[[TunedFile], object] | None = None,
          progress: Callable[[str, int, float], None] | None = None) -> TunedFile:
     """Tune ``solver``'s grid for each NFE of ``nfe_list`` by each of ``methods`` on ``vm`` (see the
     module docstring). ``existing``: a file of an earlier run of the same settings, whose grids are
@@ -236,20 +270,21 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
     writes the file there). ``progress(what, iteration, loss)``: during LD3. UsageError, before any
     teacher solve, for an unknown method, a solver that cannot be tuned, an NFE below its order,
     and a model that needs conditioning it is not given (the family's check)."""
-    check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps)
+    check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
+                 objective)
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, max(pairs, validation_pairs))
     return _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                  validation_pairs=validation_pairs, validation_seed=validation_seed, teacher_solver=teacher_solver,
                  teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr,
-                 soft_radius=soft_radius, batch_size=batch_size, device=device, existing=existing, save=save,
-                 progress=progress)
+                 soft_radius=soft_radius, batch_size=batch_size, objective=objective, device=device, existing=existing,
+                 save=save, progress=progress)
 
 
 def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str, *, methods: tuple[str, ...],
           conditioning: Conditioning, pairs: int, seed: int, validation_pairs: int, validation_seed: int,
           teacher_solver: str, teacher_steps: int, fine_steps: int, iterations: int, lr: float, soft_radius: float,
-          batch_size: int | None, device: str, existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
+          batch_size: int | None, objective: str, device: str, existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
           progress: Callable[[str, int, float], None] | None) -> TunedFile:
     """:func:`tune`'s work, the request taken as checked."""
     from fmconvert.math.tuning import gits_grid, learn_grid, learn_sampler
@@ -258,13 +293,16 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
     tuned = existing or TunedFile(vm.source.reference, fingerprint)
     settings = {"teacher": {"solver": teacher_solver, "steps": teacher_steps, "grid": "uniform"}, "pairs": pairs,
                 "seed": seed, "validation_pairs": validation_pairs, "validation_seed": validation_seed,
-                "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius,
+                "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius, "objective": objective,
                 "batch_size": batch_size, "sample_shape": list(sample_shape(vm)),
                 "conditioning": conditioning.describe()}
 
+    def settings_of(method: str) -> dict[str, Any]:  # (gits's cost is its own: the objective is the learnt methods')
+        return {**settings, "objective": "mse"} if method == "gits" else settings
+
     for g in tuned.grids:  # (a rerun continues a file of the same settings only)
         if g.solver == solver and g.steps in steps_list and g.method in methods and \
-                {k: g.tuning.get(k) for k in settings} != settings:
+                {k: g.tuning.get(k, _LATER_SETTINGS.get(k)) for k in settings} != settings_of(g.method):
             raise UsageError(f"the tuned sampler file already holds a {g.method} grid for {solver} in {g.steps} steps "
                              "tuned with other settings; write to another file")
 
@@ -276,6 +314,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
             target = SOLVERS[teacher_solver].step(field_, noise * _start_scale(teacher), teacher)
         return field_, noise, target
 
+    distance = perceptual_distance(vm, device) if objective == "features" else None  # (refused before any solve)
     train_field, train_noise, train_target = pairs_of(pairs, seed)
     held_field, held_noise, held_target = pairs_of(validation_pairs, validation_seed)
     step = SOLVERS[solver].step
@@ -317,18 +356,19 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 if method == "ld3":
                     grid, losses = learn_grid(train_field, x_train, train_target, init, solver, iterations=iterations,
                                               lr=lr, soft_radius=soft_radius, batch_size=batch_size, seed=seed,
-                                              callback=callback)
+                                              callback=callback, distance=distance)
                 else:
                     grid, weights, losses = learn_sampler(train_field, x_train, train_target, init, solver,
                                                           iterations=iterations, lr=lr, soft_radius=soft_radius,
-                                                          batch_size=batch_size, seed=seed, callback=callback)
+                                                          batch_size=batch_size, seed=seed, callback=callback,
+                                                          distance=distance)
             seconds = time.perf_counter() - started
             grid = grid.detach().to(torch.float64)
             timesteps, sigmas = source_coordinates(vm, grid)
             validation = {"rmse": error(grid, True, weights), "untuned_rmse": held_untuned, "best_untuned": best_name,
                           "best_untuned_rmse": held_untuned[best_name], "train_rmse": error(grid, False, weights),
                           "untuned_train_rmse": untuned}
-            record = {**settings, "best_untuned_on_train": best_name, "losses": losses, "seconds": round(seconds, 3)}
+            record = {**settings_of(method), "best_untuned_on_train": best_name, "losses": losses, "seconds": round(seconds, 3)}
             tuned.grids.append(TunedGrid(solver, steps, nfe, method, tuple(grid.tolist()), tuple(timesteps),
                                          tuple(sigmas), validation, record,
                                          None if weights is None else tuple(weights.tolist())))
@@ -348,7 +388,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
                methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None,
                pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
                teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
-               soft_radius: float = 0.0, batch_size: int | None = 32, device: str = "cpu",
+               soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse", device: str = "cpu",
                existing: TunedFile | None = None, plot: str | Path | None = None, into: str | Path | None = None,
                height: int | None = None, width: int | None = None, progress: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
@@ -371,7 +411,8 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     from fmconvert.sampling.model import load_velocity_model
     from fmconvert.sampling.runs import model_fingerprint
 
-    check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps)
+    check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
+                 objective)
     if into is not None and solver != "euler":
         raise UsageError(f"into='{into}': a converted folder's pipeline steps Euler (FlowMatchEulerScheduler); tune "
                          "solver=euler to store times it runs")
@@ -415,7 +456,8 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
         tuned = _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs,
                       seed=seed, validation_pairs=validation_pairs, validation_seed=validation_seed,
                       teacher_solver="rk4", teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations,
-                      lr=lr, soft_radius=soft_radius, batch_size=batch_size, device=device, existing=existing,
+                      lr=lr, soft_radius=soft_radius, batch_size=batch_size, objective=objective, device=device,
+                      existing=existing,
                       save=lambda file: file.save(out), progress=step)
     finally:
         if bar is not None:

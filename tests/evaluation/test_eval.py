@@ -198,7 +198,7 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", str(ddpm_folder), "--other", str(flow_folder), "--out", str(out),
                                  "--data", str(data), "--steps", "2,3", "--num-images", "40", "--num-times", "3",
-                                 "--json"])
+                                 "--sampler-steps", "2,3", "--tune-steps", "3", "--json"])
     assert result.exit_code == 0, result.stderr
     numbers = json.loads(result.stdout)
     files = sorted(p.name for p in out.iterdir())
@@ -209,6 +209,28 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     text = (out / "report.md").read_text()
     assert "FID vs DDIM baseline" in text and "![samples](samples.png)" in text
     assert runner.invoke(app, ["report", str(ddpm_folder), "--out", str(out)]).exit_code == 2  # exists: needs --force
+    # the samplers at few steps: the default and the tuned one against the peers, from the same noise
+    samplers = numbers["samplers"]
+    assert {"samplers.png", "tuned_sampler.json"} <= set(files) and "## Samplers at few steps" in text
+    rows = samplers["rows"]
+    assert rows[0]["sampler"] == "rk4" and rows[0]["nfe"] == 100 and samplers["seed"] == 1000
+    assert {(r["sampler"], r["nfe"]) for r in rows if r["kind"] == "peer"} == {
+        (p, n) for p in ("dpm++2m", "unipc") for n in (2, 3)}
+    assert [r["sampler"] for r in rows if r["kind"] == "default"] == ["ab2", "ab2"]  # auto, as it ran
+    (tuned,) = [r for r in rows if r["kind"] == "tuned"]
+    assert tuned["grid"] == "tuned" and tuned["nfe"] == 3
+    at3 = next(e for e in samplers["table"] if e["nfe"] == 3)
+    best = min((r for r in rows if r["kind"] == "peer" and r["nfe"] == 3), key=lambda r: r["fid"])
+    assert at3["best_peer"] == best["sampler"]
+    floor = rows[0]["fid"]
+    if best["fid"] > floor:
+        assert at3["tuned_ratio"] == pytest.approx((tuned["fid"] - floor) / (best["fid"] - floor))
+    from fmconvert.sampling.tuned import TunedFile
+
+    assert TunedFile.load(out / "tuned_sampler.json").grids[0].method == "ld3"
+    refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r2"), "--sampler-steps", "2,3",
+                                  "--tune-steps", "4"])
+    assert refused.exit_code == 2 and "tune at some of those" in refused.output + refused.stderr
 
 
 def test_data_and_reference_strings_have_one_parser(ddpm_folder, tmp_path):

@@ -111,6 +111,34 @@ def test_s4s_weights_are_stored_validated_and_run_by_sample(tmp_path):
     assert "with tuned weights" in run.sampler.describe() and run.manifest()["weights"] == list(s4s.weights)
 
 
+def test_the_features_objective_is_what_ld3_minimises_and_is_refused_without_a_perceptual_network(tmp_path,
+                                                                                                   tmp_path_factory):
+    """objective features: ld3's losses are distances of the digits classifier's early feature maps (not
+    the data-space MSE the file's RMSE measures), recorded as such, gits's record keeps its own cost;
+    a latent model (the DiT replica) is refused in one line before any teacher solve."""
+    from fmconvert.sampling.tuned import perceptual_distance
+
+    out = tmp_path / "features.json"
+    tune(out, "--nfe", 3, "--method", "gits,ld3", "--objective", "features")
+    file = TunedFile.load(out)
+    ld3, gits = (next(g for g in file.grids if g.method == m) for m in ("ld3", "gits"))
+    assert ld3.tuning["objective"] == "features" and gits.tuning["objective"] == "mse"
+    vm = load_velocity_model(MODEL)
+    distance = perceptual_distance(vm)
+    x, y = torch.zeros(2, 1, 8, 8), torch.full((2, 1, 8, 8), 0.5)
+    assert float(distance(x, y)) > 0 and float(distance(x, x)) == 0
+    assert abs(float(distance(x, y)) - float((x - y).square().mean())) > 1e-3  # (not the data-space distance)
+    mse = tmp_path / "mse.json"
+    tune(mse, "--nfe", 3, "--method", "ld3")
+    assert TunedFile.load(mse).grids[0].tuning["losses"][0] != ld3.tuning["losses"][0]
+    line = error(2, "tune", MODEL, "--out", out, "--nfe", 3, "--method", "ld3", *SMALL)  # (the file's own objective)
+    assert "tuned with other settings" in line
+    dit = build_replica("dit", tmp_path_factory)
+    line = error(2, "tune", dit, "--out", tmp_path / "dit.json", "--nfe", 2, "--class-label", 1, "--objective", "features",
+                 *SMALL)
+    assert "needs a perceptual network" in line and "makes latents" in line, line
+
+
 def test_every_grid_is_judged_from_the_noise_scaled_to_its_own_first_time(tuned):
     """The held-out RMSE of a grid that starts below s = 1 (karras, a tuned one) is that of its
     samples as sample draws them (noise scaled to the grid's first time), not of a solve started
@@ -177,6 +205,7 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
     (("--nfe", 4, "--validation-seed", 0), "held-out pairs need another seed"),
     (("--nfe", 4, "--out", "grid.txt"), "*.json"),
     (("--nfe", 3, "--solver", "heun", "--method", "s4s"), "corrects the weights of euler and ab2, not heun"),
+    (("--nfe", 3, "--objective", "lpips"), "objective"),
 ])
 def test_bad_requests_are_refused_before_any_teacher_solve(tmp_path, monkeypatch, args, message):
     import fmconvert.sampling.model as model_module
