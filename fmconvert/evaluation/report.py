@@ -326,12 +326,12 @@ def render(n: dict) -> str:
     if "samplers" in n:
         s = n["samplers"]
         tuned = (f"the tuned sampler ({s['tuning']['solver']}, {', '.join(s['tuning']['methods'])}, objective "
-                 f"{s['tuning']['objective']}: [{s['tuned_file']}]({s['tuned_file']}), which `--grid` takes)"
+                 f"{s['tuning']['objective']}: [{s['tuned_file']}]({s['tuned_file']}), the grid file sample and fid take)"
                  if s["tuned_file"] else "no tuned sampler")
         lines += [
             "## Samplers at few steps, against diffusers' schedulers",
             "",
-            f"The default sampler (`--solver auto`) and {tuned} on the converted field, against diffusers' "
+            f"The default sampler (solver auto) and {tuned} on the converted field, against diffusers' "
             f"{', '.join(s['peers'])} driving the unconverted network, from the same {s['num_images']} noises "
             f"(seed {s['seed']}, which tuning did not use). Excess = FID − the converged solve's "
             f"({s['converged_fid']:.3f}: rk4, 100 NFE); ratio = excess ÷ the best peer's (below 1: better).",

@@ -29,6 +29,7 @@ OTHER = {"model": "elsewhere", "fingerprint": "sha256:other", "sampler": OdeSamp
 #: other samplers than the base's (euler on the uniform grid): each field of each sampler type changed alone
 OTHER_SAMPLERS = [OdeSampler("euler", grid="karras"), OdeSampler("euler", shift=2.0),
                   OdeSampler("euler", options=(("rtol", 1e-3),)), OdeSampler("euler", "tuned", times=(1.0, 0.4, 0.0)),
+                  OdeSampler("euler", "tuned", times=(1.0, 0.4, 0.0), weights=(0.0, 0.5)),
                   SchedulerSampler("euler"),
                   SchedulerSampler("euler", options=(("use_karras_sigmas", True),)),
                   SchedulerSampler("euler", spacing="trailing"), SchedulerSampler("ddim", along_list=True)]
