@@ -21,7 +21,7 @@ def report(
     reference: str = typer.Option("builtin:digits", help="FID reference (digits features)."),
     steps: Steps = "4,8,16,32",
     sampler_steps: str = typer.Option("3,4,6", "--sampler-steps", help="NFEs at which the default sampler, the tuned one and the peers are compared."),
-    peers: str = typer.Option("dpm++2m,unipc", "--peers", help="diffusers schedulers the samplers are compared with, comma-separated baselines (as fid --baseline takes; '' for none)."),
+    peer: Optional[list[str]] = typer.Option(None, "--peer", help="A diffusers scheduler the samplers are compared with, NAME[:key=value,...] as fid --baseline takes; repeat it for several (default: dpm++2m and unipc; --peer none for none)."),
     tune_steps: str = typer.Option("4", "--tune-steps", help="NFEs (among --sampler-steps) to tune a sampler for with fmconvert tune ('' for none)."),
     num_images: NumImages = 1000,
     num_times: NumTimes = 20,
@@ -31,14 +31,11 @@ def report(
     as_json: AsJson = False,
 ):
     """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
-    from fmconvert.evaluation.report import build_report
-    from fmconvert.sampling.baselines import parse_baseline
+    from fmconvert.evaluation.report import PEERS, build_report
 
     bars = interactive(as_json)
     new_output(out, force)
-    peer_list = tuple(p.strip() for p in peers.split(",") if p.strip())
-    for spec in peer_list:
-        parse_baseline(spec)
+    peer_list = PEERS if not peer else tuple(p for p in peer if p != "none")
     numbers = build_report(model, other or None, out, data, reference, tuple(parse_steps(steps)),
                            num_images=num_images, num_times=num_times, seed=seed, peers=peer_list,
                            sampler_steps=tuple(parse_steps(sampler_steps, option="--sampler-steps")),

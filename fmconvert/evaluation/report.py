@@ -101,6 +101,13 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
         raise UsageError(f"tune_steps={','.join(map(str, tune_steps))}: tuned samplers are compared at sampler_steps "
                          f"({','.join(map(str, sampler_steps))}); tune at some of those")
+    from fmconvert.sampling.baselines import parse_baseline
+    from fmconvert.sampling.tuned import check_tuning
+
+    for spec in peers:  # (refused before any work, as the tuning request below)
+        parse_baseline(spec)
+    if tune_steps:
+        check_tuning(TUNE_SOLVER, list(tune_steps), TUNE_METHODS, 128, 256, 0, 1, 64, 64, TUNE_OBJECTIVE)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -98,13 +98,17 @@ class TunedFile:
     fingerprint: str
     grids: list[TunedGrid] = field(default_factory=list)
 
-    def save(self, path: str | Path) -> Path:
-        from fmconvert.files.atomic import atomic_write
-
+    def text(self) -> str:
+        """The file's JSON text (a grid's ``weights`` key only where it has weights)."""
         record = {"format": FORMAT, "version": VERSION, "model": self.model, "fingerprint": self.fingerprint,
                   "grids": [{k: v for k, v in asdict(g).items() if k != "weights" or v is not None}
                             for g in self.grids]}
-        text = json.dumps(record, indent=1, allow_nan=False) + "\n"
+        return json.dumps(record, indent=1, allow_nan=False) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        from fmconvert.files.atomic import atomic_write
+
+        text = self.text()
         return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
     @classmethod
@@ -208,6 +212,13 @@ def _rmse(x: torch.Tensor, target: torch.Tensor) -> float:
     return float((x.double() - target.double()).square().mean().sqrt())
 
 
+def no_perceptual_network(reference: str, made: str) -> UsageError:
+    """The refusal of objective ``features`` for a model whose samples (``made``) fmconvert has no
+    perceptual network for."""
+    return UsageError(f"objective='features' needs a perceptual network for these samples, and fmconvert has one for "
+                      f"8x8 pixel images (the digits classifier); {reference} makes {made}: use objective='mse'")
+
+
 def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Objective ``features``: (x, target) ↦ the mean squared distance between the early feature maps
     (two 3×3 convolutions with ReLU, 64 channels at 8×8) of the images decoded from x and from the
@@ -220,9 +231,7 @@ def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[tor
     shape = tuple(sample_shape(vm))
     if vm.source.family.decoder is not None or shape[1:] != (8, 8) or shape[0] not in (1, 3):
         made = "latents" if vm.source.family.decoder is not None else f"{shape[0]}x{shape[1]}x{shape[2]} images"
-        raise UsageError(f"objective='features' needs a perceptual network for these samples, and fmconvert has one "
-                         f"for 8x8 pixel images (the digits classifier); {vm.source.reference} makes {made}: use "
-                         "objective='mse'")
+        raise no_perceptual_network(vm.source.reference, made)
     classifier = load_classifier().to(device).eval().requires_grad_(False)
     early = classifier.body[:4]  # conv, ReLU, conv, ReLU
 
@@ -243,6 +252,9 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
         check_choice("method", method, METHODS)
     check_choice("solver", solver, SOLVERS)
     check_choice("objective", objective, OBJECTIVES)
+    if objective != "mse" and not {"ld3", "s4s"} & set(methods):
+        raise UsageError(f"objective={objective!r} is what ld3 and s4s minimise; gits's cost is its own: add method "
+                         "ld3 or s4s, or leave the objective")
     if solver not in DIFFERENTIABLE:
         raise UsageError(f"solver={solver!r} is not tuned yet: tune one of {', '.join(DIFFERENTIABLE)} (LD3 "
                          "differentiates through the solver's steps, which these take as torch arithmetic)")
@@ -314,7 +326,8 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
             target = SOLVERS[teacher_solver].step(field_, noise * _start_scale(teacher), teacher)
         return field_, noise, target
 
-    distance = perceptual_distance(vm, device) if objective == "features" else None  # (refused before any solve)
+    learnt = {"ld3", "s4s"} & set(methods)
+    distance = perceptual_distance(vm, device) if objective == "features" and learnt else None  # (before any solve)
     train_field, train_noise, train_target = pairs_of(pairs, seed)
     held_field, held_noise, held_target = pairs_of(validation_pairs, validation_seed)
     step = SOLVERS[solver].step
@@ -423,6 +436,8 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
               else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     conditioning = conditioning or Conditioning()
     source.family.check(conditioning, source, max(pairs, validation_pairs))
+    if objective == "features" and source.family.decoder is not None:  # (before gigabytes are read)
+        raise no_perceptual_network(source.reference, "latents")
     fingerprint = model_fingerprint(source)
     if into is not None:
         check_tuned_folder(into)
@@ -470,7 +485,10 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     if into is not None:
         times = {steps: list(tuned.best(steps, solver, times_only=True).s)
                  for steps in sorted({steps_for(solver, n) for n in nfe_list})}
-        record["into"] = store_tuned_times(into, times, Path(out).read_text())
+        # the folder's file holds the grids its pipeline can step (times alone), so that sample's grid=tuned
+        # on the folder takes the times its pipeline steps
+        stored = TunedFile(tuned.model, tuned.fingerprint, [g for g in tuned.grids if g.weights is None])
+        record["into"] = store_tuned_times(into, times, stored.text())
         log(f"stored the tuned times for {', '.join(map(str, times))} steps in {into}: its pipeline's "
             "num_inference_steps steps them")
     return record
@@ -491,7 +509,8 @@ def plot_losses(tuned: TunedFile, path: str | Path) -> Path:
             ax.plot(range(1, len(g.tuning["losses"]) + 1), g.tuning["losses"], label=f"{g.method} {g.solver} NFE {g.nfe}")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("mean squared distance to the teacher")
+    objectives = {g.tuning.get("objective", "mse") for g in tuned.grids if g.tuning.get("losses")}
+    ax.set_ylabel("loss to the teacher (" + ", ".join(sorted(objectives)) + ")")
     ax.set_title(f"tuning of {tuned.model}")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

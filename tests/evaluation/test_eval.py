@@ -231,6 +231,11 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r2"), "--sampler-steps", "2,3",
                                   "--tune-steps", "4"])
     assert refused.exit_code == 2 and "tune at some of those" in refused.output + refused.stderr
+    for args, message in ((["--sampler-steps", "1,2", "--tune-steps", "1"], "below ab2's order 2"),
+                          (["--peer", "nosuch"], "unknown baseline")):  # (refused before any work: no folder left)
+        refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r3"), *args])
+        assert refused.exit_code == 2 and message in refused.output + refused.stderr, refused.output
+        assert not (tmp_path / "r3").exists()
 
 
 def test_data_and_reference_strings_have_one_parser(ddpm_folder, tmp_path):

@@ -95,11 +95,13 @@ def test_s4s_weights_are_stored_validated_and_run_by_sample(tmp_path):
     assert ld3.weights is None and "weights" not in json.loads(out.read_text())["grids"][1]
     assert len(s4s.weights) == 3 and any(w != 0 for w in s4s.weights[1:])
     assert s4s.validation["train_rmse"] < s4s.validation["untuned_train_rmse"][s4s.validation["best_untuned"]]
-    payload = json.loads(ok("sample", MODEL, "--grid", out, "--solver", "ab2", "--steps", 3, "--num-images", 6,
+    alone = tmp_path / "s4s-alone.json"  # (a file whose only grid has weights: sample must run them)
+    alone.write_text(TunedFile(file.model, file.fingerprint, [s4s]).text())
+    payload = json.loads(ok("sample", MODEL, "--grid", alone, "--solver", "ab2", "--steps", 3, "--num-images", 6,
                             "--save-tensor", tmp_path / "x.safetensors", "--json").stdout)
-    best = file.best(3, "ab2")
-    assert payload["run"]["times"] == list(best.s) and payload["run"].get("weights") == (
-        None if best.weights is None else list(best.weights))
+    assert payload["run"]["times"] == list(s4s.s) and payload["run"]["weights"] == list(s4s.weights)
+    from safetensors.torch import load_file
+
     vm = load_velocity_model(MODEL)
     s = torch.tensor(s4s.s, dtype=torch.float64)
     noise = NoiseStream(6, (1, 8, 8), 0).take(0, 6) * _start_scale(s)
@@ -108,6 +110,7 @@ def test_s4s_weights_are_stored_validated_and_run_by_sample(tmp_path):
     run = Run(model=MODEL, fingerprint=file.fingerprint, sampler=OdeSampler("ab2", TUNED, times=s4s.s, weights=s4s.weights),
               steps=3, seed=0, num_images=6, shard_size=6)
     assert torch.equal(generate_run(vm, run).samples, x.float())
+    assert torch.equal(load_file(str(tmp_path / "x.safetensors"))["samples"], x.float())
     assert "with tuned weights" in run.sampler.describe() and run.manifest()["weights"] == list(s4s.weights)
 
 
@@ -206,6 +209,7 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
     (("--nfe", 4, "--out", "grid.txt"), "*.json"),
     (("--nfe", 3, "--solver", "heun", "--method", "s4s"), "corrects the weights of euler and ab2, not heun"),
     (("--nfe", 3, "--objective", "lpips"), "objective"),
+    (("--nfe", 3, "--objective", "features", "--method", "gits"), "is what ld3 and s4s minimise"),
 ])
 def test_bad_requests_are_refused_before_any_teacher_solve(tmp_path, monkeypatch, args, message):
     import fmconvert.sampling.model as model_module
@@ -274,6 +278,42 @@ def test_stored_in_a_converted_folder_its_stock_pipeline_steps_the_tuned_times(t
 
     with pytest.raises(ValueError, match="decreasing times"):
         FlowMatchEulerScheduler(tuned_times={"3": [1.0, 0.5, 0.0]})
+
+
+def test_into_stores_the_times_its_pipeline_steps_when_s4s_is_tuned_too(tmp_path):
+    """tune --method ld3,s4s --into: the folder's scheduler steps the best grid of times alone, and the
+    folder's stored file holds only such grids, so sample --grid tuned on the folder takes the same times
+    (not the s4s grid, whose weights the pipeline cannot run); the --out file keeps both."""
+    folder = tmp_path / "digits-eps-velocity"
+    ok("wrap", MODEL, "--out", folder)
+    ok("tune", folder, "--out", tmp_path / "t.json", "--solver", "euler", "--nfe", 3, "--method", "ld3,s4s", *SMALL,
+       "--iterations", 20, "--into", folder)
+    assert {g.method for g in TunedFile.load(tmp_path / "t.json").grids} == {"ld3", "s4s"}
+    stored = TunedFile.load(folder / "tuned_sampler.json")
+    assert [g.method for g in stored.grids] == ["ld3"] and stored.grids[0].weights is None
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["tuned_times"]["3"] == list(stored.grids[0].s)
+    payload = json.loads(ok("sample", folder, "--grid", "tuned", "--solver", "euler", "--steps", 3, "--num-images", 2,
+                            "--json", "--out", tmp_path / "g.png").stdout)
+    assert payload["run"]["times"] == list(stored.grids[0].s) and "weights" not in payload["run"]
+
+
+def test_a_file_written_before_objectives_continues_and_weights_need_a_solver_that_takes_them(tmp_path):
+    """A tuned file of an earlier fmconvert (no objective recorded: it ran mse) is continued by a rerun of
+    the same settings, not refused; a grid with weights for a solver that cannot take them is refused."""
+    from fmconvert.errors import UsageError
+    from fmconvert.sampling.runs import TUNED, OdeSampler
+
+    out = tmp_path / "old.json"
+    tune(out, "--nfe", 3, "--method", "ld3")
+    record = json.loads(out.read_text())
+    for g in record["grids"]:
+        del g["tuning"]["objective"]
+    out.write_text(json.dumps(record))
+    again = tune(out, "--nfe", "3,4", "--method", "ld3")
+    assert [(g["nfe"], g["tuning"].get("objective")) for g in again["grids"]] == [(3, None), (4, "mse")]
+    with pytest.raises(UsageError, match="only euler and ab2 take"):
+        OdeSampler("heun", TUNED, times=(1.0, 0.5, 0.0), weights=(0.0, 0.3))
 
 
 @pytest.mark.parametrize("args,message", [
