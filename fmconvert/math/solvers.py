@@ -128,6 +128,12 @@ def rk4(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torc
 
 
 def ab2(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+    return _two_step(u, x, grid, True, None, callback)
+
+
+def _two_step(u: Velocity, x: torch.Tensor, grid: torch.Tensor, adams: bool, corrections, callback=None) -> torch.Tensor:
+    """x ← x + h_i·((1 + b_i)·u_i − b_i·u_{i−1}), Euler on the first step: b_i = r_i/2 (``adams``: ab2)
+    or 0 (euler), plus ``corrections[i]`` where given (:func:`weighted_multistep`)."""
     previous, h_prev = None, grid[1] - grid[0]
     for i in range(len(grid) - 1):
         h = grid[i + 1] - grid[i]
@@ -135,8 +141,10 @@ def ab2(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torc
         if previous is None:
             x = x + h * current
         else:
-            r = h / h_prev
-            x = x + h * ((1 + 0.5 * r) * current - 0.5 * r * previous)
+            b = 0.5 * (h / h_prev) if adams else 0.0
+            if corrections is not None:
+                b = b + corrections[i]
+            x = x + h * ((1 + b) * current - b * previous)
         previous, h_prev = current, h
         callback and callback(i)
     return x
@@ -328,18 +336,16 @@ def weighted_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver:
     weights = torch.as_tensor(weights, dtype=torch.float64)
     if weights.shape != (n,):
         raise ValueError(f"{tuple(weights.shape)} weights for a grid of {n} steps: one a step wanted")
-    previous, h_prev = None, grid[1] - grid[0]
-    for i in range(n):
-        h = grid[i + 1] - grid[i]
-        current = u(x, _s(grid[i], x))
-        if previous is None:
-            x = x + h * current
-        else:
-            b = (0.5 * h / h_prev if solver == "ab2" else 0.0) + weights[i]
-            x = x + h * ((1 + b) * current - b * previous)
-        previous, h_prev = current, h
-        callback and callback(i)
-    return x
+    return _two_step(u, x, grid, solver == "ab2", weights, callback)
+
+
+def integrate(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str, weights=None, callback=None,
+              **options) -> torch.Tensor:
+    """``solver``'s endpoint on ``grid``: its step function, or with per-step ``weights`` (a tuned
+    sampler's) :func:`weighted_multistep`. No counting: :func:`solve` counts."""
+    if weights is not None:
+        return weighted_multistep(u, x, grid, solver, weights, callback=callback)
+    return SOLVERS[solver].step(u, x, grid, callback=callback, **options)
 
 
 @dataclass(frozen=True)
@@ -441,8 +447,5 @@ def solve(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str =
         raise ValueError(f"solver {solver!r} has no option {unknown[0]!r} ({takes})")
     field = CountingField(velocity)
     grid = grid.to(torch.float64)
-    if weights is not None:
-        x = weighted_multistep(field, x, grid, solver, weights, callback=callback)
-    else:
-        x = SOLVERS[solver].step(field, x, grid, callback=callback, **options)
+    x = integrate(field, x, grid, solver, weights, callback, **options)
     return SolveResult(x=x, nfe=field.nfe, first_bad_nfe=field.first_bad())

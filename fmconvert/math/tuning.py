@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
+from fmconvert.math.solvers import SOLVERS, WEIGHTED, integrate
 
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: a loss between the solver's endpoints and the teacher's, (B, …) each → a scalar
@@ -214,9 +214,7 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
     losses: list[float] = []
 
     def endpoint(x: torch.Tensor, grid: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
-        if with_weights:
-            return weighted_multistep(field, x, grid, solver, corrections)
-        return SOLVERS[solver].step(field, x, grid)
+        return integrate(field, x, grid, solver, corrections if with_weights else None)
 
     for k in range(iterations):
         index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)

@@ -93,10 +93,11 @@ class OdeSampler:
                              f"(grid={TUNED!r}), and only a tuned grid has them")
         if self.times is not None and self.shift is not None:
             raise ValueError("a tuned grid takes no shift: its times are what was tuned")
-        if self.weights is not None and (self.times is None or len(self.weights) != len(self.times) - 1):
-            raise ValueError("per-step weights come with a tuned grid's times, one a step")
         if self.weights is not None:
             from fmconvert.math.solvers import WEIGHTED
+
+            if self.times is None or len(self.weights) != len(self.times) - 1:
+                raise ValueError("per-step weights come with a tuned grid's times, one a step")
 
             if self.solver not in WEIGHTED:
                 raise UsageError(f"a tuned grid for {self.solver} has per-step weights, which only "

@@ -42,7 +42,7 @@ from fmconvert.errors import UsageError, check_choice
 from fmconvert.integration.conditioning import Conditioning
 from fmconvert.integration.source import Source
 from fmconvert.math.paths import RectifiedFlow
-from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
+from fmconvert.math.solvers import SOLVERS, WEIGHTED, integrate
 from fmconvert.sampling.generate import velocity_field
 from fmconvert.sampling.model import VelocityModel, sample_shape, sampling_grid
 from fmconvert.sampling.noise import NoiseStream
@@ -330,16 +330,13 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
     distance = perceptual_distance(vm, device) if objective == "features" and learnt else None  # (before any solve)
     train_field, train_noise, train_target = pairs_of(pairs, seed)
     held_field, held_noise, held_target = pairs_of(validation_pairs, validation_seed)
-    step = SOLVERS[solver].step
     top = trained_top(vm)
 
     def error(grid: torch.Tensor, on_held_out: bool, weights: torch.Tensor | None = None) -> float:
         f, noise, target = (held_field, held_noise, held_target) if on_held_out else \
             (train_field, train_noise, train_target)
         with torch.no_grad():
-            x = noise * _start_scale(grid)
-            return _rmse(step(f, x, grid) if weights is None else weighted_multistep(f, x, grid, solver, weights),
-                         target)
+            return _rmse(integrate(f, noise * _start_scale(grid), grid, solver, weights), target)
 
     for nfe, steps in zip(nfe_list, steps_list):
         candidates = {}
