@@ -17,7 +17,10 @@ from fmconvert.cli.options import (
     Compile,
     Device,
     Dtype,
+    Features,
     Grid,
+    InceptionLayer,
+    InceptionWeights,
     NumImages,
     Rtol,
     SamplesDir,
@@ -25,7 +28,6 @@ from fmconvert.cli.options import (
     Shift,
     Solver,
     Steps,
-    listing,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
 from fmconvert.errors import UsageError, check_choice
@@ -38,9 +40,9 @@ from fmconvert.sampling.runs import resolved
 def fid(
     model: str = typer.Argument(..., help="A converted folder or any SOURCE."),
     reference: str = typer.Option(..., "--reference", help="builtin:digits[/train|/held_out], an image folder, or a statistics file (.safetensors)."),
-    features: str = typer.Option("digits", help="Feature extractor: " + listing(FEATURES) + "."),
-    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, else download."),
-    inception_layer: str = typer.Option("2048", "--inception-layer", help="Inception feature layer: 64, 192, 768, 2048."),
+    features: Features = "digits",
+    inception_weights: InceptionWeights = None,
+    inception_layer: InceptionLayer = "2048",
     steps: Steps = "4,8,16,32",
     solver: Solver = "euler",
     grid: Grid = "uniform",

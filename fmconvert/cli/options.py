@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from fmconvert.errors import UsageError
+from fmconvert.evaluation.features import FEATURES
 from fmconvert.integration.configs import SAMPLE_DTYPES
 from fmconvert.math.grids import GRIDS
 from fmconvert.math.solvers import SOLVERS
@@ -53,6 +54,9 @@ Atol = Annotated[Optional[float], typer.Option(help=_solver_option_help("atol"))
 Dtype = Annotated[str, typer.Option(help="Network dtype: " + ", ".join(SAMPLE_DTYPES) + " (the conversion's coefficients stay float64).")]
 
 
+Features = Annotated[str, typer.Option("--features", help="Feature extractor: " + listing(FEATURES) + ".")]
+InceptionWeights = Annotated[Optional[Path], typer.Option("--inception-weights", help="weights-inception-2015-12-05-6726825d.pth; default: torch hub cache, else download.")]
+InceptionLayer = Annotated[str, typer.Option("--inception-layer", help="Inception feature layer: 64, 192, 768, 2048.")]
 Seed = Annotated[int, typer.Option(help="Noise seed: torch.randn((N, C, H, W), generator=Generator('cpu').manual_seed(seed)).")]
 
 

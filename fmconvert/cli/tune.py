@@ -12,12 +12,16 @@ from fmconvert.cli.options import (
     AllowPickle,
     AsJson,
     Device,
+    Features,
+    InceptionLayer,
+    InceptionWeights,
     Revision,
     TrustRemoteCode,
     conditioning_options,
 )
 from fmconvert.cli.output import computed_on, emit_json, handle_errors, interactive, join_device, log, say
-from fmconvert.errors import UsageError
+from fmconvert.errors import UsageError, check_choice
+from fmconvert.evaluation.features import FEATURES
 
 
 @handle_errors
@@ -38,6 +42,11 @@ def tune(
     lr: float = typer.Option(0.1, "--lr", help="LD3's and s4s's learning rate (Adam, on the grid's logits and s4s's weight corrections)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Pairs per LD3 / s4s iteration, drawn afresh each time (the defaults are scripts/tune_bench.py's, measured in docs/benchmarks/TUNING.md)."),
     objective: str = typer.Option("mse", "--objective", help="What ld3 and s4s minimise between the solver's endpoints and the teacher's: mse (in the model's data space) or features (the decoded images' early feature maps in a perceptual network; 8x8 pixel models). gits's cost is its own."),
+    select: str = typer.Option("loss", "--select", help="How the untuned grid tuning starts from and the grid ld3 and s4s keep are chosen: loss (their objective on the tuning pairs, the better of start and end) or fid (FID's Fréchet distance to the teacher on the held-out pairs, in --features; the closest start and the closest of the checkpoints, one every --check-every iterations)."),
+    check_every: int = typer.Option(10, "--check-every", help="With --select fid: iterations between the checkpoints ld3 and s4s choose among."),
+    features: Features = "digits",
+    inception_weights: InceptionWeights = None,
+    inception_layer: InceptionLayer = "2048",
     soft_radius: float = typer.Option(0.0, "--soft-radius", help="LD3's soft teacher: each student may start within this fraction of its noise's norm (0: the noise itself)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write LD3's and s4s's loss per iteration as a PNG."),
     into: Optional[Path] = typer.Option(None, "--into", help="A converted folder of these weights (MODEL itself): store the tuned times in its scheduler, so its stock pipeline's num_inference_steps=N steps them, and the file beside (with --solver euler, the scheduler's; the times of gits or ld3, s4s's weights being fmconvert's own)."),
@@ -52,31 +61,45 @@ def tune(
 ):
     """Tune MODEL's time grid for each --nfe against a converged teacher; write a tuned sampler file that sample and
     fid take as --grid FILE."""
-    from fmconvert.sampling.tuned import TunedFile, tune_model
+    from fmconvert.sampling.tuned import SELECTIONS, TunedFile, check_tuning, tune_model
 
     bars = interactive(as_json)
     nfe_list = parse_steps(nfe)
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
     positive(pairs=pairs, validation_pairs=validation_pairs, teacher_steps=teacher_steps, fine_steps=fine_steps,
-             iterations=iterations, batch_size=batch_size)
+             iterations=iterations, batch_size=batch_size, check_every=check_every)
+    check_choice("select", select, SELECTIONS)
+    check_choice("features", features, FEATURES)
     if out.suffix.lower() != ".json":
         raise UsageError(f"--out {out}: a tuned sampler file is JSON; name it *.json")
     existing = TunedFile.load(out) if out.exists() else None
     device = join_device(device)
+    selection = None
+    if select == "fid":  # (the request checked before the extractor is read)
+        check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps,
+                     fine_steps, objective)
+        from fmconvert.evaluation.fid import frechet_selection, make_extractor
+
+        selection = frechet_selection(make_extractor(features, inception_weights, inception_layer, device), device)
     result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                         validation_pairs=validation_pairs, validation_seed=validation_seed,
                         teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr, soft_radius=soft_radius,
-                        batch_size=batch_size, objective=objective, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
+                        batch_size=batch_size, objective=objective, selection=selection, check_every=check_every,
+                        device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
                         progress=bars, revision=revision,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
     if as_json:
         emit_json({**result, **computed_on(device)})
         return
-    say("| NFE | method | RMSE to teacher (held out) | best untuned | its RMSE | ratio | seconds |")
-    say("|---|---|---|---|---|---|---|")
+    scored = any("score" in row["validation"] for row in result["grids"])  # (--select fid: its held-out FID too)
+    say("| NFE | method | RMSE to teacher (held out) | best untuned | its RMSE | ratio | "
+        + ("FID to teacher (held out) | the best untuned's | " if scored else "") + "seconds |")
+    say("|---|---|---|---|---|---|" + ("---|---|" if scored else "") + "---|")
     for row in result["grids"]:
         v = row["validation"]
+        fid = (f"{v['score']:.4g} | {v['untuned_score'][v['best_untuned']]:.4g} | " if "score" in v
+               else "| | " if scored else "")
         say(f"| {row['nfe']} | {row['method']} | {v['rmse']:.4g} | {v['best_untuned']} | {v['best_untuned_rmse']:.4g} | "
-            f"{v['rmse'] / v['best_untuned_rmse']:.3f} | {row['tuning']['seconds']:.1f} |")
+            f"{v['rmse'] / v['best_untuned_rmse']:.3f} | {fid}{row['tuning']['seconds']:.1f} |")
     log(f"wrote {out}")
 

@@ -40,6 +40,7 @@ from fmconvert.sampling.runs import Run, SchedulerSampler
 
 if TYPE_CHECKING:
     from fmconvert.integration.source import Source
+    from fmconvert.sampling.tuned import Selection
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -128,6 +129,28 @@ def make_extractor(features: str = "digits", inception_weights: str | Path | Non
     # on CPU (oneDNN) and the layout cuDNN prefers
     module = module.to(device, memory_format=torch.channels_last)
     return Extractor(f"inception-{inception_layer}", module, int(inception_layer), file_sha256(path))
+
+
+def frechet_selection(extractor: Extractor, device: str = "cpu") -> "Selection":
+    """A tuning run's :class:`~fmconvert.sampling.tuned.Selection` by FID's formula: the Fréchet distance
+    between the ``extractor`` features of a grid's held-out images and of the teacher's (as uint8, as
+    FID reads samples; :func:`~fmconvert.evaluation.statistics.fid_between`, torchmetrics' formula),
+    named ``fid-<features>``. An FID of a few hundred samples against the teacher's own: biased
+    upward, and the same bias for every grid from the same noise, so fit to rank grids, not to quote.
+    Images the extractor cannot take are refused by its check (UsageError, one line)."""
+    from fmconvert.files.images import to_uint8
+    from fmconvert.sampling.tuned import Selection
+
+    def stats(images: torch.Tensor) -> FeatureStatistics:
+        found = FeatureStatistics(extractor.num_features, device)
+        found.update(extractor(to_uint8(images).to(device)))
+        return found
+
+    def against(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
+        reference = stats(teacher)
+        return lambda images: fid_between(reference, stats(images))
+
+    return Selection(f"fid-{extractor.name}", against, lambda shape: extractor.check(tuple(shape)))
 
 
 def stats_of(batches: Iterable[torch.Tensor], extractor: Extractor, device: str = "cpu") -> FeatureStatistics:

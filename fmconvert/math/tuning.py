@@ -17,7 +17,9 @@ Two methods, both on teacher pairs (x_1 = ε, x_0 = the teacher's endpoint), pur
   through the solver and the field; with the soft-teacher relaxation (LD3 eq. 6) each student
   starts anywhere in the ball |x' − ε| ≤ r·|ε| (``soft_radius`` r) rather than at ε itself.
   Warm-started from a given grid (the best untuned one), so it can only improve on it on the
-  training pairs.
+  training pairs; or, given a ``keep`` score (a distribution measure on held-out pairs, say), the
+  checkpoint of least score among the start, every ``check_every`` iterations and the end (early
+  stopping, as LD3 and S4S pick their result on a validation set).
 - :func:`learn_sampler`, the same descent on the times and one correction a step of the solver's
   weight on its previous evaluation (:func:`fmconvert.math.solvers.weighted_multistep`; the solver
   coefficients S4S, Frankel et al. ICML 2025, and BNS learn, in their smallest form): at zero
@@ -39,6 +41,9 @@ from fmconvert.math.solvers import SOLVERS, WEIGHTED, integrate
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: a loss between the solver's endpoints and the teacher's, (B, …) each → a scalar
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: a score of a candidate (grid (N + 1,), weights (N,) or None for times alone), lower better: what
+#: the learnt methods keep the least of among their checkpoints (``keep``)
+Score = Callable[[torch.Tensor, "torch.Tensor | None"], float]
 #: the solvers :func:`learn_grid` differentiates through (their step arithmetic is torch's on a
 #: grid that requires grad); :func:`gits_grid` takes any solver's NFE
 DIFFERENTIABLE = ("euler", "heun", "midpoint", "rk4", "ab2")
@@ -157,7 +162,8 @@ def gits_grid(field: Field, noise: torch.Tensor, steps: int, fine: torch.Tensor,
 def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str = "ab2", *,
                iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
                seed: int = 0, callback: Callable[[int, float], None] | None = None,
-               distance: Distance | None = None) -> tuple[torch.Tensor, list[float]]:
+               distance: Distance | None = None, keep: Score | None = None,
+               check_every: int = 10) -> tuple[torch.Tensor, list[float]]:
     """LD3: the grid with ``init``'s ends (and, at the start, its times) minimising the mean squared
     distance, per element, between ``solver``'s endpoint from each noise and its ``target`` (the
     teacher's endpoint), by ``iterations`` steps of Adam (``lr``) on the logits of
@@ -166,41 +172,47 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
     learnt alongside (LD3 eq. 6). Returns (the grid whose loss on all pairs, started at ε itself,
     is least among the initial and the final one: float64, detached; the loss per iteration).
     ``callback(k, loss)`` after iteration k. ``distance(x, target)``: the loss in place of the mean
-    squared distance (a scalar, differentiable in x: LD3 tunes on LPIPS). ValueError for a solver
-    not in :data:`DIFFERENTIABLE`."""
+    squared distance (a scalar, differentiable in x: LD3 tunes on LPIPS). ``keep(grid, weights)``:
+    return instead the grid of least such score among the initial one, the one after every
+    ``check_every`` iterations and the final one (the latest among equals; ``weights`` None here).
+    ValueError for a solver not in :data:`DIFFERENTIABLE`."""
     if solver not in DIFFERENTIABLE:
         raise ValueError(f"solver={solver!r}: learn_grid differentiates through {', '.join(DIFFERENTIABLE)}")
     grid, _, losses = _descend(field, noise, target, init, solver, False, iterations=iterations, lr=lr,
                                soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
-                               distance=distance)
+                               distance=distance, keep=keep, check_every=check_every)
     return grid, losses
 
 
 def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str = "ab2", *,
                   iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
                   seed: int = 0, callback: Callable[[int, float], None] | None = None,
-                  distance: Distance | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  distance: Distance | None = None, keep: Score | None = None,
+                  check_every: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """The times and, with them, one correction a step of ``solver``'s weight on its previous
     evaluation (:func:`~fmconvert.math.solvers.weighted_multistep`; S4S, Frankel et al. ICML 2025,
     learns times and solver coefficients against a teacher; here both by one Adam on the same loss
     as :func:`learn_grid`, from ``init`` and zero corrections, i.e. the plain solver). Settings as
     :func:`learn_grid`'s. Returns (grid, weights (N,), float64, detached, the pair with the least
-    loss on all pairs among the initial and the final one; the loss per iteration). ValueError
-    for a solver not in :data:`~fmconvert.math.solvers.WEIGHTED`."""
+    loss on all pairs among the initial and the final one, or with ``keep`` the pair of least score
+    among the checkpoints; the loss per iteration). ValueError for a solver not in
+    :data:`~fmconvert.math.solvers.WEIGHTED`."""
     if solver not in WEIGHTED:
         raise ValueError(f"solver={solver!r}: learn_sampler corrects the weights of {', '.join(WEIGHTED)}")
     grid, weights, losses = _descend(field, noise, target, init, solver, True, iterations=iterations, lr=lr,
                                      soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
-                                     distance=distance)
+                                     distance=distance, keep=keep, check_every=check_every)
     assert weights is not None
     return grid, weights, losses
 
 
 def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str,
              with_weights: bool, *, iterations: int, lr: float, soft_radius: float, batch_size: int | None, seed: int,
-             callback: Callable[[int, float], None] | None,
-             distance: Distance | None) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
+             callback: Callable[[int, float], None] | None, distance: Distance | None, keep: Score | None = None,
+             check_every: int = 10) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
     """The descent of :func:`learn_grid` (``with_weights``: and of :func:`learn_sampler`'s corrections)."""
+    if check_every < 1:
+        raise ValueError(f"check_every={check_every}: checkpoints come every 1 or more iterations")
     loss_of = distance or mean_squared_distance
     init = init.to(torch.float64)
     start, end = float(init[0]), float(init[-1])
@@ -215,6 +227,11 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
 
     def endpoint(x: torch.Tensor, grid: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
         return integrate(field, x, grid, solver, corrections if with_weights else None)
+
+    def snapshot() -> tuple[torch.Tensor, torch.Tensor]:
+        return grid_from_logits(logits.detach(), start, end), weights.detach().clone()
+
+    checkpoints = [(init, torch.zeros_like(weights.detach()))]
 
     for k in range(iterations):
         index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
@@ -232,11 +249,17 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(k, losses[-1])
-    learnt = grid_from_logits(logits.detach(), start, end), weights.detach()
-    initial = init, torch.zeros_like(weights.detach())
+        if keep is not None and (k + 1) % check_every == 0 and k + 1 < iterations:
+            checkpoints.append(snapshot())
+    checkpoints.append(snapshot())
     with torch.no_grad():
-        def error(candidate: tuple[torch.Tensor, torch.Tensor]) -> float:
+        def score(candidate: tuple[torch.Tensor, torch.Tensor]) -> float:
+            if keep is not None:
+                return keep(candidate[0], candidate[1] if with_weights else None)
             return float(loss_of(endpoint(noise, *candidate), target))
 
-        grid, corrections = learnt if error(learnt) <= error(initial) else initial
+        if keep is None:  # (the loss on all pairs: the initial and the final one)
+            checkpoints = [checkpoints[0], checkpoints[-1]]
+        scores = [score(candidate) for candidate in checkpoints]
+        grid, corrections = checkpoints[max(i for i, v in enumerate(scores) if v == min(scores))]  # (the latest)
     return grid, (corrections if with_weights else None), losses

@@ -20,7 +20,15 @@ A tuning run, for each step count N (= NFE for the one-evaluation solvers), on t
    timestep for any other), so each of its times is one the network was trained at, with a
    finite σ/α;
 4. validation on ``validation_pairs`` other pairs (seed ``validation_seed``, never tuned on): the
-   RMSE to the teacher of every grid above, recorded with the tuned grid.
+   RMSE to the teacher of every grid above, recorded with the tuned grid;
+5. with a ``selection`` (:class:`Selection`: a distance between sets of images, FID's Fréchet distance
+   in the fid command's features: :func:`fmconvert.evaluation.fid.frechet_selection`), the held-out
+   pairs also choose: the untuned grid tuning starts from is the one whose held-out endpoints lie
+   closest to the teacher's in that distance, and ld3 / s4s keep, among their checkpoints, the one
+   closest (early stopping on a validation set, as LD3 and S4S pick their results). Closer to the
+   teacher in the squared distance is not closer to the data at 3 or 4 NFE on some models
+   (docs/benchmarks/TUNING.md); a distribution measure is what FID judges. The held-out pairs then
+   take part in the choice: the numbers to report come from other noise (the benchmarks' seed 1000).
 
 The file (JSON, no pickle; :class:`TunedFile`) names the model's fingerprint; each entry holds the
 times in s (fmconvert's, 1 = noise) and in the source's own coordinates: its model timesteps and
@@ -58,10 +66,30 @@ OBJECTIVES = {"mse": "the mean squared distance of the endpoints, in the model's
               "features": "the mean squared distance of the decoded images' early feature maps in a perceptual network "
                           "(LPIPS's idea, Zhang et al. CVPR 2018; LD3 tunes on LPIPS): for 8x8 pixel images, the two "
                           "convolutions of the digits classifier"}
+#: how a tuning run chooses its start grid and the checkpoint it keeps (:class:`Selection`): name → what it is
+SELECTIONS = {"loss": "the objective on the tuning pairs: the untuned grid of least error starts, and the better of the "
+                      "start and the end is kept (LD3's own)",
+              "fid": "FID's Fréchet distance to the teacher's endpoints on the held-out pairs, in the fid command's "
+                     "features: the closest untuned grid starts, and the closest checkpoint is kept (early stopping on "
+                     "a distribution measure; fmconvert.evaluation.fid.frechet_selection)"}
 #: tuning settings recorded since a later version, with the value earlier files ran with
-_LATER_SETTINGS = {"objective": "mse"}
+_LATER_SETTINGS = {"objective": "mse", "select": "loss"}
 #: the grids a tuned one is compared with: (grid, shift)
 UNTUNED = (("uniform", None), ("uniform", 1.5), ("uniform", 2.0), ("karras", None), ("logsnr", None))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a tuning run picks the untuned grid it starts from and the checkpoint it keeps, on the held-out
+    pairs (step 5 of the module docstring). ``name``: recorded as the run's ``select`` (``"loss"``, no
+    selection, is the objective on the tuning pairs, between the start and the end); ``against(teacher)``:
+    for the teacher's held-out images (B, C, H, W) in [0, 1] (the family's decode), the distance of
+    another such set of images to them, a float, lower better; ``check(shape)``: UsageError, before
+    any teacher solve, for images (C, H, W) it cannot take."""
+
+    name: str
+    against: Callable[[torch.Tensor], Callable[[torch.Tensor], float]]
+    check: Callable[[tuple[int, ...]], None] = lambda shape: None
 
 
 @dataclass(frozen=True)
@@ -70,7 +98,9 @@ class TunedGrid:
     ``s``: the times (steps + 1, decreasing, 1 = noise); ``timesteps`` and ``sigmas``: the same times
     as the source's model timesteps and its σ/α (∞ at a time beyond the source's noisiest, written
     as null); ``validation``: held-out RMSE to the teacher of this grid and of each untuned one;
-    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds); ``weights``: the
+    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds, ``select``; with a
+    selection, ``validation`` also holds ``score``, this grid's held-out distance, and
+    ``untuned_score``, each untuned one's); ``weights``: the
     per-step corrections of the solver's weights (:func:`fmconvert.math.solvers.weighted_multistep`;
     method s4s), None for times alone (and absent from the file then)."""
 
@@ -129,7 +159,8 @@ class TunedFile:
 
     def best(self, steps: int, solver: str | None = None, times_only: bool = False) -> TunedGrid:
         """The grid of ``steps`` steps (of ``solver``, or any; ``times_only``: without weights) with the
-        least held-out RMSE; UsageError listing what the file has."""
+        least held-out score where all such grids were chosen by the same selection (:class:`Selection`),
+        else with the least held-out RMSE; UsageError listing what the file has."""
         found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)
                  and not (times_only and g.weights is not None)]
         if not found:
@@ -138,6 +169,9 @@ class TunedFile:
             alone = " without weights" if times_only else ""
             raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps{alone}; "
                              f"it has {have}")
+        selections = {g.tuning.get("select", _LATER_SETTINGS["select"]) for g in found}
+        if len(selections) == 1 and all("score" in g.validation for g in found):
+            return min(found, key=lambda g: float(g.validation["score"]))
         return min(found, key=lambda g: g.rmse)
 
 
@@ -273,15 +307,19 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
          methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None, pairs: int = 128,
          seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1, teacher_solver: str = "rk4",
          teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
-         soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse", device: str = "cpu",
+         soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse",
+         selection: Selection | None = None, check_every: int = 10, device: str = "cpu",
          existing: TunedFile | None = None, save: Callable[[TunedFile], object] | None = None,
          progress: Callable[[str, int, float], None] | None = None) -> TunedFile:
     """Tune ``solver``'s grid for each NFE of ``nfe_list`` by each of ``methods`` on ``vm`` (see the
     module docstring). ``existing``: a file of an earlier run of the same settings, whose grids are
     kept and not tuned again (a rerun continues); ``save(file)``: called after each grid (the CLI
-    writes the file there). ``progress(what, iteration, loss)``: during LD3. UsageError, before any
-    teacher solve, for an unknown method, a solver that cannot be tuned, an NFE below its order,
-    and a model that needs conditioning it is not given (the family's check)."""
+    writes the file there). ``progress(what, iteration, loss)``: during LD3. ``selection``: how the
+    start grid and the kept checkpoint (one every ``check_every`` iterations) are chosen on the
+    held-out pairs (module docstring, step 5); None: by the objective on the tuning pairs.
+    UsageError, before any teacher solve, for an unknown method, a solver that cannot be tuned, an
+    NFE below its order, a model that needs conditioning it is not given (the family's check) and
+    images the selection cannot take."""
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
                  objective)
     conditioning = conditioning or Conditioning()
@@ -289,14 +327,15 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
     return _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                  validation_pairs=validation_pairs, validation_seed=validation_seed, teacher_solver=teacher_solver,
                  teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr,
-                 soft_radius=soft_radius, batch_size=batch_size, objective=objective, device=device, existing=existing,
-                 save=save, progress=progress)
+                 soft_radius=soft_radius, batch_size=batch_size, objective=objective, selection=selection,
+                 check_every=check_every, device=device, existing=existing, save=save, progress=progress)
 
 
 def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str, *, methods: tuple[str, ...],
           conditioning: Conditioning, pairs: int, seed: int, validation_pairs: int, validation_seed: int,
           teacher_solver: str, teacher_steps: int, fine_steps: int, iterations: int, lr: float, soft_radius: float,
-          batch_size: int | None, objective: str, device: str, existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
+          batch_size: int | None, objective: str, selection: Selection | None, check_every: int, device: str,
+          existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
           progress: Callable[[str, int, float], None] | None) -> TunedFile:
     """:func:`tune`'s work, the request taken as checked."""
     from fmconvert.math.tuning import gits_grid, learn_grid, learn_sampler
@@ -307,7 +346,9 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 "seed": seed, "validation_pairs": validation_pairs, "validation_seed": validation_seed,
                 "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius, "objective": objective,
                 "batch_size": batch_size, "sample_shape": list(sample_shape(vm)),
-                "conditioning": conditioning.describe()}
+                "conditioning": conditioning.describe(), "select": selection.name if selection else "loss"}
+    if selection is not None:
+        settings["check_every"] = check_every
 
     def settings_of(method: str) -> dict[str, Any]:  # (gits's cost is its own: the objective is the learnt methods')
         return {**settings, "objective": "mse"} if method == "gits" else settings
@@ -328,15 +369,29 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
 
     learnt = {"ld3", "s4s"} & set(methods)
     distance = perceptual_distance(vm, device) if objective == "features" and learnt else None  # (before any solve)
+
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return vm.source.family.decode(vm.pipeline, x)
+
+    if selection is not None:  # (before any solve: one decode of the sample shape)
+        selection.check(tuple(decode(torch.zeros(1, *sample_shape(vm), device=device)).shape[1:]))
     train_field, train_noise, train_target = pairs_of(pairs, seed)
     held_field, held_noise, held_target = pairs_of(validation_pairs, validation_seed)
     top = trained_top(vm)
+    judge = selection.against(decode(held_target)) if selection is not None else None
+
+    def solve_on(grid: torch.Tensor, on_held_out: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
+        f, noise = (held_field, held_noise) if on_held_out else (train_field, train_noise)
+        with torch.no_grad():
+            return integrate(f, noise * _start_scale(grid), grid, solver, weights)
 
     def error(grid: torch.Tensor, on_held_out: bool, weights: torch.Tensor | None = None) -> float:
-        f, noise, target = (held_field, held_noise, held_target) if on_held_out else \
-            (train_field, train_noise, train_target)
-        with torch.no_grad():
-            return _rmse(integrate(f, noise * _start_scale(grid), grid, solver, weights), target)
+        return _rmse(solve_on(grid, on_held_out, weights), held_target if on_held_out else train_target)
+
+    def score(grid: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+        assert judge is not None
+        return judge(decode(solve_on(grid, True, weights)))
 
     for nfe, steps in zip(nfe_list, steps_list):
         candidates = {}
@@ -347,8 +402,12 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
             except ValueError:  # (a grid this source cannot have)
                 continue
         untuned = {name: error(grid, False) for name, grid in candidates.items()}
-        best_name = min(untuned, key=untuned.__getitem__)
         held_untuned = {name: error(grid, True) for name, grid in candidates.items()}
+        # the start: the candidate of least training error, or of least held-out score (as tuned: its first time
+        # at the trained range's top)
+        scored = {name: score(start_at(grid, top)) for name, grid in candidates.items()} if judge else None
+        ranking = scored or untuned
+        best_name = min(ranking, key=ranking.__getitem__)
         for method in methods:
             if any(g.steps == steps and g.solver == solver and g.method == method for g in tuned.grids):
                 continue
@@ -363,22 +422,26 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 callback = (lambda k, loss: progress(f"{method} {solver} NFE {nfe}", k, loss)) if progress else None
                 init = start_at(candidates[best_name], top)
                 x_train = train_noise * _start_scale(init)
+                keep = score if judge else None
                 if method == "ld3":
                     grid, losses = learn_grid(train_field, x_train, train_target, init, solver, iterations=iterations,
                                               lr=lr, soft_radius=soft_radius, batch_size=batch_size, seed=seed,
-                                              callback=callback, distance=distance)
+                                              callback=callback, distance=distance, keep=keep, check_every=check_every)
                 else:
                     grid, weights, losses = learn_sampler(train_field, x_train, train_target, init, solver,
                                                           iterations=iterations, lr=lr, soft_radius=soft_radius,
                                                           batch_size=batch_size, seed=seed, callback=callback,
-                                                          distance=distance)
+                                                          distance=distance, keep=keep, check_every=check_every)
             seconds = time.perf_counter() - started
             grid = grid.detach().to(torch.float64)
             timesteps, sigmas = source_coordinates(vm, grid)
             validation = {"rmse": error(grid, True, weights), "untuned_rmse": held_untuned, "best_untuned": best_name,
                           "best_untuned_rmse": held_untuned[best_name], "train_rmse": error(grid, False, weights),
                           "untuned_train_rmse": untuned}
-            record = {**settings_of(method), "best_untuned_on_train": best_name, "losses": losses, "seconds": round(seconds, 3)}
+            if scored is not None:
+                validation.update(score=score(grid, weights), untuned_score=scored)
+            record = {**settings_of(method), "best_untuned_on_train": min(untuned, key=untuned.__getitem__),
+                      "losses": losses, "seconds": round(seconds, 3)}
             tuned.grids.append(TunedGrid(solver, steps, nfe, method, tuple(grid.tolist()), tuple(timesteps),
                                          tuple(sigmas), validation, record,
                                          None if weights is None else tuple(weights.tolist())))
@@ -398,7 +461,8 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
                methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None,
                pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
                teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
-               soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse", device: str = "cpu",
+               soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse",
+               selection: Selection | None = None, check_every: int = 10, device: str = "cpu",
                existing: TunedFile | None = None, plot: str | Path | None = None, into: str | Path | None = None,
                height: int | None = None, width: int | None = None, progress: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
@@ -412,6 +476,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     stock pipeline then steps the tuned Euler times (:func:`~fmconvert.integration.folder.store_tuned_times`:
     ``pipe(num_inference_steps=N)`` for each tuned N; the file stored beside); only for
     ``solver="euler"``, the scheduler's, refused with the rest before the weights are read.
+    ``selection``, ``check_every``: as :func:`tune` takes them.
     ``height``, ``width``: the image size tuned for, in pixels (the family's rule, as ``sample``
     takes it; default the model's). ``revision``, ``allow_pickle``, ``trust_remote_code``: as
     :func:`~fmconvert.integration.source.inspect_source` reads them. Returns the file's record with
@@ -462,14 +527,15 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
             bar.set_postfix(loss=f"{loss:.3g}")
 
     started = time.perf_counter()
+    chosen = f"; start and result chosen by {selection.name} on the held-out pairs" if selection else ""
     log(f"tuning {solver} for NFE {', '.join(map(str, nfe_list))} on {source.reference} ({', '.join(methods)}; "
-        f"{pairs} pairs, teacher rk4 {teacher_steps} steps)")
+        f"{pairs} pairs, teacher rk4 {teacher_steps} steps{chosen})")
     try:
         tuned = _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs,
                       seed=seed, validation_pairs=validation_pairs, validation_seed=validation_seed,
                       teacher_solver="rk4", teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations,
-                      lr=lr, soft_radius=soft_radius, batch_size=batch_size, objective=objective, device=device,
-                      existing=existing,
+                      lr=lr, soft_radius=soft_radius, batch_size=batch_size, objective=objective,
+                      selection=selection, check_every=check_every, device=device, existing=existing,
                       save=lambda file: file.save(out), progress=step)
     finally:
         if bar is not None:

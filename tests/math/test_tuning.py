@@ -257,3 +257,44 @@ def test_the_learnt_methods_minimise_the_distance_they_are_given():
         assert on_first < float(first(weighted_multistep(u, train, plain[0], "euler", plain_weights), target))
         start = float(first(SOLVERS["euler"].step(u, train, init), target))
         assert losses[0] == pytest.approx(start, rel=1e-12)  # (the full batch: the loss is that distance)
+
+
+@pytest.mark.parametrize("learn", [learn_grid, learn_sampler])
+def test_with_a_keep_score_the_checkpoint_of_least_score_is_returned(learn):
+    """``keep``: the result is the candidate of least score among the start, one every ``check_every``
+    iterations and the end, the latest among equals; a score least at the start keeps the start
+    (early stopping), one that follows the descent keeps the end; check_every below 1 is refused."""
+    mu, v, u = gaussian()
+    train = noise_of(32, 5)
+    target = exact(mu, v, train)
+    init = torch.linspace(1, 0, 4, dtype=F64)
+    seen = []
+
+    def record(score):
+        def keep(grid, weights):
+            assert (weights is None) == (learn is learn_grid)
+            seen.append((grid.clone(), None if weights is None else weights.clone()))
+            return score(grid, weights)
+        return keep
+
+    *found, _ = learn(u, train, target, init, "euler", iterations=25, keep=record(lambda g, w: float((g - init).abs().sum())),
+                      check_every=10)
+    assert len(seen) == 4 and torch.equal(seen[0][0], init)  # the start, after 10 and 20 iterations, the end
+    assert torch.equal(found[0], init)  # (the start: its own distance is 0)
+    assert not torch.equal(seen[-1][0], init)  # (the descent moved)
+    if learn is learn_sampler:
+        assert torch.equal(found[1], torch.zeros(3, dtype=F64))
+    seen.clear()
+    *found, _ = learn(u, train, target, init, "euler", iterations=25, keep=record(lambda g, w: 1.0), check_every=10)
+    assert torch.equal(found[0], seen[-1][0])  # (all equal: the latest, the end)
+    plain, *_ = learn(u, train, target, init, "euler", iterations=25)
+    assert torch.equal(found[0], plain)  # (the same descent: the checkpoints change nothing but the choice)
+    seen.clear()
+
+    def second(g, w):  # least at the checkpoint after 10 iterations (the second scored)
+        return 0.0 if len(seen) == 2 else 1.0
+
+    *found, _ = learn(u, train, target, init, "euler", iterations=25, keep=record(second), check_every=10)
+    assert torch.equal(found[0], seen[1][0]) and not torch.equal(found[0], seen[-1][0])
+    with pytest.raises(ValueError, match="check_every=0"):
+        learn(u, train, target, init, "euler", iterations=5, keep=record(second), check_every=0)

@@ -210,6 +210,10 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
     (("--nfe", 3, "--solver", "heun", "--method", "s4s"), "corrects the weights of euler and ab2, not heun"),
     (("--nfe", 3, "--objective", "lpips"), "objective"),
     (("--nfe", 3, "--objective", "features", "--method", "gits"), "is what ld3 and s4s minimise"),
+    (("--nfe", 3, "--select", "kid"), "select"),
+    (("--nfe", 3, "--select", "fid", "--features", "clip"), "features"),
+    (("--nfe", 3, "--select", "fid", "--check-every", 0), "--check-every must be a positive integer"),
+    (("--nfe", 3, "--select", "fid", "--method", "oss"), "method"),
 ])
 def test_bad_requests_are_refused_before_any_teacher_solve(tmp_path, monkeypatch, args, message):
     import fmconvert.sampling.model as model_module
@@ -308,7 +312,7 @@ def test_a_file_written_before_objectives_continues_and_weights_need_a_solver_th
     tune(out, "--nfe", 3, "--method", "ld3")
     record = json.loads(out.read_text())
     for g in record["grids"]:
-        del g["tuning"]["objective"]
+        del g["tuning"]["objective"], g["tuning"]["select"]
     out.write_text(json.dumps(record))
     again = tune(out, "--nfe", "3,4", "--method", "ld3")
     assert [(g["nfe"], g["tuning"].get("objective")) for g in again["grids"]] == [(3, None), (4, "mse")]
@@ -375,3 +379,54 @@ def test_the_command_lines_defaults_are_the_librarys():
     assert len(shared) >= 12
     for param in shared:
         assert param.default == library[param.name].default, param.name
+
+
+def test_select_fid_starts_from_and_keeps_the_grid_closest_to_the_teacher_in_fid(tmp_path, tmp_path_factory):
+    """--select fid: each learnt grid starts from the untuned grid of least held-out FID to the teacher's
+    endpoints (every untuned one's recorded), keeps a checkpoint at least as close (the start included),
+    records its selection, and the file's --grid ranks by that score; the FID is the fid command's
+    formula in its features; images the features cannot take are refused before any teacher solve."""
+    from fmconvert.evaluation.fid import frechet_selection, make_extractor
+    from fmconvert.evaluation.statistics import FeatureStatistics, fid_between
+    from fmconvert.files.images import to_uint8
+
+    out = tmp_path / "fid.json"
+    tune(out, "--nfe", 3, "--method", "gits,ld3,s4s", "--select", "fid", "--check-every", 3)
+    file = TunedFile.load(out)
+    assert {g.method for g in file.grids} == {"gits", "ld3", "s4s"}
+    for g in file.grids:
+        v = g.validation
+        assert g.tuning["select"] == "fid-digits" and g.tuning["check_every"] == 3
+        assert v["best_untuned"] == min(v["untuned_score"], key=v["untuned_score"].get)
+        assert g.tuning["best_untuned_on_train"] == min(v["untuned_train_rmse"], key=v["untuned_train_rmse"].get)
+        if g.method != "gits":
+            assert v["score"] <= v["untuned_score"][v["best_untuned"]] + 1e-9
+    assert file.best(3) is min(file.grids, key=lambda g: g.validation["score"])
+    # the score: FID of the digits features of two image sets, as the fid command computes it
+    extractor = make_extractor("digits")
+    a, b = (torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(k)) for k in (0, 1))
+    distance = frechet_selection(extractor).against(a)
+    stats = [FeatureStatistics(extractor.num_features) for _ in range(2)]
+    for st, images in zip(stats, (a, b)):
+        st.update(extractor(to_uint8(images)))
+    assert distance(b) == pytest.approx(fid_between(*stats), rel=1e-9) and distance(b) > 0
+    assert abs(distance(a)) < 1e-6 * distance(b)  # (itself: 0 up to the square root's rounding)
+    dit = build_replica("dit", tmp_path_factory)  # (its latents decode to 16x16 images: not the digits features')
+    line = error(2, "tune", dit, "--out", tmp_path / "dit.json", "--nfe", 2, "--class-label", 1, "--select", "fid",
+                 *SMALL)
+    assert "takes 8×8 images" in line, line
+
+
+def test_best_ranks_by_the_selection_score_when_every_grid_has_one_else_by_rmse():
+    from fmconvert.sampling.tuned import TunedGrid
+
+    def grid(rmse, score=None, select="fid-digits"):
+        validation = {"rmse": rmse, **({} if score is None else {"score": score})}
+        return TunedGrid("ab2", 3, 3, "ld3", (1.0, 0.5, 0.2, 0.0), (999, 500, 200, 0), (None, 1.0, 0.25, 0.0),
+                         validation, {"select": select if score is not None else "loss"})
+
+    sharp, blurred = grid(0.3, 5.0), grid(0.2, 9.0)
+    assert TunedFile("m", "f", [blurred, sharp]).best(3) is sharp
+    plain = grid(0.25)
+    assert TunedFile("m", "f", [blurred, sharp, plain]).best(3) is blurred  # (not all scored alike: RMSE)
+    assert TunedFile("m", "f", [grid(0.3, 5.0, "fid-inception-2048"), blurred]).best(3) is blurred
