@@ -2,8 +2,8 @@
 """Few-step samplers side by side: fmconvert (untuned and tuned) against its peers on the zoo.
 
     python scripts/peers_bench.py [--models digits-eps,...] [--nfe 2,3,4,5,6,8] [--num-images 2000]
-                                  [--tuned docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features.json]
-                                  [--out docs/benchmarks/PEERS.md]
+                                  [--tuned docs/benchmarks/TUNING.json,...] [--k-diffusion DIR]
+                                  [--skrample PYTHON] [--out docs/benchmarks/PEERS.md] [--rewrite OUT.json]
 
 For each zoo model and NFE, FID in digits features against builtin:digits of ``--num-images``
 samples from the same noise (seed 1000: image n's noise is the n-th of the documented stream) for
@@ -24,7 +24,13 @@ samples from the same noise (seed 1000: image n's noise is the n-th of the docum
   and pass ``--k-diffusion DIR`` (rows are left out without it);
 - the converged solve (rk4, 25 steps, 100 NFE), whose FID the excess is measured from.
 
-skrample, the other peer the issue names, needs Python >= 3.12 and is not run here.
+- skrample (a composable sampler library; Python >= 3.12, its core numpy alone): UniPC of order 2 and 3,
+  DPM-Solver of order 2 and 3 and Adams (iPNDM's recursion) of order 3 and 4, each on skrample's own
+  schedule for the model (digits-eps: its continuous linear-beta schedule, also with Karras and exponential
+  sigmas; digits-v: the cosine schedule's diffusers (timestep, σ/α) pairs as skrample's FixedSchedule, which
+  skrample has no beta class for; digits-flow: its linear flow schedule), run by ``--skrample PYTHON``, an
+  interpreter with skrample installed, through scripts/skrample_peer.py, which asks this process for
+  each network call (rows are left out without it);
 Writes OUT (Markdown: the excess ratio of fmconvert's best to the best peer's per point) and the
 numbers beside it (.json).
 """
@@ -142,19 +148,93 @@ def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, re
     return rows
 
 
+SKRAMPLE_SAMPLERS = (("UniPC", 2), ("UniPC", 3), ("DPM", 2), ("DPM", 3), ("Adams", 3), ("Adams", 4))
+
+
+def skrample_jobs(vm) -> list[dict]:
+    """skrample's schedules for ``vm``'s source (see the module docstring), as scripts/skrample_peer.py's jobs."""
+    config = vm.source.scheduler
+    if vm.source.prediction_type == "flow_prediction":
+        return [{"model": "flow", "schedule": "linear", "base_timesteps": config["num_train_timesteps"],
+                 "shift": config.get("shift", 1.0), "subschedule": None}]
+    model = vm.source.prediction_type
+    if config["beta_schedule"] in ("linear", "scaled_linear"):
+        base = {"model": model, "schedule": "scaled", "beta_start": config["beta_start"], "beta_end": config["beta_end"],
+                "beta_scale": 1 if config["beta_schedule"] == "linear" else 2,
+                "base_timesteps": config["num_train_timesteps"]}
+        return [{**base, "subschedule": sub} for sub in (None, "karras", "exponential")]
+    from diffusers import DDPMScheduler
+
+    alphas = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    timesteps = torch.arange(len(alphas) - 1, -1, -1)
+    points = torch.stack([timesteps.double(), ((1 - alphas[timesteps]) / alphas[timesteps]).sqrt()], 1)
+    return [{"model": model, "schedule": "fixed", "points": points.tolist(), "subschedule": None}]
+
+
+def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref):
+    """FID of skrample's samplers on ``vm``'s unconverted network at each NFE, from the documented noise: the
+    sampling runs in ``python`` (scripts/skrample_peer.py), each network call here."""
+    import subprocess
+
+    from fmconvert.integration.source import load_denoiser
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from skrample_peer import receive, send  # (the protocol; the worker's numpy and json only)
+
+    unet = load_denoiser(vm.source).eval()
+    shape = sample_shape(vm)
+    noise = NoiseStream(num_images, shape, SEED).take(0, num_images).double().numpy()
+    worker = subprocess.Popen([str(python), str(Path(__file__).with_name("skrample_peer.py"))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    rows = []
+    try:
+        for job in skrample_jobs(vm):
+            for sampler, order in SKRAMPLE_SAMPLERS:
+                for nfe in nfe_list:
+                    worker.stdin.write((json.dumps({**job, "sampler": sampler, "order": order, "steps": nfe}) + "\n").encode())
+                    send(worker.stdin, noise)
+                    calls = 0
+                    while (line := worker.stdout.readline().decode().split()) and line[0] == "call":
+                        x = torch.from_numpy(receive(worker.stdout).copy()).float()
+                        t = torch.full((x.shape[0],), float(line[1]))
+                        with torch.no_grad():
+                            out = torch.cat([unet(x[i:i + BATCH], t[i:i + BATCH]).sample for i in range(0, len(x), BATCH)])
+                        send(worker.stdin, out.double().numpy())
+                        calls += 1
+                    if not line:
+                        raise RuntimeError(f"skrample's worker stopped ({worker.wait()})")
+                    x0 = torch.from_numpy(receive(worker.stdout).copy()).float()
+                    images = [to_uint8((x0[i:i + BATCH] / 2 + 0.5).clamp(0, 1)) for i in range(0, len(x0), BATCH)]
+                    fid = fid_between(ref.stats, stats_of(images, extractor))
+                    schedule = job["schedule"] + (f", {job['subschedule']} sigmas" if job["subschedule"] else "")
+                    rows.append({"model": name, "nfe": calls, "side": "skrample",
+                                 "sampler": f"{sampler} order {order} ({schedule})", "fid": fid})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        worker.stdin.close()
+        worker.wait()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits-eps,digits-v,digits-flow")
     parser.add_argument("--nfe", default="2,3,4,5,6,8")
     parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--tuned", default="docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features.json",
+    parser.add_argument("--tuned", default="docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features.json,"
+                        "docs/benchmarks/TUNING-features-fid.json",
                         help="scripts/tune_bench.py's numbers, comma-separated: their LD3 and S4S samplers are the tuned rows")
     parser.add_argument("--k-diffusion", type=Path, default=None, help="a folder holding k_diffusion (see above)")
+    parser.add_argument("--skrample", type=Path, default=None, help="a Python >= 3.12 with skrample (see above)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/PEERS.md"))
+    parser.add_argument("--rewrite", type=Path, default=None, help="only rewrite OUT from this run's .json")
     args = parser.parse_args()
+    if args.rewrite is not None:
+        write(json.loads(args.rewrite.read_text()), args.out)
+        return
     started = time.time()
     nfe_list = [int(n) for n in args.nfe.split(",")]
-    tuned = [{**row, "objective": record["settings"].get("objective", "mse")}
+    tuned = [{**row, "objective": record["settings"].get("objective", "mse"), "select": record["settings"].get("select", "loss")}
              for record in (json.loads(Path(f).read_text()) for f in args.tuned.split(",") if Path(f).is_file())
              for row in record["rows"]]
     k_modules = load_k_diffusion(args.k_diffusion) if args.k_diffusion else None
@@ -178,7 +258,8 @@ def main() -> None:
                     weights = tuple(row["weights"]) if row.get("weights") else None
                     runs.append(dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"]),
                                                                              weights=weights), steps=nfe))
-                    labels.append(("fmconvert tuned", f"{row['solver']}, {row['method']} ({row['objective']})"))
+                    chosen = "" if row["select"] == "loss" else f", chosen by {row['select']}"
+                    labels.append(("fmconvert tuned", f"{row['solver']}, {row['method']} ({row['objective']}{chosen})"))
             for spec in DIFFUSERS:
                 if vm.source.prediction_type == "flow_prediction" and ":" in spec:
                     continue  # (Karras sigmas: a diffusion schedule's option)
@@ -201,48 +282,68 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         if k_modules is not None:
             rows += k_rows(name, vm, *k_modules, nfe_list, args.num_images, extractor, ref)
+        if args.skrample is not None:
+            rows += skrample_rows(name, vm, args.skrample, nfe_list, args.num_images, extractor, ref)
     record = {"num_images": args.num_images, "seed": SEED, "converged": converged, "rows": rows, "failed": failed,
               "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "k_diffusion": k_modules is not None}
+              "k_diffusion": k_modules is not None, "skrample": args.skrample is not None}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    write(record, args.out)
+
+
+#: the one tuned setting the table also shows throughout (scripts/tune_bench.py's label for it)
+ONE_SETTING = "ab2, s4s (features, chosen by fid)"
+
+
+def write(record: dict, out: Path) -> None:
+    """OUT (Markdown) from a run's record (also ``--rewrite OUT.json``)."""
+    rows, converged, failed = record["rows"], record["converged"], record["failed"]
+    nfe_list = sorted({r["nfe"] for r in rows})
+    peer_sides = ("diffusers", "k-diffusion", "skrample")
     lines = ["# fmconvert against its peers at few steps", "",
              f"Written by `scripts/peers_bench.py` ({record['seconds']} s on {record['machine']}). FID in digits features "
-             f"against builtin:digits, {args.num_images} samples from the same noise (seed {SEED}) for every sampler; the "
-             "NFE is counted from network calls. Excess = FID − the converged solve's (rk4, 100 NFE). Ratio = the excess "
-             "of fmconvert's default (auto) and of its best tuned sampler ÷ the best peer's (below 1: fmconvert is "
-             "better; below 0: its FID is below the converged solve's, within the estimate's noise; — where the peer's "
-             "excess is not positive). The best tuned sampler is the best of the `--tuned` files' samplers on "
-             "this very noise, a choice that flatters it; one setting throughout is in the README and TUNING.md.", "",
-             "| model | NFE | best peer | its FID | fmconvert auto | best tuned (method, objective) | its FID "
-             "| ratio auto | ratio tuned |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"against builtin:digits, {record['num_images']} samples from the same noise (seed {record['seed']}) for every "
+             "sampler; the NFE is counted from network calls. Peers: " + ", ".join(
+                 side for side in peer_sides if any(r["side"] == side for r in rows)) + ". Excess = FID − the converged "
+             "solve's (rk4, 100 NFE). Ratio = the excess of fmconvert's default (auto), of one tuned setting throughout "
+             f"({ONE_SETTING}: docs/benchmarks/TUNING-features-fid.md) and of its best tuned sampler ÷ the best peer's "
+             "(below 1: fmconvert is better; below 0: its FID is below the converged solve's, within the estimate's noise; "
+             "— where the peer's excess is not positive: compare the FIDs). The best tuned sampler is the best of the "
+             "`--tuned` files' samplers on this very noise, a choice that flatters it; the one setting is not chosen here.",
+             "",
+             "| model | NFE | best peer | its FID | fmconvert auto | one setting | best tuned (method, objective) | its FID "
+             "| ratio auto | ratio one setting | ratio best tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in converged:
         for nfe in nfe_list:
             here = [r for r in rows if r["model"] == name and r["nfe"] == nfe]
-            peers = [r for r in here if r["side"] in ("diffusers", "k-diffusion")]
+            peers = [r for r in here if r["side"] in peer_sides]
             ours = [r for r in here if r["side"].startswith("fmconvert")]
             if not peers or not ours:
                 continue
             peer = min(peers, key=lambda r: r["fid"])
             auto = next(r for r in ours if r["side"] == "fmconvert")
             tuned_row = min((r for r in ours if r["side"] == "fmconvert tuned"), key=lambda r: r["fid"], default=None)
+            one = next((r for r in ours if r["side"] == "fmconvert tuned" and r["sampler"] == ONE_SETTING), None)
             floor = converged[name]
 
             def ratio(row, floor=floor, peer=peer):  # — where the peer's excess is not positive: compare FIDs
                 return "—" if row is None or peer["fid"] <= floor else f"{(row['fid'] - floor) / (peer['fid'] - floor):.2f}"
 
             lines.append(f"| {name} | {nfe} | {peer['side']}: {peer['sampler']} | {peer['fid']:.2f} | {auto['fid']:.2f} | "
+                         + (f"{one['fid']:.2f}" if one else "—") + " | "
                          + (f"{tuned_row['sampler']} | {tuned_row['fid']:.2f}" if tuned_row else "— | —")
-                         + f" | {ratio(auto)} | {ratio(tuned_row)} |")
+                         + f" | {ratio(auto)} | {ratio(one)} | {ratio(tuned_row)} |")
     lines += ["", "Converged FID: " + ", ".join(f"{k} {v:.2f}" for k, v in converged.items()) + "."]
     if failed:
         lines += ["", "Runs that failed (left out of the table): " + "; ".join(
             f"{f['model']} {f['sampler']} at {f['nfe']} NFE ({f['error']})" for f in failed) + "."]
     lines += ["",
-              "Every row: " + ("" if k_modules else "(k-diffusion not loaded) ") + f"[{args.out.with_suffix('.json').name}]"
-              f"({args.out.with_suffix('.json').name})."]
-    args.out.write_text("\n".join(lines) + "\n")
+              "Every row: " + ("" if record.get("k_diffusion") else "(k-diffusion not loaded) ")
+              + ("" if record.get("skrample") else "(skrample not run) ") + f"[{out.with_suffix('.json').name}]"
+              f"({out.with_suffix('.json').name})."]
+    out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
