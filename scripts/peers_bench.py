@@ -110,7 +110,7 @@ class _FlowDenoiser(torch.nn.Module):
         return x_s - s.view(-1, *[1] * (x.ndim - 1)).to(x.dtype) * u
 
 
-def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, ref):
+def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, ref, samplers=K_SAMPLERS):
     """FID of k-diffusion's samplers on ``vm``'s source at each NFE, from the documented noise."""
     from diffusers import DDPMScheduler
 
@@ -127,7 +127,7 @@ def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, re
         model = None
     shape = sample_shape(vm)
     rows = []
-    for sampler, schedule in K_SAMPLERS:
+    for sampler, schedule in samplers:
         for nfe in nfe_list:
             if schedule == "karras":
                 sigmas = k_sampling.get_sigmas_karras(nfe, sigma_min, sigma_max, rho=7.0)
@@ -151,7 +151,7 @@ def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, re
 SKRAMPLE_SAMPLERS = (("UniPC", 2), ("UniPC", 3), ("DPM", 2), ("DPM", 3), ("Adams", 3), ("Adams", 4))
 
 
-def skrample_jobs(vm) -> list[dict]:
+def skrample_jobs(vm, sigmas: tuple[str, ...] = ("none", "karras", "exponential")) -> list[dict]:
     """skrample's schedules for ``vm``'s source (see the module docstring), as scripts/skrample_peer.py's jobs."""
     config = vm.source.scheduler
     if vm.source.prediction_type == "flow_prediction":
@@ -162,7 +162,7 @@ def skrample_jobs(vm) -> list[dict]:
         base = {"model": model, "schedule": "scaled", "beta_start": config["beta_start"], "beta_end": config["beta_end"],
                 "beta_scale": 1 if config["beta_schedule"] == "linear" else 2,
                 "base_timesteps": config["num_train_timesteps"]}
-        return [{**base, "subschedule": sub} for sub in (None, "karras", "exponential")]
+        return [{**base, "subschedule": None if sub == "none" else sub} for sub in sigmas]
     from diffusers import DDPMScheduler
 
     alphas = DDPMScheduler.from_config(config).alphas_cumprod.double()
@@ -171,7 +171,8 @@ def skrample_jobs(vm) -> list[dict]:
     return [{"model": model, "schedule": "fixed", "points": points.tolist(), "subschedule": None}]
 
 
-def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref):
+def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref, samplers=SKRAMPLE_SAMPLERS,
+                  sigmas=("none", "karras", "exponential")):
     """FID of skrample's samplers on ``vm``'s unconverted network at each NFE, from the documented noise: the
     sampling runs in ``python`` (scripts/skrample_peer.py), each network call here."""
     import subprocess
@@ -188,8 +189,8 @@ def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     rows = []
     try:
-        for job in skrample_jobs(vm):
-            for sampler, order in SKRAMPLE_SAMPLERS:
+        for job in skrample_jobs(vm, sigmas):
+            for sampler, order in samplers:
                 for nfe in nfe_list:
                     worker.stdin.write((json.dumps({**job, "sampler": sampler, "order": order, "steps": nfe}) + "\n").encode())
                     send(worker.stdin, noise)
@@ -227,6 +228,13 @@ def main() -> None:
     parser.add_argument("--k-diffusion", type=Path, default=None, help="a folder holding k_diffusion (see above)")
     parser.add_argument("--skrample", type=Path, default=None, help="a Python >= 3.12 with skrample (see above)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/PEERS.md"))
+    parser.add_argument("--diffusers", default=";".join(DIFFUSERS), help="diffusers' schedulers as --baseline takes them, separated by ;")
+    parser.add_argument("--k-samplers", default=",".join(f"{a}:{b}" for a, b in K_SAMPLERS),
+                        help="k-diffusion's SAMPLER:SIGMAS pairs")
+    parser.add_argument("--skrample-samplers", default=",".join(f"{a}:{b}" for a, b in SKRAMPLE_SAMPLERS),
+                        help="skrample's CLASS:ORDER pairs")
+    parser.add_argument("--skrample-sigmas", default="none,karras,exponential",
+                        help="skrample's sigma schedules on a beta schedule (none: its own)")
     parser.add_argument("--rewrite", type=Path, default=None, help="only rewrite OUT from this run's .json")
     args = parser.parse_args()
     if args.rewrite is not None:
@@ -260,7 +268,7 @@ def main() -> None:
                                                                              weights=weights), steps=nfe))
                     chosen = "" if row["select"] == "loss" else f", chosen by {row['select']}"
                     labels.append(("fmconvert tuned", f"{row['solver']}, {row['method']} ({row['objective']}{chosen})"))
-            for spec in DIFFUSERS:
+            for spec in args.diffusers.split(";"):
                 if vm.source.prediction_type == "flow_prediction" and ":" in spec:
                     continue  # (Karras sigmas: a diffusion schedule's option)
                 baseline, options = parse_baseline(spec)
@@ -281,13 +289,17 @@ def main() -> None:
             rows.append({"model": name, "nfe": row["nfe"], "side": side, "sampler": label, "fid": row["fid"]})
             print(json.dumps(rows[-1]), flush=True)
         if k_modules is not None:
-            rows += k_rows(name, vm, *k_modules, nfe_list, args.num_images, extractor, ref)
+            rows += k_rows(name, vm, *k_modules, nfe_list, args.num_images, extractor, ref,
+                           [tuple(pair.split(":")) for pair in args.k_samplers.split(",")])
         if args.skrample is not None:
-            rows += skrample_rows(name, vm, args.skrample, nfe_list, args.num_images, extractor, ref)
+            rows += skrample_rows(name, vm, args.skrample, nfe_list, args.num_images, extractor, ref,
+                                  [(c, int(o)) for c, o in (pair.split(":") for pair in args.skrample_samplers.split(","))],
+                                  tuple(args.skrample_sigmas.split(",")))
     record = {"num_images": args.num_images, "seed": SEED, "converged": converged, "rows": rows, "failed": failed,
               "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "k_diffusion": k_modules is not None, "skrample": args.skrample is not None}
+              "k_diffusion": k_modules is not None, "skrample": args.skrample is not None,
+              "command": " ".join(["python"] + sys.argv)}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     write(record, args.out)
 
@@ -336,6 +348,12 @@ def write(record: dict, out: Path) -> None:
                          + (f"{tuned_row['sampler']} | {tuned_row['fid']:.2f}" if tuned_row else "— | —")
                          + f" | {ratio(auto)} | {ratio(one)} | {ratio(tuned_row)} |")
     lines += ["", "Converged FID: " + ", ".join(f"{k} {v:.2f}" for k, v in converged.items()) + "."]
+    lines += ["", "Samplers run: " + "; ".join(
+        f"{side}: " + " · ".join(sorted({r['sampler'] for r in rows if r['side'] == side}))
+        for side in ("fmconvert", "fmconvert tuned", *peer_sides) if any(r["side"] == side for r in rows)) + "."]
+    if record.get("command"):
+        lines += ["", f"Command: `{record['command']}`."]
+    lines += [f"\nNote: {note}" for note in record.get("notes", [])]  # (added to the .json by hand, with the reason)
     if failed:
         lines += ["", "Runs that failed (left out of the table): " + "; ".join(
             f"{f['model']} {f['sampler']} at {f['nfe']} NFE ({f['error']})" for f in failed) + "."]
