@@ -142,9 +142,7 @@ def frechet_selection(extractor: Extractor, device: str = "cpu") -> "Selection":
     from fmconvert.sampling.tuned import Selection
 
     def stats(images: torch.Tensor) -> FeatureStatistics:
-        found = FeatureStatistics(extractor.num_features, device)
-        found.update(extractor(to_uint8(images).to(device)))
-        return found
+        return stats_of([to_uint8(images)], extractor, device)
 
     def against(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
         reference = stats(teacher)

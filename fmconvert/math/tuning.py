@@ -231,7 +231,7 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
     def snapshot() -> tuple[torch.Tensor, torch.Tensor]:
         return grid_from_logits(logits.detach(), start, end), weights.detach().clone()
 
-    checkpoints = [(init, torch.zeros_like(weights.detach()))]
+    checkpoints = [(init, torch.zeros_like(weights.detach()))]  # (without keep: the initial and the final one)
 
     for k in range(iterations):
         index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
@@ -258,8 +258,6 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
                 return keep(candidate[0], candidate[1] if with_weights else None)
             return float(loss_of(endpoint(noise, *candidate), target))
 
-        if keep is None:  # (the loss on all pairs: the initial and the final one)
-            checkpoints = [checkpoints[0], checkpoints[-1]]
         scores = [score(candidate) for candidate in checkpoints]
         grid, corrections = checkpoints[max(i for i, v in enumerate(scores) if v == min(scores))]  # (the latest)
     return grid, (corrections if with_weights else None), losses
