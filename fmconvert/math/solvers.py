@@ -174,13 +174,42 @@ def dopri5(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, rtol
 # takes the steps of the diffusers scheduler it mirrors on the source's own VP path.
 
 
-def _lambdas(grid: torch.Tensor) -> list[float]:
-    """λ_i = log((1 − s_i)/s_i) as Python floats: −∞ at s = 1, +∞ at s = 0."""
+def _lambdas(grid: torch.Tensor) -> list:
+    """λ_i = log((1 − s_i)/s_i): −∞ at s = 1, +∞ at s = 0. Python floats; on a grid that requires
+    grad (one being tuned: :mod:`fmconvert.math.tuning`) the interior ones are 0-d tensors that carry
+    its gradient (the infinite ends, fixed by the tuning, stay floats)."""
+    import torch
+
+    if grid.requires_grad:
+        return [-math.inf if v >= 1 else math.inf if v <= 0 else torch.log1p(-s) - torch.log(s)
+                for v, s in zip(grid.detach().tolist(), grid.unbind())]
     return [-math.inf if s >= 1 else math.inf if s <= 0 else math.log1p(-s) - math.log(s) for s in grid.tolist()]
 
 
+def _times(grid: torch.Tensor) -> list:
+    """The grid's times for the exponential integrators' coefficients: Python floats, or 0-d tensors
+    that carry the gradient of a grid that requires grad."""
+    return list(grid.unbind()) if grid.requires_grad else grid.tolist()
+
+
+def _expm1(h):
+    """e^h − 1 of a float or of a 0-d tensor (differentiable)."""
+    import torch
+
+    return math.expm1(h) if isinstance(h, float) else torch.expm1(h)
+
+
+def _far(lam) -> bool:
+    """λ = −∞ (s = 1): an evaluation there lies infinitely far back in λ, so every difference quotient
+    against it is 0 (diffusers computes the 0 from 1/∞). The solvers skip such a term: the same sum,
+    and a tuned grid's gradient free of ∞·0."""
+    return isinstance(lam, float) and math.isinf(lam)
+
+
 def _data_prediction(u: Velocity, x: torch.Tensor, grid: torch.Tensor, i: int) -> torch.Tensor:
-    """x̂0 = x − s_i·u(x, s_i): one evaluation."""
+    """x̂0 = x − s_i·u(x, s_i): one evaluation (differentiable in s_i on a grid that requires grad)."""
+    if grid.requires_grad:
+        return x - grid[i] * u(x, _s(grid[i], x))
     return x.add(u(x, _s(grid[i], x)), alpha=-float(grid[i]))
 
 
@@ -195,22 +224,27 @@ def _dpm_order(order: int, i: int, n: int, final_zero: bool) -> int:
     return min(order, i + 1)
 
 
-def _dpmpp_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, order: int, callback=None) -> torch.Tensor:
-    """DPM-Solver++(order M) in data prediction, diffusers' dpmsolver++ updates ("midpoint" at order 2)."""
-    lam, s = _lambdas(grid), grid.tolist()
-    n = len(s) - 1
+def _dpmpp_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, order: int, callback=None,
+                     corrections=None) -> torch.Tensor:
+    """DPM-Solver++(order M) in data prediction, diffusers' dpmsolver++ updates ("midpoint" at order 2);
+    with ``corrections``, :func:`weighted_multistep`'s term on each step after the first."""
+    lam, s = _lambdas(grid), _times(grid)
+    n, final_zero = len(s) - 1, float(grid[-1].detach()) == 0
     m: list[torch.Tensor] = []  # x̂0 of the last (up to) three evaluations, newest last
     for i in range(n):
         m = (m + [_data_prediction(u, x, grid, i)])[-3:]
-        k = _dpm_order(order, i, n, s[-1] == 0)
+        k = _dpm_order(order, i, n, final_zero)
         h = lam[i + 1] - lam[i]
-        ratio, alpha, phi = s[i + 1] / s[i], 1 - s[i + 1], math.expm1(-h)  # σ_t/σ_s, α_t, e^{−h} − 1
-        if k == 1:
+        ratio, alpha, phi = s[i + 1] / s[i], 1 - s[i + 1], _expm1(-h)  # σ_t/σ_s, α_t, e^{−h} − 1
+        if k == 1 or (k == 2 and _far(lam[i - 1])):
             x = ratio * x - (alpha * phi) * m[-1]
         elif k == 2:
             r0 = (lam[i] - lam[i - 1]) / h
             d1 = (1.0 / r0) * (m[-1] - m[-2])
             x = ratio * x - (alpha * phi) * m[-1] - (0.5 * alpha * phi) * d1
+        elif _far(lam[i - 2]):  # (D1_1 = 0 and D2 = 0)
+            d1 = (1.0 / ((lam[i] - lam[i - 1]) / h)) * (m[-1] - m[-2])
+            x = ratio * x - (alpha * phi) * m[-1] + (alpha * (phi / h + 1.0)) * d1
         else:
             r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
             d1_0, d1_1 = (1.0 / r0) * (m[-1] - m[-2]), (1.0 / r1) * (m[-2] - m[-3])
@@ -218,6 +252,8 @@ def _dpmpp_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, order: in
             d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
             x = (ratio * x - (alpha * phi) * m[-1] + (alpha * (phi / h + 1.0)) * d1
                  - (alpha * ((phi + h) / h**2 - 0.5)) * d2)
+        if corrections is not None and i > 0:
+            x = x - (alpha * phi * corrections[i]) * (m[-1] - m[-2])
         callback and callback(i)
     return x
 
@@ -257,7 +293,7 @@ def dpmpp_3m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) ->
     return _dpmpp_multistep(u, x, grid, 3, callback)
 
 
-def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, corrections=None) -> torch.Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework"), B(h) = e^h − 1
     ("bh2"), in data prediction on the rectified path: the predictor UniP-2, which with
     B(h) = e^{−h} − 1 is DPM-Solver++(2M) (φ = e^{−h} − 1, D1 = (x̂0_{i−1} − x̂0_i)/r_k,
@@ -276,8 +312,9 @@ def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> to
     step; the last step first order (x ← x̂0 into s = 0) and not corrected. Mirrors diffusers'
     UniPCMultistepScheduler(solver_order=2, predict_x0=True, solver_type="bh2",
     lower_order_final=True) (multistep_uni_p_bh_update / multistep_uni_c_bh_update).
-    One evaluation a step."""
-    lam, s = _lambdas(grid), grid.tolist()
+    One evaluation a step. ``corrections``: :func:`weighted_multistep`'s term on each step after the
+    first, in the predictor and in its corrector alike."""
+    lam, s = _lambdas(grid), _times(grid)
     n = len(s) - 1
     m: list[torch.Tensor] = []  # x̂0 of the last (up to) three evaluations, newest last
     base = x  # the corrected sample the last predictor started from
@@ -286,10 +323,12 @@ def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> to
         m = (m + [_data_prediction(u, x, grid, i)])[-3:]
         if i > 0:  # UniC on the step s_{i−1} → s_i, with the evaluation just made
             h = lam[i] - lam[i - 1]
-            ratio, alpha, phi = s[i] / s[i - 1], 1 - s[i], math.expm1(-h)
+            ratio, alpha, phi = s[i] / s[i - 1], 1 - s[i], _expm1(-h)
             x = ratio * base - (alpha * phi) * m[-2]
             if order == 1:
                 x = x - (alpha * phi * 0.5) * (m[-1] - m[-2])
+            elif _far(lam[i - 2]):  # (ρ_0 = 0, ρ_1 = b_1)
+                x = x - (alpha * phi) * ((phi / -h - 1) / phi * (m[-1] - m[-2]))
             else:
                 rk = (lam[i - 2] - lam[i - 1]) / h
                 b1 = (phi / -h - 1) / phi
@@ -298,20 +337,24 @@ def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> to
                 rho1 = b1 - rho0
                 d1 = (1.0 / rk) * (m[-3] - m[-2])
                 x = x - (alpha * phi) * (rho0 * d1 + rho1 * (m[-1] - m[-2]))
+            if corrections is not None and i > 1:
+                x = x - (alpha * phi * corrections[i - 1]) * (m[-2] - m[-3])
         order = min(2, n - i, i + 1)
         base = x
         h = lam[i + 1] - lam[i]
-        ratio, alpha, phi = s[i + 1] / s[i], 1 - s[i + 1], math.expm1(-h)
+        ratio, alpha, phi = s[i + 1] / s[i], 1 - s[i + 1], _expm1(-h)
         x = ratio * x - (alpha * phi) * m[-1]
-        if order == 2:
+        if order == 2 and not _far(lam[i - 1]):
             rk = (lam[i - 1] - lam[i]) / h
             x = x - (alpha * phi * 0.5) * ((1.0 / rk) * (m[-2] - m[-1]))
+        if corrections is not None and i > 0:
+            x = x - (alpha * phi * corrections[i]) * (m[-1] - m[-2])
         callback and callback(i)
     return x
 
 
 #: the solvers a tuned sampler may correct with per-step weights (:func:`weighted_multistep`)
-WEIGHTED = ("euler", "ab2")
+WEIGHTED = ("euler", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc")
 
 
 def weighted_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str, weights,
@@ -319,15 +362,23 @@ def weighted_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver:
     """``solver`` (one of :data:`WEIGHTED`) with a learnt correction c_i of each step's weight on the
     previous evaluation: the idea of S4S (Frankel et al., ICML 2025, "S4S: Solving for a Diffusion
     Model Solver") and Bespoke / BNS solvers (Shaul et al., ICLR / ICML 2024), in its smallest form,
-    one number a step. Step s_i → s_{i+1}, h_i = s_{i+1} − s_i:
+    one number a step. Step s_i → s_{i+1}, h_i = s_{i+1} − s_i; euler and ab2, on the velocity:
 
         x ← x + h_i·((1 + b_i + c_i)·u_i − (b_i + c_i)·u_{i−1}),  b_i = 0 (euler), r_i/2 (ab2), r_i = h_i/h_{i−1}
 
-    Euler on the first step (c_0 is not used: nothing was evaluated before it). The two weights sum
-    to one at any c, so every step stays consistent (a constant field is integrated exactly); c = 0
-    is the plain solver. ``weights``: (c_0, …, c_{N−1}) for the N steps, a (N,) tensor (float64; it
-    may require grad) or a sequence of floats. One evaluation a step. ValueError for another solver
-    or another number of weights."""
+    the exponential integrators (dpmpp_2m, dpmpp_3m, unipc), on the data prediction x̂0 = x − s·u, their
+    step plus (α = 1 − s, φ_i = e^{−(λ_{i+1} − λ_i)} − 1, as in their own update)
+
+        x ← step_i(x) − α_{i+1}·φ_i·c_i·(x̂0_i − x̂0_{i−1})
+
+    (unipc: in the predictor and in the corrector of step i alike; into s = 0, where α = 1 and φ = −1,
+    x ← x̂0_i + c_i·(x̂0_i − x̂0_{i−1}), an extrapolation of the data prediction). Nothing is corrected
+    on the first step (c_0 is not used: nothing was evaluated before it). The weights on the
+    evaluations sum as the plain solver's at any c (a difference of two evaluations is added), so every
+    step stays consistent (a constant field is integrated exactly); c = 0 is the plain solver.
+    ``weights``: (c_0, …, c_{N−1}) for the N steps, a (N,) tensor (float64; it may require grad) or a
+    sequence of floats. One evaluation a step. ValueError for another solver or another number of
+    weights."""
     import torch
 
     if solver not in WEIGHTED:
@@ -336,6 +387,10 @@ def weighted_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver:
     weights = torch.as_tensor(weights, dtype=torch.float64)
     if weights.shape != (n,):
         raise ValueError(f"{tuple(weights.shape)} weights for a grid of {n} steps: one a step wanted")
+    if solver == "unipc":
+        return unipc(u, x, grid, callback, weights)
+    if solver in ("dpmpp_2m", "dpmpp_3m"):
+        return _dpmpp_multistep(u, x, grid, int(solver[-2]), callback, weights)
     return _two_step(u, x, grid, solver == "ab2", weights, callback)
 
 

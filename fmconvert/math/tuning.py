@@ -46,7 +46,7 @@ Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Score = Callable[[torch.Tensor, "torch.Tensor | None"], float]
 #: the solvers :func:`learn_grid` differentiates through (their step arithmetic is torch's on a
 #: grid that requires grad); :func:`gits_grid` takes any solver's NFE
-DIFFERENTIABLE = ("euler", "heun", "midpoint", "rk4", "ab2")
+DIFFERENTIABLE = ("euler", "heun", "midpoint", "rk4", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc")
 
 
 def grid_from_logits(logits: torch.Tensor, start: float = 1.0, end: float = 0.0) -> torch.Tensor:

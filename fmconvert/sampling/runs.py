@@ -101,7 +101,7 @@ class OdeSampler:
 
             if self.solver not in WEIGHTED:
                 raise UsageError(f"a tuned grid for {self.solver} has per-step weights, which only "
-                                 f"{' and '.join(WEIGHTED)} take: the tuned sampler file is not one fmconvert tune wrote")
+                                 f"{', '.join(WEIGHTED)} take: the tuned sampler file is not one fmconvert tune wrote")
 
     @property
     def name(self) -> str:

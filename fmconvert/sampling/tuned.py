@@ -60,7 +60,7 @@ FORMAT, VERSION = "fmconvert-tuned-sampler", 1
 METHODS = {"gits": "dynamic programming over a fine teacher trajectory (GITS, Chen et al. ICML 2024)",
            "ld3": "time steps learnt by gradient descent through the solver (LD3, Tong et al. ICLR 2025)",
            "s4s": "time steps and one solver-weight correction a step, learnt together (S4S, Frankel et al. ICML "
-                  "2025, in its smallest form; euler and ab2)"}
+                  "2025, in its smallest form; euler, ab2 and the exponential integrators)"}
 #: what the learnt methods (ld3, s4s) minimise between the solver's endpoints and the teacher's
 OBJECTIVES = {"mse": "the mean squared distance of the endpoints, in the model's data space (latents for a latent model)",
               "features": "the mean squared distance of the decoded images' early feature maps in a perceptual network "
@@ -293,7 +293,7 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
         raise UsageError(f"solver={solver!r} is not tuned yet: tune one of {', '.join(DIFFERENTIABLE)} (LD3 "
                          "differentiates through the solver's steps, which these take as torch arithmetic)")
     if "s4s" in methods and solver not in WEIGHTED:
-        raise UsageError(f"method='s4s' corrects the weights of {' and '.join(WEIGHTED)}, not {solver}: tune one of "
+        raise UsageError(f"method='s4s' corrects the weights of {', '.join(WEIGHTED)}, not {solver}: tune one of "
                          "those, or use method ld3 or gits")
     steps_list = [steps_for(solver, n) for n in nfe_list]
     if teacher_steps < 1 or fine_steps < max(steps_list) or pairs < 1 or validation_pairs < 1:

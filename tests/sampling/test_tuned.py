@@ -203,11 +203,11 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
 @pytest.mark.parametrize("args,message", [
     (("--nfe", 1), "below ab2's order 2"),
     (("--nfe", 4, "--solver", "heun"), "heun spends 1, 3, 5, 7"),
-    (("--nfe", 4, "--solver", "unipc"), "is not tuned yet"),
+    (("--nfe", 4, "--solver", "dopri5"), "is not tuned yet"),
     (("--nfe", 4, "--method", "oss"), "method"),
     (("--nfe", 4, "--validation-seed", 0), "held-out pairs need another seed"),
     (("--nfe", 4, "--out", "grid.txt"), "*.json"),
-    (("--nfe", 3, "--solver", "heun", "--method", "s4s"), "corrects the weights of euler and ab2, not heun"),
+    (("--nfe", 3, "--solver", "heun", "--method", "s4s"), "corrects the weights of euler, ab2, dpmpp_2m, dpmpp_3m, unipc, not heun"),
     (("--nfe", 3, "--objective", "lpips"), "objective"),
     (("--nfe", 3, "--objective", "features", "--method", "gits"), "is what ld3 and s4s minimise"),
     (("--nfe", 3, "--select", "kid"), "select"),
@@ -316,7 +316,7 @@ def test_a_file_written_before_objectives_continues_and_weights_need_a_solver_th
     out.write_text(json.dumps(record))
     again = tune(out, "--nfe", "3,4", "--method", "ld3")
     assert [(g["nfe"], g["tuning"].get("objective")) for g in again["grids"]] == [(3, None), (4, "mse")]
-    with pytest.raises(UsageError, match="only euler and ab2 take"):
+    with pytest.raises(UsageError, match="only euler, ab2, dpmpp_2m, dpmpp_3m, unipc take"):
         OdeSampler("heun", TUNED, times=(1.0, 0.5, 0.0), weights=(0.0, 0.3))
 
 
