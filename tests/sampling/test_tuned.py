@@ -430,3 +430,30 @@ def test_best_ranks_by_the_selection_score_when_every_grid_has_one_else_by_rmse(
     plain = grid(0.25)
     assert TunedFile("m", "f", [blurred, sharp, plain]).best(3) is blurred  # (not all scored alike: RMSE)
     assert TunedFile("m", "f", [grid(0.3, 5.0, "fid-inception-2048"), blurred]).best(3) is blurred
+
+
+def test_one_file_holds_several_solvers_and_the_grid_takes_the_least_held_out_score(tmp_path):
+    """tune --solver ab2 and --solver unipc (an exponential integrator, s4s: times and weights) into one file,
+    both chosen by FID: sample --grid FILE --solver auto runs the grid of least held-out score whichever
+    solver it is, with its weights; --solver unipc the unipc one."""
+    from fmconvert.integration.conditioning import Conditioning
+    from fmconvert.sampling.generate import _solved_batches
+
+    out = tmp_path / "both.json"
+    tune(out, "--nfe", 3, "--method", "s4s", "--select", "fid", "--check-every", 4)
+    tune(out, "--nfe", 3, "--method", "s4s", "--select", "fid", "--check-every", 4, "--solver", "unipc")
+    file = TunedFile.load(out)
+    assert sorted(g.solver for g in file.grids) == ["ab2", "unipc"] and all(g.weights for g in file.grids)
+    vm = load_velocity_model(MODEL)
+    for solver in ("auto", "unipc"):
+        best = file.best(3, None if solver == "auto" else solver)
+        assert best is min((g for g in file.grids if solver in ("auto", g.solver)), key=lambda g: g.validation["score"])
+        payload = json.loads(ok("sample", MODEL, "--grid", out, "--solver", solver, "--steps", 3, "--num-images", 4,
+                                "--save-tensor", tmp_path / f"{solver}.safetensors", "--json").stdout)
+        assert payload["solver"] == best.solver and payload["run"]["times"] == list(best.s) and payload["nfe"] == 3
+        assert payload["run"]["weights"] == list(best.weights)
+        from safetensors.torch import load_file
+
+        expected = torch.cat([x for x, _, _ in _solved_batches(vm, 4, 4, 0, best.solver, "uniform", 3, "cpu", Conditioning(),
+                                                               False, None, None, None, best.s, best.weights)])
+        assert torch.equal(load_file(str(tmp_path / f"{solver}.safetensors"))["samples"], expected)
