@@ -30,7 +30,7 @@ def tune(
     model: str = typer.Argument(..., help="A converted folder, or any SOURCE (wrapped on the fly)."),
     out: Path = typer.Option(..., "--out", "-o", help="The tuned sampler file (.json) to write; a file of an earlier run of the same model and settings is continued (the grids it has are kept)."),
     nfe: str = typer.Option("4", "--nfe", help="Field evaluations to tune for, comma-separated (e.g. 3,4,5,6)."),
-    solver: str = typer.Option("ab2", "--solver", help="The solver whose grid is tuned: ab2 or euler (one evaluation a step), heun (2 a step, 1 on the last), midpoint, rk4."),
+    solver: str = typer.Option("ab2", "--solver", help="The solver whose grid is tuned: ab2, euler, dpmpp_2m, dpmpp_3m (one evaluation a step), unipc (one a step, NFE 3 or more), heun (2 a step, 1 on the last), midpoint, rk4."),
     method: str = typer.Option("gits,ld3", "--method", help="Tuning methods, comma-separated: gits (dynamic programming over a teacher trajectory, training-free), ld3 (time steps learnt through the solver) and s4s (time steps and one solver-weight correction a step, learnt together; euler, ab2, dpmpp_2m, dpmpp_3m and unipc; run by fmconvert's samplers, not a stock scheduler)."),
     pairs: int = typer.Option(128, "--pairs", help="Teacher pairs (noise, converged endpoint) tuned on."),
     seed: int = typer.Option(0, "--seed", help="Seeds the tuning pairs' noise."),

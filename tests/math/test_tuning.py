@@ -84,18 +84,20 @@ def test_the_dynamic_programme_finds_the_brute_force_optimum():
 
 
 @pytest.mark.parametrize("solver", DIFFERENTIABLE)
-@pytest.mark.parametrize("start,logits", [(1.0, [0.3, -0.2, 0.1, 0.4]), (1.0, [0.3, -0.2, 0.1, 0.4, -0.1, 0.2]),
-                                          (0.97, [0.3, -0.2, 0.1, 0.4, -0.1])])
-def test_the_gradient_through_the_solver_is_the_finite_differences(solver, start, logits):
+@pytest.mark.parametrize("start,end,logits", [(1.0, 0.0, [0.3, -0.2, 0.1, 0.4]), (1.0, 0.0, [0.3, -0.2, 0.1, 0.4, -0.1, 0.2]),
+                                              (0.97, 0.0, [0.3, -0.2, 0.1, 0.4, -0.1]),
+                                              (0.97, 0.03, [0.1 * (k % 5) - 0.2 for k in range(16)])])
+def test_the_gradient_through_the_solver_is_the_finite_differences(solver, start, end, logits):
     """From s = 1 (the exponential integrators' λ = −∞: their terms against it vanish, without ∞·0 in the
-    gradient) and from below it, in 4 to 6 steps (dpmpp_3m's third-order step from the fifth)."""
+    gradient) and from below it, in 4 to 16 steps (dpmpp_3m's third-order step from the fifth; at 16 steps
+    ending above 0, its last step too)."""
     mu, v, u = gaussian()
     noise = noise_of(4, 2)
     target = exact(mu, v, noise)
     logits = torch.tensor(logits, dtype=F64, requires_grad=True)
 
     def loss(theta):
-        return (SOLVERS[solver].step(u, noise, grid_from_logits(theta, start, 0.0)) - target).square().mean()
+        return (SOLVERS[solver].step(u, noise, grid_from_logits(theta, start, end)) - target).square().mean()
 
     loss(logits).backward()
     eps = 1e-6
@@ -189,8 +191,9 @@ def test_the_ab2_costs_are_its_teacher_forced_steps_and_the_programme_their_opti
 
 @pytest.mark.parametrize("solver", WEIGHTED)
 def test_zero_corrections_are_the_plain_solver_and_any_corrections_stay_consistent(solver):
-    """weighted_multistep with c = 0 is euler / ab2 at rounding; with any c its two weights sum to one, so
-    the field u = const is integrated exactly (a step that changed the sum would miss by h·Σ·const)."""
+    """weighted_multistep with c = 0 is the plain solver at rounding; any c adds a multiple of a difference of
+    two evaluations (velocities, or data predictions for the exponential integrators), so the field u = const
+    is integrated exactly (a step that changed the weights' sum would miss by h·Σ·const)."""
     mu, v, u = gaussian()
     noise = noise_of(8, 8)
     grid = torch.tensor([1.0, 0.8, 0.55, 0.3, 0.1, 0.0], dtype=F64)
