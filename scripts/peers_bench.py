@@ -4,13 +4,16 @@
     python scripts/peers_bench.py [--models digits-eps,...] [--nfe 2,3,4,5,6,8] [--num-images 2000]
                                   [--tuned docs/benchmarks/TUNING.json,...] [--k-diffusion DIR]
                                   [--skrample PYTHON] [--out docs/benchmarks/PEERS.md] [--rewrite OUT.json]
+                                  [--reuse EARLIER.json]
 
 For each zoo model and NFE, FID in digits features against builtin:digits of ``--num-images``
 samples from the same noise (seed 1000: image n's noise is the n-th of the documented stream) for
 
 - fmconvert: ``--solver auto`` (its measured default) and every tuned sampler the ``--tuned`` files
   (scripts/tune_bench.py's) have for this NFE, LD3 and S4S, with each file's objective (tuned on seeds
-  0 and 1, never on this noise);
+  0 and 1, never on this noise); of those whose rows carry a held-out score (tuning chose them by FID to
+  the teacher on the validation pairs), the one of least score is the "held-out choice", what
+  ``--grid FILE`` takes from a tuned sampler file that holds them all;
 - diffusers: DPMSolverMultistepScheduler (2M) and UniPCMultistepScheduler driving the unconverted
   network (fmconvert's ``--baseline dpm++2m`` and ``unipc``; a flow model gets their flow mode),
   and DPM-Solver++ 2M with Karras sigmas;
@@ -32,7 +35,9 @@ samples from the same noise (seed 1000: image n's noise is the n-th of the docum
   interpreter with skrample installed, through scripts/skrample_peer.py, which asks this process for
   each network call (rows are left out without it);
 Writes OUT (Markdown: the excess ratio of fmconvert's best to the best peer's per point) and the
-numbers beside it (.json).
+numbers beside it (.json). ``--reuse EARLIER.json``: the rows of an earlier run of the same sample count
+and seed are taken, not run again (every sampler here is deterministic given the noise), and the record
+says how many.
 """
 
 from __future__ import annotations
@@ -110,8 +115,9 @@ class _FlowDenoiser(torch.nn.Module):
         return x_s - s.view(-1, *[1] * (x.ndim - 1)).to(x.dtype) * u
 
 
-def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, ref, samplers=K_SAMPLERS):
-    """FID of k-diffusion's samplers on ``vm``'s source at each NFE, from the documented noise."""
+def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, ref, samplers=K_SAMPLERS, done=None):
+    """FID of k-diffusion's samplers on ``vm``'s source at each NFE, from the documented noise (``done``: rows
+    of an earlier run, by (model, NFE, side, sampler), taken instead of running them again)."""
     from diffusers import DDPMScheduler
 
     source = vm.source
@@ -129,6 +135,10 @@ def k_rows(name, vm, k_sampling, k_external, nfe_list, num_images, extractor, re
     rows = []
     for sampler, schedule in samplers:
         for nfe in nfe_list:
+            key = (name, nfe, "k-diffusion", f"{sampler} ({schedule} sigmas)")
+            if key in (done or {}):
+                rows.append(done[key])
+                continue
             if schedule == "karras":
                 sigmas = k_sampling.get_sigmas_karras(nfe, sigma_min, sigma_max, rho=7.0)
             else:
@@ -172,9 +182,9 @@ def skrample_jobs(vm, sigmas: tuple[str, ...] = ("none", "karras", "exponential"
 
 
 def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref, samplers=SKRAMPLE_SAMPLERS,
-                  sigmas=("none", "karras", "exponential")):
+                  sigmas=("none", "karras", "exponential"), done=None):
     """FID of skrample's samplers on ``vm``'s unconverted network at each NFE, from the documented noise: the
-    sampling runs in ``python`` (scripts/skrample_peer.py), each network call here."""
+    sampling runs in ``python`` (scripts/skrample_peer.py), each network call here (``done``: as k_rows)."""
     import subprocess
 
     from fmconvert.integration.source import load_denoiser
@@ -192,6 +202,11 @@ def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref, sample
         for job in skrample_jobs(vm, sigmas):
             for sampler, order in samplers:
                 for nfe in nfe_list:
+                    schedule = job["schedule"] + (f", {job['subschedule']} sigmas" if job["subschedule"] else "")
+                    key = (name, nfe, "skrample", f"{sampler} order {order} ({schedule})")
+                    if key in (done or {}):
+                        rows.append(done[key])
+                        continue
                     worker.stdin.write((json.dumps({**job, "sampler": sampler, "order": order, "steps": nfe}) + "\n").encode())
                     send(worker.stdin, noise)
                     calls = 0
@@ -207,7 +222,6 @@ def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref, sample
                     x0 = torch.from_numpy(receive(worker.stdout).copy()).float()
                     images = [to_uint8((x0[i:i + BATCH] / 2 + 0.5).clamp(0, 1)) for i in range(0, len(x0), BATCH)]
                     fid = fid_between(ref.stats, stats_of(images, extractor))
-                    schedule = job["schedule"] + (f", {job['subschedule']} sigmas" if job["subschedule"] else "")
                     rows.append({"model": name, "nfe": calls, "side": "skrample",
                                  "sampler": f"{sampler} order {order} ({schedule})", "fid": fid})
                     print(json.dumps(rows[-1]), flush=True)
@@ -236,6 +250,9 @@ def main() -> None:
     parser.add_argument("--skrample-sigmas", default="none,karras,exponential",
                         help="skrample's sigma schedules on a beta schedule (none: its own)")
     parser.add_argument("--rewrite", type=Path, default=None, help="only rewrite OUT from this run's .json")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier run's .json of the same --num-images: its rows (and converged FIDs) are taken, "
+                             "not run again; every sampler here is deterministic given the noise")
     args = parser.parse_args()
     if args.rewrite is not None:
         write(json.loads(args.rewrite.read_text()), args.out)
@@ -251,6 +268,14 @@ def main() -> None:
     rows: list[dict] = []
     failed: list[dict] = []
     converged: dict[str, float] = {}
+    done: dict[tuple, dict] = {}
+    scores: dict[tuple, float] = {}  # (model, NFE, tuned sampler): its held-out score, where tuning chose by one
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text())
+        if (earlier["num_images"], earlier["seed"]) != (args.num_images, SEED):
+            raise SystemExit(f"--reuse {args.reuse}: {earlier['num_images']} samples of seed {earlier['seed']}, not "
+                             f"{args.num_images} of seed {SEED}")
+        done = {(r["model"], r["nfe"], r["side"], r["sampler"]): r for r in earlier["rows"]}
     for name in args.models.split(","):
         model = f"builtin:{name}"
         vm = load_velocity_model(model)
@@ -268,6 +293,8 @@ def main() -> None:
                                                                              weights=weights), steps=nfe))
                     chosen = "" if row["select"] == "loss" else f", chosen by {row['select']}"
                     labels.append(("fmconvert tuned", f"{row['solver']}, {row['method']} ({row['objective']}{chosen})"))
+                    if row.get("score") is not None:
+                        scores[(name, nfe, labels[-1][1])] = row["score"]
             for spec in args.diffusers.split(";"):
                 if vm.source.prediction_type == "flow_prediction" and ":" in spec:
                     continue  # (Karras sigmas: a diffusion schedule's option)
@@ -276,6 +303,14 @@ def main() -> None:
                                                 steps=nfe))
                 labels.append(("diffusers", spec))
         for run, (side, label) in zip(runs, labels):  # one sweep a run: a scheduler that fails is recorded, not fatal
+            if side == "converged" and args.reuse is not None and name in earlier["converged"]:
+                converged[name] = earlier["converged"][name]
+                continue
+            if (name, run.steps, side, label) in done:
+                rows.append({**done[(name, run.steps, side, label)]})
+                if (name, run.steps, label) in scores:
+                    rows[-1]["score"] = scores[(name, run.steps, label)]
+                continue
             try:
                 (row,) = sweep(vm, REFERENCE, extractor, [run])["rows"]
             except Exception as error:  # noqa: BLE001 (diffusers' schedulers fail on some schedules and step counts)
@@ -287,25 +322,35 @@ def main() -> None:
                 converged[name] = row["fid"]
                 continue
             rows.append({"model": name, "nfe": row["nfe"], "side": side, "sampler": label, "fid": row["fid"]})
+            if (name, run.steps, label) in scores:
+                rows[-1]["score"] = scores[(name, run.steps, label)]
             print(json.dumps(rows[-1]), flush=True)
         if k_modules is not None:
             rows += k_rows(name, vm, *k_modules, nfe_list, args.num_images, extractor, ref,
-                           [tuple(pair.split(":")) for pair in args.k_samplers.split(",")])
+                           [tuple(pair.split(":")) for pair in args.k_samplers.split(",")], done)
         if args.skrample is not None:
             rows += skrample_rows(name, vm, args.skrample, nfe_list, args.num_images, extractor, ref,
                                   [(c, int(o)) for c, o in (pair.split(":") for pair in args.skrample_samplers.split(","))],
-                                  tuple(args.skrample_sigmas.split(",")))
+                                  tuple(args.skrample_sigmas.split(",")), done)
     record = {"num_images": args.num_images, "seed": SEED, "converged": converged, "rows": rows, "failed": failed,
               "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "k_diffusion": k_modules is not None, "skrample": args.skrample is not None,
               "command": " ".join(["python"] + sys.argv)}
+    if args.reuse is not None:
+        record["reused"] = {"from": str(args.reuse), "rows": sum(1 for r in rows if (r["model"], r["nfe"], r["side"], r["sampler"])
+                                                                 in done)}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     write(record, args.out)
 
 
-#: the one tuned setting the table also shows throughout (scripts/tune_bench.py's label for it)
-ONE_SETTING = "ab2, s4s (features, chosen by fid)"
+def held_out_choice(tuned_rows: list[dict]) -> dict | None:
+    """The tuned sampler a tuned sampler file holding all of ``tuned_rows`` hands ``--grid FILE``: the one of least
+    held-out score (FID to the teacher on the validation pairs, never this noise), among those tuning chose by one
+    (TunedFile.best's rule); None where none has a score."""
+    scored = [r for r in tuned_rows if r.get("score") is not None]
+    return min(scored, key=lambda r: r["score"], default=None)
+
 
 
 def write(record: dict, out: Path) -> None:
@@ -318,15 +363,16 @@ def write(record: dict, out: Path) -> None:
              f"against builtin:digits, {record['num_images']} samples from the same noise (seed {record['seed']}) for every "
              "sampler; the NFE is counted from network calls. Peers: " + ", ".join(
                  side for side in peer_sides if any(r["side"] == side for r in rows)) + ". Excess = FID − the converged "
-             "solve's (rk4, 100 NFE). Ratio = the excess of fmconvert's default (auto), of one tuned setting throughout "
-             f"({ONE_SETTING}: docs/benchmarks/TUNING-features-fid.md) and of its best tuned sampler ÷ the best peer's "
+             "solve's (rk4, 100 NFE). Ratio = the excess of fmconvert's default (auto), of the held-out choice (of the "
+             "tuned samplers chosen by FID on their validation pairs, the one of least such score, as `--grid FILE` "
+             "takes it from a file that holds them all: never this noise) and of its best tuned sampler ÷ the best peer's "
              "(below 1: fmconvert is better; below 0: its FID is below the converged solve's, within the estimate's noise; "
              "— where the peer's excess is not positive: compare the FIDs). The best tuned sampler is the best of the "
-             "`--tuned` files' samplers on this very noise, a choice that flatters it; the one setting is not chosen here.",
+             "`--tuned` files' samplers on this very noise, a choice that flatters it.",
              "",
-             "| model | NFE | best peer | its FID | fmconvert auto | one setting | best tuned (method, objective) | its FID "
-             "| ratio auto | ratio one setting | ratio best tuned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | NFE | best peer | its FID | fmconvert auto | held-out choice | its FID | best tuned (method, objective) "
+             "| its FID | ratio auto | ratio held-out choice | ratio best tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in converged:
         for nfe in nfe_list:
             here = [r for r in rows if r["model"] == name and r["nfe"] == nfe]
@@ -337,14 +383,14 @@ def write(record: dict, out: Path) -> None:
             peer = min(peers, key=lambda r: r["fid"])
             auto = next(r for r in ours if r["side"] == "fmconvert")
             tuned_row = min((r for r in ours if r["side"] == "fmconvert tuned"), key=lambda r: r["fid"], default=None)
-            one = next((r for r in ours if r["side"] == "fmconvert tuned" and r["sampler"] == ONE_SETTING), None)
+            one = held_out_choice([r for r in ours if r["side"] == "fmconvert tuned"])
             floor = converged[name]
 
             def ratio(row, floor=floor, peer=peer):  # — where the peer's excess is not positive: compare FIDs
                 return "—" if row is None or peer["fid"] <= floor else f"{(row['fid'] - floor) / (peer['fid'] - floor):.2f}"
 
             lines.append(f"| {name} | {nfe} | {peer['side']}: {peer['sampler']} | {peer['fid']:.2f} | {auto['fid']:.2f} | "
-                         + (f"{one['fid']:.2f}" if one else "—") + " | "
+                         + (f"{one['sampler']} | {one['fid']:.2f}" if one else "— | —") + " | "
                          + (f"{tuned_row['sampler']} | {tuned_row['fid']:.2f}" if tuned_row else "— | —")
                          + f" | {ratio(auto)} | {ratio(one)} | {ratio(tuned_row)} |")
     lines += ["", "Converged FID: " + ", ".join(f"{k} {v:.2f}" for k, v in converged.items()) + "."]
@@ -353,6 +399,9 @@ def write(record: dict, out: Path) -> None:
         for side in ("fmconvert", "fmconvert tuned", *peer_sides) if any(r["side"] == side for r in rows)) + "."]
     if record.get("command"):
         lines += ["", f"Command: `{record['command']}`."]
+    if record.get("reused"):
+        lines += ["", f"{record['reused']['rows']} rows were taken from {record['reused']['from']} (`--reuse`: the same "
+                  "samplers on the same noise, run before), the rest run here; the seconds are this run's."]
     lines += [f"\nNote: {note}" for note in record.get("notes", [])]  # (added to the .json by hand, with the reason)
     if failed:
         lines += ["", "Runs that failed (left out of the table): " + "; ".join(

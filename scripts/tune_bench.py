@@ -99,6 +99,7 @@ def main() -> None:
                          "auto_excess_ratio": ratio(tuned_fid - converged, auto[g.nfe] - converged),
                          "untuned_rmse": g.validation["best_untuned_rmse"], "tuned_rmse": g.rmse,
                          "rmse_ratio": g.rmse / g.validation["best_untuned_rmse"], "seconds": g.tuning["seconds"],
+                         "score": g.validation.get("score"),
                          "s": list(g.s), "weights": None if g.weights is None else list(g.weights)})
             print(json.dumps(rows[-1]), flush=True)
     record = {"settings": {**SETTINGS, "objective": args.objective, "select": args.select}, "num_images": args.num_images, "fid_seed": 1000, "rows": rows,
