@@ -113,6 +113,7 @@ def write(record: dict, out: Path) -> None:
     """OUT (Markdown) and OUT with .json from a run's record."""
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     select = record["settings"].get("select", "loss")
+    scored = any(r.get("score") is not None for r in record["rows"])  # (rows of a run that chose by a held-out score)
     chosen = "" if select == "loss" else f", chosen by {select}"
     lines = [f"# Tuned grids ({record['solver']}, objective {record['settings']['objective']}{chosen}) against the best untuned "
              "grid and the default", "",
@@ -121,16 +122,18 @@ def write(record: dict, out: Path) -> None:
              "validation seed 1); the same solver and noise in each row. Excess = FID − the converged solve's (rk4, "
              "25 steps, 100 NFE). Ratios: the tuned excess over the best untuned grid's and over `--solver auto`'s "
              "(the default sampler); — where that excess is not positive (FID at or below the converged solve's: "
-             "compare the FIDs). RMSE: to the teacher's endpoints on 256 held-out pairs. Settings: "
+             "compare the FIDs). RMSE: to the teacher's endpoints on 256 held-out pairs"
+             + ("; held-out score: FID to the teacher's endpoints on those pairs, by which the grid was kept" if scored else "")
+             + ". Settings: "
              + ", ".join(f"{k} {v}" for k, v in record["settings"].items()) + ".", "",
              "| model | NFE | method | best untuned grid | FID untuned | FID auto | FID tuned | excess ratio | ratio to auto "
-             "| RMSE untuned | RMSE tuned | RMSE ratio | tuning s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| RMSE untuned | RMSE tuned | RMSE ratio | tuning s |" + (" held-out score |" if scored else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if scored else "")]
     for r in record["rows"]:
         lines.append(f"| {r['model']} | {r['nfe']} | {r['method']} | {r['best_untuned']} | {r['untuned_fid']:.2f} | "
                      f"{r['auto_fid']:.2f} | {r['tuned_fid']:.2f} | {cell(r['excess_ratio'])} | "
                      f"{cell(r['auto_excess_ratio'])} | {r['untuned_rmse']:.4f} | {r['tuned_rmse']:.4f} | "
-                     f"{r['rmse_ratio']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['rmse_ratio']:.2f} | {r['seconds']:.0f} |" + (f" {cell(r.get('score'))} |" if scored else ""))
     lines += ["", "Converged FID: " + ", ".join(sorted({f"{r['model']} {r['converged_fid']:.2f}"
                                                        for r in record["rows"]})) + "."]
     lines += [f"\nNote: {note}" for note in record.get("notes", [])]  # (added to the .json by hand, with the reason)
