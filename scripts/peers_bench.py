@@ -352,7 +352,6 @@ def held_out_choice(tuned_rows: list[dict]) -> dict | None:
     return min(scored, key=lambda r: r["score"], default=None)
 
 
-
 def write(record: dict, out: Path) -> None:
     """OUT (Markdown) from a run's record (also ``--rewrite OUT.json``)."""
     rows, converged, failed = record["rows"], record["converged"], record["failed"]

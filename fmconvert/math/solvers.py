@@ -258,7 +258,7 @@ def _dpmpp_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, order: in
     return x
 
 
-def dpmpp_2m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+def dpmpp_2m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, corrections=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), in data prediction on
     the rectified path (α = 1 − s, σ = s, λ = log(α/σ), x̂0 = x − s·u). Step s_i → s_{i+1},
     h = λ_{i+1} − λ_i, r = h_{i−1}/h:
@@ -269,11 +269,11 @@ def dpmpp_2m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) ->
     evaluation. Mirrors diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
     solver_order=2, solver_type="midpoint", lower_order_final=True) step for step
     (multistep_dpm_solver_first_order_update / multistep_dpm_solver_second_order_update).
-    One evaluation a step."""
-    return _dpmpp_multistep(u, x, grid, 2, callback)
+    One evaluation a step. ``corrections``: :func:`weighted_multistep`'s term on each step after the first."""
+    return _dpmpp_multistep(u, x, grid, 2, callback, corrections)
 
 
-def dpmpp_3m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) -> torch.Tensor:
+def dpmpp_3m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, corrections=None) -> torch.Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, "DPM-Solver++"), in data prediction on the rectified
     path. With r0 = h_{i−1}/h, r1 = h_{i−2}/h, D1_0 = (x̂0_i − x̂0_{i−1})/r0,
     D1_1 = (x̂0_{i−1} − x̂0_{i−2})/r1, D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1),
@@ -289,8 +289,9 @@ def dpmpp_3m(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None) ->
 
     Its order is 2, not 3: D2 ≈ h²·x̂0''/2 while the φ₃ coefficient needs h²·x̂0'' (the
     Taylor term of x̂0 in λ), so the local error is O(h³), not O(h⁴) (with 2·D2 it is O(h⁴)).
-    It is kept as diffusers (and Lu et al.'s dpm_solver_pytorch) computes it, step for step."""
-    return _dpmpp_multistep(u, x, grid, 3, callback)
+    It is kept as diffusers (and Lu et al.'s dpm_solver_pytorch) computes it, step for step.
+    ``corrections``: :func:`weighted_multistep`'s term on each step after the first."""
+    return _dpmpp_multistep(u, x, grid, 3, callback, corrections)
 
 
 def unipc(u: Velocity, x: torch.Tensor, grid: torch.Tensor, callback=None, corrections=None) -> torch.Tensor:
@@ -387,11 +388,9 @@ def weighted_multistep(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver:
     weights = torch.as_tensor(weights, dtype=torch.float64)
     if weights.shape != (n,):
         raise ValueError(f"{tuple(weights.shape)} weights for a grid of {n} steps: one a step wanted")
-    if solver == "unipc":
-        return unipc(u, x, grid, callback, weights)
-    if solver in ("dpmpp_2m", "dpmpp_3m"):
-        return _dpmpp_multistep(u, x, grid, int(solver[-2]), callback, weights)
-    return _two_step(u, x, grid, solver == "ab2", weights, callback)
+    if solver in ("euler", "ab2"):
+        return _two_step(u, x, grid, solver == "ab2", weights, callback)
+    return SOLVERS[solver].step(u, x, grid, callback=callback, corrections=weights)  # (the exponential integrators)
 
 
 def integrate(u: Velocity, x: torch.Tensor, grid: torch.Tensor, solver: str, weights=None, callback=None,
