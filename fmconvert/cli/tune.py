@@ -44,6 +44,7 @@ def tune(
     objective: str = typer.Option("mse", "--objective", help="What ld3 and s4s minimise between the solver's endpoints and the teacher's: mse (in the model's data space) or features (the decoded images' early feature maps in a perceptual network; 8x8 pixel models). gits's cost is its own."),
     select: str = typer.Option("loss", "--select", help="How the untuned grid tuning starts from and the grid ld3 and s4s keep are chosen: loss (their objective on the tuning pairs, the better of start and end) or fid (FID's Fréchet distance to the teacher on the held-out pairs, in --features; the closest start and the closest of the checkpoints, one every --check-every iterations)."),
     check_every: int = typer.Option(10, "--check-every", help="With --select fid: iterations between the checkpoints ld3 and s4s choose among."),
+    restarts: int = typer.Option(1, "--restarts", help="ld3's and s4s's descents from the same start, each drawing its own batches; the best checkpoint of all is kept (by --select). Their result varies by several FID points between batch orders on the zoo models; with --select fid, take more --validation-pairs too (docs/benchmarks/TUNING-restarts.md)."),
     features: Features = "digits",
     inception_weights: InceptionWeights = None,
     inception_layer: InceptionLayer = "2048",
@@ -67,7 +68,7 @@ def tune(
     nfe_list = parse_steps(nfe)
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
     positive(pairs=pairs, validation_pairs=validation_pairs, teacher_steps=teacher_steps, fine_steps=fine_steps,
-             iterations=iterations, batch_size=batch_size, check_every=check_every)
+             iterations=iterations, batch_size=batch_size, check_every=check_every, restarts=restarts)
     check_choice("select", select, SELECTIONS)
     check_choice("features", features, FEATURES)
     if out.suffix.lower() != ".json":
@@ -77,7 +78,7 @@ def tune(
     selection = None
     if select == "fid":  # (the request checked before the extractor is read)
         check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps,
-                     fine_steps, objective)
+                     fine_steps, objective, restarts)
         from fmconvert.evaluation.fid import frechet_selection, make_extractor
 
         selection = frechet_selection(make_extractor(features, inception_weights, inception_layer, device), device)
@@ -85,7 +86,7 @@ def tune(
                         validation_pairs=validation_pairs, validation_seed=validation_seed,
                         teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr, soft_radius=soft_radius,
                         batch_size=batch_size, objective=objective, selection=selection, check_every=check_every,
-                        device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
+                        restarts=restarts, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
                         progress=bars, revision=revision,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
     if as_json:

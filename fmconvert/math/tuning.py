@@ -163,7 +163,7 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
                iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
                seed: int = 0, callback: Callable[[int, float], None] | None = None,
                distance: Distance | None = None, keep: Score | None = None,
-               check_every: int = 10) -> tuple[torch.Tensor, list[float]]:
+               check_every: int = 10, restarts: int = 1) -> tuple[torch.Tensor, list[float]]:
     """LD3: the grid with ``init``'s ends (and, at the start, its times) minimising the mean squared
     distance, per element, between ``solver``'s endpoint from each noise and its ``target`` (the
     teacher's endpoint), by ``iterations`` steps of Adam (``lr``) on the logits of
@@ -175,12 +175,17 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
     squared distance (a scalar, differentiable in x: LD3 tunes on LPIPS). ``keep(grid, weights)``:
     return instead the grid of least such score among the initial one, the one after every
     ``check_every`` iterations and the final one (the latest among equals; ``weights`` None here).
-    ValueError for a solver not in :data:`DIFFERENTIABLE`."""
+    ``restarts`` R > 1: R descents from ``init``, the r-th drawing its batches with seed ``seed`` + r
+    (the descent is chaotic at these learning rates: on a zoo model at 4 NFE, runs that differ only
+    in their batches end 3.1 to 4.7 FID apart), the candidates of all of them compared alike (by
+    ``keep``, or by the loss on all pairs); the losses returned are the kept candidate's descent's,
+    ``callback``'s k counts on across them (0 … R·iterations − 1). R = 1 is one descent, as before.
+    ValueError for a solver not in :data:`DIFFERENTIABLE` or ``restarts`` below 1."""
     if solver not in DIFFERENTIABLE:
         raise ValueError(f"solver={solver!r}: learn_grid differentiates through {', '.join(DIFFERENTIABLE)}")
     grid, _, losses = _descend(field, noise, target, init, solver, False, iterations=iterations, lr=lr,
                                soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
-                               distance=distance, keep=keep, check_every=check_every)
+                               distance=distance, keep=keep, check_every=check_every, restarts=restarts)
     return grid, losses
 
 
@@ -188,7 +193,7 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
                   iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
                   seed: int = 0, callback: Callable[[int, float], None] | None = None,
                   distance: Distance | None = None, keep: Score | None = None,
-                  check_every: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  check_every: int = 10, restarts: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """The times and, with them, one correction a step of ``solver``'s weight on its previous
     evaluation (:func:`~fmconvert.math.solvers.weighted_multistep`; S4S, Frankel et al. ICML 2025,
     learns times and solver coefficients against a teacher; here both by one Adam on the same loss
@@ -201,7 +206,7 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
         raise ValueError(f"solver={solver!r}: learn_sampler corrects the weights of {', '.join(WEIGHTED)}")
     grid, weights, losses = _descend(field, noise, target, init, solver, True, iterations=iterations, lr=lr,
                                      soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
-                                     distance=distance, keep=keep, check_every=check_every)
+                                     distance=distance, keep=keep, check_every=check_every, restarts=restarts)
     assert weights is not None
     return grid, weights, losses
 
@@ -209,55 +214,62 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
 def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str,
              with_weights: bool, *, iterations: int, lr: float, soft_radius: float, batch_size: int | None, seed: int,
              callback: Callable[[int, float], None] | None, distance: Distance | None, keep: Score | None = None,
-             check_every: int = 10) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
-    """The descent of :func:`learn_grid` (``with_weights``: and of :func:`learn_sampler`'s corrections)."""
+             check_every: int = 10, restarts: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
+    """The descent of :func:`learn_grid` (``with_weights``: and of :func:`learn_sampler`'s corrections),
+    ``restarts`` times, the best candidate of all kept."""
     if check_every < 1:
         raise ValueError(f"check_every={check_every}: checkpoints come every 1 or more iterations")
+    if restarts < 1:
+        raise ValueError(f"restarts={restarts}: one descent or more")
     loss_of = distance or mean_squared_distance
     init = init.to(torch.float64)
     start, end = float(init[0]), float(init[-1])
-    logits = logits_from_grid(init).clone().requires_grad_(True)
-    weights = torch.zeros(len(init) - 1, dtype=torch.float64, requires_grad=with_weights)
-    delta = torch.zeros_like(noise, requires_grad=True)
-    parameters = [logits] + ([weights] if with_weights else []) + ([delta] if soft_radius > 0 else [])
-    optimizer = torch.optim.Adam(parameters, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    n = noise.shape[0]
-    losses: list[float] = []
 
     def endpoint(x: torch.Tensor, grid: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
         return integrate(field, x, grid, solver, corrections if with_weights else None)
 
-    def snapshot() -> tuple[torch.Tensor, torch.Tensor]:
-        return grid_from_logits(logits.detach(), start, end), weights.detach().clone()
+    # (candidate grid, corrections, the descent it comes from); without keep: the initial and each final one
+    checkpoints = [(init, torch.zeros(len(init) - 1, dtype=torch.float64), 0)]
+    runs: list[list[float]] = []
+    for r in range(restarts):
+        losses: list[float] = []
+        runs.append(losses)
+        logits = logits_from_grid(init).clone().requires_grad_(True)
+        weights = torch.zeros(len(init) - 1, dtype=torch.float64, requires_grad=with_weights)
+        delta = torch.zeros_like(noise, requires_grad=True)
+        parameters = [logits] + ([weights] if with_weights else []) + ([delta] if soft_radius > 0 else [])
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        generator = torch.Generator().manual_seed(seed + r)
+        n = noise.shape[0]
 
-    checkpoints = [(init, torch.zeros_like(weights.detach()))]  # (without keep: the initial and the final one)
+        def snapshot() -> tuple[torch.Tensor, torch.Tensor, int]:
+            return grid_from_logits(logits.detach(), start, end), weights.detach().clone(), r  # noqa: B023
 
-    for k in range(iterations):
-        index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
-        grid = grid_from_logits(logits, start, end)
-        x = noise[index] + delta[index] if soft_radius > 0 else noise[index]
-        loss = loss_of(endpoint(x, grid, weights), target[index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if soft_radius > 0:
-            with torch.no_grad():  # back into the ball |δ| ≤ r·|ε|, per sample
-                norms = delta.flatten(1).norm(dim=1).clamp_min(1e-30)
-                limit = soft_radius * noise.flatten(1).norm(dim=1)
-                delta.mul_((limit / norms).clamp(max=1).view((-1,) + (1,) * (noise.ndim - 1)))
-        losses.append(float(loss.detach()))
-        if callback is not None:
-            callback(k, losses[-1])
-        if keep is not None and (k + 1) % check_every == 0 and k + 1 < iterations:
-            checkpoints.append(snapshot())
-    checkpoints.append(snapshot())
+        for k in range(iterations):
+            index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
+            grid = grid_from_logits(logits, start, end)
+            x = noise[index] + delta[index] if soft_radius > 0 else noise[index]
+            loss = loss_of(endpoint(x, grid, weights), target[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if soft_radius > 0:
+                with torch.no_grad():  # back into the ball |δ| ≤ r·|ε|, per sample
+                    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-30)
+                    limit = soft_radius * noise.flatten(1).norm(dim=1)
+                    delta.mul_((limit / norms).clamp(max=1).view((-1,) + (1,) * (noise.ndim - 1)))
+            losses.append(float(loss.detach()))
+            if callback is not None:
+                callback(r * iterations + k, losses[-1])
+            if keep is not None and (k + 1) % check_every == 0 and k + 1 < iterations:
+                checkpoints.append(snapshot())
+        checkpoints.append(snapshot())
     with torch.no_grad():
-        def score(candidate: tuple[torch.Tensor, torch.Tensor]) -> float:
+        def score(candidate: tuple[torch.Tensor, torch.Tensor, int]) -> float:
             if keep is not None:
                 return keep(candidate[0], candidate[1] if with_weights else None)
-            return float(loss_of(endpoint(noise, *candidate), target))
+            return float(loss_of(endpoint(noise, candidate[0], candidate[1]), target))
 
         scores = [score(candidate) for candidate in checkpoints]
-        grid, corrections = checkpoints[max(i for i, v in enumerate(scores) if v == min(scores))]  # (the latest)
-    return grid, (corrections if with_weights else None), losses
+        grid, corrections, kept = checkpoints[max(i for i, v in enumerate(scores) if v == min(scores))]  # (the latest)
+    return grid, (corrections if with_weights else None), runs[kept]

@@ -73,7 +73,7 @@ SELECTIONS = {"loss": "the objective on the tuning pairs: the untuned grid of le
                      "features: the closest untuned grid starts, and the closest checkpoint is kept (early stopping on "
                      "a distribution measure; fmconvert.evaluation.fid.frechet_selection)"}
 #: tuning settings recorded since a later version, with the value earlier files ran with
-_LATER_SETTINGS = {"objective": "mse", "select": "loss"}
+_LATER_SETTINGS = {"objective": "mse", "select": "loss", "restarts": 1}
 #: the grids a tuned one is compared with: (grid, shift)
 UNTUNED = (("uniform", None), ("uniform", 1.5), ("uniform", 2.0), ("karras", None), ("logsnr", None))
 
@@ -276,10 +276,12 @@ def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[tor
 
 
 def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pairs: int, validation_pairs: int,
-                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int, objective: str = "mse") -> None:
+                 seed: int, validation_seed: int, teacher_steps: int, fine_steps: int, objective: str = "mse",
+                 restarts: int = 1) -> None:
     """UsageError, before any model is read, for what no tuning run
     could honour: an unknown method or solver, a solver that cannot be tuned (or not by LD3), an NFE
-    below its order, non-positive counts, held-out pairs on the tuning seed."""
+    below its order, non-positive counts, held-out pairs on the tuning seed, restarts without a learnt
+    method."""
     from fmconvert.math.tuning import DIFFERENTIABLE
 
     for method in methods:
@@ -289,6 +291,11 @@ def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pai
     if objective != "mse" and not {"ld3", "s4s"} & set(methods):
         raise UsageError(f"objective={objective!r} is what ld3 and s4s minimise; gits's cost is its own: add method "
                          "ld3 or s4s, or leave the objective")
+    if restarts < 1:
+        raise UsageError(f"restarts={restarts}: ld3 and s4s descend once or more")
+    if restarts > 1 and not {"ld3", "s4s"} & set(methods):
+        raise UsageError(f"restarts={restarts} repeats ld3's and s4s's descent; gits has none: add method ld3 or s4s, "
+                         "or leave restarts at 1")
     if solver not in DIFFERENTIABLE:
         raise UsageError(f"solver={solver!r} is not tuned yet: tune one of {', '.join(DIFFERENTIABLE)} (LD3 "
                          "differentiates through the solver's steps, which these take as torch arithmetic)")
@@ -308,7 +315,7 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
          seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1, teacher_solver: str = "rk4",
          teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
          soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse",
-         selection: Selection | None = None, check_every: int = 10, device: str = "cpu",
+         selection: Selection | None = None, check_every: int = 10, restarts: int = 1, device: str = "cpu",
          existing: TunedFile | None = None, save: Callable[[TunedFile], object] | None = None,
          progress: Callable[[str, int, float], None] | None = None) -> TunedFile:
     """Tune ``solver``'s grid for each NFE of ``nfe_list`` by each of ``methods`` on ``vm`` (see the
@@ -317,24 +324,29 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
     writes the file there). ``progress(what, iteration, loss)``: during LD3. ``selection``: how the
     start grid and the kept checkpoint (one every ``check_every`` iterations) are chosen on the
     held-out pairs (module docstring, step 5); None: by the objective on the tuning pairs.
+    ``restarts``: ld3's and s4s's descents from the same start, each on its own batch order, the
+    best candidate of all kept (:func:`~fmconvert.math.tuning.learn_grid`); the record's losses are
+    the kept one's descent's.
     UsageError, before any teacher solve, for an unknown method, a solver that cannot be tuned, an
     NFE below its order, a model that needs conditioning it is not given (the family's check) and
     images the selection cannot take."""
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
-                 objective)
+                 objective, restarts)
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, max(pairs, validation_pairs))
     return _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                  validation_pairs=validation_pairs, validation_seed=validation_seed, teacher_solver=teacher_solver,
                  teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr,
                  soft_radius=soft_radius, batch_size=batch_size, objective=objective, selection=selection,
-                 check_every=check_every, device=device, existing=existing, save=save, progress=progress)
+                 check_every=check_every, restarts=restarts, device=device, existing=existing, save=save,
+                 progress=progress)
 
 
 def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str, *, methods: tuple[str, ...],
           conditioning: Conditioning, pairs: int, seed: int, validation_pairs: int, validation_seed: int,
           teacher_solver: str, teacher_steps: int, fine_steps: int, iterations: int, lr: float, soft_radius: float,
-          batch_size: int | None, objective: str, selection: Selection | None, check_every: int, device: str,
+          batch_size: int | None, objective: str, selection: Selection | None, check_every: int, restarts: int,
+          device: str,
           existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
           progress: Callable[[str, int, float], None] | None) -> TunedFile:
     """:func:`tune`'s work, the request taken as checked."""
@@ -346,12 +358,13 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 "seed": seed, "validation_pairs": validation_pairs, "validation_seed": validation_seed,
                 "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius, "objective": objective,
                 "batch_size": batch_size, "sample_shape": list(sample_shape(vm)),
-                "conditioning": conditioning.describe(), "select": selection.name if selection else "loss"}
+                "conditioning": conditioning.describe(), "select": selection.name if selection else "loss",
+                "restarts": restarts}
     if selection is not None:
         settings["check_every"] = check_every
 
-    def settings_of(method: str) -> dict[str, Any]:  # (gits's cost is its own: the objective is the learnt methods')
-        return {**settings, "objective": "mse"} if method == "gits" else settings
+    def settings_of(method: str) -> dict[str, Any]:  # (gits's cost and search are its own: these are the learnt methods')
+        return {**settings, "objective": "mse", "restarts": 1} if method == "gits" else settings
 
     for g in tuned.grids:  # (a rerun continues a file of the same settings only)
         if g.solver == solver and g.steps in steps_list and g.method in methods and \
@@ -426,12 +439,14 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 if method == "ld3":
                     grid, losses = learn_grid(train_field, x_train, train_target, init, solver, iterations=iterations,
                                               lr=lr, soft_radius=soft_radius, batch_size=batch_size, seed=seed,
-                                              callback=callback, distance=distance, keep=keep, check_every=check_every)
+                                              callback=callback, distance=distance, keep=keep, check_every=check_every,
+                                              restarts=restarts)
                 else:
                     grid, weights, losses = learn_sampler(train_field, x_train, train_target, init, solver,
                                                           iterations=iterations, lr=lr, soft_radius=soft_radius,
                                                           batch_size=batch_size, seed=seed, callback=callback,
-                                                          distance=distance, keep=keep, check_every=check_every)
+                                                          distance=distance, keep=keep, check_every=check_every,
+                                                          restarts=restarts)
             seconds = time.perf_counter() - started
             grid = grid.detach().to(torch.float64)
             timesteps, sigmas = source_coordinates(vm, grid)
@@ -462,7 +477,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
                pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
                teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
                soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse",
-               selection: Selection | None = None, check_every: int = 10, device: str = "cpu",
+               selection: Selection | None = None, check_every: int = 10, restarts: int = 1, device: str = "cpu",
                existing: TunedFile | None = None, plot: str | Path | None = None, into: str | Path | None = None,
                height: int | None = None, width: int | None = None, progress: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
@@ -476,7 +491,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     stock pipeline then steps the tuned Euler times (:func:`~fmconvert.integration.folder.store_tuned_times`:
     ``pipe(num_inference_steps=N)`` for each tuned N; the file stored beside); only for
     ``solver="euler"``, the scheduler's, refused with the rest before the weights are read.
-    ``selection``, ``check_every``: as :func:`tune` takes them.
+    ``selection``, ``check_every``, ``restarts``: as :func:`tune` takes them.
     ``height``, ``width``: the image size tuned for, in pixels (the family's rule, as ``sample``
     takes it; default the model's). ``revision``, ``allow_pickle``, ``trust_remote_code``: as
     :func:`~fmconvert.integration.source.inspect_source` reads them. Returns the file's record with
@@ -487,7 +502,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     from fmconvert.sampling.runs import model_fingerprint
 
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
-                 objective)
+                 objective, restarts)
     if into is not None and solver != "euler":
         raise UsageError(f"into='{into}': a converted folder's pipeline steps Euler (FlowMatchEulerScheduler); tune "
                          "solver=euler to store times it runs")
@@ -516,7 +531,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=iterations, desc="tune", unit="it", leave=False, file=__import__("sys").stderr)
+        bar = tqdm(total=iterations * restarts, desc="tune", unit="it", leave=False, file=__import__("sys").stderr)
 
     def step(what: str, k: int, loss: float) -> None:
         if bar is not None:
@@ -535,7 +550,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
                       seed=seed, validation_pairs=validation_pairs, validation_seed=validation_seed,
                       teacher_solver="rk4", teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations,
                       lr=lr, soft_radius=soft_radius, batch_size=batch_size, objective=objective,
-                      selection=selection, check_every=check_every, device=device, existing=existing,
+                      selection=selection, check_every=check_every, restarts=restarts, device=device, existing=existing,
                       save=lambda file: file.save(out), progress=step)
     finally:
         if bar is not None:

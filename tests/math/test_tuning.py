@@ -319,3 +319,41 @@ def test_with_a_keep_score_the_checkpoint_of_least_score_is_returned(learn):
     assert torch.equal(found[0], seen[1][0]) and not torch.equal(found[0], seen[-1][0])
     with pytest.raises(ValueError, match="check_every=0"):
         learn(u, train, target, init, "euler", iterations=5, keep=record(second), check_every=0)
+
+
+@pytest.mark.parametrize("learn", [learn_grid, learn_sampler])
+def test_restarts_keep_the_best_candidate_of_descents_on_their_own_batches(learn):
+    """``restarts`` R: R descents from the same start, the r-th on batches of seed ``seed`` + r; the
+    result is, bit for bit, the one of the R single descents (seeds seed … seed + R − 1) whose candidate
+    scores least, with that descent's losses; ``callback`` counts on across them; R = 1 is the single
+    descent; R below 1 is refused."""
+    mu, v, u = gaussian()
+    train = noise_of(32, 6)
+    target = exact(mu, v, train)
+    init = torch.linspace(1, 0, 5, dtype=F64)
+    held = noise_of(64, 7)
+
+    def score(grid, weights):
+        x = weighted_multistep(u, held, grid, "ab2", torch.zeros(4, dtype=F64) if weights is None else weights)
+        return float((x - exact(mu, v, held)).square().mean())
+
+    settings = dict(iterations=20, lr=0.1, batch_size=8, check_every=5)
+    for keep in (score, None):
+        singles = [learn(u, train, target, init, "ab2", seed=10 + r, keep=keep, **settings) for r in range(3)]
+        ks = []
+        found = learn(u, train, target, init, "ab2", seed=10, keep=keep, restarts=3,
+                      callback=lambda k, loss: ks.append(k), **settings)
+        assert ks == list(range(60))
+        judged = [score(single[0], single[1] if learn is learn_sampler else None) if keep else
+                  float((weighted_multistep(u, train, single[0], "ab2", single[1] if learn is learn_sampler
+                                            else torch.zeros(4, dtype=F64)) - target).square().mean())
+                  for single in singles]
+        assert len(set(judged)) == 3  # (the batch orders lead to different results: a choice is made)
+        best = singles[judged.index(min(judged))]
+        for got, want in zip(found[:-1], best[:-1]):
+            assert torch.equal(got, want)
+        assert found[-1] == best[-1]  # (the kept descent's losses)
+        once = learn(u, train, target, init, "ab2", seed=10, keep=keep, restarts=1, **settings)
+        assert all(torch.equal(a, b) for a, b in zip(once[:-1], singles[0][:-1]))
+    with pytest.raises(ValueError, match="restarts=0"):
+        learn(u, train, target, init, "ab2", restarts=0)

@@ -214,6 +214,8 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
     (("--nfe", 3, "--select", "fid", "--features", "clip"), "features"),
     (("--nfe", 3, "--select", "fid", "--check-every", 0), "--check-every must be a positive integer"),
     (("--nfe", 3, "--select", "fid", "--method", "oss"), "method"),
+    (("--nfe", 3, "--restarts", 0), "--restarts must be a positive integer"),
+    (("--nfe", 3, "--restarts", 2, "--method", "gits"), "gits has none"),
 ])
 def test_bad_requests_are_refused_before_any_teacher_solve(tmp_path, monkeypatch, args, message):
     import fmconvert.sampling.model as model_module
@@ -312,10 +314,11 @@ def test_a_file_written_before_objectives_continues_and_weights_need_a_solver_th
     tune(out, "--nfe", 3, "--method", "ld3")
     record = json.loads(out.read_text())
     for g in record["grids"]:
-        del g["tuning"]["objective"], g["tuning"]["select"]
+        del g["tuning"]["objective"], g["tuning"]["select"], g["tuning"]["restarts"]
     out.write_text(json.dumps(record))
     again = tune(out, "--nfe", "3,4", "--method", "ld3")
     assert [(g["nfe"], g["tuning"].get("objective")) for g in again["grids"]] == [(3, None), (4, "mse")]
+    assert again["grids"][1]["tuning"]["restarts"] == 1
     with pytest.raises(UsageError, match="only euler, ab2, dpmpp_2m, dpmpp_3m, unipc take"):
         OdeSampler("heun", TUNED, times=(1.0, 0.5, 0.0), weights=(0.0, 0.3))
 
@@ -457,3 +460,18 @@ def test_one_file_holds_several_solvers_and_the_grid_takes_the_least_held_out_sc
         expected = torch.cat([x for x, _, _ in _solved_batches(vm, 4, 4, 0, best.solver, "uniform", 3, "cpu", Conditioning(),
                                                                False, None, None, None, best.s, best.weights)])
         assert torch.equal(load_file(str(tmp_path / f"{solver}.safetensors"))["samples"], expected)
+
+
+def test_restarts_are_recorded_and_keep_the_best_checkpoint_of_all_descents(tmp_path):
+    """--restarts R: the file records R (gits, which has no descent, 1); with --select fid the kept grid's
+    held-out score is the least of the single descents' on the same pairs (the first of them is the run
+    without restarts, bit for bit), and its losses are that descent's."""
+    one = tune(tmp_path / "one.json", "--nfe", 3, "--method", "gits,s4s", "--select", "fid", "--check-every", 4)
+    three = tune(tmp_path / "three.json", "--nfe", 3, "--method", "gits,s4s", "--select", "fid", "--check-every", 4,
+                 "--restarts", 3)
+    gits, s4s = three["grids"]
+    assert gits["tuning"]["restarts"] == 1 and s4s["tuning"]["restarts"] == 3
+    assert one["grids"][1]["tuning"]["restarts"] == 1
+    assert s4s["validation"]["score"] <= one["grids"][1]["validation"]["score"]
+    assert len(s4s["tuning"]["losses"]) == 8  # (one descent's: the kept one's)
+    assert three["grids"][0]["s"] == one["grids"][0]["s"]  # (gits: the same search)
