@@ -19,7 +19,8 @@ Two methods, both on teacher pairs (x_1 = ε, x_0 = the teacher's endpoint), pur
   Warm-started from a given grid (the best untuned one), so it can only improve on it on the
   training pairs; or, given a ``keep`` score (a distribution measure on held-out pairs, say), the
   checkpoint of least score among the start, every ``check_every`` iterations and the end (early
-  stopping, as LD3 and S4S pick their result on a validation set).
+  stopping, as LD3 and S4S pick their result on a validation set); with ``restarts``, the best
+  candidate of several descents, each on its own batch order.
 - :func:`learn_sampler`, the same descent on the times and one correction a step of the solver's
   weight on its previous evaluation (:func:`fmconvert.math.solvers.weighted_multistep`; the solver
   coefficients S4S, Frankel et al. ICML 2025, and BNS learn, in their smallest form): at zero
@@ -176,8 +177,9 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
     return instead the grid of least such score among the initial one, the one after every
     ``check_every`` iterations and the final one (the latest among equals; ``weights`` None here).
     ``restarts`` R > 1: R descents from ``init``, the r-th drawing its batches with seed ``seed`` + r
-    (the descent is chaotic at these learning rates: on a zoo model at 4 NFE, runs that differ only
-    in their batches end 3.1 to 4.7 FID apart), the candidates of all of them compared alike (by
+    (the descent is chaotic at these learning rates: on digits-v at 4 NFE, s4s descents that differ
+    only in their batches keep grids 3.8 to 4.5 FID apart, docs/benchmarks/TUNING-restarts.md), the
+    candidates of all of them compared alike (by
     ``keep``, or by the loss on all pairs); the losses returned are the kept candidate's descent's,
     ``callback``'s k counts on across them (0 … R·iterations − 1). R = 1 is one descent, as before.
     ValueError for a solver not in :data:`DIFFERENTIABLE` or ``restarts`` below 1."""
