@@ -462,16 +462,12 @@ def test_one_file_holds_several_solvers_and_the_grid_takes_the_least_held_out_sc
         assert torch.equal(load_file(str(tmp_path / f"{solver}.safetensors"))["samples"], expected)
 
 
-def test_restarts_are_recorded_and_keep_the_best_checkpoint_of_all_descents(tmp_path):
-    """--restarts R: the file records R (gits, which has no descent, 1); with --select fid the kept grid's
-    held-out score is the least of the single descents' on the same pairs (the first of them is the run
-    without restarts, bit for bit), and its losses are that descent's."""
-    one = tune(tmp_path / "one.json", "--nfe", 3, "--method", "gits,s4s", "--select", "fid", "--check-every", 4)
+def test_restarts_are_recorded_with_the_kept_descents_losses(tmp_path):
+    """--restarts R: the file records R (gits, which has no descent, 1) and the kept descent's losses,
+    one a iteration; which descent is kept, and that it is the best of them, math.tuning's tests show."""
     three = tune(tmp_path / "three.json", "--nfe", 3, "--method", "gits,s4s", "--select", "fid", "--check-every", 4,
                  "--restarts", 3)
     gits, s4s = three["grids"]
     assert gits["tuning"]["restarts"] == 1 and s4s["tuning"]["restarts"] == 3
-    assert one["grids"][1]["tuning"]["restarts"] == 1
-    assert s4s["validation"]["score"] <= one["grids"][1]["validation"]["score"]
-    assert len(s4s["tuning"]["losses"]) == 8  # (one descent's: the kept one's)
-    assert three["grids"][0]["s"] == one["grids"][0]["s"]  # (gits: the same search)
+    assert len(s4s["tuning"]["losses"]) == 8
+    assert s4s["validation"]["score"] <= s4s["validation"]["untuned_score"][s4s["validation"]["best_untuned"]] + 1e-9
