@@ -226,9 +226,13 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
     loss_of = distance or mean_squared_distance
     init = init.to(torch.float64)
     start, end = float(init[0]), float(init[-1])
+    n = noise.shape[0]
 
     def endpoint(x: torch.Tensor, grid: torch.Tensor, corrections: torch.Tensor) -> torch.Tensor:
         return integrate(field, x, grid, solver, corrections if with_weights else None)
+
+    def snapshot(logits: torch.Tensor, weights: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return grid_from_logits(logits.detach(), start, end), weights.detach().clone(), r
 
     # (candidate grid, corrections, the descent it comes from); without keep: the initial and each final one
     checkpoints = [(init, torch.zeros(len(init) - 1, dtype=torch.float64), 0)]
@@ -242,11 +246,6 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
         parameters = [logits] + ([weights] if with_weights else []) + ([delta] if soft_radius > 0 else [])
         optimizer = torch.optim.Adam(parameters, lr=lr)
         generator = torch.Generator().manual_seed(seed + r)
-        n = noise.shape[0]
-
-        def snapshot() -> tuple[torch.Tensor, torch.Tensor, int]:
-            return grid_from_logits(logits.detach(), start, end), weights.detach().clone(), r  # noqa: B023
-
         for k in range(iterations):
             index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
             grid = grid_from_logits(logits, start, end)
@@ -264,8 +263,8 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
             if callback is not None:
                 callback(r * iterations + k, losses[-1])
             if keep is not None and (k + 1) % check_every == 0 and k + 1 < iterations:
-                checkpoints.append(snapshot())
-        checkpoints.append(snapshot())
+                checkpoints.append(snapshot(logits, weights, r))
+        checkpoints.append(snapshot(logits, weights, r))
     with torch.no_grad():
         def score(candidate: tuple[torch.Tensor, torch.Tensor, int]) -> float:
             if keep is not None:
