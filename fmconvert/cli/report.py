@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import new_output, parse_steps
+from fmconvert.cli.checks import new_output, parse_steps, positive
 from fmconvert.cli.options import AsJson, Device, Force, NumImages, NumTimes, Seed, Steps
 from fmconvert.cli.output import emit_json, handle_errors, interactive, join_device, log
 
@@ -23,6 +23,8 @@ def report(
     sampler_steps: str = typer.Option("3,4,6", "--sampler-steps", help="NFEs at which the default sampler, the tuned one and the peers are compared."),
     peer: Optional[list[str]] = typer.Option(None, "--peer", help="A diffusers scheduler the samplers are compared with, NAME[:key=value,...] as fid --baseline takes; repeat it for several (default: dpm++2m and unipc; --peer none for none)."),
     tune_steps: str = typer.Option("4", "--tune-steps", help="NFEs (among --sampler-steps) to tune a sampler for with fmconvert tune ('' for none)."),
+    tune_pairs: int = typer.Option(128, "--tune-pairs", help="Teacher pairs the tuned sampler is tuned on (fmconvert tune --pairs)."),
+    tune_validation_pairs: int = typer.Option(256, "--tune-validation-pairs", help="Held-out pairs it is judged on (fmconvert tune --validation-pairs)."),
     num_images: NumImages = 1000,
     num_times: NumTimes = 20,
     seed: Seed = 0,
@@ -33,6 +35,7 @@ def report(
     """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
     from fmconvert.evaluation.report import PEERS, build_report
 
+    positive(tune_pairs=tune_pairs, tune_validation_pairs=tune_validation_pairs)
     bars = interactive(as_json)
     new_output(out, force)
     peer_list = PEERS if not peer else tuple(p for p in peer if p != "none")
@@ -40,6 +43,7 @@ def report(
                            num_images=num_images, num_times=num_times, seed=seed, peers=peer_list,
                            sampler_steps=tuple(parse_steps(sampler_steps, option="--sampler-steps")),
                            tune_steps=tuple(parse_steps(tune_steps, option="--tune-steps", allow_none=True)),
+                           tune_pairs=tune_pairs, tune_validation_pairs=tune_validation_pairs,
                            device=join_device(device), force=force, progress=bars, log=log)
     if as_json:
         emit_json(numbers)

@@ -198,7 +198,8 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", str(ddpm_folder), "--other", str(flow_folder), "--out", str(out),
                                  "--data", str(data), "--steps", "2,3", "--num-images", "40", "--num-times", "3",
-                                 "--sampler-steps", "2,3", "--tune-steps", "3", "--json"])
+                                 "--sampler-steps", "2,3", "--tune-steps", "3", "--tune-pairs", "16",
+                                 "--tune-validation-pairs", "24", "--json"])
     assert result.exit_code == 0, result.stderr
     numbers = json.loads(result.stdout)
     files = sorted(p.name for p in out.iterdir())
@@ -227,12 +228,14 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
         assert at3["tuned_ratio"] == pytest.approx((tuned["fid"] - floor) / (best["fid"] - floor))
     from fmconvert.sampling.tuned import TunedFile
 
-    assert TunedFile.load(out / "tuned_sampler.json").grids[0].method == "ld3"
+    (grid,) = TunedFile.load(out / "tuned_sampler.json").grids
+    assert grid.method == "ld3" and (grid.tuning["pairs"], grid.tuning["validation_pairs"]) == (16, 24)
     refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r2"), "--sampler-steps", "2,3",
                                   "--tune-steps", "4"])
     assert refused.exit_code == 2 and "tune at some of those" in refused.output + refused.stderr
     for args, message in ((["--sampler-steps", "1,2", "--tune-steps", "1"], "below ab2's order 2"),
-                          (["--peer", "nosuch"], "unknown baseline")):  # (refused before any work: no folder left)
+                          (["--peer", "nosuch"], "unknown baseline"),
+                          (["--tune-validation-pairs", "0"], "must be a positive integer")):  # (refused before any work: no folder left)
         refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r3"), *args])
         assert refused.exit_code == 2 and message in refused.output + refused.stderr, refused.output
         assert not (tmp_path / "r3").exists()
