@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-exec python -m pytest "$@"
+# one pytest-xdist worker a core (each at one torch thread: tests/conftest.py); -n 0 runs in this process alone
+exec python -m pytest -n auto --dist worksteal "$@"

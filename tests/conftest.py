@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads; one in each of pytest-xdist's workers (scripts/test.sh runs one a core), whose threads would
+# otherwise outnumber the cores, and OpenMP's spinning threads then wait on each other
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def _global_state() -> dict:
