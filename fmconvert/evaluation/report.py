@@ -210,7 +210,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
 def compare_samplers(vm, base, folder: Path, reference: str, extractor, peers: tuple[str, ...],
                      steps: tuple[int, ...], tune_steps: tuple[int, ...], num_images: int, seed: int, device: str,
-                     log=print, tune_pairs: int = 128, tune_validation_pairs: int = 256) -> dict:
+                     log=print, *, tune_pairs: int, tune_validation_pairs: int) -> dict:
     """The report's sampler comparison on ``vm`` (the source as it is): FID of the converged solve (rk4, 25
     steps), of ``--solver auto`` and each peer at every NFE of ``steps``, and of a sampler tuned for each
     of ``tune_steps`` (on ``tune_pairs`` teacher pairs, ``tune_validation_pairs`` held out; written to
