@@ -2,7 +2,8 @@
 """Tuned grids against the best untuned ones: fmconvert tune on the zoo models, judged on held-out noise.
 
     python scripts/tune_bench.py [--models digits-eps,...] [--nfe 3,4,5,6] [--solver ab2] [--num-images 2000]
-                                 [--methods gits,ld3,s4s] [--objective mse|features] [--select loss|fid]
+                                 [--methods gits,ld3,s4s] [--objective mse|features|frechet] [--select loss|fid]
+                                 [--lr-schedule constant|cosine]
                                  [--out docs/benchmarks/TUNING.md]
 
 For each zoo model and NFE: ``fmconvert.sampling.tuned.tune`` (GITS and LD3; the settings below),
@@ -62,12 +63,15 @@ def main() -> None:
     parser.add_argument("--methods", default="gits,ld3,s4s")
     parser.add_argument("--objective", default="mse")
     parser.add_argument("--select", default="loss", choices=("loss", "fid"))
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     parser.add_argument("--solver", default="ab2")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/TUNING.md"))
     parser.add_argument("--keep-files", type=Path, default=None, help="Also write each model's tuned sampler file here.")
     args = parser.parse_args()
     nfe_list = [int(n) for n in args.nfe.split(",")]
+    # (objective frechet: all the pairs each iteration, as the command line's default for it)
+    settings = {**SETTINGS, "lr_schedule": args.lr_schedule, **({"batch_size": None} if args.objective == "frechet" else {})}
     extractor = make_extractor("digits")
     rows, started = [], time.time()
     for name in args.models.split(","):
@@ -76,7 +80,7 @@ def main() -> None:
         fingerprint = model_fingerprint(vm.source)
         tuned = tune(vm, fingerprint, nfe_list, args.solver, methods=tuple(args.methods.split(",")),
                      objective=args.objective, selection=frechet_selection(extractor) if args.select == "fid" else None,
-                     **SETTINGS)
+                     **settings)
         if args.keep_files is not None:
             tuned.save(args.keep_files / f"{name}-{args.solver}.json")
         base = Run(model=model, fingerprint=fingerprint, sampler=OdeSampler("rk4"), steps=25, seed=1000,
@@ -102,7 +106,8 @@ def main() -> None:
                          "score": g.validation.get("score"),
                          "s": list(g.s), "weights": None if g.weights is None else list(g.weights)})
             print(json.dumps(rows[-1]), flush=True)
-    record = {"settings": {**SETTINGS, "objective": args.objective, "select": args.select}, "num_images": args.num_images, "fid_seed": 1000, "rows": rows,
+    record = {"settings": {**settings, "objective": args.objective, "select": args.select},
+              "num_images": args.num_images, "fid_seed": 1000, "rows": rows,
               "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
     record["solver"] = args.solver
@@ -115,7 +120,8 @@ def write(record: dict, out: Path) -> None:
     select = record["settings"].get("select", "loss")
     scored = any(r.get("score") is not None for r in record["rows"])  # (rows of a run that chose by a held-out score)
     chosen = "" if select == "loss" else f", chosen by {select}"
-    lines = [f"# Tuned grids ({record['solver']}, objective {record['settings']['objective']}{chosen}) against the best untuned "
+    solvers = sorted({r.get("solver", record["solver"]) for r in record["rows"]})  # (merged runs: one a solver)
+    lines = [f"# Tuned grids ({', '.join(solvers)}, objective {record['settings']['objective']}{chosen}) against the best untuned "
              "grid and the default", "",
              f"Written by `scripts/tune_bench.py` ({record['seconds']} s on {record['machine']}). FID in digits features "
              f"against builtin:digits from {record['num_images']} samples of seed 1000 (held out: tuning used seed 0, its "
@@ -130,7 +136,8 @@ def write(record: dict, out: Path) -> None:
              "| RMSE untuned | RMSE tuned | RMSE ratio | tuning s |" + (" held-out score |" if scored else ""),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if scored else "")]
     for r in record["rows"]:
-        lines.append(f"| {r['model']} | {r['nfe']} | {r['method']} | {r['best_untuned']} | {r['untuned_fid']:.2f} | "
+        method = r["method"] + (f" ({r['solver']})" if len(solvers) > 1 else "")
+        lines.append(f"| {r['model']} | {r['nfe']} | {method} | {r['best_untuned']} | {r['untuned_fid']:.2f} | "
                      f"{r['auto_fid']:.2f} | {r['tuned_fid']:.2f} | {cell(r['excess_ratio'])} | "
                      f"{cell(r['auto_excess_ratio'])} | {r['untuned_rmse']:.4f} | {r['tuned_rmse']:.4f} | "
                      f"{r['rmse_ratio']:.2f} | {r['seconds']:.0f} |" + (f" {cell(r.get('score'))} |" if scored else ""))

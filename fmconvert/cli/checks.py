@@ -26,6 +26,18 @@ def positive(**values: int) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
 
+def parse_batch(text: str) -> int | str | None:
+    """--batch-size: ``auto`` (the library's default), ``all`` (None: every pair) or a positive count."""
+    if text in ("auto", "all"):
+        return None if text == "all" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--batch-size must be a positive integer, all or auto, got {text!r}") from None
+    positive(batch_size=value)
+    return value
+
+
 def conditioning_from(prompt: str | None, negative_prompt: str | None, class_label: list[str] | None,
                       guidance_scale: float, guidance_rescale: float = 0.0, image_embeds: Path | None = None,
                       height: int | None = None, width: int | None = None):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from fmconvert.cli.checks import parse_steps, positive
+from fmconvert.cli.checks import parse_batch, parse_steps, positive
 from fmconvert.cli.options import (
     AllowPickle,
     AsJson,
@@ -40,8 +40,9 @@ def tune(
     fine_steps: int = typer.Option(64, "--fine-steps", help="Steps of GITS's fine grid (uniform), the times its grids are chosen from."),
     iterations: int = typer.Option(150, "--iterations", help="LD3's and s4s's optimiser steps."),
     lr: float = typer.Option(0.1, "--lr", help="LD3's and s4s's learning rate (Adam, on the grid's logits and s4s's weight corrections)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Pairs per LD3 / s4s iteration, drawn afresh each time (the defaults are scripts/tune_bench.py's, measured in docs/benchmarks/TUNING.md)."),
-    objective: str = typer.Option("mse", "--objective", help="What ld3 and s4s minimise between the solver's endpoints and the teacher's: mse (in the model's data space) or features (the decoded images' early feature maps in a perceptual network; 8x8 pixel models). gits's cost is its own."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="The learning rate along the descent: constant (LD3's) or cosine (annealed to 0 over --iterations, so the descent settles; docs/benchmarks/TUNING-frechet.md)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Pairs per LD3 / s4s iteration, drawn afresh each time: a count, all, or auto (32; all the pairs with --objective frechet). The defaults are scripts/tune_bench.py's, measured in docs/benchmarks/TUNING.md and TUNING-frechet.md."),
+    objective: str = typer.Option("mse", "--objective", help="What ld3 and s4s minimise between the solver's endpoints and the teacher's: mse (in the model's data space), features (the decoded images' early feature maps in a perceptual network; 8x8 pixel models) or frechet (features plus the Frechet distance of the batch's endpoints to the teacher's in FID's digits features, a distribution term). gits's cost is its own."),
     select: str = typer.Option("loss", "--select", help="How the untuned grid tuning starts from and the grid ld3 and s4s keep are chosen: loss (their objective on the tuning pairs, the better of start and end) or fid (FID's Fréchet distance to the teacher on the held-out pairs, in --features; the closest start and the closest of the checkpoints, one every --check-every iterations)."),
     check_every: int = typer.Option(10, "--check-every", help="With --select fid: iterations between the checkpoints ld3 and s4s choose among."),
     restarts: int = typer.Option(1, "--restarts", help="ld3's and s4s's descents from the same start, each drawing its own batches; the best checkpoint of all is kept (by --select). Their result varies by several FID points between batch orders on the zoo models; with --select fid, take more --validation-pairs too (docs/benchmarks/TUNING-restarts.md)."),
@@ -68,7 +69,8 @@ def tune(
     nfe_list = parse_steps(nfe)
     methods = tuple(m.strip() for m in method.split(",") if m.strip())
     positive(pairs=pairs, validation_pairs=validation_pairs, teacher_steps=teacher_steps, fine_steps=fine_steps,
-             iterations=iterations, batch_size=batch_size, check_every=check_every, restarts=restarts)
+             iterations=iterations, check_every=check_every, restarts=restarts)
+    batch = parse_batch(batch_size)
     check_choice("select", select, SELECTIONS)
     check_choice("features", features, FEATURES)
     if out.suffix.lower() != ".json":
@@ -78,15 +80,15 @@ def tune(
     selection = None
     if select == "fid":  # (the request checked before the extractor is read)
         check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps,
-                     fine_steps, objective, restarts)
+                     fine_steps, objective, restarts, batch, lr_schedule)
         from fmconvert.evaluation.fid import frechet_selection, make_extractor
 
         selection = frechet_selection(make_extractor(features, inception_weights, inception_layer, device), device)
     result = tune_model(model, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                         validation_pairs=validation_pairs, validation_seed=validation_seed,
                         teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr, soft_radius=soft_radius,
-                        batch_size=batch_size, objective=objective, selection=selection, check_every=check_every,
-                        restarts=restarts, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
+                        batch_size=batch, objective=objective, selection=selection, check_every=check_every,
+                        restarts=restarts, lr_schedule=lr_schedule, device=device, existing=existing, out=out, plot=plot, into=into, height=height, width=width,
                         progress=bars, revision=revision,
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, log=log)
     if as_json:

@@ -48,6 +48,9 @@ Score = Callable[[torch.Tensor, "torch.Tensor | None"], float]
 #: the solvers :func:`learn_grid` differentiates through (their step arithmetic is torch's on a
 #: grid that requires grad); :func:`gits_grid` takes any solver's NFE
 DIFFERENTIABLE = ("euler", "heun", "midpoint", "rk4", "ab2", "dpmpp_2m", "dpmpp_3m", "unipc")
+#: the learning-rate schedules of the learnt methods' descents: name → what it is
+LR_SCHEDULES = {"constant": "lr at every iteration (LD3's own)",
+                "cosine": "lr annealed to 0 along a half cosine over the iterations (Loshchilov & Hutter, ICLR 2017)"}
 
 
 def grid_from_logits(logits: torch.Tensor, start: float = 1.0, end: float = 0.0) -> torch.Tensor:
@@ -68,6 +71,39 @@ def logits_from_grid(grid: torch.Tensor) -> torch.Tensor:
 def mean_squared_distance(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The mean over elements of (x − target)²: the learnt methods' loss by default (LD3 §3 with L2)."""
     return (x - target).square().mean()
+
+
+def frechet_distance_to(target: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """features (B, D) ↦ the Fréchet distance between the Gaussians fitted to ``features`` and to ``target``
+    ((M, D), fixed), differentiable in ``features`` (a 0-d float64 tensor):
+
+        |μ₁ − μ₂|² + tr Σ₁ + tr Σ₂ − 2·tr (Σ₂^½ Σ₁ Σ₂^½)^½
+
+    (Dowson & Landau 1982; FID's formula, Heusel et al. NeurIPS 2017, on unbiased covariances as
+    torchmetrics' ``FrechetInceptionDistance``, whose tr (Σ₁Σ₂)^½ it equals: the same eigenvalues, here
+    of a symmetric matrix, so ``eigvalsh`` and its gradient apply). The distance of a batch's features to
+    a teacher's, as a loss: GAS (2025) adds a distribution term, adversarial there, to the teacher
+    distance for the same reason, that at 3 or 4 NFE the endpoint closest to each teacher endpoint is a
+    blur of the plausible ones. Eigenvalues below 10⁻¹² count as 10⁻¹² and pass no gradient (a batch of
+    fewer rows than dimensions has zero ones, whose square root has no derivative): each such one
+    lowers the value below FID's by 2·10⁻⁶ at most. ValueError for fewer than two rows on either side."""
+    if target.shape[0] < 2:
+        raise ValueError(f"{target.shape[0]} target rows: a covariance needs two or more")
+    target = target.detach().to(torch.float64)
+    mean_t, cov_t = target.mean(0), torch.cov(target.T)
+    w, v = torch.linalg.eigh(cov_t)
+    root_t = (v * w.clamp_min(0).sqrt()) @ v.T
+
+    def distance(features: torch.Tensor) -> torch.Tensor:
+        if features.shape[0] < 2:
+            raise ValueError(f"{features.shape[0]} rows: a covariance needs two or more")
+        features = features.to(torch.float64)
+        cov = torch.cov(features.T)
+        middle = root_t @ cov @ root_t
+        roots = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(1e-12).sqrt()
+        return (features.mean(0) - mean_t).square().sum() + cov.trace() + cov_t.trace() - 2 * roots.sum()
+
+    return distance
 
 
 def shortest_path(cost: torch.Tensor, steps: int) -> list[int]:
@@ -164,7 +200,7 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
                iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
                seed: int = 0, callback: Callable[[int, float], None] | None = None,
                distance: Distance | None = None, keep: Score | None = None,
-               check_every: int = 10, restarts: int = 1) -> tuple[torch.Tensor, list[float]]:
+               check_every: int = 10, restarts: int = 1, lr_schedule: str = "constant") -> tuple[torch.Tensor, list[float]]:
     """LD3: the grid with ``init``'s ends (and, at the start, its times) minimising the mean squared
     distance, per element, between ``solver``'s endpoint from each noise and its ``target`` (the
     teacher's endpoint), by ``iterations`` steps of Adam (``lr``) on the logits of
@@ -182,12 +218,18 @@ def learn_grid(field: Field, noise: torch.Tensor, target: torch.Tensor, init: to
     candidates of all of them compared alike (by
     ``keep``, or by the loss on all pairs); the losses returned are the kept candidate's descent's,
     ``callback``'s k counts on across them (0 … R·iterations − 1). R = 1 is one descent, as before.
-    ValueError for a solver not in :data:`DIFFERENTIABLE` or ``restarts`` below 1."""
+    ``lr_schedule`` (:data:`LR_SCHEDULES`): ``constant``, or ``cosine``, each descent's learning rate
+    annealed from ``lr`` to 0 over its iterations (Loshchilov & Hutter, ICLR 2017, without restarts;
+    torch's ``CosineAnnealingLR``): the early steps range as widely, the late ones settle, so the
+    descent ends in one place (at a constant 0.1 the held-out FID of its checkpoints jumps by a factor
+    of two from one to the next, docs/benchmarks/TUNING-frechet.md).
+    ValueError for a solver not in :data:`DIFFERENTIABLE`, ``restarts`` below 1 or an unknown schedule."""
     if solver not in DIFFERENTIABLE:
         raise ValueError(f"solver={solver!r}: learn_grid differentiates through {', '.join(DIFFERENTIABLE)}")
     grid, _, losses = _descend(field, noise, target, init, solver, False, iterations=iterations, lr=lr,
                                soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
-                               distance=distance, keep=keep, check_every=check_every, restarts=restarts)
+                               distance=distance, keep=keep, check_every=check_every, restarts=restarts,
+                               lr_schedule=lr_schedule)
     return grid, losses
 
 
@@ -195,7 +237,8 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
                   iterations: int = 100, lr: float = 0.05, soft_radius: float = 0.0, batch_size: int | None = None,
                   seed: int = 0, callback: Callable[[int, float], None] | None = None,
                   distance: Distance | None = None, keep: Score | None = None,
-                  check_every: int = 10, restarts: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  check_every: int = 10, restarts: int = 1,
+                  lr_schedule: str = "constant") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """The times and, with them, one correction a step of ``solver``'s weight on its previous
     evaluation (:func:`~fmconvert.math.solvers.weighted_multistep`; S4S, Frankel et al. ICML 2025,
     learns times and solver coefficients against a teacher; here both by one Adam on the same loss
@@ -208,7 +251,8 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
         raise ValueError(f"solver={solver!r}: learn_sampler corrects the weights of {', '.join(WEIGHTED)}")
     grid, weights, losses = _descend(field, noise, target, init, solver, True, iterations=iterations, lr=lr,
                                      soft_radius=soft_radius, batch_size=batch_size, seed=seed, callback=callback,
-                                     distance=distance, keep=keep, check_every=check_every, restarts=restarts)
+                                     distance=distance, keep=keep, check_every=check_every, restarts=restarts,
+                                     lr_schedule=lr_schedule)
     assert weights is not None
     return grid, weights, losses
 
@@ -216,13 +260,16 @@ def learn_sampler(field: Field, noise: torch.Tensor, target: torch.Tensor, init:
 def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torch.Tensor, solver: str,
              with_weights: bool, *, iterations: int, lr: float, soft_radius: float, batch_size: int | None, seed: int,
              callback: Callable[[int, float], None] | None, distance: Distance | None, keep: Score | None = None,
-             check_every: int = 10, restarts: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
+             check_every: int = 10, restarts: int = 1,
+             lr_schedule: str = "constant") -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
     """The descent of :func:`learn_grid` (``with_weights``: and of :func:`learn_sampler`'s corrections),
     ``restarts`` times, the best candidate of all kept."""
     if check_every < 1:
         raise ValueError(f"check_every={check_every}: checkpoints come every 1 or more iterations")
     if restarts < 1:
         raise ValueError(f"restarts={restarts}: one descent or more")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={lr_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
     loss_of = distance or mean_squared_distance
     init = init.to(torch.float64)
     start, end = float(init[0]), float(init[-1])
@@ -245,6 +292,7 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
         delta = torch.zeros_like(noise, requires_grad=True)
         parameters = [logits] + ([weights] if with_weights else []) + ([delta] if soft_radius > 0 else [])
         optimizer = torch.optim.Adam(parameters, lr=lr)
+        annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations) if lr_schedule == "cosine" else None
         generator = torch.Generator().manual_seed(seed + r)
         for k in range(iterations):
             index = torch.randperm(n, generator=generator)[:batch_size] if batch_size else torch.arange(n)
@@ -254,6 +302,8 @@ def _descend(field: Field, noise: torch.Tensor, target: torch.Tensor, init: torc
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if annealing is not None:
+                annealing.step()
             if soft_radius > 0:
                 with torch.no_grad():  # back into the ball |δ| ≤ r·|ε|, per sample
                     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-30)

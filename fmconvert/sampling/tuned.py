@@ -13,8 +13,10 @@ A tuning run, for each step count N (= NFE for the one-evaluation solvers), on t
    ``ld3``: :func:`fmconvert.math.tuning.learn_grid` warm-started from the best untuned grid;
    ``s4s``: :func:`fmconvert.math.tuning.learn_sampler`, the same with one correction a step of the
    solver's weights (stored as ``weights``; only fmconvert's samplers run them, not a stock scheduler);
-   both minimise the ``objective`` (:data:`OBJECTIVES`: the endpoints' mean squared distance, or a
-   perceptual network's, :func:`perceptual_distance`);
+   both minimise the ``objective`` (:data:`OBJECTIVES`: the endpoints' mean squared distance, a
+   perceptual network's, :func:`perceptual_distance`, or that plus the Fréchet distance of the batch's
+   endpoints to the teacher's, :func:`frechet_objective`), at a constant or annealed learning rate
+   (``lr_schedule``);
    a tuned grid starts at the top of the source's trained range (:func:`trained_top`: s = 1 for a
    flow-matching or zero-terminal-SNR source and for a converted folder, s of its noisiest
    timestep for any other), so each of its times is one the network was trained at, with a
@@ -65,7 +67,15 @@ METHODS = {"gits": "dynamic programming over a fine teacher trajectory (GITS, Ch
 OBJECTIVES = {"mse": "the mean squared distance of the endpoints, in the model's data space (latents for a latent model)",
               "features": "the mean squared distance of the decoded images' early feature maps in a perceptual network "
                           "(LPIPS's idea, Zhang et al. CVPR 2018; LD3 tunes on LPIPS): for 8x8 pixel images, the two "
-                          "convolutions of the digits classifier"}
+                          "convolutions of the digits classifier",
+              "frechet": "features, plus the Frechet distance (FID's formula) between the batch's endpoints and all the "
+                         "teacher's endpoints in the digits classifier's last layer, FID's features on the zoo (a "
+                         "distribution term, as GAS adds an adversarial one), each term divided by its value at the "
+                         "start grid; on all the pairs each iteration by default"}
+#: the pairs each iteration of ld3 and s4s takes, by objective, where ``batch_size`` is ``"auto"`` (None: all the
+#: pairs; frechet's covariance wants many, and the zoo's tuning on whole batches is what
+#: docs/benchmarks/TUNING-frechet.md measures)
+AUTO_BATCH: dict[str, int | None] = {"mse": 32, "features": 32, "frechet": None}
 #: how a tuning run chooses its start grid and the checkpoint it keeps (:class:`Selection`): name → what it is
 SELECTIONS = {"loss": "the objective on the tuning pairs: the untuned grid of least error starts, and the better of the "
                       "start and the end is kept (LD3's own)",
@@ -73,7 +83,7 @@ SELECTIONS = {"loss": "the objective on the tuning pairs: the untuned grid of le
                      "features: the closest untuned grid starts, and the closest checkpoint is kept (early stopping on "
                      "a distribution measure; fmconvert.evaluation.fid.frechet_selection)"}
 #: tuning settings recorded since a later version, with the value earlier files ran with
-_LATER_SETTINGS = {"objective": "mse", "select": "loss", "restarts": 1}
+_LATER_SETTINGS = {"objective": "mse", "select": "loss", "restarts": 1, "lr_schedule": "constant"}
 #: the grids a tuned one is compared with: (grid, shift)
 UNTUNED = (("uniform", None), ("uniform", 1.5), ("uniform", 2.0), ("karras", None), ("logsnr", None))
 
@@ -247,9 +257,9 @@ def _rmse(x: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def no_perceptual_network(reference: str, made: str) -> UsageError:
-    """The refusal of objective ``features`` for a model whose samples (``made``) fmconvert has no
-    perceptual network for."""
-    return UsageError(f"objective='features' needs a perceptual network for these samples, and fmconvert has one for "
+    """The refusal of objectives ``features`` and ``frechet`` for a model whose samples (``made``) fmconvert has
+    no perceptual network for."""
+    return UsageError(f"objectives 'features' and 'frechet' need a perceptual network for these samples, and fmconvert has one for "
                       f"8x8 pixel images (the digits classifier); {reference} makes {made}: use objective='mse'")
 
 
@@ -275,22 +285,65 @@ def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[tor
     return lambda x, target: (features(x) - features(target)).square().mean()
 
 
+def frechet_objective(vm: VelocityModel, teacher: torch.Tensor, start: torch.Tensor,
+                      device: str = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Objective ``frechet``: (x, target) ↦ F(x, target)/F₀ + D(x)/D₀, where F is
+    :func:`perceptual_distance` (the pairs' early feature maps), D the Fréchet distance
+    (:func:`fmconvert.math.tuning.frechet_distance_to`) between the digits classifier's last-layer
+    features of the decoded batch x and of ``teacher`` (all the tuning pairs' teacher endpoints: the
+    distribution the batch should match, not pair by pair), and F₀, D₀ their values for ``start`` (the
+    endpoints of the grid the descent starts from, on all the tuning pairs), so each term counts alike
+    at the start. FID of the zoo reads the same last layer: this objective tunes on FID's own features,
+    on the tuning pairs (the reported numbers come from other noise). UsageError as
+    :func:`perceptual_distance`'s."""
+    from fmconvert.math.tuning import frechet_distance_to
+    from fmconvert.zoo.digits import load_classifier
+
+    paired = perceptual_distance(vm, device)
+    classifier = load_classifier().to(device).eval().requires_grad_(False)
+
+    def last(x: torch.Tensor) -> torch.Tensor:
+        return classifier.features(vm.source.family.decode(vm.pipeline, x))
+
+    with torch.no_grad():
+        spread = frechet_distance_to(last(teacher))
+        paired_0, spread_0 = (max(float(v), 1e-12) for v in (paired(start, teacher), spread(last(start))))
+    return lambda x, target: paired(x, target) / paired_0 + spread(last(x)) / spread_0
+
+
+def batch_of(batch_size: int | str | None, objective: str) -> int | None:
+    """``batch_size`` as the descent takes it: ``"auto"`` → :data:`AUTO_BATCH` of ``objective``, else itself
+    (a count, or None for all the pairs). UsageError for another string or a count below 1."""
+    if batch_size == "auto":
+        return AUTO_BATCH[objective]
+    if isinstance(batch_size, str) or (batch_size is not None and batch_size < 1):
+        raise UsageError(f"batch_size={batch_size!r}: a positive count of pairs, None (all of them) or 'auto'")
+    return batch_size
+
+
 def check_tuning(solver: str, nfe_list: list[int], methods: tuple[str, ...], pairs: int, validation_pairs: int,
                  seed: int, validation_seed: int, teacher_steps: int, fine_steps: int, objective: str = "mse",
-                 restarts: int = 1) -> None:
+                 restarts: int = 1, batch_size: int | str | None = "auto", lr_schedule: str = "constant") -> None:
     """UsageError, before any model is read, for what no tuning run
     could honour: an unknown method or solver, a solver that cannot be tuned (or not by LD3), an NFE
     below its order, non-positive counts, held-out pairs on the tuning seed, restarts without a learnt
-    method."""
-    from fmconvert.math.tuning import DIFFERENTIABLE
+    method, objective frechet on batches of one pair (a covariance needs two), an unknown learning-rate
+    schedule."""
+    from fmconvert.math.tuning import DIFFERENTIABLE, LR_SCHEDULES
 
     for method in methods:
         check_choice("method", method, METHODS)
     check_choice("solver", solver, SOLVERS)
     check_choice("objective", objective, OBJECTIVES)
+    check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
     if objective != "mse" and not {"ld3", "s4s"} & set(methods):
         raise UsageError(f"objective={objective!r} is what ld3 and s4s minimise; gits's cost is its own: add method "
                          "ld3 or s4s, or leave the objective")
+    batch = batch_of(batch_size, objective)
+    if objective == "frechet" and min(pairs, batch or pairs) < 2:
+        raise UsageError(f"objective='frechet' compares the spread of a batch's endpoints with the teacher's, and "
+                         f"{min(pairs, batch or pairs)} pair has none: tune on batches of two or more pairs "
+                         "(batch_size 'auto': all of them)")
     if restarts < 1:
         raise UsageError(f"restarts={restarts}: ld3 and s4s descend once or more")
     if restarts > 1 and not {"ld3", "s4s"} & set(methods):
@@ -314,8 +367,9 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
          methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None, pairs: int = 128,
          seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1, teacher_solver: str = "rk4",
          teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
-         soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse",
-         selection: Selection | None = None, check_every: int = 10, restarts: int = 1, device: str = "cpu",
+         soft_radius: float = 0.0, batch_size: int | str | None = "auto", objective: str = "mse",
+         selection: Selection | None = None, check_every: int = 10, restarts: int = 1,
+         lr_schedule: str = "constant", device: str = "cpu",
          existing: TunedFile | None = None, save: Callable[[TunedFile], object] | None = None,
          progress: Callable[[str, int, float], None] | None = None) -> TunedFile:
     """Tune ``solver``'s grid for each NFE of ``nfe_list`` by each of ``methods`` on ``vm`` (see the
@@ -326,19 +380,21 @@ def tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str =
     held-out pairs (module docstring, step 5); None: by the objective on the tuning pairs.
     ``restarts``: ld3's and s4s's descents from the same start, each on its own batch order, the
     best candidate of all kept (:func:`~fmconvert.math.tuning.learn_grid`); the record's losses are
-    the kept one's descent's.
+    the kept one's descent's. ``lr_schedule``: their learning rate's
+    (:data:`~fmconvert.math.tuning.LR_SCHEDULES`).
     UsageError, before any teacher solve, for an unknown method, a solver that cannot be tuned, an
     NFE below its order, a model that needs conditioning it is not given (the family's check) and
     images the selection cannot take."""
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
-                 objective, restarts)
+                 objective, restarts, batch_size, lr_schedule)
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, max(pairs, validation_pairs))
     return _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs, seed=seed,
                  validation_pairs=validation_pairs, validation_seed=validation_seed, teacher_solver=teacher_solver,
                  teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations, lr=lr,
-                 soft_radius=soft_radius, batch_size=batch_size, objective=objective, selection=selection,
-                 check_every=check_every, restarts=restarts, device=device, existing=existing, save=save,
+                 soft_radius=soft_radius, batch_size=batch_of(batch_size, objective), objective=objective, selection=selection,
+                 check_every=check_every, restarts=restarts, lr_schedule=lr_schedule, device=device, existing=existing,
+                 save=save,
                  progress=progress)
 
 
@@ -346,6 +402,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
           conditioning: Conditioning, pairs: int, seed: int, validation_pairs: int, validation_seed: int,
           teacher_solver: str, teacher_steps: int, fine_steps: int, iterations: int, lr: float, soft_radius: float,
           batch_size: int | None, objective: str, selection: Selection | None, check_every: int, restarts: int,
+          lr_schedule: str,
           device: str,
           existing: TunedFile | None, save: Callable[[TunedFile], object] | None,
           progress: Callable[[str, int, float], None] | None) -> TunedFile:
@@ -359,12 +416,13 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 "fine_steps": fine_steps, "iterations": iterations, "lr": lr, "soft_radius": soft_radius, "objective": objective,
                 "batch_size": batch_size, "sample_shape": list(sample_shape(vm)),
                 "conditioning": conditioning.describe(), "select": selection.name if selection else "loss",
-                "restarts": restarts}
+                "restarts": restarts, "lr_schedule": lr_schedule}
     if selection is not None:
         settings["check_every"] = check_every
 
     def settings_of(method: str) -> dict[str, Any]:  # (gits's cost and search are its own: these are the learnt methods')
-        return {**settings, "objective": "mse", "restarts": 1} if method == "gits" else settings
+        return {**settings, **{k: v for k, v in _LATER_SETTINGS.items() if k != "select"}} if method == "gits" \
+            else settings
 
     for g in tuned.grids:  # (a rerun continues a file of the same settings only)
         if g.solver == solver and g.steps in steps_list and g.method in methods and \
@@ -381,7 +439,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
         return field_, noise, target
 
     learnt = {"ld3", "s4s"} & set(methods)
-    distance = perceptual_distance(vm, device) if objective == "features" and learnt else None  # (before any solve)
+    distance = perceptual_distance(vm, device) if objective != "mse" and learnt else None  # (before any solve)
 
     def decode(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -435,18 +493,20 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 callback = (lambda k, loss: progress(f"{method} {solver} NFE {nfe}", k, loss)) if progress else None
                 init = start_at(candidates[best_name], top)
                 x_train = train_noise * _start_scale(init)
+                if objective == "frechet":  # (its terms scaled by their values at this start)
+                    distance = frechet_objective(vm, train_target, solve_on(init, False), device)
                 keep = score if judge else None
                 if method == "ld3":
                     grid, losses = learn_grid(train_field, x_train, train_target, init, solver, iterations=iterations,
                                               lr=lr, soft_radius=soft_radius, batch_size=batch_size, seed=seed,
                                               callback=callback, distance=distance, keep=keep, check_every=check_every,
-                                              restarts=restarts)
+                                              restarts=restarts, lr_schedule=lr_schedule)
                 else:
                     grid, weights, losses = learn_sampler(train_field, x_train, train_target, init, solver,
                                                           iterations=iterations, lr=lr, soft_radius=soft_radius,
                                                           batch_size=batch_size, seed=seed, callback=callback,
                                                           distance=distance, keep=keep, check_every=check_every,
-                                                          restarts=restarts)
+                                                          restarts=restarts, lr_schedule=lr_schedule)
             seconds = time.perf_counter() - started
             grid = grid.detach().to(torch.float64)
             timesteps, sigmas = source_coordinates(vm, grid)
@@ -476,8 +536,9 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
                methods: tuple[str, ...] = ("gits", "ld3"), conditioning: Conditioning | None = None,
                pairs: int = 128, seed: int = 0, validation_pairs: int = 256, validation_seed: int = 1,
                teacher_steps: int = 64, fine_steps: int = 64, iterations: int = 150, lr: float = 0.1,
-               soft_radius: float = 0.0, batch_size: int | None = 32, objective: str = "mse",
-               selection: Selection | None = None, check_every: int = 10, restarts: int = 1, device: str = "cpu",
+               soft_radius: float = 0.0, batch_size: int | str | None = "auto", objective: str = "mse",
+               selection: Selection | None = None, check_every: int = 10, restarts: int = 1,
+               lr_schedule: str = "constant", device: str = "cpu",
                existing: TunedFile | None = None, plot: str | Path | None = None, into: str | Path | None = None,
                height: int | None = None, width: int | None = None, progress: bool = False,
                revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
@@ -491,7 +552,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     stock pipeline then steps the tuned Euler times (:func:`~fmconvert.integration.folder.store_tuned_times`:
     ``pipe(num_inference_steps=N)`` for each tuned N; the file stored beside); only for
     ``solver="euler"``, the scheduler's, refused with the rest before the weights are read.
-    ``selection``, ``check_every``, ``restarts``: as :func:`tune` takes them.
+    ``selection``, ``check_every``, ``restarts``, ``lr_schedule``: as :func:`tune` takes them.
     ``height``, ``width``: the image size tuned for, in pixels (the family's rule, as ``sample``
     takes it; default the model's). ``revision``, ``allow_pickle``, ``trust_remote_code``: as
     :func:`~fmconvert.integration.source.inspect_source` reads them. Returns the file's record with
@@ -502,7 +563,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
     from fmconvert.sampling.runs import model_fingerprint
 
     check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps, fine_steps,
-                 objective, restarts)
+                 objective, restarts, batch_size, lr_schedule)
     if into is not None and solver != "euler":
         raise UsageError(f"into='{into}': a converted folder's pipeline steps Euler (FlowMatchEulerScheduler); tune "
                          "solver=euler to store times it runs")
@@ -513,7 +574,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
               else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     conditioning = conditioning or Conditioning()
     source.family.check(conditioning, source, max(pairs, validation_pairs))
-    if objective == "features" and source.family.decoder is not None:  # (before gigabytes are read)
+    if objective != "mse" and source.family.decoder is not None:  # (before gigabytes are read)
         raise no_perceptual_network(source.reference, "latents")
     fingerprint = model_fingerprint(source)
     if into is not None:
@@ -549,8 +610,9 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
         tuned = _tune(vm, fingerprint, nfe_list, solver, methods=methods, conditioning=conditioning, pairs=pairs,
                       seed=seed, validation_pairs=validation_pairs, validation_seed=validation_seed,
                       teacher_solver="rk4", teacher_steps=teacher_steps, fine_steps=fine_steps, iterations=iterations,
-                      lr=lr, soft_radius=soft_radius, batch_size=batch_size, objective=objective,
-                      selection=selection, check_every=check_every, restarts=restarts, device=device, existing=existing,
+                      lr=lr, soft_radius=soft_radius, batch_size=batch_of(batch_size, objective), objective=objective,
+                      selection=selection, check_every=check_every, restarts=restarts, lr_schedule=lr_schedule,
+                      device=device, existing=existing,
                       save=lambda file: file.save(out), progress=step)
     finally:
         if bar is not None:

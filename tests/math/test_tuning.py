@@ -13,6 +13,7 @@ import torch
 from fmconvert.math.solvers import SOLVERS, WEIGHTED, weighted_multistep
 from fmconvert.math.tuning import (
     DIFFERENTIABLE,
+    frechet_distance_to,
     gits_grid,
     grid_from_logits,
     learn_grid,
@@ -357,3 +358,47 @@ def test_restarts_keep_the_best_candidate_of_descents_on_their_own_batches(learn
         assert all(torch.equal(a, b) for a, b in zip(once[:-1], singles[0][:-1]))
     with pytest.raises(ValueError, match="restarts=0"):
         learn(u, train, target, init, "ab2", restarts=0)
+
+
+def test_the_frechet_distance_is_fids_and_its_gradient_the_finite_differences():
+    """frechet_distance_to: torchmetrics' FID formula (_compute_fid on unbiased covariances, as the fid
+    command computes) at rounding, for sets of other sizes and a batch of fewer rows than dimensions;
+    zero from a set to itself; its gradient in the features is the finite differences'."""
+    from torchmetrics.image.fid import _compute_fid
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(300, 8, generator=g, dtype=F64) @ torch.randn(8, 8, generator=g, dtype=F64)
+    for rows in (200, 5):
+        batch = torch.randn(rows, 8, generator=g, dtype=F64) * 0.7 + 0.3
+        expected = _compute_fid(target.mean(0), torch.cov(target.T), batch.mean(0), torch.cov(batch.T))
+        # (5 rows: 4 zero eigenvalues, each counted as 1e-12, √ = 1e-6: within 1e-5)
+        assert float(frechet_distance_to(target)(batch)) == pytest.approx(float(expected), rel=1e-9,
+                                                                          abs=1e-9 if rows > 8 else 1e-5)
+    assert float(frechet_distance_to(target)(target)) == pytest.approx(0, abs=1e-9)
+    batch = torch.randn(40, 8, generator=g, dtype=F64).requires_grad_(True)
+    assert torch.autograd.gradcheck(frechet_distance_to(target), (batch,))
+    with pytest.raises(ValueError, match="two or more"):
+        frechet_distance_to(target)(batch[:1])
+
+
+def test_the_cosine_schedule_settles_the_descent_and_an_unknown_schedule_is_refused():
+    """lr_schedule cosine: each iteration's step shrinks with the learning rate, (1 + cos πk/K)/2 of
+    lr, so the last one moves the grid a thousandth of what the first does; at the constant rate the
+    last step still moves it a few hundredths of the first (Adam's steps are about lr whatever the
+    gradient's size). Both start alike (the first step is lr's in each)."""
+    mu, v, u = gaussian()
+    train = noise_of(64, 4)
+    target = exact(mu, v, train)
+    init = torch.linspace(1, 0, 5, dtype=F64)
+    moves = {}
+    for schedule in ("constant", "cosine"):
+        grids = []
+        learn_grid(u, train, target, init, "ab2", iterations=40, lr=0.1, check_every=1, lr_schedule=schedule,
+                   keep=lambda grid, weights: grids.append(grid) or 0.0)  # (every iteration's grid, in order)
+        assert len(grids) == 41
+        moves[schedule] = [float((b - a).abs().max()) for a, b in zip(grids[:-1], grids[1:])]
+    assert moves["cosine"][0] == moves["constant"][0]
+    assert moves["cosine"][-1] < 0.005 * moves["cosine"][0]
+    assert moves["constant"][-1] > 0.02 * moves["constant"][0]
+    with pytest.raises(ValueError, match="lr_schedule='step'"):
+        learn_sampler(u, train, target, init, "ab2", iterations=1, lr_schedule="step")
