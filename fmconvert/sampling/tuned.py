@@ -270,13 +270,21 @@ def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[tor
     8×8 pixel images with 1 or 3 channels: fmconvert has no perceptual network for them (LPIPS's needs
     weights from the network). The FID of the zoo is read from the same classifier's last layer, so
     tuning on its first layers is not independent of that measure."""
+    return _early_distance(vm, _perceptual_network(vm, device))
+
+
+def _perceptual_network(vm: VelocityModel, device: str) -> Any:
+    """The digits classifier, frozen, for ``vm``'s samples; UsageError as :func:`perceptual_distance`'s."""
     from fmconvert.zoo.digits import load_classifier
 
     shape = tuple(sample_shape(vm))
     if vm.source.family.decoder is not None or shape[1:] != (8, 8) or shape[0] not in (1, 3):
         made = "latents" if vm.source.family.decoder is not None else f"{shape[0]}x{shape[1]}x{shape[2]} images"
         raise no_perceptual_network(vm.source.reference, made)
-    classifier = load_classifier().to(device).eval().requires_grad_(False)
+    return load_classifier().to(device).eval().requires_grad_(False)
+
+
+def _early_distance(vm: VelocityModel, classifier: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     early = classifier.body[:4]  # conv, ReLU, conv, ReLU
 
     def features(x: torch.Tensor) -> torch.Tensor:
@@ -285,30 +293,35 @@ def perceptual_distance(vm: VelocityModel, device: str = "cpu") -> Callable[[tor
     return lambda x, target: (features(x) - features(target)).square().mean()
 
 
-def frechet_objective(vm: VelocityModel, teacher: torch.Tensor, start: torch.Tensor,
-                      device: str = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Objective ``frechet``: (x, target) ↦ F(x, target)/F₀ + D(x)/D₀, where F is
+def frechet_objective(vm: VelocityModel, teacher: torch.Tensor, device: str = "cpu"
+                      ) -> Callable[[torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Objective ``frechet``, for a given ``start``: (x, target) ↦ F(x, target)/F₀ + D(x)/D₀, where F is
     :func:`perceptual_distance` (the pairs' early feature maps), D the Fréchet distance
     (:func:`fmconvert.math.tuning.frechet_distance_to`) between the digits classifier's last-layer
     features of the decoded batch x and of ``teacher`` (all the tuning pairs' teacher endpoints: the
     distribution the batch should match, not pair by pair), and F₀, D₀ their values for ``start`` (the
     endpoints of the grid the descent starts from, on all the tuning pairs), so each term counts alike
     at the start. FID of the zoo reads the same last layer: this objective tunes on FID's own features,
-    on the tuning pairs (the reported numbers come from other noise). UsageError as
-    :func:`perceptual_distance`'s."""
+    on the tuning pairs (the reported numbers come from other noise). Returns start ↦ that objective (the
+    network read and the teacher's statistics computed once, each start only scaling the terms).
+    UsageError as :func:`perceptual_distance`'s."""
     from fmconvert.math.tuning import frechet_distance_to
-    from fmconvert.zoo.digits import load_classifier
 
-    paired = perceptual_distance(vm, device)
-    classifier = load_classifier().to(device).eval().requires_grad_(False)
+    classifier = _perceptual_network(vm, device)
+    paired = _early_distance(vm, classifier)
 
     def last(x: torch.Tensor) -> torch.Tensor:
         return classifier.features(vm.source.family.decode(vm.pipeline, x))
 
     with torch.no_grad():
         spread = frechet_distance_to(last(teacher))
-        paired_0, spread_0 = (max(float(v), 1e-12) for v in (paired(start, teacher), spread(last(start))))
-    return lambda x, target: paired(x, target) / paired_0 + spread(last(x)) / spread_0
+
+    def starting_at(start: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        with torch.no_grad():
+            paired_0, spread_0 = (max(float(v), 1e-12) for v in (paired(start, teacher), spread(last(start))))
+        return lambda x, target: paired(x, target) / paired_0 + spread(last(x)) / spread_0
+
+    return starting_at
 
 
 def batch_of(batch_size: int | str | None, objective: str) -> int | None:
@@ -439,7 +452,9 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
         return field_, noise, target
 
     learnt = {"ld3", "s4s"} & set(methods)
-    distance = perceptual_distance(vm, device) if objective != "mse" and learnt else None  # (before any solve)
+    if objective != "mse" and learnt:  # (refused before any solve)
+        classifier = _perceptual_network(vm, device)
+    distance = _early_distance(vm, classifier) if objective == "features" and learnt else None
 
     def decode(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -449,6 +464,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
         selection.check(tuple(decode(torch.zeros(1, *sample_shape(vm), device=device)).shape[1:]))
     train_field, train_noise, train_target = pairs_of(pairs, seed)
     held_field, held_noise, held_target = pairs_of(validation_pairs, validation_seed)
+    frechet_at = frechet_objective(vm, train_target, device) if objective == "frechet" and learnt else None
     top = trained_top(vm)
     judge = selection.against(decode(held_target)) if selection is not None else None
 
@@ -493,8 +509,8 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
                 callback = (lambda k, loss: progress(f"{method} {solver} NFE {nfe}", k, loss)) if progress else None
                 init = start_at(candidates[best_name], top)
                 x_train = train_noise * _start_scale(init)
-                if objective == "frechet":  # (its terms scaled by their values at this start)
-                    distance = frechet_objective(vm, train_target, solve_on(init, False), device)
+                if frechet_at is not None:  # (its terms scaled by their values at this start)
+                    distance = frechet_at(solve_on(init, False))
                 keep = score if judge else None
                 if method == "ld3":
                     grid, losses = learn_grid(train_field, x_train, train_target, init, solver, iterations=iterations,

@@ -163,7 +163,7 @@ def test_the_frechet_objective_adds_the_batchs_distribution_to_the_pairs_feature
     vm = load_velocity_model(MODEL)  # the objective away from the start: both terms, each against its start value
     x, teacher = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(6, 1, 8, 8)
     teacher[:3] = 0.5
-    objective = frechet_objective(vm, teacher, x)
+    objective = frechet_objective(vm, teacher)(x)
     assert float(objective(x, teacher)) == pytest.approx(2, rel=1e-9)
     assert float(objective(teacher, teacher)) < 1e-6  # (both terms zero at the teacher itself)
 
