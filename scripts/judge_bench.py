@@ -18,7 +18,8 @@ the smaller sets are the larger's first images):
   sampler's endpoints and the teacher's from the same noise (rk4 on the uniform grid, ``--teacher-steps``
   steps; tuning's own teacher takes 64, the ranking is the same at 32 and costs half);
 - ``data:N``: the FID of the sampler's endpoints against builtin:digits, the benchmark's own reference
-  (a judge ``tune`` does not offer: it needs the data, and it is the measure the benchmark reports).
+  (what ``--select fid --reference builtin:digits`` computes: it needs the data, and it is the measure the
+  benchmark reports).
 
 and writes, per model, NFE and judge, the pick (least score), its FID from 10,000 samples, the best FID
 among the candidates and Kendall's τ between score and FID (1: the judge ranks them as 10,000 samples
@@ -138,7 +139,8 @@ def write(record: dict, out: Path) -> None:
              f"{record['validation_seed']}; its FID is from {record['num_images']} samples of the benchmark's noise "
              f"([{Path(record['peers']).stem}]({Path(record['peers']).stem}.md)). teacher:N = FID's Fréchet distance to "
              f"the teacher's endpoints from the same noise (what `tune --select fid` computes; teacher rk4 in "
-             f"{record['teacher_steps']} steps); data:N = FID against builtin:digits, the benchmark's reference. "
+             f"{record['teacher_steps']} steps); data:N = FID against builtin:digits, the "
+             "benchmark's reference (what `tune --select fid --reference builtin:digits` computes). "
              "Pick = the judge's least score; τ = Kendall's rank correlation of score and FID over the candidates.",
              "", "| model | NFE | candidates | best FID | judge | pick | its FID | τ |", "|---|---|---|---|---|---|---|---|"]
     for model, nfe in sorted({(c["model"], c["nfe"]) for c in candidates}):

@@ -131,22 +131,36 @@ def make_extractor(features: str = "digits", inception_weights: str | Path | Non
     return Extractor(f"inception-{inception_layer}", module, int(inception_layer), file_sha256(path))
 
 
-def frechet_selection(extractor: Extractor, device: str = "cpu") -> "Selection":
+def frechet_selection(extractor: Extractor, device: str = "cpu", reference: str | None = None) -> "Selection":
     """A tuning run's :class:`~fmconvert.sampling.tuned.Selection` by FID's formula: the Fréchet distance
     between the ``extractor`` features of a grid's held-out images and of the teacher's (as uint8, as
     FID reads samples; :func:`~fmconvert.evaluation.statistics.fid_between`, torchmetrics' formula),
     named ``fid-<features>``. An FID of a few hundred samples against the teacher's own: biased
     upward, and the same bias for every grid from the same noise, so fit to rank grids, not to quote.
-    Images the extractor cannot take are refused by its check (UsageError, one line)."""
+    With ``reference`` (REF as the fid command takes it: builtin:digits, an image folder, a statistics
+    file; its statistics read here, before any solve), the distance is to REF's images instead of the
+    teacher's, named ``fid-<features>-to-<REF>``: FID to the data, the measure the benchmarks report. On
+    the zoo it ranks tuned samplers as FID from 10,000 samples does from 2,048 held-out images (Kendall's
+    τ 0.86-0.90), where the distance to the teacher, which a frechet objective is fitted to, ranks them
+    at 0.33-0.71 at any count (docs/benchmarks/JUDGE.md); a few hundred images rank no better than the
+    teacher's. Images the extractor cannot take are refused by its check (UsageError, one line)."""
     from fmconvert.files.images import to_uint8
     from fmconvert.sampling.tuned import Selection
 
     def stats(images: torch.Tensor) -> FeatureStatistics:
         return stats_of([to_uint8(images)], extractor, device)
 
+    if reference is not None:
+        data = reference_stats(reference, extractor, device=device).stats
+
+        def to_data(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
+            return lambda images: fid_between(data, stats(images))
+
+        return Selection(f"fid-{extractor.name}-to-{reference}", to_data, lambda shape: extractor.check(tuple(shape)))
+
     def against(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
-        reference = stats(teacher)
-        return lambda images: fid_between(reference, stats(images))
+        teacher_stats = stats(teacher)
+        return lambda images: fid_between(teacher_stats, stats(images))
 
     return Selection(f"fid-{extractor.name}", against, lambda shape: extractor.check(tuple(shape)))
 

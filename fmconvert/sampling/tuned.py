@@ -81,7 +81,8 @@ SELECTIONS = {"loss": "the objective on the tuning pairs: the untuned grid of le
                       "start and the end is kept (LD3's own)",
               "fid": "FID's Fréchet distance to the teacher's endpoints on the held-out pairs, in the fid command's "
                      "features: the closest untuned grid starts, and the closest checkpoint is kept (early stopping on "
-                     "a distribution measure; fmconvert.evaluation.fid.frechet_selection)"}
+                     "a distribution measure; fmconvert.evaluation.fid.frechet_selection), or with a reference "
+                     "dataset FID to its images instead"}
 #: tuning settings recorded since a later version, with the value earlier files ran with
 _LATER_SETTINGS = {"objective": "mse", "select": "loss", "restarts": 1, "lr_schedule": "constant"}
 #: the grids a tuned one is compared with: (grid, shift)

@@ -240,6 +240,8 @@ def test_a_rerun_continues_the_file_and_other_settings_are_refused(tuned, tmp_pa
     (("--nfe", 3, "--select", "fid", "--features", "clip"), "features"),
     (("--nfe", 3, "--select", "fid", "--check-every", 0), "--check-every must be a positive integer"),
     (("--nfe", 3, "--select", "fid", "--method", "oss"), "method"),
+    (("--nfe", 3, "--reference", "builtin:digits"), "--reference judges tuned grids by FID to a dataset: it needs --select fid"),
+    (("--nfe", 3, "--select", "fid", "--reference", "no/such/folder"), "'no/such/folder' does not exist"),
     (("--nfe", 3, "--restarts", 0), "--restarts must be a positive integer"),
     (("--nfe", 3, "--restarts", 2, "--method", "gits"), "gits has none"),
     (("--nfe", 3, "--method", "s4s", "--objective", "frechet", "--batch-size", 1), "1 pair has none"),
@@ -448,6 +450,37 @@ def test_select_fid_starts_from_and_keeps_the_grid_closest_to_the_teacher_in_fid
     line = error(2, "tune", dit, "--out", tmp_path / "dit.json", "--nfe", 2, "--class-label", 1, "--select", "fid",
                  *SMALL)
     assert "takes 8×8 images" in line, line
+
+
+def test_select_fid_with_a_reference_judges_by_fid_to_the_data(tmp_path):
+    """--select fid --reference REF: the start grid, the kept checkpoint and the recorded score are FID of the
+    held-out endpoints to REF's images (the fid command's statistics), not to the teacher's, and the run records
+    that selection by name."""
+    from fmconvert.evaluation.fid import make_extractor, reference_stats, stats_of
+    from fmconvert.evaluation.statistics import fid_between
+    from fmconvert.files.images import to_uint8
+    from fmconvert.math.solvers import integrate
+    from fmconvert.sampling.generate import velocity_field
+    from fmconvert.sampling.model import sample_shape
+    from fmconvert.sampling.noise import NoiseStream
+
+    out = tmp_path / "data.json"
+    tune(out, "--nfe", 3, "--method", "s4s", "--select", "fid", "--reference", "builtin:digits", "--check-every", 4)
+    (g,) = TunedFile.load(out).grids
+    v = g.validation
+    assert g.tuning["select"] == "fid-digits-to-builtin:digits"
+    assert v["best_untuned"] == min(v["untuned_score"], key=v["untuned_score"].get)
+    assert v["score"] <= v["untuned_score"][v["best_untuned"]] + 1e-9
+    # the kept grid's score, recomputed: its held-out endpoints (24 pairs of seed 1) against builtin:digits
+    vm = load_velocity_model(MODEL)
+    grid, weights = torch.tensor(g.s, dtype=torch.float64), torch.tensor(g.weights, dtype=torch.float64)
+    noise = NoiseStream(24, sample_shape(vm), 1).take(0, 24)
+    with torch.no_grad():
+        x = integrate(velocity_field(vm, None, 0, 24, "cpu"), noise * _start_scale(grid), grid, "ab2", weights)
+        images = to_uint8(vm.source.family.decode(vm.pipeline, x))
+    extractor = make_extractor("digits")
+    data = fid_between(reference_stats("builtin:digits", extractor).stats, stats_of([images], extractor))
+    assert v["score"] == pytest.approx(data, rel=1e-6)
 
 
 def test_best_ranks_by_the_selection_score_when_every_grid_has_one_else_by_rmse():
