@@ -29,8 +29,11 @@ A tuning run, for each step count N (= NFE for the one-evaluation solvers), on t
    closest to the teacher's in that distance, and ld3 / s4s keep, among their checkpoints, the one
    closest (early stopping on a validation set, as LD3 and S4S pick their results). Closer to the
    teacher in the squared distance is not closer to the data at 3 or 4 NFE on some models
-   (docs/benchmarks/TUNING.md); a distribution measure is what FID judges. The held-out pairs then
-   take part in the choice: the numbers to report come from other noise (the benchmarks' seed 1000).
+   (docs/benchmarks/TUNING.md); a distribution measure is what FID judges. The distance may also be
+   to a dataset's images rather than the teacher's (``frechet_selection(..., reference=REF)``): FID to
+   the teacher ranks the zoo's tuned samplers poorly, FID to the data well from 2,048 held-out pairs
+   (docs/benchmarks/JUDGE.md). The held-out pairs then take part in the choice: the numbers to report
+   come from other noise (the benchmarks' seed 1000).
 
 The file (JSON, no pickle; :class:`TunedFile`) names the model's fingerprint; each entry holds the
 times in s (fmconvert's, 1 = noise) and in the source's own coordinates: its model timesteps and
