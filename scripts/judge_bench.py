@@ -50,16 +50,12 @@ from fmconvert.sampling.model import load_velocity_model, sample_shape, sampling
 from fmconvert.sampling.noise import NoiseStream  # noqa: E402
 from fmconvert.sampling.tuned import _start_scale  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from peers_bench import tuned_label  # noqa: E402  (the rows' names: a sampler is found by its name there)
+
 VALIDATION_SEED, REFERENCE = 1, "builtin:digits"
 TUNED = ("docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features-fid.json,docs/benchmarks/TUNING-unipc.json,"
          "docs/benchmarks/TUNING-frechet.json")
-
-
-def label_of(row: dict, settings: dict) -> str:
-    """The tuned sampler's name in scripts/peers_bench.py's rows."""
-    select = settings.get("select", "loss")
-    return (f"{row['solver']}, {row['method']} ({settings.get('objective', 'mse')}"
-            + ("" if select == "loss" else f", chosen by {select}") + ")")
 
 
 def kendall(scores: list[float], fids: list[float]) -> float:
@@ -94,7 +90,7 @@ def main() -> None:
     for name in args.models.split(","):
         vm = load_velocity_model(f"builtin:{name}")
         fid10k = {(r["nfe"], r["sampler"]): r["fid"] for r in peers["rows"] if r["model"] == name}
-        rows = [(row, label_of(row, record["settings"]))
+        rows = [(row, tuned_label(row, record["settings"]))
                 for record in (json.loads(Path(f).read_text()) for f in args.tuned.split(","))
                 for row in record["rows"]
                 if row["model"] == name and row["nfe"] in nfe_list and row["method"] in ("ld3", "s4s")]
@@ -105,20 +101,20 @@ def main() -> None:
         def decode(x: torch.Tensor, vm=vm) -> torch.Tensor:
             return to_uint8(vm.source.family.decode(vm.pipeline, x))
 
-        teacher_images = None
-        if any(kind == "teacher" for kind, _ in judges):
+        against = {(kind, count): reference for kind, count in judges if kind == "data"}
+        if len(against) < len(judges):  # (the teacher's statistics for each count, once a model)
             grid = sampling_grid(vm, "uniform", args.teacher_steps)
             with torch.no_grad():
                 teacher_images = decode(SOLVERS["rk4"].step(field, noise * _start_scale(grid), grid))
+            against.update({(kind, count): stats_of([teacher_images[:count]], extractor)
+                            for kind, count in judges if kind == "teacher"})
         for row, label in rows:
             grid = torch.tensor(row["s"], dtype=torch.float64)
             weights = torch.tensor(row["weights"], dtype=torch.float64) if row.get("weights") else None
             with torch.no_grad():
                 images = decode(integrate(field, noise * _start_scale(grid), grid, row["solver"], weights))
-            scores = {}
-            for kind, count in judges:
-                against = reference if kind == "data" else stats_of([teacher_images[:count]], extractor)
-                scores[f"{kind}:{count}"] = fid_between(against, stats_of([images[:count]], extractor))
+            scores = {f"{kind}:{count}": fid_between(against[(kind, count)], stats_of([images[:count]], extractor))
+                      for kind, count in judges}
             candidates.append({"model": name, "nfe": row["nfe"], "sampler": label, "fid": fid10k[(row["nfe"], label)],
                                "scores": scores})
             print(json.dumps(candidates[-1]), flush=True)

@@ -291,8 +291,7 @@ def main() -> None:
                     weights = tuple(row["weights"]) if row.get("weights") else None
                     runs.append(dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"]),
                                                                              weights=weights), steps=nfe))
-                    chosen = "" if row["select"] == "loss" else f", chosen by {row['select']}"
-                    labels.append(("fmconvert tuned", f"{row['solver']}, {row['method']} ({row['objective']}{chosen})"))
+                    labels.append(("fmconvert tuned", tuned_label(row, row)))
                     if row.get("score") is not None:
                         scores[(name, nfe, labels[-1][1])] = row["score"]
             for spec in args.diffusers.split(";"):
@@ -342,6 +341,14 @@ def main() -> None:
                                                                  in done)}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     write(record, args.out)
+
+
+def tuned_label(row: dict, settings: dict) -> str:
+    """A tuned sampler's name in the rows: its solver and method (``row``, a scripts/tune_bench.py row) and the
+    objective and selection it was tuned with (``settings``, that run's; mse and loss where they predate them)."""
+    select = settings.get("select", "loss")
+    return (f"{row['solver']}, {row['method']} ({settings.get('objective', 'mse')}"
+            + ("" if select == "loss" else f", chosen by {select}") + ")")
 
 
 def held_out_choice(tuned_rows: list[dict]) -> dict | None:

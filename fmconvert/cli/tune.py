@@ -80,10 +80,6 @@ def tune(
     device = join_device(device)
     if reference is not None and select != "fid":
         raise UsageError("--reference judges tuned grids by FID to a dataset: it needs --select fid")
-    if reference is not None:
-        from fmconvert.files.references import parse_data
-
-        parse_data(reference, statistics=True)  # (before the model is inspected)
     selection = None
     if select == "fid":  # (the request checked before the extractor is read)
         check_tuning(solver, nfe_list, methods, pairs, validation_pairs, seed, validation_seed, teacher_steps,
