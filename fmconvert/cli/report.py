@@ -25,6 +25,8 @@ def report(
     tune_steps: str = typer.Option("4", "--tune-steps", help="NFEs (among --sampler-steps) to tune a sampler for with fmconvert tune ('' for none)."),
     tune_pairs: int = typer.Option(128, "--tune-pairs", help="Teacher pairs the tuned sampler is tuned on (fmconvert tune --pairs)."),
     tune_validation_pairs: int = typer.Option(256, "--tune-validation-pairs", help="Held-out pairs it is judged on (fmconvert tune --validation-pairs)."),
+    tune_iterations: int = typer.Option(150, "--tune-iterations", help="Its descent's steps (fmconvert tune --iterations)."),
+    tune_teacher_steps: int = typer.Option(64, "--tune-teacher-steps", help="Steps of the teacher it is tuned against (fmconvert tune --teacher-steps)."),
     num_images: NumImages = 1000,
     num_times: NumTimes = 20,
     seed: Seed = 0,
@@ -35,7 +37,8 @@ def report(
     """Convert MODEL, compare it with its source (and OTHER), run the FID sweep; write a report folder."""
     from fmconvert.evaluation.report import PEERS, build_report
 
-    positive(tune_pairs=tune_pairs, tune_validation_pairs=tune_validation_pairs)
+    positive(tune_pairs=tune_pairs, tune_validation_pairs=tune_validation_pairs, tune_iterations=tune_iterations,
+             tune_teacher_steps=tune_teacher_steps)
     bars = interactive(as_json)
     new_output(out, force)
     peer_list = PEERS if not peer else tuple(p for p in peer if p != "none")
@@ -44,6 +47,7 @@ def report(
                            sampler_steps=tuple(parse_steps(sampler_steps, option="--sampler-steps")),
                            tune_steps=tuple(parse_steps(tune_steps, option="--tune-steps", allow_none=True)),
                            tune_pairs=tune_pairs, tune_validation_pairs=tune_validation_pairs,
+                           tune_iterations=tune_iterations, tune_teacher_steps=tune_teacher_steps,
                            device=join_device(device), force=force, progress=bars, log=log)
     if as_json:
         emit_json(numbers)

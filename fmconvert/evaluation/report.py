@@ -77,14 +77,17 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
                  data: str = "builtin:digits/held_out", reference: str = "builtin:digits", steps=(4, 8, 16, 32),
                  solvers=("euler", "heun"), num_images: int = 1000, num_times: int = 20, seed: int = 0,
                  peers: tuple[str, ...] = PEERS, sampler_steps: tuple[int, ...] = (3, 4, 6), tune_steps: tuple[int, ...] = (4,),
-                 tune_pairs: int = 128, tune_validation_pairs: int = 256, device: str = "cpu", force: bool = False,
-                 progress: bool = False, log=print) -> dict:
+                 tune_pairs: int = 128, tune_validation_pairs: int = 256, tune_iterations: int = 150,
+                 tune_teacher_steps: int = 64, device: str = "cpu", force: bool = False, progress: bool = False,
+                 log=print) -> dict:
     """The report folder ``out`` (see the module docstring) for the diffusion source ``model``. ``steps`` and
     ``solvers``: the FID sweep against DDIM; ``sampler_steps``: the NFEs at which the default sampler and
     ``peers`` (baseline specs of :mod:`fmconvert.sampling.baselines`) are compared, ``tune_steps`` those
     (among them) a sampler is tuned for (:data:`TUNE_SOLVER`, :data:`TUNE_METHODS`, :data:`TUNE_OBJECTIVE`;
-    empty: none), on ``tune_pairs`` teacher pairs judged on ``tune_validation_pairs`` held-out ones (``fmconvert
-    tune``'s ``pairs`` and ``validation_pairs``; with ``tune_steps``, each ≥ 1 or a UsageError before any work).
+    empty: none), on ``tune_pairs`` teacher pairs judged on ``tune_validation_pairs`` held-out ones, in
+    ``tune_iterations`` descent steps against a teacher of ``tune_teacher_steps`` steps (``fmconvert tune``'s
+    ``pairs``, ``validation_pairs``, ``iterations`` and ``teacher_steps``, its defaults; with ``tune_steps``,
+    each ≥ 1 or a UsageError before any work).
     FID from ``num_images`` samples of seed ``seed + 1000``, noise neither tuning nor its validation used."""
     from fmconvert.evaluation.agreement import field_vs_field, field_vs_source, load_points, trajectory_agreement
     from fmconvert.evaluation.fid import fid_between, make_extractor, plot_sweep, reference_stats, sweep
@@ -98,9 +101,9 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
     started = time.perf_counter()
     stages = ["convert", "samples", "agreement", "two models", "FID sweep", "samplers"]
-    if not set(tune_steps) <= set(sampler_steps):
-        from fmconvert.errors import UsageError
+    from fmconvert.errors import UsageError
 
+    if not set(tune_steps) <= set(sampler_steps):
         raise UsageError(f"tune_steps={','.join(map(str, tune_steps))}: tuned samplers are compared at sampler_steps "
                          f"({','.join(map(str, sampler_steps))}); tune at some of those")
     from fmconvert.sampling.baselines import parse_baseline
@@ -108,9 +111,13 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
     for spec in peers:  # (refused before any work, as the tuning request below)
         parse_baseline(spec)
+    tuning = {"pairs": tune_pairs, "validation_pairs": tune_validation_pairs, "iterations": tune_iterations,
+              "teacher_steps": tune_teacher_steps}
     if tune_steps:
-        check_tuning(TUNE_SOLVER, list(tune_steps), TUNE_METHODS, tune_pairs, tune_validation_pairs, 0, 1, 64, 64,
-                     TUNE_OBJECTIVE)
+        if tune_iterations < 1:
+            raise UsageError(f"tune_iterations must be positive, got {tune_iterations}")
+        check_tuning(TUNE_SOLVER, list(tune_steps), TUNE_METHODS, tune_pairs, tune_validation_pairs, 0, 1,
+                     tune_teacher_steps, 64, TUNE_OBJECTIVE)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -196,8 +203,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
         stage("samplers")
         numbers["samplers"] = compare_samplers(original, base, tmp, reference, extractor, peers, sampler_steps,
-                                               tune_steps, num_images, seed + 1000, device, log,
-                                               tune_pairs=tune_pairs, tune_validation_pairs=tune_validation_pairs)
+                                               tune_steps, num_images, seed + 1000, device, log, tuning=tuning)
         done()
 
         numbers["seconds"] = round(time.perf_counter() - started, 1)
@@ -210,11 +216,12 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
 
 def compare_samplers(vm, base, folder: Path, reference: str, extractor, peers: tuple[str, ...],
                      steps: tuple[int, ...], tune_steps: tuple[int, ...], num_images: int, seed: int, device: str,
-                     log=print, *, tune_pairs: int, tune_validation_pairs: int) -> dict:
+                     log=print, *, tuning: dict) -> dict:
     """The report's sampler comparison on ``vm`` (the source as it is): FID of the converged solve (rk4, 25
     steps), of ``--solver auto`` and each peer at every NFE of ``steps``, and of a sampler tuned for each
-    of ``tune_steps`` (on ``tune_pairs`` teacher pairs, ``tune_validation_pairs`` held out; written to
-    ``folder/tuned_sampler.json``), all from the same noise (``seed``); the
+    of ``tune_steps`` (:func:`fmconvert.sampling.tuned.tune` with the settings ``tuning``: pairs,
+    validation_pairs, iterations, teacher_steps; written to ``folder/tuned_sampler.json``), all from the
+    same noise (``seed``); the
     excess FID of each over the converged solve's, and the ratio of the default's and the tuned sampler's
     excess to the best peer's. ``samplers.png``: FID against NFE."""
     import dataclasses
@@ -231,7 +238,7 @@ def compare_samplers(vm, base, folder: Path, reference: str, extractor, peers: t
             f"for NFE {', '.join(map(str, tune_steps))}")
         tuned_file = folder / "tuned_sampler.json"
         tune(vm, fingerprint, list(tune_steps), TUNE_SOLVER, methods=TUNE_METHODS, objective=TUNE_OBJECTIVE,
-             pairs=tune_pairs, validation_pairs=tune_validation_pairs, device=device).save(tuned_file)
+             device=device, **tuning).save(tuned_file)
     converged = dataclasses.replace(base, sampler=OdeSampler("rk4"), steps=25)
     runs = [converged] + sweep_runs(base, [], list(steps), list(peers))
     runs += [resolved(dataclasses.replace(base, sampler=OdeSampler("auto"), steps=n), vm.source.shifts_times)

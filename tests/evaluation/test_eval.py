@@ -168,14 +168,15 @@ def test_inception_fid_equals_torch_fidelity(tmp_path):
     torch_fidelity = pytest.importorskip("torch_fidelity")
     weights = _random_inception_weights(tmp_path / "inception.pth")
     digits = load_digits().images.expand(-1, 3, -1, -1).contiguous()
-    real, fake = digits[:160], digits[300:400].flip(-1)  # mirrored digits: a real difference
+    # mirrored digits: a real difference; more images than the 64 features, so both covariances have full rank
+    real, fake = digits[:96], digits[300:372].flip(-1)
     theirs = torch_fidelity.calculate_metrics(
         input1=_UInt8Dataset(fake), input2=_UInt8Dataset(real), fid=True, cuda=False, batch_size=100,
         feature_extractor="inception-v3-compat", feature_layer_fid="64", feature_extractor_weights_path=str(weights),
         verbose=False, cache=False, save_cpu_ram=True,
     )["frechet_inception_distance"]
     extractor = make_extractor("inception", weights, inception_layer="64")
-    ours = fid_between(stats_of([real[:80], real[80:]], extractor), stats_of([fake], extractor))
+    ours = fid_between(stats_of([real[:48], real[48:]], extractor), stats_of([fake], extractor))
     assert theirs > 1e-3
     assert ours == pytest.approx(theirs, rel=1e-3)
 
@@ -199,7 +200,8 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     result = runner.invoke(app, ["report", str(ddpm_folder), "--other", str(flow_folder), "--out", str(out),
                                  "--data", str(data), "--steps", "2,3", "--num-images", "40", "--num-times", "3",
                                  "--sampler-steps", "2,3", "--tune-steps", "3", "--tune-pairs", "16",
-                                 "--tune-validation-pairs", "24", "--json"])
+                                 "--tune-validation-pairs", "24", "--tune-iterations", "12", "--tune-teacher-steps", "16",
+                                 "--json"])
     assert result.exit_code == 0, result.stderr
     numbers = json.loads(result.stdout)
     files = sorted(p.name for p in out.iterdir())
@@ -230,12 +232,14 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
 
     (grid,) = TunedFile.load(out / "tuned_sampler.json").grids
     assert grid.method == "ld3" and (grid.tuning["pairs"], grid.tuning["validation_pairs"]) == (16, 24)
+    assert grid.tuning["iterations"] == len(grid.tuning["losses"]) == 12 and grid.tuning["teacher"]["steps"] == 16
     refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r2"), "--sampler-steps", "2,3",
                                   "--tune-steps", "4"])
     assert refused.exit_code == 2 and "tune at some of those" in refused.output + refused.stderr
     for args, message in ((["--sampler-steps", "1,2", "--tune-steps", "1"], "below ab2's order 2"),
                           (["--peer", "nosuch"], "unknown baseline"),
-                          (["--tune-validation-pairs", "0"], "must be a positive integer")):  # (refused before any work: no folder left)
+                          (["--tune-validation-pairs", "0"], "must be a positive integer"),
+                          (["--tune-iterations", "0"], "--tune-iterations must be a positive integer")):  # (refused before any work: no folder left)
         refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r3"), *args])
         assert refused.exit_code == 2 and message in refused.output + refused.stderr, refused.output
         assert not (tmp_path / "r3").exists()

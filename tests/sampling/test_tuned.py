@@ -15,7 +15,7 @@ from fmconvert.sampling.runs import model_fingerprint
 from fmconvert.sampling.tuned import TunedFile, _start_scale, steps_for, trained_top
 
 MODEL = "builtin:digits-eps"
-SMALL = ("--pairs", 16, "--validation-pairs", 24, "--teacher-steps", 16, "--fine-steps", 16, "--iterations", 8)
+SMALL = ("--pairs", 16, "--validation-pairs", 24, "--teacher-steps", 8, "--fine-steps", 8, "--iterations", 8)
 
 
 def tune(out, *args):
@@ -181,7 +181,7 @@ def test_every_grid_is_judged_from_the_noise_scaled_to_its_own_first_time(tuned)
 
     noise = NoiseStream(24, sample_shape(vm), 1).take(0, 24)  # the held-out pairs: --validation-pairs 24, seed 1
     field = __import__("fmconvert.sampling.generate", fromlist=["velocity_field"]).velocity_field(vm, None, 0, 24, "cpu")
-    teacher = sampling_grid(vm, "uniform", 16)
+    teacher = sampling_grid(vm, "uniform", SMALL[SMALL.index("--teacher-steps") + 1])
     with torch.no_grad():
         target = SOLVERS["rk4"].step(field, noise, teacher)
         for name, grid in (("karras", sampling_grid(vm, "karras", 4)), ("tuned", torch.tensor(g.s, dtype=torch.float64))):
