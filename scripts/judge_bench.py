@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fmconvert  # noqa: E402
 from fmconvert.evaluation.fid import make_extractor, reference_stats, stats_of  # noqa: E402
 from fmconvert.evaluation.statistics import fid_between  # noqa: E402
 from fmconvert.files.images import to_uint8  # noqa: E402
@@ -51,7 +49,7 @@ from fmconvert.sampling.noise import NoiseStream  # noqa: E402
 from fmconvert.sampling.tuned import _start_scale  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers_bench import tuned_label  # noqa: E402  (the rows' names: a sampler is found by its name there)
+from peers_bench import provenance, tuned_label  # noqa: E402  (the rows' names: a sampler is found by its name there)
 
 VALIDATION_SEED, REFERENCE = 1, "builtin:digits"
 TUNED = ("docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features-fid.json,docs/benchmarks/TUNING-unipc.json,"
@@ -120,9 +118,7 @@ def main() -> None:
             print(json.dumps(candidates[-1]), flush=True)
     record = {"peers": str(args.peers), "num_images": peers["num_images"], "validation_seed": VALIDATION_SEED,
               "teacher_steps": args.teacher_steps, "judges": [f"{k}:{c}" for k, c in judges], "candidates": candidates,
-              "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "command": " ".join(["python"] + sys.argv)}
+              **provenance(started)}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     write(record, args.out)
 

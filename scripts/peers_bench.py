@@ -332,15 +332,19 @@ def main() -> None:
                                   [(c, int(o)) for c, o in (pair.split(":") for pair in args.skrample_samplers.split(","))],
                                   tuple(args.skrample_sigmas.split(",")), done)
     record = {"num_images": args.num_images, "seed": SEED, "converged": converged, "rows": rows, "failed": failed,
-              "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "k_diffusion": k_modules is not None, "skrample": args.skrample is not None,
-              "command": " ".join(["python"] + sys.argv)}
+              **provenance(started), "k_diffusion": k_modules is not None, "skrample": args.skrample is not None}
     if args.reuse is not None:
         record["reused"] = {"from": str(args.reuse), "rows": sum(1 for r in rows if (r["model"], r["nfe"], r["side"], r["sampler"])
                                                                  in done)}
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     write(record, args.out)
+
+
+def provenance(started: float) -> dict:
+    """What a benchmark record says of its run: seconds since ``started`` (time.time()), the versions, the
+    machine and the command line."""
+    return {"seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "command": " ".join(["python"] + sys.argv)}
 
 
 def tuned_label(row: dict, settings: dict) -> str:

@@ -6,7 +6,7 @@ makes one library call and prints what it returns.
 - :mod:`~fmconvert.cli.checks`: reading option values into the library's values;
 - one module per command: :mod:`~fmconvert.cli.wrap`, :mod:`~fmconvert.cli.sample`,
   :mod:`~fmconvert.cli.agree`, :mod:`~fmconvert.cli.fid`, :mod:`~fmconvert.cli.tune`,
-  :mod:`~fmconvert.cli.train` (train and reflow), :mod:`~fmconvert.cli.report`, :mod:`~fmconvert.cli.push`.
+  :mod:`~fmconvert.cli.judge`, :mod:`~fmconvert.cli.train` (train and reflow), :mod:`~fmconvert.cli.report`, :mod:`~fmconvert.cli.push`.
 
 A new command is one module whose function this file registers. Importing the command line
 imports neither torch nor diffusers (``--help`` and ``wrap`` stay fast).
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import typer
 
-from fmconvert.cli import agree, fid, push, report, sample, train, tune, wrap
+from fmconvert.cli import agree, fid, judge, push, report, sample, train, tune, wrap
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
     help="Convert diffusion models to flow-matching velocity fields and back, exactly; sample them with ODE solvers.",
 )
-for command in (wrap.wrap, sample.sample, agree.agree, fid.fid, tune.tune, train.train, train.reflow, report.report,
-                push.push):
+for command in (wrap.wrap, sample.sample, agree.agree, fid.fid, tune.tune, judge.judge, train.train, train.reflow,
+                report.report, push.push):
     app.command()(command)
 
 

@@ -143,7 +143,9 @@ def frechet_selection(extractor: Extractor, device: str = "cpu", reference: str 
     the zoo it ranks tuned samplers as FID from 10,000 samples does from 2,048 held-out images (Kendall's
     τ 0.86-0.90), where the distance to the teacher, which a frechet objective is fitted to, ranks them
     at 0.33-0.71 at any count (docs/benchmarks/JUDGE.md); a few hundred images rank no better than the
-    teacher's. Images the extractor cannot take are refused by its check (UsageError, one line)."""
+    teacher's. This selection needs no teacher: its ``to_data`` scores a stream of image batches, as
+    :func:`~fmconvert.sampling.tuned.judge` takes it. Images the extractor cannot take are refused by its
+    check (UsageError, one line)."""
     from fmconvert.files.images import to_uint8
     from fmconvert.sampling.tuned import Selection
 
@@ -153,10 +155,11 @@ def frechet_selection(extractor: Extractor, device: str = "cpu", reference: str 
     if reference is not None:
         data = reference_stats(reference, extractor, device=device).stats
 
-        def to_data(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
-            return lambda images: fid_between(data, stats(images))
+        def to_data(batches: Iterable[torch.Tensor]) -> float:
+            return fid_between(data, stats_of((to_uint8(images) for images in batches), extractor, device))
 
-        return Selection(f"fid-{extractor.name}-to-{reference}", to_data, lambda shape: extractor.check(tuple(shape)))
+        return Selection(f"fid-{extractor.name}-to-{reference}", lambda teacher: lambda images: to_data([images]),
+                         lambda shape: extractor.check(tuple(shape)), to_data)
 
     def against(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
         teacher_stats = stats(teacher)

@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -104,6 +104,9 @@ class Selection:
     name: str
     against: Callable[[torch.Tensor], Callable[[torch.Tensor], float]]
     check: Callable[[tuple[int, ...]], None] = lambda shape: None
+    #: the distance of a set of images, given as an iterable of batches (B, C, H, W) in [0, 1], to a dataset's:
+    #: for a selection that needs no teacher (FID to the data), which :func:`judge` takes; None for one that does
+    to_data: Callable[[Iterable[torch.Tensor]], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,10 @@ class TunedFile:
 
     def best(self, steps: int, solver: str | None = None, times_only: bool = False) -> TunedGrid:
         """The grid of ``steps`` steps (of ``solver``, or any; ``times_only``: without weights) with the
-        least held-out score where all such grids were chosen by the same selection (:class:`Selection`),
-        else with the least held-out RMSE; UsageError listing what the file has."""
+        least judged score where all such grids were scored by the same judge (:func:`judge`: the same
+        measure, images and seed), else with the least held-out score where all were chosen by the same
+        selection (:class:`Selection`), else with the least held-out RMSE; UsageError listing what the
+        file has."""
         found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)
                  and not (times_only and g.weights is not None)]
         if not found:
@@ -183,6 +188,10 @@ class TunedFile:
             alone = " without weights" if times_only else ""
             raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps{alone}; "
                              f"it has {have}")
+        judges = {None if "judge" not in g.validation else
+                  tuple(g.validation["judge"][k] for k in ("by", "images", "seed")) for g in found}
+        if len(judges) == 1 and None not in judges:
+            return min(found, key=lambda g: float(g.validation["judge"]["score"]))
         selections = {g.tuning.get("select", _LATER_SETTINGS["select"]) for g in found}
         if len(selections) == 1 and all("score" in g.validation for g in found):
             return min(found, key=lambda g: float(g.validation["score"]))
@@ -545,6 +554,80 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
     return tuned
 
 
+#: a judge's defaults: held-out noise of tune's validation seed (neither the tuning pairs' seed 0 nor the benchmarks'
+#: seed 1000), and the count from which FID to the data ranks the zoo's tuned samplers as 10,000 samples do
+#: (Kendall's tau 0.86-0.90, docs/benchmarks/JUDGE.md; 256 images rank them at 0.43-0.81)
+JUDGE_IMAGES, JUDGE_SEED = 2048, 1
+
+
+def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: int = JUDGE_IMAGES,
+          seed: int = JUDGE_SEED, nfe_list: list[int] | None = None, conditioning: Conditioning | None = None,
+          batch_size: int = 256, device: str = "cpu", save: Callable[[TunedFile], object] | None = None,
+          progress: Callable[[TunedGrid, float], None] | None = None) -> TunedFile:
+    """Score each grid of ``tuned`` (those for the NFEs of ``nfe_list``, or all) on ``vm`` by FID to a
+    dataset: ``selection.to_data`` (:func:`fmconvert.evaluation.fid.frechet_selection` with a reference)
+    of the grid's endpoints from ``images`` noises of ``seed`` (image n's noise the n-th of the
+    documented stream, scaled to the grid's first time, as ``sample --seed`` draws them; solved with the
+    grid's solver and weights, ``batch_size`` at a time, and decoded by the family). No teacher solve:
+    a judge of a whole file costs one few-step solve per grid. Recorded in each grid's
+    ``validation["judge"]`` as ``{"by": selection.name, "images", "seed", "score"}``; a grid judged the
+    same way already keeps its score (a rerun continues; ``save(file)`` after each grid), another
+    judge's record is replaced. :meth:`TunedFile.best` then takes the grid of least judged score
+    wherever every candidate has the same judge's. Why: a tuning run's own choice judges by the
+    teacher, which ranks tuned samplers poorly, and cannot compare grids of other runs; FID to the
+    data from 2,048 images ranks them as 10,000 samples do (docs/benchmarks/JUDGE.md). ``conditioning``:
+    a conditional model's, as ``sample`` takes it (the family's check). ``progress(grid, score)``:
+    after each grid judged. UsageError, before any solve, for a selection that needs the teacher, fewer
+    than 2 images, a batch size below 1, an NFE the file has no grid for, conditioning the model needs
+    and images the selection cannot take."""
+    to_data = selection.to_data
+    if to_data is None:
+        raise UsageError(f"{selection.name} judges by the teacher's endpoints, which judging a file does not solve; "
+                         "judge by FID to a dataset (frechet_selection with a reference)")
+    if images < 2 or batch_size < 1:
+        raise UsageError(f"a judge takes at least 2 images and a batch of at least 1, got images={images}, "
+                         f"batch_size={batch_size}")
+    chosen = [g for g in tuned.grids if nfe_list is None or g.nfe in nfe_list]
+    missing = sorted(set(nfe_list or ()) - {g.nfe for g in tuned.grids})
+    if not chosen or missing:
+        have = ", ".join(map(str, sorted({g.nfe for g in tuned.grids}))) or "none"
+        raise UsageError(f"the tuned sampler file has no grid for NFE {', '.join(map(str, missing or nfe_list or []))}; "
+                         f"it has NFE {have}")
+    conditioning = conditioning or Conditioning()
+    vm.source.family.check(conditioning, vm.source, images)
+    shape = sample_shape(vm)
+
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        return vm.source.family.decode(vm.pipeline, x)
+
+    with torch.no_grad():  # (before any solve: one decode of the sample shape)
+        selection.check(tuple(decode(torch.zeros(1, *shape, device=device)).shape[1:]))
+    stream = NoiseStream(images, shape, seed)
+    how = {"by": selection.name, "images": images, "seed": seed}
+    for i, g in enumerate(tuned.grids):
+        done = g.validation.get("judge")
+        if all(g is not c for c in chosen) or (done is not None and {k: done.get(k) for k in how} == how):
+            continue
+        grid = torch.tensor(g.s, dtype=torch.float64)
+        weights = None if g.weights is None else torch.tensor(g.weights, dtype=torch.float64)
+
+        def endpoints(grid: torch.Tensor = grid, weights: torch.Tensor | None = weights, solver: str = g.solver):
+            for first in range(0, images, batch_size):
+                count = min(batch_size, images - first)
+                field_ = velocity_field(vm, conditioning, first, count, device)
+                noise = stream.take(first, first + count).to(device)
+                with torch.no_grad():
+                    yield decode(integrate(field_, noise * _start_scale(grid), grid, solver, weights))
+
+        score = float(to_data(endpoints()))
+        tuned.grids[i] = g = replace(g, validation={**g.validation, "judge": {**how, "score": score}})
+        if save is not None:
+            save(tuned)
+        if progress is not None:
+            progress(g, score)
+    return tuned
+
+
 def load_tuned(path: str | Path, fingerprint: str) -> TunedFile:
     """A tuned sampler file for the weights ``fingerprint`` names (:func:`check_fingerprint`)."""
     tuned = TunedFile.load(path)
@@ -651,6 +734,58 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
         record["into"] = store_tuned_times(into, times, stored.text())
         log(f"stored the tuned times for {', '.join(map(str, times))} steps in {into}: its pipeline's "
             "num_inference_steps steps them")
+    return record
+
+
+def judge_model(reference: str | Source, path: str | Path, selection: Selection, *, images: int = JUDGE_IMAGES,
+                seed: int = JUDGE_SEED, nfe_list: list[int] | None = None, conditioning: Conditioning | None = None,
+                batch_size: int = 256, device: str = "cpu", height: int | None = None, width: int | None = None,
+                progress: bool = False, revision: str | None = None, allow_pickle: bool = False,
+                trust_remote_code: bool = False, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """What ``fmconvert judge`` does between its options and its output: the tuned sampler file ``path``
+    read and checked against ``reference``'s weights (:func:`check_fingerprint`) and ``conditioning``
+    (the family's check) before the weights are read, the model loaded once (float32, on ``device``;
+    ``height``, ``width`` as :func:`tune_model` takes them), its grids judged (:func:`judge`), the file
+    rewritten after each grid (atomically: an interrupted run keeps the scores done). Returns the
+    file's record with ``picks``: for each step count judged, the index in ``grids`` of the grid
+    ``sample --grid FILE --steps N`` now takes (:meth:`TunedFile.best`), and the seconds."""
+    from fmconvert.integration.source import inspect_source
+    from fmconvert.sampling.model import load_velocity_model
+    from fmconvert.sampling.runs import model_fingerprint
+
+    tuned = TunedFile.load(path)
+    source = (reference if isinstance(reference, Source)
+              else inspect_source(reference, revision, allow_pickle, trust_remote_code))
+    check_fingerprint(tuned, model_fingerprint(source), path)
+    conditioning = conditioning or Conditioning()
+    source.family.check(conditioning, source, images)
+    vm = load_velocity_model(source, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    vm.resize(height, width)
+    count = sum(1 for g in tuned.grids if nfe_list is None or g.nfe in nfe_list)
+    how = {"by": selection.name, "images": images, "seed": seed}
+    done = sum(1 for g in tuned.grids if (nfe_list is None or g.nfe in nfe_list)
+               and {k: g.validation.get("judge", {}).get(k) for k in how} == how)
+    log(f"judging {count} grids of {path} by {selection.name} on {images} images of seed {seed}"
+        + (f" ({done} judged so already, kept)" if done else ""))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=count - done, desc="judge", unit="grid", leave=False, file=__import__("sys").stderr)
+    started = time.perf_counter()
+    try:
+        judge(vm, tuned, selection, images=images, seed=seed, nfe_list=nfe_list, conditioning=conditioning,
+              batch_size=batch_size, device=device, save=lambda file: file.save(path),
+              progress=(lambda grid, score: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    tuned.save(path)
+    record = json.loads(Path(path).read_text())
+    picks = {}
+    for steps in sorted({g.steps for g in tuned.grids if nfe_list is None or g.nfe in nfe_list}):
+        picks[str(steps)] = tuned.grids.index(tuned.best(steps))
+    record.update(file=str(path), picks=picks, seconds=round(time.perf_counter() - started, 3))
     return record
 
 

@@ -534,3 +534,97 @@ def test_restarts_are_recorded_with_the_kept_descents_losses(tmp_path):
     assert gits["tuning"]["restarts"] == 1 and s4s["tuning"]["restarts"] == 3
     assert len(s4s["tuning"]["losses"]) == 8
     assert s4s["validation"]["score"] <= s4s["validation"]["untuned_score"][s4s["validation"]["best_untuned"]] + 1e-9
+
+
+def test_judge_scores_every_grid_by_the_fid_of_its_samples_and_grid_takes_the_least(tuned, tmp_path, monkeypatch):
+    """fmconvert judge: each grid's score is the fid command's FID to the reference of that grid's samples from
+    the same held-out noise (--seed; the sample command's draw, weights and all); --grid FILE then takes, for
+    each step count, the grid of least score; a rerun with the same judge solves nothing, another judge
+    replaces the scores."""
+    from dataclasses import replace
+
+    out, _ = tuned
+    judged = tmp_path / "judged.json"
+    file = TunedFile.load(out)
+    three = next(g for g in file.grids if g.steps == 3)  # (and one with weights, as s4s writes them)
+    file.grids.append(replace(three, method="s4s", weights=(0.0, 0.3, -0.2)))
+    judged.write_text(file.text())
+    record = json.loads(ok("judge", MODEL, "--grid", judged, "--reference", "builtin:digits", "--num-images", 48,
+                           "--batch-size", 48, "--json").stdout)
+    file = TunedFile.load(judged)
+    assert len(file.grids) == 5 and record["file"] == str(judged)
+    for g in file.grids:
+        assert {k: g.validation["judge"][k] for k in ("by", "images", "seed")} == {
+            "by": "fid-digits-to-builtin:digits", "images": 48, "seed": 1}
+        alone = tmp_path / f"{g.method}-{g.steps}-{g.weights is None}.json"
+        alone.write_text(TunedFile(file.model, file.fingerprint, [g]).text())
+        fid = json.loads(ok("fid", MODEL, "--reference", "builtin:digits", "--grid", alone, "--solver", g.solver,
+                            "--steps", g.steps, "--num-images", 48, "--seed", 1, "--json").stdout)["rows"][0]["fid"]
+        assert g.validation["judge"]["score"] == pytest.approx(fid, rel=1e-12), (g.method, g.steps)
+    for steps in (3, 4):
+        here = [g for g in file.grids if g.steps == steps]
+        least = min(here, key=lambda g: g.validation["judge"]["score"])
+        assert file.best(steps) == least and file.grids[record["picks"][str(steps)]] == least
+        assert json.loads(ok("sample", MODEL, "--grid", judged, "--solver", "auto", "--steps", steps, "--num-images", 2,
+                             "--json").stdout)["run"]["times"] == list(least.s)
+    import fmconvert.sampling.tuned as tuned_module
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("a grid judged the same way was solved again")
+
+    monkeypatch.setattr(tuned_module, "integrate", no_solve)
+    ok("judge", MODEL, "--grid", judged, "--reference", "builtin:digits", "--num-images", 48)
+    monkeypatch.undo()
+    ok("judge", MODEL, "--grid", judged, "--reference", "builtin:digits", "--num-images", 32, "--nfe", 3)
+    again = TunedFile.load(judged)
+    assert len({g.validation["judge"]["score"] for g in file.grids}) == 5
+    assert {g.validation["judge"]["images"] for g in again.grids if g.nfe == 3} == {32}
+    assert {g.validation["judge"]["images"] for g in again.grids if g.nfe == 4} == {48}
+
+
+def test_best_takes_the_judges_least_score_only_where_one_judge_scored_every_candidate():
+    from fmconvert.sampling.tuned import TunedGrid
+
+    def grid(rmse, score=None, judged=None, images=2048):
+        validation = {"rmse": rmse, "score": score or rmse}
+        if judged is not None:
+            validation["judge"] = {"by": "fid-digits-to-builtin:digits", "images": images, "seed": 1, "score": judged}
+        return TunedGrid("ab2", 3, 3, "ld3", (1.0, 0.5, 0.2, 0.0), (999, 500, 200, 0), (None, 1.0, 0.25, 0.0),
+                         validation, {"select": "fid-digits"})
+
+    a, b = grid(0.2, judged=7.0), grid(0.3, judged=4.0)
+    assert TunedFile("m", "f", [a, b]).best(3) is b  # (the judge, over the held-out score and RMSE)
+    assert TunedFile("m", "f", [a, b, grid(0.25)]).best(3) is a  # (one not judged: the tuning runs' own score)
+    assert TunedFile("m", "f", [a, grid(0.3, judged=4.0, images=256)]).best(3) is a  # (judged otherwise: likewise)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "no/such.json"], "cannot read tuned sampler file"),
+    (["--nfe", 7], "no grid for NFE 7; it has NFE 3, 4"),
+    (["--num-images", 1], "--num-images must be at least 2"),
+    (["--reference", "builtin:nosuch"], "builtin"),
+])
+def test_judge_refuses_bad_requests_in_one_line_before_any_solve(tuned, tmp_path, monkeypatch, args, message):
+    import fmconvert.sampling.tuned as tuned_module
+
+    out, _ = tuned
+    copy = tmp_path / "copy.json"
+    copy.write_text(out.read_text())
+    monkeypatch.setattr(tuned_module, "integrate", lambda *a, **k: pytest.fail("solved before the refusal"))
+    given = dict(zip(args[::2], args[1::2]))
+    request = {"--grid": copy, "--reference": "builtin:digits", **given}
+    line = error(2, "judge", MODEL, *[v for k, value in request.items() for v in (k, value)])
+    assert message in line and "\n" not in line.strip()
+    other = error(2, "judge", "builtin:digits-v", "--grid", copy, "--reference", "builtin:digits")
+    assert "tuned for other weights" in other
+
+
+def test_judge_needs_a_dataset_not_the_teacher():
+    """The library's judge solves no teacher: a selection by FID to the teacher is refused in one line."""
+    from fmconvert.errors import UsageError
+    from fmconvert.evaluation.fid import frechet_selection, make_extractor
+    from fmconvert.sampling.tuned import judge
+
+    file = TunedFile("m", "f", [])
+    with pytest.raises(UsageError, match="judge by FID to a dataset"):
+        judge(load_velocity_model(MODEL), file, frechet_selection(make_extractor("digits")))
