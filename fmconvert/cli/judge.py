@@ -33,7 +33,7 @@ def judge(
     nfe: Optional[str] = typer.Option(None, "--nfe", help="Judge only the grids for these NFEs, comma-separated (default: every grid in the file)."),
     num_images: int = typer.Option(2048, "--num-images", help="Held-out images each grid is judged on. FID to the data ranks the zoo's tuned samplers as 10,000 samples do from 2,048 images, and no better than FID to the teacher from a few hundred (docs/benchmarks/JUDGE.md)."),
     seed: int = typer.Option(1, "--seed", help="Seeds the held-out noise (image n's noise is the n-th of the stream): tune's --validation-seed by default, never its tuning pairs' (--seed 0), nor the benchmarks' (1000)."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Images per model call. The score is the fid command's FID of the same samples (--num-images, --seed) at the same batch size; another batch size moves it at rounding (a pixel's uint8 value can flip)."),
+    batch_size: int = typer.Option(250, "--batch-size", help="Images per model call (fewer for a large model). The score is the fid command's FID of the same samples (--num-images, --seed) at the same batch size; another batch size moves it at rounding (a pixel's uint8 value can flip)."),
     features: Features = "digits",
     inception_weights: InceptionWeights = None,
     inception_layer: InceptionLayer = "2048",
@@ -50,14 +50,14 @@ def judge(
     record the scores in the file: sample, fid and report then take, for each step count, the grid of least FID
     (among candidates tuned in several runs, solvers and methods)."""
     from fmconvert.evaluation.fid import frechet_selection, make_extractor
-    from fmconvert.sampling.tuned import TunedFile, judge_model
+    from fmconvert.sampling.tuned import TunedFile, check_judge, judge_model
 
     bars = interactive(as_json)
     nfe_list = parse_steps(nfe, option="--nfe") if nfe is not None else None
     if num_images < 2 or batch_size < 1:
         raise UsageError(f"--num-images must be at least 2 and --batch-size at least 1, got {num_images} and {batch_size}")
     check_choice("features", features, FEATURES)
-    TunedFile.load(grid)  # (refused before the reference's statistics are computed)
+    check_judge(TunedFile.load(grid), nfe_list, num_images, batch_size)  # (before the reference's statistics)
     device = join_device(device)
     selection = frechet_selection(make_extractor(features, inception_weights, inception_layer, device), device,
                                   reference)

@@ -270,7 +270,7 @@ def compare_samplers(vm, base, folder: Path, reference: str, extractor, peers: t
     plot_sweep({**result, "rows": rows[1:]}, folder / "samplers.png")
     return {**result, "converged_fid": floor, "table": table, "peers": list(peers),
             "tuned_file": tuned_file and tuned_file.name,
-            "tuning": {"solver": TUNE_SOLVER, "methods": list(TUNE_METHODS), "objective": TUNE_OBJECTIVE}}
+            "tuning": {"solver": TUNE_SOLVER, "methods": list(TUNE_METHODS), "objective": TUNE_OBJECTIVE, **tuning}}
 
 
 def render(n: dict) -> str:
@@ -344,8 +344,11 @@ def render(n: dict) -> str:
     ]
     if "samplers" in n:
         s = n["samplers"]
-        tuned = (f"the tuned sampler ({s['tuning']['solver']}, {', '.join(s['tuning']['methods'])}, objective "
-                 f"{s['tuning']['objective']}: [{s['tuned_file']}]({s['tuned_file']}), the grid file sample and fid take)"
+        t = s["tuning"]
+        settings = (f"; {t['pairs']} pairs, {t['iterations']} iterations, teacher rk4 in {t['teacher_steps']} steps"
+                    if "pairs" in t else "")
+        tuned = (f"the tuned sampler ({t['solver']}, {', '.join(t['methods'])}, objective {t['objective']}{settings}: "
+                 f"[{s['tuned_file']}]({s['tuned_file']}), the grid file sample and fid take)"
                  if s["tuned_file"] else "no tuned sampler")
         lines += [
             "## Samplers at few steps, against diffusers' schedulers",

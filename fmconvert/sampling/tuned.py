@@ -177,9 +177,9 @@ class TunedFile:
     def best(self, steps: int, solver: str | None = None, times_only: bool = False) -> TunedGrid:
         """The grid of ``steps`` steps (of ``solver``, or any; ``times_only``: without weights) with the
         least judged score where all such grids were scored by the same judge (:func:`judge`: the same
-        measure, images and seed), else with the least held-out score where all were chosen by the same
-        selection (:class:`Selection`), else with the least held-out RMSE; UsageError listing what the
-        file has."""
+        measure, images, seed, conditioning and shape), else with the least held-out score where all were
+        chosen by the same selection (:class:`Selection`), else with the least held-out RMSE; UsageError
+        listing what the file has."""
         found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)
                  and not (times_only and g.weights is not None)]
         if not found:
@@ -188,8 +188,9 @@ class TunedFile:
             alone = " without weights" if times_only else ""
             raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps{alone}; "
                              f"it has {have}")
-        judges = {None if "judge" not in g.validation else
-                  tuple(g.validation["judge"][k] for k in ("by", "images", "seed")) for g in found}
+        judges = {None if "judge" not in g.validation else  # (the judge's record but its score)
+                  json.dumps({k: v for k, v in g.validation["judge"].items() if k != "score"}, sort_keys=True)
+                  for g in found}
         if len(judges) == 1 and None not in judges:
             return min(found, key=lambda g: float(g.validation["judge"]["score"]))
         selections = {g.tuning.get("select", _LATER_SETTINGS["select"]) for g in found}
@@ -560,39 +561,53 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
 JUDGE_IMAGES, JUDGE_SEED = 2048, 1
 
 
+def check_judge(tuned: TunedFile, nfe_list: list[int] | None, images: int, batch_size: int) -> None:
+    """UsageError, one line, for a judge of ``tuned`` that cannot run: a file without grids, an NFE of
+    ``nfe_list`` it has no grid for, fewer than 2 images, a batch below 1 (:func:`judge`'s request)."""
+    if images < 2 or batch_size < 1:
+        raise UsageError(f"a judge takes at least 2 images and a batch of at least 1, got images={images}, "
+                         f"batch_size={batch_size}")
+    if not tuned.grids:
+        raise UsageError("the tuned sampler file has no grids to judge")
+    missing = sorted(set(nfe_list or ()) - {g.nfe for g in tuned.grids})
+    if missing or nfe_list == []:
+        raise UsageError(f"the tuned sampler file has no grid for NFE {', '.join(map(str, missing)) or '(none asked)'}; "
+                         f"it has NFE {', '.join(map(str, sorted({g.nfe for g in tuned.grids})))}")
+
+
+def judged_as(selection: Selection, images: int, seed: int, conditioning: Conditioning,
+              shape: tuple[int, ...]) -> dict[str, Any]:
+    """What a judge's record names besides its score: the measure, the images and seed, the conditioning
+    and the sample shape (a grid judged otherwise in any of them is judged again)."""
+    return {"by": selection.name, "images": images, "seed": seed, "conditioning": conditioning.describe(),
+            "sample_shape": list(shape)}
+
+
 def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: int = JUDGE_IMAGES,
           seed: int = JUDGE_SEED, nfe_list: list[int] | None = None, conditioning: Conditioning | None = None,
-          batch_size: int = 256, device: str = "cpu", save: Callable[[TunedFile], object] | None = None,
+          batch_size: int = 250, device: str = "cpu", save: Callable[[TunedFile], object] | None = None,
           progress: Callable[[TunedGrid, float], None] | None = None) -> TunedFile:
-    """Score each grid of ``tuned`` (those for the NFEs of ``nfe_list``, or all) on ``vm`` by FID to a
-    dataset: ``selection.to_data`` (:func:`fmconvert.evaluation.fid.frechet_selection` with a reference)
-    of the grid's endpoints from ``images`` noises of ``seed`` (image n's noise the n-th of the
-    documented stream, scaled to the grid's first time, as ``sample --seed`` draws them; solved with the
-    grid's solver and weights, ``batch_size`` at a time, and decoded by the family). No teacher solve:
-    a judge of a whole file costs one few-step solve per grid. Recorded in each grid's
-    ``validation["judge"]`` as ``{"by": selection.name, "images", "seed", "score"}``; a grid judged the
-    same way already keeps its score (a rerun continues; ``save(file)`` after each grid), another
-    judge's record is replaced. :meth:`TunedFile.best` then takes the grid of least judged score
-    wherever every candidate has the same judge's. Why: a tuning run's own choice judges by the
-    teacher, which ranks tuned samplers poorly, and cannot compare grids of other runs; FID to the
-    data from 2,048 images ranks them as 10,000 samples do (docs/benchmarks/JUDGE.md). ``conditioning``:
-    a conditional model's, as ``sample`` takes it (the family's check). ``progress(grid, score)``:
-    after each grid judged. UsageError, before any solve, for a selection that needs the teacher, fewer
-    than 2 images, a batch size below 1, an NFE the file has no grid for, conditioning the model needs
-    and images the selection cannot take."""
+    """Score each grid of ``tuned`` (those for the NFEs of ``nfe_list``, or all) on ``vm`` by FID to a dataset:
+    ``selection.to_data`` (:func:`fmconvert.evaluation.fid.frechet_selection` with a reference) of the
+    grid's endpoints from ``images`` noises of ``seed`` (image n's noise the n-th of the documented stream,
+    scaled to the grid's first time, as ``sample --seed`` draws them; solved with the grid's solver and
+    weights, ``batch_size`` at a time, and decoded by the family). No teacher solve: a judge of a whole file
+    costs one few-step solve per grid. Recorded in each grid's ``validation["judge"]`` as ``{"by":
+    selection.name, "images", "seed", "conditioning", "sample_shape", "score"}`` (:func:`judged_as`); a grid
+    judged the same way already keeps its score (a rerun continues; ``save(file)`` after each grid), another
+    judge's record is replaced. :meth:`TunedFile.best` then takes the grid of least judged score wherever
+    every candidate has the same judge's. Why: a tuning run's own choice judges by the teacher, which ranks
+    tuned samplers poorly, and cannot compare grids of other runs; FID to the data from 2,048 images ranks
+    them as 10,000 samples do (docs/benchmarks/JUDGE.md). ``conditioning``: a conditional model's, as
+    ``sample`` takes it (the family's check). ``progress(grid, score)``: after each grid judged. UsageError,
+    before any solve, for a selection that needs the teacher, a request :func:`check_judge` refuses,
+    conditioning the model needs and images the selection cannot take."""
     to_data = selection.to_data
     if to_data is None:
         raise UsageError(f"{selection.name} judges by the teacher's endpoints, which judging a file does not solve; "
                          "judge by FID to a dataset (frechet_selection with a reference)")
-    if images < 2 or batch_size < 1:
-        raise UsageError(f"a judge takes at least 2 images and a batch of at least 1, got images={images}, "
-                         f"batch_size={batch_size}")
+    check_judge(tuned, nfe_list, images, batch_size)
     chosen = [g for g in tuned.grids if nfe_list is None or g.nfe in nfe_list]
-    missing = sorted(set(nfe_list or ()) - {g.nfe for g in tuned.grids})
-    if not chosen or missing:
-        have = ", ".join(map(str, sorted({g.nfe for g in tuned.grids}))) or "none"
-        raise UsageError(f"the tuned sampler file has no grid for NFE {', '.join(map(str, missing or nfe_list or []))}; "
-                         f"it has NFE {have}")
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, images)
     shape = sample_shape(vm)
@@ -603,7 +618,7 @@ def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: 
     with torch.no_grad():  # (before any solve: one decode of the sample shape)
         selection.check(tuple(decode(torch.zeros(1, *shape, device=device)).shape[1:]))
     stream = NoiseStream(images, shape, seed)
-    how = {"by": selection.name, "images": images, "seed": seed}
+    how = judged_as(selection, images, seed, conditioning, shape)
     for i, g in enumerate(tuned.grids):
         done = g.validation.get("judge")
         if all(g is not c for c in chosen) or (done is not None and {k: done.get(k) for k in how} == how):
@@ -739,7 +754,7 @@ def tune_model(reference: str | Source, nfe_list: list[int], solver: str = "ab2"
 
 def judge_model(reference: str | Source, path: str | Path, selection: Selection, *, images: int = JUDGE_IMAGES,
                 seed: int = JUDGE_SEED, nfe_list: list[int] | None = None, conditioning: Conditioning | None = None,
-                batch_size: int = 256, device: str = "cpu", height: int | None = None, width: int | None = None,
+                batch_size: int = 250, device: str = "cpu", height: int | None = None, width: int | None = None,
                 progress: bool = False, revision: str | None = None, allow_pickle: bool = False,
                 trust_remote_code: bool = False, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """What ``fmconvert judge`` does between its options and its output: the tuned sampler file ``path``
@@ -748,12 +763,16 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     ``height``, ``width`` as :func:`tune_model` takes them), its grids judged (:func:`judge`), the file
     rewritten after each grid (atomically: an interrupted run keeps the scores done). Returns the
     file's record with ``picks``: for each step count judged, the index in ``grids`` of the grid
-    ``sample --grid FILE --steps N`` now takes (:meth:`TunedFile.best`), and the seconds."""
+    ``sample --grid FILE --solver auto --steps N`` now takes (:meth:`TunedFile.best` of any solver: of
+    solvers that spend other NFE in N steps, such as heun, the least FID whatever the NFE), and the
+    seconds. The request (:func:`check_judge`) and the file's weights (:func:`check_fingerprint`) are
+    refused before the weights are read."""
     from fmconvert.integration.source import inspect_source
     from fmconvert.sampling.model import load_velocity_model
     from fmconvert.sampling.runs import model_fingerprint
 
     tuned = TunedFile.load(path)
+    check_judge(tuned, nfe_list, images, batch_size)
     source = (reference if isinstance(reference, Source)
               else inspect_source(reference, revision, allow_pickle, trust_remote_code))
     check_fingerprint(tuned, model_fingerprint(source), path)
@@ -762,7 +781,7 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     vm = load_velocity_model(source, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     vm.resize(height, width)
     count = sum(1 for g in tuned.grids if nfe_list is None or g.nfe in nfe_list)
-    how = {"by": selection.name, "images": images, "seed": seed}
+    how = judged_as(selection, images, seed, conditioning, sample_shape(vm))
     done = sum(1 for g in tuned.grids if (nfe_list is None or g.nfe in nfe_list)
                and {k: g.validation.get("judge", {}).get(k) for k in how} == how)
     log(f"judging {count} grids of {path} by {selection.name} on {images} images of seed {seed}"
@@ -784,7 +803,8 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     record = json.loads(Path(path).read_text())
     picks = {}
     for steps in sorted({g.steps for g in tuned.grids if nfe_list is None or g.nfe in nfe_list}):
-        picks[str(steps)] = tuned.grids.index(tuned.best(steps))
+        best = tuned.best(steps)
+        picks[str(steps)] = next(i for i, g in enumerate(tuned.grids) if g is best)
     record.update(file=str(path), picks=picks, seconds=round(time.perf_counter() - started, 3))
     return record
 

@@ -233,6 +233,9 @@ def test_report_writes_the_whole_story(tmp_path, ddpm_folder, flow_folder):
     (grid,) = TunedFile.load(out / "tuned_sampler.json").grids
     assert grid.method == "ld3" and (grid.tuning["pairs"], grid.tuning["validation_pairs"]) == (16, 24)
     assert grid.tuning["iterations"] == len(grid.tuning["losses"]) == 12 and grid.tuning["teacher"]["steps"] == 16
+    assert {k: samplers["tuning"][k] for k in ("pairs", "iterations", "teacher_steps")} == {
+        "pairs": 16, "iterations": 12, "teacher_steps": 16}
+    assert "16 pairs, 12 iterations, teacher rk4 in 16 steps" in text  # (the report says how it was tuned)
     refused = runner.invoke(app, ["report", str(ddpm_folder), "--out", str(tmp_path / "r2"), "--sampler-steps", "2,3",
                                   "--tune-steps", "4"])
     assert refused.exit_code == 2 and "tune at some of those" in refused.output + refused.stderr

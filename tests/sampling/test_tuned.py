@@ -550,7 +550,7 @@ def test_judge_scores_every_grid_by_the_fid_of_its_samples_and_grid_takes_the_le
     file.grids.append(replace(three, method="s4s", weights=(0.0, 0.3, -0.2)))
     judged.write_text(file.text())
     record = json.loads(ok("judge", MODEL, "--grid", judged, "--reference", "builtin:digits", "--num-images", 48,
-                           "--batch-size", 48, "--json").stdout)
+                           "--batch-size", 20, "--json").stdout)  # (batches of 20, 20 and 8)
     file = TunedFile.load(judged)
     assert len(file.grids) == 5 and record["file"] == str(judged)
     for g in file.grids:
@@ -559,7 +559,8 @@ def test_judge_scores_every_grid_by_the_fid_of_its_samples_and_grid_takes_the_le
         alone = tmp_path / f"{g.method}-{g.steps}-{g.weights is None}.json"
         alone.write_text(TunedFile(file.model, file.fingerprint, [g]).text())
         fid = json.loads(ok("fid", MODEL, "--reference", "builtin:digits", "--grid", alone, "--solver", g.solver,
-                            "--steps", g.steps, "--num-images", 48, "--seed", 1, "--json").stdout)["rows"][0]["fid"]
+                            "--steps", g.steps, "--num-images", 48, "--seed", 1, "--batch-size", 20,
+                            "--json").stdout)["rows"][0]["fid"]
         assert g.validation["judge"]["score"] == pytest.approx(fid, rel=1e-12), (g.method, g.steps)
     for steps in (3, 4):
         here = [g for g in file.grids if g.steps == steps]
@@ -578,8 +579,12 @@ def test_judge_scores_every_grid_by_the_fid_of_its_samples_and_grid_takes_the_le
     ok("judge", MODEL, "--grid", judged, "--reference", "builtin:digits", "--num-images", 32, "--nfe", 3)
     again = TunedFile.load(judged)
     assert len({g.validation["judge"]["score"] for g in file.grids}) == 5
-    assert {g.validation["judge"]["images"] for g in again.grids if g.nfe == 3} == {32}
-    assert {g.validation["judge"]["images"] for g in again.grids if g.nfe == 4} == {48}
+    assert [g.validation["judge"] for g in again.grids if g.nfe == 4] == [g.validation["judge"] for g in file.grids
+                                                                          if g.nfe == 4]  # (kept)
+    for before, after in zip(file.grids, again.grids):
+        if before.nfe == 3:  # (judged again: another count, another score)
+            assert after.validation["judge"]["images"] == 32
+            assert after.validation["judge"]["score"] != before.validation["judge"]["score"]
 
 
 def test_best_takes_the_judges_least_score_only_where_one_judge_scored_every_candidate():
@@ -599,10 +604,11 @@ def test_best_takes_the_judges_least_score_only_where_one_judge_scored_every_can
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--grid", "no/such.json"], "cannot read tuned sampler file"),
+    (["--grid", "no/such.json"], "cannot read tuned sampler file 'no/such.json'"),
     (["--nfe", 7], "no grid for NFE 7; it has NFE 3, 4"),
     (["--num-images", 1], "--num-images must be at least 2"),
-    (["--reference", "builtin:nosuch"], "builtin"),
+    (["--reference", "builtin:nosuch"], "unknown builtin data 'nosuch'"),
+    (["--model", "builtin:digits-v"], "was tuned for other weights"),
 ])
 def test_judge_refuses_bad_requests_in_one_line_before_any_solve(tuned, tmp_path, monkeypatch, args, message):
     import fmconvert.sampling.tuned as tuned_module
@@ -611,12 +617,22 @@ def test_judge_refuses_bad_requests_in_one_line_before_any_solve(tuned, tmp_path
     copy = tmp_path / "copy.json"
     copy.write_text(out.read_text())
     monkeypatch.setattr(tuned_module, "integrate", lambda *a, **k: pytest.fail("solved before the refusal"))
-    given = dict(zip(args[::2], args[1::2]))
-    request = {"--grid": copy, "--reference": "builtin:digits", **given}
-    line = error(2, "judge", MODEL, *[v for k, value in request.items() for v in (k, value)])
+    request = {"--model": MODEL, "--grid": copy, "--reference": "builtin:digits", **dict(zip(args[::2], args[1::2]))}
+    model = request.pop("--model")
+    line = error(2, "judge", model, *[v for k, value in request.items() for v in (k, value)])
     assert message in line and "\n" not in line.strip()
-    other = error(2, "judge", "builtin:digits-v", "--grid", copy, "--reference", "builtin:digits")
-    assert "tuned for other weights" in other
+    assert TunedFile.load(copy).text() == out.read_text() or args[0] == "--grid"  # (the file untouched)
+
+
+def test_judge_refuses_a_file_without_grids_and_an_empty_nfe_list(tmp_path):
+    from fmconvert.errors import UsageError
+    from fmconvert.sampling.tuned import TunedGrid, check_judge
+
+    with pytest.raises(UsageError, match="has no grids to judge"):
+        check_judge(TunedFile("m", "f", []), None, 2048, 250)
+    one = TunedGrid("ab2", 3, 3, "ld3", (1.0, 0.5, 0.2, 0.0), (999, 500, 200, 0), (None, 1.0, 0.25, 0.0), {"rmse": 1}, {})
+    with pytest.raises(UsageError, match=r"no grid for NFE \(none asked\); it has NFE 3"):
+        check_judge(TunedFile("m", "f", [one]), [], 2048, 250)
 
 
 def test_judge_needs_a_dataset_not_the_teacher():
