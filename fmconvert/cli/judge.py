@@ -47,8 +47,8 @@ def judge(
     width: Optional[int] = None,
 ):
     """Score each grid of a tuned sampler file by the FID of its samples from held-out noise to --reference, and
-    record the scores in the file: sample, fid and report then take, for each step count, the grid of least FID
-    (among candidates tuned in several runs, solvers and methods)."""
+    record the scores in the file: sample and fid (--grid FILE; --solver auto for any solver's) then take, for each
+    step count, the grid of least FID (among candidates tuned in several runs, solvers and methods)."""
     from fmconvert.evaluation.fid import frechet_selection, make_extractor
     from fmconvert.sampling.tuned import TunedFile, check_judge, judge_model
 
