@@ -149,21 +149,21 @@ def frechet_selection(extractor: Extractor, device: str = "cpu", reference: str 
     from fmconvert.files.images import to_uint8
     from fmconvert.sampling.tuned import Selection
 
-    def stats(images: torch.Tensor) -> FeatureStatistics:
-        return stats_of([to_uint8(images)], extractor, device)
+    def stats(batches: Iterable[torch.Tensor]) -> FeatureStatistics:  # (images in [0, 1], streamed)
+        return stats_of((to_uint8(images) for images in batches), extractor, device)
 
     if reference is not None:
         data = reference_stats(reference, extractor, device=device).stats
 
         def to_data(batches: Iterable[torch.Tensor]) -> float:
-            return fid_between(data, stats_of((to_uint8(images) for images in batches), extractor, device))
+            return fid_between(data, stats(batches))
 
         return Selection(f"fid-{extractor.name}-to-{reference}", lambda teacher: lambda images: to_data([images]),
                          lambda shape: extractor.check(tuple(shape)), to_data)
 
     def against(teacher: torch.Tensor) -> Callable[[torch.Tensor], float]:
-        teacher_stats = stats(teacher)
-        return lambda images: fid_between(teacher_stats, stats(images))
+        teacher_stats = stats([teacher])
+        return lambda images: fid_between(teacher_stats, stats([images]))
 
     return Selection(f"fid-{extractor.name}", against, lambda shape: extractor.check(tuple(shape)))
 

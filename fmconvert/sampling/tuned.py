@@ -583,6 +583,12 @@ def judged_as(selection: Selection, images: int, seed: int, conditioning: Condit
             "sample_shape": list(shape)}
 
 
+def _judged_so(grid: TunedGrid, how: dict[str, Any]) -> bool:
+    """Whether ``grid`` holds a judge's score recorded as ``how`` (:func:`judged_as`) says."""
+    done = grid.validation.get("judge", {})
+    return {k: done.get(k) for k in how} == how
+
+
 def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: int = JUDGE_IMAGES,
           seed: int = JUDGE_SEED, nfe_list: list[int] | None = None, conditioning: Conditioning | None = None,
           batch_size: int = 250, device: str = "cpu", save: Callable[[TunedFile], object] | None = None,
@@ -607,7 +613,6 @@ def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: 
         raise UsageError(f"{selection.name} judges by the teacher's endpoints, which judging a file does not solve; "
                          "judge by FID to a dataset (frechet_selection with a reference)")
     check_judge(tuned, nfe_list, images, batch_size)
-    chosen = [g for g in tuned.grids if nfe_list is None or g.nfe in nfe_list]
     conditioning = conditioning or Conditioning()
     vm.source.family.check(conditioning, vm.source, images)
     shape = sample_shape(vm)
@@ -620,8 +625,7 @@ def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: 
     stream = NoiseStream(images, shape, seed)
     how = judged_as(selection, images, seed, conditioning, shape)
     for i, g in enumerate(tuned.grids):
-        done = g.validation.get("judge")
-        if all(g is not c for c in chosen) or (done is not None and {k: done.get(k) for k in how} == how):
+        if (nfe_list is not None and g.nfe not in nfe_list) or _judged_so(g, how):
             continue
         grid = torch.tensor(g.s, dtype=torch.float64)
         weights = None if g.weights is None else torch.tensor(g.weights, dtype=torch.float64)
@@ -782,8 +786,7 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     vm.resize(height, width)
     count = sum(1 for g in tuned.grids if nfe_list is None or g.nfe in nfe_list)
     how = judged_as(selection, images, seed, conditioning, sample_shape(vm))
-    done = sum(1 for g in tuned.grids if (nfe_list is None or g.nfe in nfe_list)
-               and {k: g.validation.get("judge", {}).get(k) for k in how} == how)
+    done = sum(1 for g in tuned.grids if (nfe_list is None or g.nfe in nfe_list) and _judged_so(g, how))
     log(f"judging {count} grids of {path} by {selection.name} on {images} images of seed {seed}"
         + (f" ({done} judged so already, kept)" if done else ""))
     bar = None
