@@ -175,19 +175,21 @@ class TunedFile:
         return cls(record["model"], record["fingerprint"], grids)
 
     def best(self, steps: int, solver: str | None = None, times_only: bool = False) -> TunedGrid:
-        """The grid of ``steps`` steps (of ``solver``, or any; ``times_only``: without weights) with the
-        least judged score where all such grids were scored by the same judge (:func:`judge`: the same
-        measure, images, seed, conditioning and shape), else with the least held-out score where all were
-        chosen by the same selection (:class:`Selection`), else with the least held-out RMSE; UsageError
-        listing what the file has."""
-        found = [g for g in self.grids if g.steps == steps and solver in (None, g.solver)
+        """The grid of ``steps`` steps of ``solver`` (None: of any solver that spends one evaluation a
+        step, so ``steps`` is also the NFE, as ``sample --solver auto --steps N`` counts them: a heun
+        grid of N steps, 2N − 1 evaluations, is not compared with ab2's of N; ``times_only``: without
+        weights) with the least judged score where all such grids were scored by the same judge
+        (:func:`judge`: the same measure, images, seed, conditioning and shape), else with the least
+        held-out score where all were chosen by the same selection (:class:`Selection`), else with the
+        least held-out RMSE; UsageError listing what the file has."""
+        found = [g for g in self.grids if g.steps == steps and (g.solver == solver if solver else g.nfe == steps)
                  and not (times_only and g.weights is not None)]
         if not found:
-            have = ", ".join(sorted({f"{g.solver} in {g.steps} steps" + (" (with weights)" if g.weights else "")
+            have = ", ".join(sorted({f"{g.solver} in {g.steps} steps ({g.nfe} NFE)" + (" with weights" if g.weights else "")
                                      for g in self.grids})) or "nothing"
             alone = " without weights" if times_only else ""
-            raise UsageError(f"the tuned sampler file has no grid for {solver or 'any solver'} in {steps} steps{alone}; "
-                             f"it has {have}")
+            which = f"{solver} in {steps} steps" if solver else f"{steps} NFE in {steps} steps (any solver of one evaluation a step)"
+            raise UsageError(f"the tuned sampler file has no grid for {which}{alone}; it has {have}")
         judges = {None if "judge" not in g.validation else  # (the judge's record but its score)
                   json.dumps({k: v for k, v in g.validation["judge"].items() if k != "score"}, sort_keys=True)
                   for g in found}
@@ -767,10 +769,9 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     ``height``, ``width`` as :func:`tune_model` takes them), its grids judged (:func:`judge`), the file
     rewritten after each grid (atomically: an interrupted run keeps the scores done). Returns the
     file's record with ``picks``: for each step count judged, the index in ``grids`` of the grid
-    ``sample --grid FILE --solver auto --steps N`` now takes (:meth:`TunedFile.best` of any solver: of
-    solvers that spend other NFE in N steps, such as heun, the least FID whatever the NFE), and the
-    seconds. The request (:func:`check_judge`) and the file's weights (:func:`check_fingerprint`) are
-    refused before the weights are read."""
+    ``sample --grid FILE --solver auto --steps N`` now takes (:meth:`TunedFile.best` of any solver of
+    one evaluation a step: N steps, N NFE), and the seconds. The request (:func:`check_judge`) and the
+    file's weights (:func:`check_fingerprint`) are refused before the weights are read."""
     from fmconvert.integration.source import inspect_source
     from fmconvert.sampling.model import load_velocity_model
     from fmconvert.sampling.runs import model_fingerprint
@@ -805,7 +806,7 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     tuned.save(path)
     record = json.loads(Path(path).read_text())
     picks = {}
-    for steps in sorted({g.steps for g in tuned.grids if nfe_list is None or g.nfe in nfe_list}):
+    for steps in sorted({g.steps for g in tuned.grids if g.nfe == g.steps and (nfe_list is None or g.nfe in nfe_list)}):
         best = tuned.best(steps)
         picks[str(steps)] = next(i for i, g in enumerate(tuned.grids) if g is best)
     record.update(file=str(path), picks=picks, seconds=round(time.perf_counter() - started, 3))

@@ -9,6 +9,7 @@ import torch
 from conftest import error, ok
 from replicas import build_replica
 
+from fmconvert.errors import UsageError
 from fmconvert.sampling.generate import generate
 from fmconvert.sampling.model import load_velocity_model
 from fmconvert.sampling.runs import model_fingerprint
@@ -205,7 +206,7 @@ def test_a_file_for_other_weights_or_steps_is_refused_in_one_line(tuned):
     line = error(2, "sample", "builtin:digits-v", "--grid", out, "--solver", "auto", "--steps", 4)
     assert "tuned for other weights" in line and str(out) in line
     line = error(2, "sample", MODEL, "--grid", out, "--solver", "auto", "--steps", 5)
-    assert "no grid for any solver in 5 steps" in line and "ab2 in 3 steps" in line
+    assert "no grid for 5 NFE in 5 steps" in line and "ab2 in 3 steps (3 NFE)" in line
     assert "no grid for euler" in error(2, "sample", MODEL, "--grid", out, "--steps", 4)
     assert "no such tuned sampler file" in error(2, "sample", MODEL, "--grid", out.with_name("none.json"))
     assert "takes no shift" in error(2, "sample", MODEL, "--grid", out, "--shift", 1.5)
@@ -339,7 +340,6 @@ def test_into_stores_the_times_its_pipeline_steps_when_s4s_is_tuned_too(tmp_path
 def test_a_file_written_before_objectives_continues_and_weights_need_a_solver_that_takes_them(tmp_path):
     """A tuned file of an earlier fmconvert (no objective recorded: it ran mse) is continued by a rerun of
     the same settings, not refused; a grid with weights for a solver that cannot take them is refused."""
-    from fmconvert.errors import UsageError
     from fmconvert.sampling.runs import TUNED, OdeSampler
 
     out = tmp_path / "old.json"
@@ -603,6 +603,23 @@ def test_best_takes_the_judges_least_score_only_where_one_judge_scored_every_can
     assert TunedFile("m", "f", [a, grid(0.3, judged=4.0, images=256)]).best(3) is a  # (judged otherwise: likewise)
 
 
+def test_any_solvers_best_grid_of_n_steps_spends_n_evaluations():
+    """best(N) of any solver (sample --solver auto --steps N, and judge's picks) compares the grids of
+    N steps that spend N evaluations: heun's 4 steps (7 NFE) score better but are not a 4-NFE grid."""
+    from fmconvert.sampling.tuned import TunedGrid
+
+    def grid(solver, steps, nfe, score):
+        s = tuple(1.0 - i / steps for i in range(steps + 1))
+        return TunedGrid(solver, steps, nfe, "ld3", s, tuple(999 * v for v in s), (None,) * (steps + 1),
+                         {"rmse": score, "score": score}, {"select": "fid-digits"})
+
+    ab2, heun = grid("ab2", 4, 4, 9.0), grid("heun", 4, 7, 2.0)
+    file = TunedFile("m", "f", [heun, ab2])
+    assert file.best(4) is ab2 and file.best(4, "heun") is heun
+    with pytest.raises(UsageError, match=r"no grid for 4 NFE in 4 steps .*; it has heun in 4 steps \(7 NFE\)"):
+        TunedFile("m", "f", [heun]).best(4)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--grid", "no/such.json"], "cannot read tuned sampler file 'no/such.json'"),
     (["--nfe", 7], "no grid for NFE 7; it has NFE 3, 4"),
@@ -625,7 +642,6 @@ def test_judge_refuses_bad_requests_in_one_line_before_any_solve(tuned, tmp_path
 
 
 def test_judge_refuses_a_file_without_grids_and_an_empty_nfe_list(tmp_path):
-    from fmconvert.errors import UsageError
     from fmconvert.sampling.tuned import TunedGrid, check_judge
 
     with pytest.raises(UsageError, match="has no grids to judge"):
@@ -637,7 +653,6 @@ def test_judge_refuses_a_file_without_grids_and_an_empty_nfe_list(tmp_path):
 
 def test_judge_needs_a_dataset_not_the_teacher():
     """The library's judge solves no teacher: a selection by FID to the teacher is refused in one line."""
-    from fmconvert.errors import UsageError
     from fmconvert.evaluation.fid import frechet_selection, make_extractor
     from fmconvert.sampling.tuned import judge
 
