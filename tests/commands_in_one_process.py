@@ -20,11 +20,11 @@ out, commands = Path(sys.argv[1]), json.loads(sys.argv[2])
 rank = os.environ.get("RANK", "0")
 for i, args in enumerate(commands):
     code = 0
-    with open(out / f"{i}.rank{rank}.out", "w") as stdout, contextlib.redirect_stdout(stdout):
+    with open(out / f"{i}.rank{rank}.out", "w") as output, contextlib.redirect_stdout(output):
         try:
             app(args, prog_name="fmconvert")
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
+        except SystemExit as stop:
+            code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
     (out / f"{i}.rank{rank}.code").write_text(str(code))
     if code:
         sys.exit(code)

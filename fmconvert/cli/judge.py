@@ -47,8 +47,9 @@ def judge(
     width: Optional[int] = None,
 ):
     """Score each grid of a tuned sampler file by the FID of its samples from held-out noise to --reference, and
-    record the scores in the file: sample and fid (--grid FILE; --solver auto for any solver's) then take, for each
-    step count, the grid of least FID (among candidates tuned in several runs, solvers and methods)."""
+    record the scores in the file: sample and fid (--grid FILE; --solver auto for the grids of any solver of one
+    evaluation a step, --solver NAME for that solver's) then take, for each step count, the grid of least FID
+    (among candidates tuned in several runs, solvers and methods)."""
     from fmconvert.evaluation.fid import frechet_selection, make_extractor
     from fmconvert.sampling.tuned import TunedFile, check_judge, judge_model
 
@@ -70,7 +71,7 @@ def judge(
         return
     picked = set(result["picks"].values())
     say(f"| NFE | steps | solver | method | objective | FID to {reference} ({num_images} images, seed {seed}) | "
-        "RMSE to teacher (held out) | taken by --grid |")
+        "RMSE to teacher (held out) | taken by --grid --solver auto |")
     say("|---|---|---|---|---|---|---|---|")
     for index, row in sorted(enumerate(result["grids"]), key=lambda item: (item[1]["steps"], item[1]["nfe"])):
         judged = row["validation"].get("judge")

@@ -333,9 +333,10 @@ def tuned_file_of(grid: str, source: Source) -> str | None:
 
 
 def tuned_sampler(path: str, fingerprint: str, solver: str, steps: int, given: dict[str, Any] | None = None) -> OdeSampler:
-    """The sampler of the tuned sampler file at ``path`` for ``steps`` steps: its grid of least held-out
-    error for ``solver`` (``auto``: for any solver, whose solver it then is). UsageError, one line: a
-    file tuned for other weights than ``fingerprint`` names, or without a grid of that many steps."""
+    """The sampler of the tuned sampler file at ``path`` for ``steps`` steps: the grid
+    :meth:`~fmconvert.sampling.tuned.TunedFile.best` takes for ``solver`` (``auto``: for any solver of
+    one evaluation a step, ``steps`` NFE, whose solver it then is). UsageError, one line: a file tuned
+    for other weights than ``fingerprint`` names, or without such a grid."""
     from fmconvert.sampling.tuned import load_tuned
 
     entry = load_tuned(path, fingerprint).best(steps, None if solver == "auto" else solver)

@@ -200,6 +200,14 @@ class TunedFile:
             return min(found, key=lambda g: float(g.validation["score"]))
         return min(found, key=lambda g: g.rmse)
 
+    def picks(self, nfe_list: list[int] | None = None) -> dict[str, int]:
+        """For each step count N (of ``nfe_list``'s NFE where given) of a grid of one evaluation a step,
+        the index in ``grids`` of :meth:`best` (N) of any solver: what ``--grid FILE --solver auto --steps N``
+        takes (JSON's keys: N as text)."""
+        counts = sorted({g.steps for g in self.grids if g.nfe == g.steps and (nfe_list is None or g.nfe in nfe_list)})
+        best = {n: self.best(n) for n in counts}
+        return {str(n): next(i for i, g in enumerate(self.grids) if g is best[n]) for n in counts}
+
 
 def check_fingerprint(tuned: TunedFile, fingerprint: str, path: str | Path) -> None:
     """UsageError unless ``tuned`` was made for the weights ``fingerprint`` names."""
@@ -805,11 +813,7 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
             bar.close()
     tuned.save(path)
     record = json.loads(Path(path).read_text())
-    picks = {}
-    for steps in sorted({g.steps for g in tuned.grids if g.nfe == g.steps and (nfe_list is None or g.nfe in nfe_list)}):
-        best = tuned.best(steps)
-        picks[str(steps)] = next(i for i, g in enumerate(tuned.grids) if g is best)
-    record.update(file=str(path), picks=picks, seconds=round(time.perf_counter() - started, 3))
+    record.update(file=str(path), picks=tuned.picks(nfe_list), seconds=round(time.perf_counter() - started, 3))
     return record
 
 

@@ -616,6 +616,9 @@ def test_any_solvers_best_grid_of_n_steps_spends_n_evaluations():
     ab2, heun = grid("ab2", 4, 4, 9.0), grid("heun", 4, 7, 2.0)
     file = TunedFile("m", "f", [heun, ab2])
     assert file.best(4) is ab2 and file.best(4, "heun") is heun
+    # judge's picks: the same rule; a step count with heun's grid alone (2 steps, 3 NFE) has none
+    assert TunedFile("m", "f", [heun, grid("heun", 2, 3, 1.0), ab2, grid("ab2", 3, 3, 5.0)]).picks() == {"3": 3, "4": 2}
+    assert TunedFile("m", "f", [heun, ab2]).picks([3]) == {}
     with pytest.raises(UsageError, match=r"no grid for 4 NFE in 4 steps .*; it has heun in 4 steps \(7 NFE\)"):
         TunedFile("m", "f", [heun]).best(4)
 
