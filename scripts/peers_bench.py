@@ -259,7 +259,7 @@ def main() -> None:
         return
     started = time.time()
     nfe_list = [int(n) for n in args.nfe.split(",")]
-    tuned = [{**row, "objective": record["settings"].get("objective", "mse"), "select": record["settings"].get("select", "loss")}
+    tuned = [{**record["settings"], **row}  # (each row with its run's settings: its name, tuned_label, reads them)
              for record in (json.loads(Path(f).read_text()) for f in args.tuned.split(",") if Path(f).is_file())
              for row in record["rows"]]
     k_modules = load_k_diffusion(args.k_diffusion) if args.k_diffusion else None
@@ -350,8 +350,10 @@ def provenance(started: float) -> dict:
 def tuned_label(row: dict, settings: dict) -> str:
     """A tuned sampler's name in the rows: its solver and method (``row``, a scripts/tune_bench.py row) and the
     objective and selection it was tuned with (``settings``, that run's; mse and loss where they predate them)."""
-    select = settings.get("select", "loss")
-    return (f"{row['solver']}, {row['method']} ({settings.get('objective', 'mse')}"
+    select, objective = settings.get("select", "loss"), settings.get("objective", "mse")
+    extras = (["cosine"] if settings.get("lr_schedule") == "cosine" and objective != "frechet" else []) \
+        + ([f"{settings['pairs']} pairs"] if settings.get("pairs", 128) != 128 else [])  # (frechet ran cosine alone)
+    return (f"{row['solver']}, {row['method']} ({', '.join([objective] + extras)}"
             + ("" if select == "loss" else f", chosen by {select}") + ")")
 
 

@@ -3,7 +3,7 @@
 
     python scripts/tune_bench.py [--models digits-eps,...] [--nfe 3,4,5,6] [--solver ab2] [--num-images 2000]
                                  [--methods gits,ld3,s4s] [--objective mse|features|frechet] [--select loss|fid]
-                                 [--lr-schedule constant|cosine]
+                                 [--lr-schedule constant|cosine] [--pairs 128]
                                  [--out docs/benchmarks/TUNING.md]
 
 For each zoo model and NFE: ``fmconvert.sampling.tuned.tune`` (GITS and LD3; the settings below),
@@ -65,13 +65,14 @@ def main() -> None:
     parser.add_argument("--select", default="loss", choices=("loss", "fid"))
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     parser.add_argument("--solver", default="ab2")
+    parser.add_argument("--pairs", type=int, default=SETTINGS["pairs"], help="teacher pairs tuned on (seed 0)")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/TUNING.md"))
     parser.add_argument("--keep-files", type=Path, default=None, help="Also write each model's tuned sampler file here.")
     args = parser.parse_args()
     nfe_list = [int(n) for n in args.nfe.split(",")]
     # (objective frechet: all the pairs each iteration, as the command line's default for it)
-    settings = {**SETTINGS, "lr_schedule": args.lr_schedule, **({"batch_size": None} if args.objective == "frechet" else {})}
+    settings = {**SETTINGS, "pairs": args.pairs, "lr_schedule": args.lr_schedule, **({"batch_size": None} if args.objective == "frechet" else {})}
     extractor = make_extractor("digits")
     rows, started = [], time.time()
     for name in args.models.split(","):
