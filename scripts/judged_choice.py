@@ -3,7 +3,7 @@
 
     python scripts/judged_choice.py [--models digits-eps,digits-v,digits-flow]
                                     [--tuned docs/benchmarks/TUNING.json,...] [--peers docs/benchmarks/PEERS-10k.json]
-                                    [--num-images 2048] [--keep-files DIR] [--out docs/benchmarks/JUDGED.md]
+                                    [--num-images 10000] [--keep-files DIR] [--out docs/benchmarks/JUDGED.md]
                                     [--rewrite OUT.json]
 
 For each zoo model, every LD3 and S4S sampler of the ``--tuned`` files (scripts/tune_bench.py's rows, tuned on
@@ -73,8 +73,9 @@ def main() -> None:
     parser.add_argument("--models", default="digits-eps,digits-v,digits-flow")
     parser.add_argument("--tuned", default=TUNED)
     parser.add_argument("--peers", type=Path, default=Path("docs/benchmarks/PEERS-10k.json"))
-    parser.add_argument("--num-images", type=int, default=2048)
-    parser.add_argument("--keep-files", type=Path, default=None, help="write the judged files here")
+    parser.add_argument("--num-images", type=int, default=10000)
+    parser.add_argument("--keep-files", type=Path, default=None,
+                        help="write the judged files here; a grid an earlier run's file there holds keeps its scores")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/JUDGED.md"))
     parser.add_argument("--rewrite", type=Path, default=None, help="only rewrite OUT from this run's .json")
     args = parser.parse_args()
@@ -92,6 +93,12 @@ def main() -> None:
         fid10k = {(r["nfe"], r["sampler"]): r["fid"] for r in rows if r["side"] == "fmconvert tuned"}
         file, labels = candidates_file(name, tuned, fid10k)
         path = folder / f"{name}.json"
+        if path.is_file():  # (an earlier run's judged file in --keep-files: the same grids keep their scores)
+            earlier = {(g.solver, g.steps, g.method, g.s, g.weights): g.validation.get("judge")
+                       for g in TunedFile.load(path).grids}
+            for g in file.grids:
+                if earlier.get((g.solver, g.steps, g.method, g.s, g.weights)):
+                    g.validation["judge"] = earlier[(g.solver, g.steps, g.method, g.s, g.weights)]
         file.save(path)
         record = judge_model(f"builtin:{name}", path, selection, images=args.num_images, seed=SEED,
                              log=lambda message: print(message, flush=True))

@@ -72,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     nfe_list = [int(n) for n in args.nfe.split(",")]
     # (objective frechet: all the pairs each iteration, as the command line's default for it)
-    settings = {**SETTINGS, "pairs": args.pairs, "lr_schedule": args.lr_schedule, **({"batch_size": None} if args.objective == "frechet" else {})}
+    settings = {**SETTINGS, "pairs": args.pairs, "lr_schedule": args.lr_schedule,
+                **({"batch_size": None} if args.objective == "frechet" else {})}
     extractor = make_extractor("digits")
     rows, started = [], time.time()
     for name in args.models.split(","):

@@ -31,7 +31,7 @@ def judge(
     grid: Path = typer.Option(..., "--grid", help="The tuned sampler file (.json, written by fmconvert tune), rewritten with each grid's score."),
     reference: str = typer.Option(..., "--reference", help="The dataset FID is measured to, as the fid command takes it: builtin:digits[/train|/held_out], an image folder, or a statistics file (.safetensors)."),
     nfe: Optional[str] = typer.Option(None, "--nfe", help="Judge only the grids for these NFEs, comma-separated (default: every grid in the file)."),
-    num_images: int = typer.Option(2048, "--num-images", help="Held-out images each grid is judged on. FID to the data ranks the zoo's tuned samplers as 10,000 samples do from 2,048 images, and no better than FID to the teacher from a few hundred (docs/benchmarks/JUDGE.md)."),
+    num_images: int = typer.Option(10000, "--num-images", help="Held-out images each grid is judged on, as many as the benchmarks' FID (about 25-55 s a grid for the zoo on a 2-core CPU). 2,048 cost a fifth and took another grid at 3 of the zoo's 12 points, each worse by the benchmarks' FID (docs/benchmarks/JUDGED.md); a few hundred rank no better than FID to the teacher (docs/benchmarks/JUDGE.md)."),
     seed: int = typer.Option(1, "--seed", help="Seeds the held-out noise (image n's noise is the n-th of the stream): tune's --validation-seed by default, never its tuning pairs' (--seed 0), nor the benchmarks' (1000)."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per model call (fewer for a large model). The score is the fid command's FID of the same samples (--num-images, --seed) at the same batch size; another batch size moves it at rounding (a pixel's uint8 value can flip)."),
     features: Features = "digits",

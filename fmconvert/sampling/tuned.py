@@ -133,6 +133,16 @@ class TunedGrid:
     weights: tuple[float, ...] | None = None
 
     @property
+    def one_evaluation_a_step(self) -> bool:
+        """Whether its solver spends one field evaluation a step (its step count is its NFE: what
+        ``--solver auto --steps N`` compares; heun's 2N − 1 is not)."""
+        return self.nfe == self.steps
+
+    def asked(self, nfe_list: list[int] | None) -> bool:
+        """Whether a request for the NFEs of ``nfe_list`` (None: all) covers this grid."""
+        return nfe_list is None or self.nfe in nfe_list
+
+    @property
     def rmse(self) -> float:
         return float(self.validation["rmse"])
 
@@ -182,7 +192,7 @@ class TunedFile:
         (:func:`judge`: the same measure, images, seed, conditioning and shape), else with the least
         held-out score where all were chosen by the same selection (:class:`Selection`), else with the
         least held-out RMSE; UsageError listing what the file has."""
-        found = [g for g in self.grids if g.steps == steps and (g.solver == solver if solver else g.nfe == steps)
+        found = [g for g in self.grids if g.steps == steps and (g.solver == solver if solver else g.one_evaluation_a_step)
                  and not (times_only and g.weights is not None)]
         if not found:
             have = ", ".join(sorted({f"{g.solver} in {g.steps} steps ({g.nfe} NFE)" + (" with weights" if g.weights else "")
@@ -204,7 +214,7 @@ class TunedFile:
         """For each step count N (of ``nfe_list``'s NFE where given) of a grid of one evaluation a step,
         the index in ``grids`` of :meth:`best` (N) of any solver: what ``--grid FILE --solver auto --steps N``
         takes (JSON's keys: N as text)."""
-        counts = sorted({g.steps for g in self.grids if g.nfe == g.steps and (nfe_list is None or g.nfe in nfe_list)})
+        counts = sorted({g.steps for g in self.grids if g.one_evaluation_a_step and g.asked(nfe_list)})
         best = {n: self.best(n) for n in counts}
         return {str(n): next(i for i, g in enumerate(self.grids) if g is best[n]) for n in counts}
 
@@ -566,9 +576,10 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
 
 
 #: a judge's defaults: held-out noise of tune's validation seed (neither the tuning pairs' seed 0 nor the benchmarks'
-#: seed 1000), and the count from which FID to the data ranks the zoo's tuned samplers as 10,000 samples do
-#: (Kendall's tau 0.86-0.90, docs/benchmarks/JUDGE.md; 256 images rank them at 0.43-0.81)
-JUDGE_IMAGES, JUDGE_SEED = 2048, 1
+#: seed 1000), and as many images as the benchmarks' FID: from 2,048 the judge took another grid at 3 of the zoo's 12
+#: points, each worse by the benchmarks' FID (docs/benchmarks/JUDGED.md, JUDGED-2048.md), from
+#: 256 it ranks no better than FID to the teacher (docs/benchmarks/JUDGE.md)
+JUDGE_IMAGES, JUDGE_SEED = 10_000, 1
 
 
 def check_judge(tuned: TunedFile, nfe_list: list[int] | None, images: int, batch_size: int) -> None:
@@ -613,8 +624,8 @@ def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: 
     judged the same way already keeps its score (a rerun continues; ``save(file)`` after each grid), another
     judge's record is replaced. :meth:`TunedFile.best` then takes the grid of least judged score wherever
     every candidate has the same judge's. Why: a tuning run's own choice judges by the teacher, which ranks
-    tuned samplers poorly, and cannot compare grids of other runs; FID to the data from 2,048 images ranks
-    them as 10,000 samples do (docs/benchmarks/JUDGE.md). ``conditioning``: a conditional model's, as
+    tuned samplers poorly, and cannot compare grids of other runs; FID to the data ranks them as the
+    benchmarks' FID does, the better the more images (docs/benchmarks/JUDGE.md, JUDGED.md). ``conditioning``: a conditional model's, as
     ``sample`` takes it (the family's check). ``progress(grid, score)``: after each grid judged. UsageError,
     before any solve, for a selection that needs the teacher, a request :func:`check_judge` refuses,
     conditioning the model needs and images the selection cannot take."""
@@ -635,7 +646,7 @@ def judge(vm: VelocityModel, tuned: TunedFile, selection: Selection, *, images: 
     stream = NoiseStream(images, shape, seed)
     how = judged_as(selection, images, seed, conditioning, shape)
     for i, g in enumerate(tuned.grids):
-        if (nfe_list is not None and g.nfe not in nfe_list) or _judged_so(g, how):
+        if not g.asked(nfe_list) or _judged_so(g, how):
             continue
         grid = torch.tensor(g.s, dtype=torch.float64)
         weights = None if g.weights is None else torch.tensor(g.weights, dtype=torch.float64)
@@ -793,9 +804,9 @@ def judge_model(reference: str | Source, path: str | Path, selection: Selection,
     source.family.check(conditioning, source, images)
     vm = load_velocity_model(source, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     vm.resize(height, width)
-    count = sum(1 for g in tuned.grids if nfe_list is None or g.nfe in nfe_list)
+    count = sum(1 for g in tuned.grids if g.asked(nfe_list))
     how = judged_as(selection, images, seed, conditioning, sample_shape(vm))
-    done = sum(1 for g in tuned.grids if (nfe_list is None or g.nfe in nfe_list) and _judged_so(g, how))
+    done = sum(1 for g in tuned.grids if g.asked(nfe_list) and _judged_so(g, how))
     log(f"judging {count} grids of {path} by {selection.name} on {images} images of seed {seed}"
         + (f" ({done} judged so already, kept)" if done else ""))
     bar = None

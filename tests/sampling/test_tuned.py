@@ -662,3 +662,19 @@ def test_judge_needs_a_dataset_not_the_teacher():
     file = TunedFile("m", "f", [])
     with pytest.raises(UsageError, match="judge by FID to a dataset"):
         judge(load_velocity_model(MODEL), file, frechet_selection(make_extractor("digits")))
+
+
+def test_the_judge_command_and_the_library_judge_on_as_many_images_as_the_benchmarks_fid():
+    """``fmconvert judge``'s --num-images default is the library's (JUDGE_IMAGES, declared twice: the command line
+    imports no torch at start) and the benchmarks' 10,000: a default judge reproduces docs/benchmarks/JUDGED.md's
+    picks, and its help says what that costs."""
+    import inspect
+
+    from fmconvert.cli.judge import judge as judge_command
+    from fmconvert.sampling.tuned import JUDGE_IMAGES, judge, judge_model
+
+    option = inspect.signature(judge_command).parameters["num_images"].default
+    assert option.default == JUDGE_IMAGES == 10_000
+    assert "s a grid" in option.help
+    for function in (judge, judge_model):
+        assert inspect.signature(function).parameters["images"].default == JUDGE_IMAGES
