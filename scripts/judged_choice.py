@@ -38,7 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fmconvert.evaluation.fid import frechet_selection, make_extractor  # noqa: E402
 from fmconvert.sampling.model import load_velocity_model  # noqa: E402
 from fmconvert.sampling.runs import model_fingerprint  # noqa: E402
-from fmconvert.sampling.tuned import TunedFile, TunedGrid, judge_model, source_coordinates, steps_for  # noqa: E402
+from fmconvert.sampling.tuned import (  # noqa: E402
+    JUDGE_IMAGES,
+    TunedFile,
+    TunedGrid,
+    judge_model,
+    source_coordinates,
+    steps_for,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from judge_bench import TUNED  # noqa: E402  (the tuning benchmarks' records)
@@ -68,12 +75,17 @@ def candidates_file(name: str, tuned: list[dict], fid10k: dict) -> tuple[TunedFi
     return file, labels
 
 
+def same_grid(g: TunedGrid) -> tuple:
+    """What makes two files' grids the same sampler: solver, steps, method, times and weights."""
+    return g.solver, g.steps, g.method, g.s, g.weights
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits-eps,digits-v,digits-flow")
     parser.add_argument("--tuned", default=TUNED)
     parser.add_argument("--peers", type=Path, default=Path("docs/benchmarks/PEERS-10k.json"))
-    parser.add_argument("--num-images", type=int, default=10000)
+    parser.add_argument("--num-images", type=int, default=JUDGE_IMAGES)
     parser.add_argument("--keep-files", type=Path, default=None,
                         help="write the judged files here; a grid an earlier run's file there holds keeps its scores")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/JUDGED.md"))
@@ -94,11 +106,10 @@ def main() -> None:
         file, labels = candidates_file(name, tuned, fid10k)
         path = folder / f"{name}.json"
         if path.is_file():  # (an earlier run's judged file in --keep-files: the same grids keep their scores)
-            earlier = {(g.solver, g.steps, g.method, g.s, g.weights): g.validation.get("judge")
-                       for g in TunedFile.load(path).grids}
+            earlier = {same_grid(g): g.validation["judge"] for g in TunedFile.load(path).grids if "judge" in g.validation}
             for g in file.grids:
-                if earlier.get((g.solver, g.steps, g.method, g.s, g.weights)):
-                    g.validation["judge"] = earlier[(g.solver, g.steps, g.method, g.s, g.weights)]
+                if same_grid(g) in earlier:
+                    g.validation["judge"] = earlier[same_grid(g)]
         file.save(path)
         record = judge_model(f"builtin:{name}", path, selection, images=args.num_images, seed=SEED,
                              log=lambda message: print(message, flush=True))
