@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import platform
 import sys
 import time
 import types
@@ -61,6 +60,7 @@ from fmconvert.evaluation.fid import make_extractor, reference_stats, stats_of, 
 from fmconvert.evaluation.statistics import fid_between  # noqa: E402
 from fmconvert.files.images import to_uint8  # noqa: E402
 from fmconvert.math.solvers import resolve_auto  # noqa: E402
+from fmconvert.sampling import distributed  # noqa: E402
 from fmconvert.sampling.baselines import parse_baseline  # noqa: E402
 from fmconvert.sampling.generate import velocity_field  # noqa: E402
 from fmconvert.sampling.model import load_velocity_model, sample_shape  # noqa: E402
@@ -182,9 +182,10 @@ def skrample_jobs(vm, sigmas: tuple[str, ...] = ("none", "karras", "exponential"
 
 
 def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref, samplers=SKRAMPLE_SAMPLERS,
-                  sigmas=("none", "karras", "exponential"), done=None):
-    """FID of skrample's samplers on ``vm``'s unconverted network at each NFE, from the documented noise: the
-    sampling runs in ``python`` (scripts/skrample_peer.py), each network call here (``done``: as k_rows)."""
+                  sigmas=("none", "karras", "exponential"), done=None, seed=SEED):
+    """FID of skrample's samplers on ``vm``'s unconverted network at each NFE, from the documented noise of
+    ``seed``: the sampling runs in ``python`` (scripts/skrample_peer.py), each network call here (``done``: as
+    k_rows)."""
     import subprocess
 
     from fmconvert.integration.source import load_denoiser
@@ -194,7 +195,7 @@ def skrample_rows(name, vm, python, nfe_list, num_images, extractor, ref, sample
 
     unet = load_denoiser(vm.source).eval()
     shape = sample_shape(vm)
-    noise = NoiseStream(num_images, shape, SEED).take(0, num_images).double().numpy()
+    noise = NoiseStream(num_images, shape, seed).take(0, num_images).double().numpy()
     worker = subprocess.Popen([str(python), str(Path(__file__).with_name("skrample_peer.py"))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     rows = []
@@ -344,7 +345,7 @@ def provenance(started: float) -> dict:
     """What a benchmark record says of its run: seconds since ``started`` (time.time()), the versions, the
     machine and the command line."""
     return {"seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "command": " ".join(["python"] + sys.argv)}
+            "machine": distributed.machine(), "command": " ".join(["python"] + sys.argv)}
 
 
 def tuned_label(row: dict, settings: dict) -> str:

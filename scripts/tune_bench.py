@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fmconvert  # noqa: E402
 from fmconvert.evaluation.fid import frechet_selection, make_extractor, sweep  # noqa: E402
+from fmconvert.sampling import distributed  # noqa: E402
 from fmconvert.sampling.model import load_velocity_model, sample_shape  # noqa: E402
 from fmconvert.sampling.runs import TUNED, OdeSampler, Run, model_fingerprint  # noqa: E402
 from fmconvert.sampling.tuned import tune  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
     record = {"settings": {**settings, "objective": args.objective, "select": args.select},
               "num_images": args.num_images, "fid_seed": 1000, "rows": rows,
               "seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+              "machine": distributed.machine()}
     record["solver"] = args.solver
     write(record, args.out)
 

@@ -181,14 +181,10 @@ def interactive(as_json: bool, import_diffusers: bool = True) -> bool:
 
 
 def computed_on(device: str) -> dict:
-    """Where the numbers were computed, for --json: the device, this process's torch threads and
-    the number of processes. Results are bit-identical only where these (and the batch size) are
-    the same, or the world size alone changes (docs/scaling.md, "Reproducibility")."""
-    import torch
-
+    """:func:`fmconvert.sampling.distributed.computed_on`, imported when called (the CLI starts without torch)."""
     from fmconvert.sampling import distributed
 
-    return {"device": device, "threads": torch.get_num_threads(), "world_size": distributed.world_size()}
+    return distributed.computed_on(device)
 
 
 def join_device(device: str) -> str:

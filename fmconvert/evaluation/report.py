@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -95,6 +94,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
     from fmconvert.integration.folder import write_converted
     from fmconvert.integration.source import inspect_source
     from fmconvert.math.grids import trained_log_snr_range
+    from fmconvert.sampling import distributed
     from fmconvert.sampling.generate import generate_run
     from fmconvert.sampling.model import load_velocity_model, sample_shape
     from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint, sweep_runs
@@ -134,7 +134,7 @@ def build_report(model: str = "builtin:digits-eps", other: str | None = "builtin
             bar.update(1)
 
     numbers: dict = {"model": model, "other": other, "fmconvert": __version__, "torch": torch.__version__,
-                     "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "device": device}
+                     "machine": distributed.machine(), "device": device}
     with atomic_folder(Path(out), force) as tmp:
         stage("convert")
         source = inspect_source(model)

@@ -50,6 +50,24 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
+def computed_on(device: str) -> dict:
+    """Where numbers are computed, for records: the device, torch's version, the CPU kernels torch
+    dispatches to (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, …), this process's torch
+    threads and the number of processes. Results are bit-identical only where these (and the batch
+    size) are the same, or the world size alone changes (docs/scaling.md, "Reproducibility"); a
+    tuning descent's grid differs with the CPU kernels, not with the threads (measured there)."""
+    return {"device": device, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "world_size": world_size()}
+
+
+def machine() -> str:
+    """This machine in a benchmark's words: its architecture, the CPU kernels torch dispatches to, and the
+    process's torch threads (e.g. ``x86_64 (AVX512), 2 threads``): what a tuning's grids depend on."""
+    import platform
+
+    return f"{platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+
+
 def my_shards(num_shards: int) -> list[int]:
     """The shard indices this rank works on: j ≡ rank (mod world size)."""
     return list(range(rank(), num_shards, world_size()))

@@ -56,6 +56,7 @@ from fmconvert.integration.conditioning import Conditioning
 from fmconvert.integration.source import Source
 from fmconvert.math.paths import RectifiedFlow
 from fmconvert.math.solvers import SOLVERS, WEIGHTED, integrate
+from fmconvert.sampling import distributed
 from fmconvert.sampling.generate import velocity_field
 from fmconvert.sampling.model import VelocityModel, sample_shape, sampling_grid
 from fmconvert.sampling.noise import NoiseStream
@@ -115,7 +116,8 @@ class TunedGrid:
     ``s``: the times (steps + 1, decreasing, 1 = noise); ``timesteps`` and ``sigmas``: the same times
     as the source's model timesteps and its σ/α (∞ at a time beyond the source's noisiest, written
     as null); ``validation``: held-out RMSE to the teacher of this grid and of each untuned one;
-    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds, ``select``; with a
+    ``tuning``: how it was found (teacher, pairs, seeds, loss per iteration, seconds, ``select``,
+    ``computed_on``: device, torch, CPU kernels, threads, which the grid depends on; with a
     selection, ``validation`` also holds ``score``, this grid's held-out distance, and
     ``untuned_score``, each untuned one's); ``weights``: the
     per-step corrections of the solver's weights (:func:`fmconvert.math.solvers.weighted_multistep`;
@@ -566,7 +568,7 @@ def _tune(vm: VelocityModel, fingerprint: str, nfe_list: list[int], solver: str,
             if scored is not None:
                 validation.update(score=score(grid, weights), untuned_score=scored)
             record = {**settings_of(method), "best_untuned_on_train": min(untuned, key=untuned.__getitem__),
-                      "losses": losses, "seconds": round(seconds, 3)}
+                      "losses": losses, "seconds": round(seconds, 3), "computed_on": distributed.computed_on(device)}
             tuned.grids.append(TunedGrid(solver, steps, nfe, method, tuple(grid.tolist()), tuple(timesteps),
                                          tuple(sigmas), validation, record,
                                          None if weights is None else tuple(weights.tolist())))

@@ -61,6 +61,27 @@ def test_the_file_names_the_weights_and_each_grid_is_a_valid_validated_grid(tune
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_tune_again_gives_the_same_grids_bit_for_bit_at_any_thread_count_and_records_where_it_ran(tmp_path):
+    """docs/scaling.md: the same tune command gives the same file's grids and weights bit for bit, at 1
+    thread as at 2; the record names what that holds for (torch, the CPU kernels, threads), since
+    another CPU kernel set rounds otherwise and the descent carries that into another grid."""
+    before = torch.get_num_threads()
+    files = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            tune(tmp_path / f"{threads}.json", "--nfe", 3, "--method", "ld3,s4s")
+            files.append(TunedFile.load(tmp_path / f"{threads}.json"))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(files[0].grids, files[1].grids):
+        assert one.s == two.s and one.weights == two.weights and one.tuning["losses"] == two.tuning["losses"]
+        assert one.tuning["computed_on"] == {"device": "cpu", "torch": torch.__version__, "threads": 1, "world_size": 1,
+                                             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        assert two.tuning["computed_on"]["threads"] == 2
+    assert files[0].grids[1].weights is not None and len(files[0].grids) == 2
+
+
 def test_sample_with_the_file_is_the_solver_on_its_times(tuned, tmp_path):
     out, _ = tuned
     best = TunedFile.load(out).best(4)
