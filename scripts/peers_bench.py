@@ -289,18 +289,14 @@ def main() -> None:
             labels.append(("fmconvert", f"auto: {solver}" + (f", shift {shift:g}" if shift else "")))
             for row in tuned:
                 if row["model"] == name and row["nfe"] == nfe and row["method"] in ("ld3", "s4s"):
-                    weights = tuple(row["weights"]) if row.get("weights") else None
-                    runs.append(dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"]),
-                                                                             weights=weights), steps=nfe))
+                    runs.append(dataclasses.replace(base, sampler=tuned_sampler(row), steps=nfe))
                     labels.append(("fmconvert tuned", tuned_label(row, row)))
                     if row.get("score") is not None:
                         scores[(name, nfe, labels[-1][1])] = row["score"]
             for spec in args.diffusers.split(";"):
                 if vm.source.prediction_type == "flow_prediction" and ":" in spec:
                     continue  # (Karras sigmas: a diffusion schedule's option)
-                baseline, options = parse_baseline(spec)
-                runs.append(dataclasses.replace(base, sampler=SchedulerSampler(baseline.name, options, baseline.grid),
-                                                steps=nfe))
+                runs.append(dataclasses.replace(base, sampler=diffusers_sampler(spec), steps=nfe))
                 labels.append(("diffusers", spec))
         for run, (side, label) in zip(runs, labels):  # one sweep a run: a scheduler that fails is recorded, not fatal
             if side == "converged" and args.reuse is not None and name in earlier["converged"]:
@@ -346,6 +342,18 @@ def provenance(started: float) -> dict:
     machine and the command line."""
     return {"seconds": round(time.time() - started, 1), "fmconvert": fmconvert.__version__, "torch": torch.__version__,
             "machine": distributed.machine(), "command": " ".join(["python"] + sys.argv)}
+
+
+def tuned_sampler(row: dict) -> OdeSampler:
+    """The sampler a scripts/tune_bench.py row names: its solver on its tuned times, with its s4s weights."""
+    return OdeSampler(row["solver"], TUNED, times=tuple(row["s"]), weights=tuple(row["weights"]) if row.get("weights") else None)
+
+
+def diffusers_sampler(spec: str) -> SchedulerSampler:
+    """diffusers' scheduler ``spec`` (as ``--baseline`` takes it, e.g. ``dpm++2m:use_karras_sigmas=true``) driving
+    the unconverted network."""
+    baseline, options = parse_baseline(spec)
+    return SchedulerSampler(baseline.name, options, baseline.grid)
 
 
 def tuned_label(row: dict, settings: dict) -> str:

@@ -42,13 +42,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fmconvert.evaluation.fid import make_extractor, reference_stats, sweep  # noqa: E402
-from fmconvert.sampling.baselines import parse_baseline  # noqa: E402
 from fmconvert.sampling.model import load_velocity_model  # noqa: E402
-from fmconvert.sampling.runs import TUNED, OdeSampler, Run, SchedulerSampler, model_fingerprint  # noqa: E402
+from fmconvert.sampling.runs import OdeSampler, Run, model_fingerprint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from judge_bench import TUNED as TUNED_RECORDS  # noqa: E402  (the tuning benchmarks' records)
-from peers_bench import BATCH, REFERENCE, SEED, provenance, skrample_rows, tuned_label  # noqa: E402
+from judged_choice import PEER_SIDES  # noqa: E402
+from peers_bench import (  # noqa: E402
+    BATCH,
+    REFERENCE,
+    SEED,
+    diffusers_sampler,
+    provenance,
+    skrample_rows,
+    tuned_label,
+    tuned_sampler,
+)
 
 NUM_IMAGES = 10_000
 SKRAMPLE_LABEL = re.compile(r"(\w+) order (\d) \((\w+)(?:, (\w+) sigmas)?\)")
@@ -58,7 +67,7 @@ def best_peers(peers: dict, model: str, nfe: int, count: int = 2) -> list[dict]:
     """The ``count`` best peer rows of PEERS-10k (``peers``) at (model, NFE) on seed 1000, one of each FID
     (skrample's UniPC of order 2 and 3 tie on some schedules: one sampler there)."""
     rows = sorted((r for r in peers["rows"] if r["model"] == model and r["nfe"] == nfe
-                   and r["side"] in ("diffusers", "skrample", "k-diffusion")), key=lambda r: r["fid"])
+                   and r["side"] in PEER_SIDES), key=lambda r: r["fid"])
     distinct: list[dict] = []
     for row in rows:
         if not distinct or row["fid"] != distinct[-1]["fid"]:
@@ -77,7 +86,8 @@ def tuned_rows() -> dict[tuple, dict]:
 
 
 def measure(vm, name: str, nfe: int, side: str, label: str, seed: int, tuned: dict, extractor, ref, skrample) -> float | None:
-    """FID of one sampler from 10,000 samples of ``seed``; None for a skrample peer without ``skrample``."""
+    """FID of one sampler (``side``: converged, tuned, diffusers or skrample) from 10,000 samples of ``seed``; None
+    for a skrample peer without ``skrample``. SystemExit for a k-diffusion peer, which this script does not run."""
     base = Run(model=f"builtin:{name}", fingerprint=model_fingerprint(vm.source), sampler=OdeSampler("rk4"), steps=25,
                seed=seed, num_images=NUM_IMAGES, shard_size=BATCH)
     if side == "skrample":
@@ -91,13 +101,12 @@ def measure(vm, name: str, nfe: int, side: str, label: str, seed: int, tuned: di
     if side == "converged":
         run = base
     elif side == "diffusers":
-        baseline, options = parse_baseline(label)
-        run = dataclasses.replace(base, sampler=SchedulerSampler(baseline.name, options, baseline.grid), steps=nfe)
+        run = dataclasses.replace(base, sampler=diffusers_sampler(label), steps=nfe)
+    elif side == "tuned":
+        run = dataclasses.replace(base, sampler=tuned_sampler(tuned[(name, nfe, label)]), steps=nfe)
     else:
-        row = tuned[(name, nfe, label)]
-        weights = tuple(row["weights"]) if row.get("weights") else None
-        run = dataclasses.replace(base, sampler=OdeSampler(row["solver"], TUNED, times=tuple(row["s"]), weights=weights),
-                                  steps=nfe)
+        raise SystemExit(f"{name} at {nfe} NFE: a {side} peer ({label}) among the two best; this script runs "
+                         "diffusers' and skrample's only")
     (result,) = sweep(vm, REFERENCE, extractor, [run])["rows"]
     return result["fid"]
 
@@ -161,8 +170,9 @@ def points(record: dict) -> list[dict]:
     """Per (model, NFE): each seed's converged, pick, oracle and best-peer FID, the per-seed ratios and the
     pooled one (mean excess ÷ the best peer's mean excess, over the seeds every sampler has)."""
     out = []
+    models = list(dict.fromkeys(r["model"] for r in record["rows"]))  # (in the run's order)
     keys = sorted({(r["model"], r["nfe"]) for r in record["rows"] if r["side"] != "converged"},
-                  key=lambda k: (record["rows"].index(next(r for r in record["rows"] if r["model"] == k[0])), k[1]))
+                  key=lambda k: (models.index(k[0]), k[1]))
     for model, nfe in keys:
         def fid(side: str, seed: int, sampler: str | None = None) -> float | None:
             found = [r["fid"] for r in record["rows"] if r["model"] == model and r["seed"] == seed and r["side"] == side
@@ -170,7 +180,7 @@ def points(record: dict) -> list[dict]:
             return found[0] if found else None
 
         rows = [r for r in record["rows"] if r["model"] == model and r["nfe"] == nfe]
-        peer_labels = list(dict.fromkeys(r["sampler"] for r in rows if r["side"] in ("diffusers", "skrample", "k-diffusion")))
+        peer_labels = list(dict.fromkeys(r["sampler"] for r in rows if r["side"] in PEER_SIDES))
         peer_side = {r["sampler"]: r["side"] for r in rows}
         seeds = [s for s in record["seeds"] if fid("converged", s) is not None and fid("judged", s) is not None
                  and all(fid(peer_side[p], s, p) is not None for p in peer_labels)]
