@@ -4,7 +4,7 @@
     python scripts/judged_choice.py [--models digits-eps,digits-v,digits-flow]
                                     [--tuned docs/benchmarks/TUNING.json,...] [--peers docs/benchmarks/PEERS-10k.json]
                                     [--num-images 10000] [--keep-files DIR] [--out docs/benchmarks/JUDGED.md]
-                                    [--rewrite OUT.json]
+                                    [--rewrite OUT.json] [--reuse EARLIER.json]
 
 For each zoo model, every LD3 and S4S sampler of the ``--tuned`` files (scripts/tune_bench.py's rows, tuned on
 seeds 0 and 1) whose FID from 10,000 samples of seed 1000 the ``--peers`` record holds (scripts/peers_bench.py's)
@@ -19,7 +19,9 @@ its FID from 10,000 samples, with the best peer's and with
   beat it).
 
 Ratio = excess FID (over the converged solve's, rk4 at 100 NFE) ÷ the best peer's excess. Writes OUT
-(Markdown) and OUT with .json (every score).
+(Markdown) and OUT with .json (every score). ``--reuse EARLIER.json``: an earlier run's scores, by model,
+NFE and sampler, are taken where its judge was this one (measure, images, seed), not judged again (a judge
+is deterministic given its noise: a candidate added to the tuning records costs its own judge alone).
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fmconvert.evaluation.fid import frechet_selection, make_extractor  # noqa: E402
-from fmconvert.sampling.model import load_velocity_model  # noqa: E402
+from fmconvert.integration.conditioning import Conditioning  # noqa: E402
+from fmconvert.sampling.model import load_velocity_model, sample_shape  # noqa: E402
 from fmconvert.sampling.runs import model_fingerprint  # noqa: E402
 from fmconvert.sampling.tuned import (  # noqa: E402
     JUDGE_IMAGES,
     TunedFile,
     TunedGrid,
     judge_model,
+    judged_as,
     source_coordinates,
     steps_for,
 )
@@ -55,10 +59,10 @@ REFERENCE, SEED = "builtin:digits", 1
 PEER_SIDES = ("diffusers", "k-diffusion", "skrample")
 
 
-def candidates_file(name: str, tuned: list[dict], fid10k: dict) -> tuple[TunedFile, list[str]]:
+def candidates_file(name: str, vm, tuned: list[dict], fid10k: dict) -> tuple[TunedFile, list[str]]:
     """The tuned sampler file of every candidate of ``name`` (LD3 and S4S rows of the tuning records
-    ``tuned`` with a 10,000-sample FID in ``fid10k``), and each grid's label (peers_bench's name)."""
-    vm = load_velocity_model(f"builtin:{name}")
+    ``tuned`` with a 10,000-sample FID in ``fid10k``), and each grid's label (peers_bench's name);
+    ``vm``: the model, loaded."""
     file, labels = TunedFile(f"builtin:{name}", model_fingerprint(vm.source)), []
     for record in tuned:
         for row in record["rows"]:
@@ -73,6 +77,14 @@ def candidates_file(name: str, tuned: list[dict], fid10k: dict) -> tuple[TunedFi
                                         tuple(row["weights"]) if row.get("weights") else None))
             labels.append(label)
     return file, labels
+
+
+def earlier_scores(record: dict, selection, images: int) -> dict[tuple[str, int, str], float]:
+    """(model, NFE, sampler label) → judged score of an earlier run's ``record`` (this script's .json),
+    or nothing where its judge was another (measure, images or seed)."""
+    if (record["judge"], record["judge_images"], record["judge_seed"]) != (selection.name, images, SEED):
+        return {}
+    return {(p["model"], p["nfe"], label): score for p in record["points"] for label, score in p["scores"].items()}
 
 
 def same_grid(g: TunedGrid) -> tuple:
@@ -90,6 +102,7 @@ def main() -> None:
                         help="write the judged files here; a grid an earlier run's file there holds keeps its scores")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/JUDGED.md"))
     parser.add_argument("--rewrite", type=Path, default=None, help="only rewrite OUT from this run's .json")
+    parser.add_argument("--reuse", type=Path, default=None, help="an earlier run's .json: its scores are taken (above)")
     args = parser.parse_args()
     if args.rewrite is not None:
         write(json.loads(args.rewrite.read_text()), args.out)
@@ -97,19 +110,25 @@ def main() -> None:
     peers = json.loads(args.peers.read_text())
     tuned = [json.loads(Path(f).read_text()) for f in args.tuned.split(",")]
     selection = frechet_selection(make_extractor("digits"), "cpu", REFERENCE)
+    reused = earlier_scores(json.loads(args.reuse.read_text()), selection, args.num_images) if args.reuse else {}
     folder = args.keep_files or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     started, points = time.time(), []
     for name in args.models.split(","):
         rows = [r for r in peers["rows"] if r["model"] == name]
         fid10k = {(r["nfe"], r["sampler"]): r["fid"] for r in rows if r["side"] == "fmconvert tuned"}
-        file, labels = candidates_file(name, tuned, fid10k)
+        vm = load_velocity_model(f"builtin:{name}")
+        file, labels = candidates_file(name, vm, tuned, fid10k)
         path = folder / f"{name}.json"
         if path.is_file():  # (an earlier run's judged file in --keep-files: the same grids keep their scores)
             earlier = {same_grid(g): g.validation["judge"] for g in TunedFile.load(path).grids if "judge" in g.validation}
             for g in file.grids:
                 if same_grid(g) in earlier:
                     g.validation["judge"] = earlier[same_grid(g)]
+        how = judged_as(selection, args.num_images, SEED, Conditioning(), sample_shape(vm))
+        for g, label in zip(file.grids, labels):
+            if "judge" not in g.validation and (name, g.nfe, label) in reused:
+                g.validation["judge"] = {**how, "score": reused[(name, g.nfe, label)]}
         file.save(path)
         record = judge_model(f"builtin:{name}", path, selection, images=args.num_images, seed=SEED,
                              log=lambda message: print(message, flush=True))
