@@ -53,7 +53,8 @@ from peers_bench import provenance, tuned_label  # noqa: E402  (the rows' names:
 
 VALIDATION_SEED, REFERENCE = 1, "builtin:digits"
 TUNED = ("docs/benchmarks/TUNING.json,docs/benchmarks/TUNING-features-fid.json,docs/benchmarks/TUNING-unipc.json,"
-         "docs/benchmarks/TUNING-frechet.json,docs/benchmarks/TUNING-512-ab2.json,docs/benchmarks/TUNING-512-unipc.json")
+         "docs/benchmarks/TUNING-frechet.json,docs/benchmarks/TUNING-512-ab2.json,docs/benchmarks/TUNING-512-unipc.json,"
+         "docs/benchmarks/TUNING-frechet-512-ab2.json,docs/benchmarks/TUNING-frechet-512-unipc.json")
 
 
 def kendall(scores: list[float], fids: list[float]) -> float:
