@@ -104,7 +104,8 @@ def main() -> None:
                          "excess_ratio": ratio(tuned_fid - converged, untuned_fid - converged),
                          "auto_excess_ratio": ratio(tuned_fid - converged, auto[g.nfe] - converged),
                          "untuned_rmse": g.validation["best_untuned_rmse"], "tuned_rmse": g.rmse,
-                         "rmse_ratio": g.rmse / g.validation["best_untuned_rmse"], "seconds": g.tuning["seconds"],
+                         "rmse_ratio": g.rmse / g.validation["best_untuned_rmse"], **least_untuned(g.validation, g.rmse),
+                         "seconds": g.tuning["seconds"],
                          "score": g.validation.get("score"),
                          "s": list(g.s), "weights": None if g.weights is None else list(g.weights)})
             print(json.dumps(rows[-1]), flush=True)
@@ -116,11 +117,22 @@ def main() -> None:
     write(record, args.out)
 
 
+def least_untuned(validation: dict, rmse: float) -> dict:
+    """The untuned grid of least held-out RMSE, its RMSE and the tuned grid's ``rmse`` over it: the issue's RMSE
+    target's measure ("at most half of the best untuned solver's"). The start grid (``best_untuned``) is another
+    where tuning chose it by FID (``--select fid``: uniform@1.5 on digits-v, whose RMSE at 4 NFE is 0.136 against
+    uniform's 0.119), so a ratio against it reads lower than the target's."""
+    name = min(validation["untuned_rmse"], key=validation["untuned_rmse"].__getitem__)
+    least = validation["untuned_rmse"][name]
+    return {"least_untuned": name, "least_untuned_rmse": least, "least_rmse_ratio": rmse / least}
+
+
 def write(record: dict, out: Path) -> None:
     """OUT (Markdown) and OUT with .json from a run's record."""
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     select = record["settings"].get("select", "loss")
     scored = any(r.get("score") is not None for r in record["rows"])  # (rows of a run that chose by a held-out score)
+    least = all("least_rmse_ratio" in r for r in record["rows"])  # (rows of runs since 2026-12-08 record it)
     chosen = "" if select == "loss" else f", chosen by {select}"
     solvers = sorted({r.get("solver", record["solver"]) for r in record["rows"]})  # (merged runs: one a solver)
     lines = [f"# Tuned grids ({', '.join(solvers)}, objective {record['settings']['objective']}{chosen}) against the best untuned "
@@ -130,19 +142,24 @@ def write(record: dict, out: Path) -> None:
              "validation seed 1); the same solver and noise in each row. Excess = FID − the converged solve's (rk4, "
              "25 steps, 100 NFE). Ratios: the tuned excess over the best untuned grid's and over `--solver auto`'s "
              "(the default sampler); — where that excess is not positive (FID at or below the converged solve's: "
-             "compare the FIDs). RMSE: to the teacher's endpoints on 256 held-out pairs"
+             "compare the FIDs). RMSE: to the teacher's endpoints on 256 held-out pairs; RMSE untuned and RMSE ratio: "
+             "the best untuned grid's (the one tuning started from)"
+             + ("; ratio to least: the tuned RMSE over that of the untuned grid of least held-out RMSE (named), the "
+                "measure of issue 28's RMSE target" if least else "")
              + ("; held-out score: FID to the teacher's endpoints on those pairs, by which the grid was kept" if scored else "")
              + ". Settings: "
              + ", ".join(f"{k} {v}" for k, v in record["settings"].items()) + ".", "",
              "| model | NFE | method | best untuned grid | FID untuned | FID auto | FID tuned | excess ratio | ratio to auto "
-             "| RMSE untuned | RMSE tuned | RMSE ratio | tuning s |" + (" held-out score |" if scored else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if scored else "")]
+             "| RMSE untuned | RMSE tuned | RMSE ratio |" + (" ratio to least |" if least else "") + " tuning s |"
+             + (" held-out score |" if scored else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if least else "") + ("---|" if scored else "")]
     for r in record["rows"]:
         method = r["method"] + (f" ({r['solver']})" if len(solvers) > 1 else "")
         lines.append(f"| {r['model']} | {r['nfe']} | {method} | {r['best_untuned']} | {r['untuned_fid']:.2f} | "
                      f"{r['auto_fid']:.2f} | {r['tuned_fid']:.2f} | {cell(r['excess_ratio'])} | "
                      f"{cell(r['auto_excess_ratio'])} | {r['untuned_rmse']:.4f} | {r['tuned_rmse']:.4f} | "
-                     f"{r['rmse_ratio']:.2f} | {r['seconds']:.0f} |" + (f" {cell(r.get('score'))} |" if scored else ""))
+                     f"{r['rmse_ratio']:.2f} |" + (f" {r['least_rmse_ratio']:.2f} ({r['least_untuned']}) |" if least else "")
+                     + f" {r['seconds']:.0f} |" + (f" {cell(r.get('score'))} |" if scored else ""))
     lines += ["", "Converged FID: " + ", ".join(sorted({f"{r['model']} {r['converged_fid']:.2f}"
                                                        for r in record["rows"]})) + "."]
     lines += [f"\nNote: {note}" for note in record.get("notes", [])]  # (added to the .json by hand, with the reason)
