@@ -134,7 +134,8 @@ def write(record: dict, out: Path) -> None:
     scored = any(r.get("score") is not None for r in record["rows"])  # (rows of a run that chose by a held-out score)
     least = all("least_rmse_ratio" in r for r in record["rows"])  # (rows of runs since 2026-12-08 record it)
     chosen = "" if select == "loss" else f", chosen by {select}"
-    solvers = sorted({r.get("solver", record["solver"]) for r in record["rows"]})  # (merged runs: one a solver)
+    # (merged runs: one a solver; records from before --solver, TUNING.json's, tuned ab2 and name none)
+    solvers = sorted({r.get("solver", record.get("solver", "ab2")) for r in record["rows"]})
     lines = [f"# Tuned grids ({', '.join(solvers)}, objective {record['settings']['objective']}{chosen}) against the best untuned "
              "grid and the default", "",
              f"Written by `scripts/tune_bench.py` ({record['seconds']} s on {record['machine']}). FID in digits features "
